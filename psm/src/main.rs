@@ -1,0 +1,99 @@
+//! `psm`: the Private Smart Metering command-line tool.
+
+mod demo;
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use psm_net::pki::{DevPki, Validity};
+use psm_net::Role;
+
+/// Private Smart Metering: dev PKI, local demo, and operator tools.
+#[derive(Parser)]
+#[command(name = "psm", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Development PKI: a CA and SPIFFE certificates for services and clients.
+    Pki {
+        #[command(subcommand)]
+        command: PkiCommand,
+    },
+    /// Print which certificate roles may call which RPC.
+    Roles,
+    /// Start the whole system locally (dev PKI, 3 keyshares, ingest, compute) and keep it
+    /// running until Ctrl-C.
+    Demo(demo::DemoArgs),
+}
+
+#[derive(Subcommand)]
+enum PkiCommand {
+    /// Create a CA and certificates for every service and one client of each role.
+    Init {
+        /// Directory to write the CA, certificates and keys into.
+        #[arg(long, default_value = "psm-data/pki")]
+        dir: PathBuf,
+        /// SPIFFE trust domain: certificates carry spiffe://<trust-domain>/<role>/<name>.
+        #[arg(long, default_value = "psm.local")]
+        trust_domain: String,
+        /// Replace an existing CA (every certificate must then be reissued).
+        #[arg(long)]
+        force: bool,
+    },
+    /// Issue one more certificate from an existing dev CA.
+    Issue {
+        /// Directory of the dev PKI (made by `psm pki init`).
+        #[arg(long, default_value = "psm-data/pki")]
+        dir: PathBuf,
+        /// Role: meter, headend, ingest, compute, keyshare, operator or auditor.
+        #[arg(long)]
+        role: Role,
+        /// Name within the role, e.g. a meter id; [A-Za-z0-9._-], at most 128 characters.
+        #[arg(long)]
+        name: String,
+        /// Validity in days from now.
+        #[arg(long, default_value_t = 825)]
+        days: i64,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    psm_net::install_crypto_provider();
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Pki { command } => match command {
+            PkiCommand::Init {
+                dir,
+                trust_domain,
+                force,
+            } => {
+                let (_pki, issued) = DevPki::init(&dir, &trust_domain, force)
+                    .with_context(|| format!("creating a dev PKI in {}", dir.display()))?;
+                println!("dev CA: {}", dir.join("ca.crt").display());
+                for i in issued {
+                    println!("{:<44} {}", i.id.to_string(), i.cert.display());
+                }
+            }
+            PkiCommand::Issue {
+                dir,
+                role,
+                name,
+                days,
+            } => {
+                anyhow::ensure!(days > 0, "--days must be positive");
+                let pki = DevPki::open(&dir)
+                    .with_context(|| format!("opening the dev PKI in {}", dir.display()))?;
+                let issued = pki.issue(role, &name, Validity::days(days))?;
+                println!("{} {} {}", issued.id, issued.cert.display(), issued.key.display());
+            }
+        },
+        Command::Roles => print!("{}", psm_net::roles::table_markdown()),
+        Command::Demo(args) => demo::run(args)?,
+    }
+    Ok(())
+}

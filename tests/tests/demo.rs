@@ -1,0 +1,28 @@
+//! The README's run command: `psm demo` brings all five services up healthy and stops them.
+
+use std::process::Command;
+
+#[test]
+fn demo_check_starts_and_stops_everything() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("psm-data");
+    let base = psm_e2e::free_port().saturating_sub(20).max(20000);
+    let run = || {
+        Command::new(psm_e2e::bin("psm"))
+            .args(["demo", "--check", "--base-port", &base.to_string(), "--data-dir"])
+            .arg(&data)
+            .output()
+            .unwrap()
+    };
+    let out = run();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("Creating a dev PKI"), "{stdout}");
+    assert!(stdout.contains("All 5 services are up and healthy."), "{stdout}");
+    assert_eq!(stdout.matches("SERVING").count(), 5, "{stdout}");
+    // The second run reuses the PKI.
+    let out = run();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    assert!(stdout.contains("Reusing the dev PKI"), "{stdout}");
+}

@@ -1,0 +1,297 @@
+//! Mutual TLS, roles, health, reflection, size limits and shutdown, against the real service
+//! binaries on 127.0.0.1.
+
+use std::time::Duration;
+
+use psm_e2e::{Proc, TestPki};
+use psm_net::pki::{DevPki, Validity};
+use psm_net::tls::TlsPaths;
+use psm_net::Role;
+use psm_proto::service_names::{COMPUTE, INGEST, KEYSHARE};
+use psm_proto::v1::ingest_client::IngestClient;
+use psm_proto::v1::keyshare_client::KeyshareClient;
+use psm_proto::v1::{ReadingBatch, StatusRequest, SubmitReadingsRequest, Track};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
+use tonic::Code;
+
+const TD: &str = "psm.test";
+
+async fn keyshare(pki: &TestPki) -> Proc {
+    Proc::start(pki, "keyshare-svc", Role::Keyshare, "keyshare-1", KEYSHARE, &[]).await
+}
+
+/// Calls Keyshare.Status over `channel` and returns the outcome.
+async fn status(channel: Channel) -> Result<String, tonic::Status> {
+    KeyshareClient::new(channel)
+        .status(StatusRequest {})
+        .await
+        .map(|r| r.into_inner().party)
+}
+
+fn raw_channel(port: u16, tls: ClientTlsConfig) -> Channel {
+    Endpoint::from_shared(format!("https://127.0.0.1:{port}"))
+        .unwrap()
+        .tls_config(tls)
+        .unwrap()
+        .connect_timeout(Duration::from_secs(5))
+        .timeout(Duration::from_secs(10))
+        .connect_lazy()
+}
+
+fn ca_only(pki: &TestPki, server_name: &str) -> ClientTlsConfig {
+    ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(
+            std::fs::read(pki.pki.ca_cert_path()).unwrap(),
+        ))
+        .domain_name(server_name)
+}
+
+fn with_identity(pki: &TestPki, server_name: &str, cert: &TlsPaths) -> ClientTlsConfig {
+    ca_only(pki, server_name).identity(tonic::transport::Identity::from_pem(
+        std::fs::read(&cert.cert).unwrap(),
+        std::fs::read(&cert.key).unwrap(),
+    ))
+}
+
+/// A refused handshake surfaces on the first RPC (TLS 1.3) as a transport error, never as an
+/// answer from the service.
+fn assert_refused_connection(res: Result<String, tonic::Status>, what: &str) {
+    let err = res.expect_err(&format!("{what}: the call went through"));
+    assert!(
+        matches!(err.code(), Code::Unavailable | Code::Unknown | Code::Internal),
+        "{what}: expected a refused connection, got {err:?}"
+    );
+}
+
+#[tokio::test]
+async fn right_role_gets_through() {
+    let pki = TestPki::new(TD);
+    let ks = keyshare(&pki).await;
+    for (role, name) in [
+        (Role::Operator, "billing"),
+        (Role::Auditor, "regulator"),
+        (Role::Compute, "compute"),
+    ] {
+        let party = status(pki.channel(ks.port, "keyshare-1", role, name))
+            .await
+            .unwrap_or_else(|e| panic!("{role} refused: {e:?}"));
+        assert_eq!(party, "keyshare-1");
+    }
+}
+
+#[tokio::test]
+async fn wrong_role_is_permission_denied_naming_the_role() {
+    let pki = TestPki::new(TD);
+    let ks = keyshare(&pki).await;
+    let err = status(pki.channel(ks.port, "keyshare-1", Role::Meter, "meter-0001"))
+        .await
+        .expect_err("a meter read keyshare status");
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    assert!(
+        err.message().contains("requires role operator or auditor or compute"),
+        "{}",
+        err.message()
+    );
+    assert!(err.message().contains("spiffe://psm.test/meter/meter-0001"));
+
+    // And PartialDecrypt is for compute only.
+    let err = KeyshareClient::new(pki.channel(ks.port, "keyshare-1", Role::Operator, "billing"))
+        .partial_decrypt(psm_proto::v1::PartialDecryptRequest::default())
+        .await
+        .expect_err("an operator asked for a partial decryption");
+    assert_eq!(err.code(), Code::PermissionDenied);
+    assert!(err.message().contains("requires role compute"), "{}", err.message());
+}
+
+#[tokio::test]
+async fn no_client_certificate_is_refused() {
+    let pki = TestPki::new(TD);
+    let ks = keyshare(&pki).await;
+    let res = status(raw_channel(ks.port, ca_only(&pki, "keyshare-1"))).await;
+    assert_refused_connection(res, "no client certificate");
+}
+
+#[tokio::test]
+async fn foreign_ca_is_refused() {
+    let pki = TestPki::new(TD);
+    let ks = keyshare(&pki).await;
+    // Same trust domain and role, but signed by another CA.
+    let other_dir = tempfile::tempdir().unwrap();
+    let (other, _) = DevPki::init(other_dir.path(), TD, false).unwrap();
+    let (cert, key) = other.paths(Role::Operator, "billing");
+    let foreign = TlsPaths {
+        cert,
+        key,
+        ca: other.ca_cert_path(),
+    };
+    let res = status(raw_channel(ks.port, with_identity(&pki, "keyshare-1", &foreign))).await;
+    assert_refused_connection(res, "certificate from a foreign CA");
+}
+
+#[tokio::test]
+async fn expired_certificate_is_refused() {
+    let pki = TestPki::new(TD);
+    let ks = keyshare(&pki).await;
+    let now = time::OffsetDateTime::now_utc();
+    let issued = pki
+        .pki
+        .issue(
+            Role::Operator,
+            "expired-op",
+            Validity {
+                not_before: now - time::Duration::days(30),
+                not_after: now - time::Duration::days(1),
+            },
+        )
+        .unwrap();
+    let tls = TlsPaths {
+        cert: issued.cert,
+        key: issued.key,
+        ca: pki.pki.ca_cert_path(),
+    };
+    let res = status(raw_channel(ks.port, with_identity(&pki, "keyshare-1", &tls))).await;
+    assert_refused_connection(res, "expired certificate");
+    // The same role with a valid certificate is fine, so it was the expiry that was refused.
+    assert!(status(pki.channel(ks.port, "keyshare-1", Role::Operator, "billing")).await.is_ok());
+}
+
+#[tokio::test]
+async fn other_trust_domain_is_denied() {
+    // Same CA, but a certificate naming another trust domain.
+    let pki = TestPki::new(TD);
+    let ks = keyshare(&pki).await;
+    let other_dir = tempfile::tempdir().unwrap();
+    // Re-sign with our CA: copy the CA into a PKI directory that records another trust domain.
+    for f in ["ca.crt", "ca.key"] {
+        std::fs::copy(pki.dir.path().join(f), other_dir.path().join(f)).unwrap();
+    }
+    std::fs::write(other_dir.path().join("pki.toml"), "trust_domain = \"evil.test\"\n").unwrap();
+    let other = DevPki::open(other_dir.path()).unwrap();
+    let issued = other.issue(Role::Operator, "billing", Validity::days(1)).unwrap();
+    let tls = TlsPaths {
+        cert: issued.cert,
+        key: issued.key,
+        ca: pki.pki.ca_cert_path(),
+    };
+    let err = status(raw_channel(ks.port, with_identity(&pki, "keyshare-1", &tls)))
+        .await
+        .expect_err("foreign trust domain got through");
+    assert_eq!(err.code(), Code::PermissionDenied);
+    assert!(err.message().contains("trust domain"), "{}", err.message());
+}
+
+#[tokio::test]
+async fn health_reports_serving_for_every_service() {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::health_client::HealthClient;
+    use tonic_health::pb::HealthCheckRequest;
+    let pki = TestPki::new(TD);
+    let probe_port = psm_e2e::free_port();
+    let probe_flag = format!("127.0.0.1:{probe_port}");
+    let procs = [
+        (Proc::start(&pki, "ingest-svc", Role::Ingest, "ingest", INGEST, &["--health-listen", &probe_flag]).await, INGEST),
+        (Proc::start(&pki, "compute-svc", Role::Compute, "compute", COMPUTE, &[]).await, COMPUTE),
+        (keyshare(&pki).await, KEYSHARE),
+    ];
+    for (p, svc) in &procs {
+        let mut client = HealthClient::new(pki.channel(p.port, &p.name, Role::Auditor, "regulator"));
+        for name in [*svc, ""] {
+            let resp = client
+                .check(HealthCheckRequest { service: name.to_owned() })
+                .await
+                .unwrap_or_else(|e| panic!("{}: {e:?}", p.name));
+            assert_eq!(resp.into_inner().status(), ServingStatus::Serving, "{} {name:?}", p.name);
+        }
+    }
+    // The plaintext probe port answers health without a client certificate, and only health.
+    let plain = Endpoint::from_shared(format!("http://127.0.0.1:{probe_port}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let resp = HealthClient::new(plain.clone())
+        .check(HealthCheckRequest { service: INGEST.to_owned() })
+        .await
+        .unwrap();
+    assert_eq!(resp.into_inner().status(), ServingStatus::Serving);
+    let err = IngestClient::new(plain)
+        .submit_readings(SubmitReadingsRequest::default())
+        .await
+        .expect_err("the probe port served the API");
+    assert_eq!(err.code(), Code::Unimplemented);
+}
+
+#[tokio::test]
+async fn reflection_lists_the_services() {
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+    let pki = TestPki::new(TD);
+    let ks = keyshare(&pki).await;
+    let mut client =
+        ServerReflectionClient::new(pki.channel(ks.port, "keyshare-1", Role::Auditor, "regulator"));
+    let req = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut stream = client
+        .server_reflection_info(tokio_stream::iter(vec![req]))
+        .await
+        .unwrap()
+        .into_inner();
+    let msg = stream.message().await.unwrap().expect("a reflection answer");
+    let Some(MessageResponse::ListServicesResponse(list)) = msg.message_response else {
+        panic!("unexpected reflection answer {msg:?}");
+    };
+    let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    for want in [INGEST, COMPUTE, KEYSHARE, "grpc.health.v1.Health"] {
+        assert!(names.iter().any(|n| n == want), "{want} missing from {names:?}");
+    }
+}
+
+#[tokio::test]
+async fn oversized_message_is_resource_exhausted_and_server_survives() {
+    let pki = TestPki::new(TD);
+    let ingest = Proc::start(
+        &pki,
+        "ingest-svc",
+        Role::Ingest,
+        "ingest",
+        INGEST,
+        &["--max-request-bytes", "1048576"],
+    )
+    .await;
+    let mut client = IngestClient::new(pki.channel(ingest.port, "ingest", Role::Meter, "meter-0001"));
+    let big = SubmitReadingsRequest {
+        idempotency_key: "big".into(),
+        batches: vec![ReadingBatch {
+            meter_id: "meter-0001".into(),
+            day: "2026-11-26".into(),
+            track: Track::Linear as i32,
+            ciphertext: vec![7u8; 2 * 1024 * 1024],
+            ..Default::default()
+        }],
+    };
+    let err = client.submit_readings(big).await.expect_err("2 MiB accepted under a 1 MiB limit");
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    assert!(err.message().contains("1048576"), "{}", err.message());
+    // The server is still up and answers a small request.
+    let err = client
+        .submit_readings(SubmitReadingsRequest::default())
+        .await
+        .expect_err("ingest store is not part of this build");
+    assert_ne!(err.code(), Code::ResourceExhausted);
+    assert_ne!(err.code(), Code::Unavailable);
+}
+
+#[tokio::test]
+async fn sigterm_stops_gracefully() {
+    let pki = TestPki::new(TD);
+    let mut ks = keyshare(&pki).await;
+    let status = ks
+        .signal_and_wait(libc::SIGTERM, Duration::from_secs(15))
+        .expect("keyshare-svc did not stop within 15 s of SIGTERM");
+    assert!(status.success(), "exit status {status}\n{}", ks.log_text());
+    assert!(ks.log_text().contains("SIGTERM received"), "{}", ks.log_text());
+}
