@@ -44,7 +44,9 @@ impl Ingest for IngestService {
         &self,
         _request: Request<StreamReadingsRequest>,
     ) -> Result<Response<Self::StreamReadingsStream>, Status> {
-        Err(Status::unimplemented("this ingest build has no reading store yet"))
+        Err(Status::unimplemented(
+            "this ingest build has no reading store yet",
+        ))
     }
 
     type GetPublicParamsStream = ChunkStream;

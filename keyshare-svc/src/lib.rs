@@ -5,8 +5,8 @@ use psm_net::config::{ServerSettings, DEFAULT_MAX_RESPONSE_BYTES};
 use psm_net::SpiffeId;
 use psm_proto::v1::keyshare_server::{Keyshare, KeyshareServer};
 use psm_proto::v1::{
-    AuditRecord, GetAuditLogRequest, KeyshareStatus, PartialDecryptRequest,
-    PartialDecryptResponse, StatusRequest,
+    AuditRecord, GetAuditLogRequest, KeyshareStatus, PartialDecryptRequest, PartialDecryptResponse,
+    StatusRequest,
 };
 use serde::Deserialize;
 use tonic::service::Routes;

@@ -7,7 +7,8 @@ pub mod v1 {
 }
 
 /// Encoded `FileDescriptorSet` of the API, served by gRPC reflection.
-pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/psm_descriptor.bin"));
+pub const FILE_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/psm_descriptor.bin"));
 
 /// Fully qualified gRPC service names, as used by health checks and reflection.
 pub mod service_names {

@@ -1,1 +1,5 @@
-//! placeholder
+//! Domain and cryptography of Private Smart Metering, without networking: replicated secret
+//! sharing of LWE keys, partial decryption with deterministic noise flooding, and combining.
+
+pub mod lwe;
+pub mod threshold;

@@ -104,7 +104,9 @@ fn remap_size_error<B>(resp: &mut Response<B>) {
         .headers()
         .get("grpc-message")
         .and_then(|v| v.to_str().ok())
-        .is_some_and(|m| m.contains("message%20length%20too%20large") || m.contains("message length too large"));
+        .is_some_and(|m| {
+            m.contains("message%20length%20too%20large") || m.contains("message length too large")
+        });
     if is_oor && is_size {
         resp.headers_mut().insert(
             "grpc-status",

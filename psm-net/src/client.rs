@@ -61,7 +61,12 @@ pub async fn wait_serving(
             })
             .await
         {
-            Ok(resp) if resp.get_ref().status == tonic_health::pb::health_check_response::ServingStatus::Serving as i32 => return Ok(()),
+            Ok(resp)
+                if resp.get_ref().status
+                    == tonic_health::pb::health_check_response::ServingStatus::Serving as i32 =>
+            {
+                return Ok(())
+            }
             Ok(resp) => format!("status {:?}", resp.get_ref().status()),
             Err(e) => format!("{}: {}", e.code(), e.message()),
         };

@@ -171,8 +171,16 @@ impl ServerArgs {
         let s = &file.server;
         let t = &file.tls;
         let tls = TlsPaths {
-            cert: required(self.tls_cert.clone().or(t.cert.clone()), "--tls-cert", "[tls] cert")?,
-            key: required(self.tls_key.clone().or(t.key.clone()), "--tls-key", "[tls] key")?,
+            cert: required(
+                self.tls_cert.clone().or(t.cert.clone()),
+                "--tls-cert",
+                "[tls] cert",
+            )?,
+            key: required(
+                self.tls_key.clone().or(t.key.clone()),
+                "--tls-key",
+                "[tls] key",
+            )?,
             ca: required(self.tls_ca.clone().or(t.ca.clone()), "--tls-ca", "[tls] ca")?,
         };
         let trust_domain = required(
@@ -202,11 +210,27 @@ impl ServerArgs {
                 .unwrap_or_else(|| PathBuf::from(default_data_dir)),
             max_request_bytes,
             shutdown_grace: Duration::from_secs(
-                self.shutdown_grace_secs.or(s.shutdown_grace_secs).unwrap_or(10),
+                self.shutdown_grace_secs
+                    .or(s.shutdown_grace_secs)
+                    .unwrap_or(10),
             ),
             log_format: self.log_format.or(file.log.format).unwrap_or_default(),
         })
     }
+}
+
+/// What every service `main` does first: read the file named by `--config`, resolve flags over
+/// it, and install logging in the configured format.
+pub fn load_service<S: DeserializeOwned + Default>(
+    args: &ServerArgs,
+    service_section: &str,
+    default_listen: SocketAddr,
+    default_data_dir: &str,
+) -> Result<(ConfigFile<S>, ServerSettings), NetError> {
+    let file = load_file::<S>(args.config.as_deref(), service_section)?;
+    let settings = args.resolve(&file, default_listen, default_data_dir)?;
+    crate::telemetry::init(settings.log_format);
+    Ok((file, settings))
 }
 
 #[cfg(test)]
@@ -234,7 +258,9 @@ mod tests {
             listen: Some("127.0.0.1:2000".parse().unwrap()),
             ..Default::default()
         };
-        let s = args.resolve(&file, "127.0.0.1:3000".parse().unwrap(), "d").unwrap();
+        let s = args
+            .resolve(&file, "127.0.0.1:3000".parse().unwrap(), "d")
+            .unwrap();
         assert_eq!(s.listen.port(), 2000);
         assert_eq!(s.trust_domain, "a.b");
         assert_eq!(s.max_request_bytes, DEFAULT_MAX_REQUEST_BYTES);
@@ -255,18 +281,4 @@ mod tests {
             .to_string();
         assert!(err.contains("--tls-cert"), "{err}");
     }
-}
-
-/// What every service `main` does first: read the file named by `--config`, resolve flags over
-/// it, and install logging in the configured format.
-pub fn load_service<S: DeserializeOwned + Default>(
-    args: &ServerArgs,
-    service_section: &str,
-    default_listen: SocketAddr,
-    default_data_dir: &str,
-) -> Result<(ConfigFile<S>, ServerSettings), NetError> {
-    let file = load_file::<S>(args.config.as_deref(), service_section)?;
-    let settings = args.resolve(&file, default_listen, default_data_dir)?;
-    crate::telemetry::init(settings.log_format);
-    Ok((file, settings))
 }

@@ -143,7 +143,11 @@ impl SpiffeId {
 
 impl fmt::Display for SpiffeId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "spiffe://{}/{}/{}", self.trust_domain, self.role, self.name)
+        write!(
+            f,
+            "spiffe://{}/{}/{}",
+            self.trust_domain, self.role, self.name
+        )
     }
 }
 

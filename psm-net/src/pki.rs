@@ -91,7 +91,11 @@ fn write_file(path: &Path, data: &[u8], mode: u32) -> Result<(), NetError> {
 impl DevPki {
     /// Creates a new CA in `dir` and issues [`DEFAULT_IDENTITIES`]. Refuses to overwrite an
     /// existing CA unless `force`.
-    pub fn init(dir: &Path, trust_domain: &str, force: bool) -> Result<(Self, Vec<IssuedPaths>), NetError> {
+    pub fn init(
+        dir: &Path,
+        trust_domain: &str,
+        force: bool,
+    ) -> Result<(Self, Vec<IssuedPaths>), NetError> {
         crate::identity::validate_label("trust domain", trust_domain).map_err(NetError::Config)?;
         let ca_cert = dir.join("ca.crt");
         if ca_cert.exists() && !force {
@@ -104,7 +108,10 @@ impl DevPki {
         let mut params = CertificateParams::new(Vec::<String>::new()).map_err(cert_err)?;
         let mut dn = DistinguishedName::new();
         dn.push(DnType::CommonName, format!("PSM dev CA ({trust_domain})"));
-        dn.push(DnType::OrganizationName, "Private Smart Metering (development)");
+        dn.push(
+            DnType::OrganizationName,
+            "Private Smart Metering (development)",
+        );
         params.distinguished_name = dn;
         params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
         params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
@@ -159,26 +166,35 @@ impl DevPki {
     /// Where the certificate of `role`/`name` lives (whether or not it exists yet).
     pub fn paths(&self, role: Role, name: &str) -> (PathBuf, PathBuf) {
         let base = self.dir.join(role.as_str());
-        (base.join(format!("{name}.crt")), base.join(format!("{name}.key")))
+        (
+            base.join(format!("{name}.crt")),
+            base.join(format!("{name}.key")),
+        )
     }
 
     /// Issues a certificate for `spiffe://<td>/<role>/<name>`, usable as both TLS server and
     /// client, with DNS SANs `localhost` and `name` and IP SAN 127.0.0.1.
-    pub fn issue(&self, role: Role, name: &str, validity: Validity) -> Result<IssuedPaths, NetError> {
+    pub fn issue(
+        &self,
+        role: Role,
+        name: &str,
+        validity: Validity,
+    ) -> Result<IssuedPaths, NetError> {
         let id = SpiffeId::new(&self.trust_domain, role, name)?;
         let ca_key_path = self.dir.join("ca.key");
         let ca_key_pem =
             fs::read_to_string(&ca_key_path).map_err(|e| NetError::read(&ca_key_path, e))?;
         let ca_key = KeyPair::from_pem(&ca_key_pem).map_err(cert_err)?;
         let ca_pem_path = self.ca_cert_path();
-        let ca_pem = fs::read_to_string(&ca_pem_path).map_err(|e| NetError::read(&ca_pem_path, e))?;
+        let ca_pem =
+            fs::read_to_string(&ca_pem_path).map_err(|e| NetError::read(&ca_pem_path, e))?;
         let issuer = Issuer::from_ca_cert_pem(&ca_pem, ca_key).map_err(cert_err)?;
 
-        let mut params =
-            CertificateParams::new(vec!["localhost".to_owned(), name.to_owned()]).map_err(cert_err)?;
-        params.subject_alt_names.push(SanType::URI(
-            id.uri().try_into().map_err(cert_err)?,
-        ));
+        let mut params = CertificateParams::new(vec!["localhost".to_owned(), name.to_owned()])
+            .map_err(cert_err)?;
+        params
+            .subject_alt_names
+            .push(SanType::URI(id.uri().try_into().map_err(cert_err)?));
         params
             .subject_alt_names
             .push(SanType::IpAddress(std::net::IpAddr::from([127, 0, 0, 1])));
@@ -219,7 +235,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (pki, issued) = DevPki::init(dir.path(), "psm.test", false).unwrap();
         assert_eq!(issued.len(), DEFAULT_IDENTITIES.len());
-        assert!(DevPki::init(dir.path(), "psm.test", false).is_err(), "overwrote a CA");
+        assert!(
+            DevPki::init(dir.path(), "psm.test", false).is_err(),
+            "overwrote a CA"
+        );
         let extra = pki.issue(Role::Meter, "m-42", Validity::days(1)).unwrap();
         let pem = fs::read(&extra.cert).unwrap();
         let der = crate::tls::first_cert_der(&pem).unwrap();

@@ -14,8 +14,14 @@ pub const OPEN_PREFIXES: &[&str] = &[
 /// Every RPC of the psm.v1 API with the roles allowed to call it. An RPC missing here is
 /// refused for everyone (deny by default).
 pub const ROLE_TABLE: &[(&str, &[Role])] = &[
-    ("/psm.v1.Ingest/SubmitReadings", &[Role::Meter, Role::Headend]),
-    ("/psm.v1.Ingest/StreamReadings", &[Role::Compute, Role::Keyshare]),
+    (
+        "/psm.v1.Ingest/SubmitReadings",
+        &[Role::Meter, Role::Headend],
+    ),
+    (
+        "/psm.v1.Ingest/StreamReadings",
+        &[Role::Compute, Role::Keyshare],
+    ),
     (
         "/psm.v1.Ingest/GetPublicParams",
         &[
@@ -80,18 +86,12 @@ mod tests {
     fn table_matches_the_proto() {
         // Every method of the generated services must have an entry, and no entry may be stale.
         use prost::Message;
-        let fds =
-            prost_types::FileDescriptorSet::decode(psm_proto::FILE_DESCRIPTOR_SET).unwrap();
+        let fds = prost_types::FileDescriptorSet::decode(psm_proto::FILE_DESCRIPTOR_SET).unwrap();
         let mut paths = Vec::new();
         for file in &fds.file {
             for svc in &file.service {
                 for m in &svc.method {
-                    paths.push(format!(
-                        "/{}.{}/{}",
-                        file.package(),
-                        svc.name(),
-                        m.name()
-                    ));
+                    paths.push(format!("/{}.{}/{}", file.package(), svc.name(), m.name()));
                 }
             }
         }

@@ -42,7 +42,8 @@ impl TlsPaths {
 
     fn ca(&self) -> Result<Certificate, NetError> {
         let ca = read(&self.ca)?;
-        first_cert_der(&ca).map_err(|e| NetError::Certificate(format!("{}: {e}", self.ca.display())))?;
+        first_cert_der(&ca)
+            .map_err(|e| NetError::Certificate(format!("{}: {e}", self.ca.display())))?;
         Ok(Certificate::from_pem(ca))
     }
 

@@ -176,7 +176,11 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         ca: pki.ca_cert_path(),
     };
     let rt = tokio::runtime::Runtime::new()?;
-    println!("Starting 5 services over mutual TLS (logs in {}):", logs.display());
+    let _rt_guard = rt.enter();
+    println!(
+        "Starting 5 services over mutual TLS (logs in {}):",
+        logs.display()
+    );
     for s in &services {
         let ch = channel(
             &format!("https://127.0.0.1:{}", s.port),
@@ -186,7 +190,10 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         )?;
         if let Err(e) = rt.block_on(wait_serving(ch, s.grpc_service, Duration::from_secs(20))) {
             let tail = log_tail(&logs.join(format!("{}.log", s.name)));
-            bail!("{} did not become healthy: {e}\n--- last log lines ---\n{tail}", s.name);
+            bail!(
+                "{} did not become healthy: {e}\n--- last log lines ---\n{tail}",
+                s.name
+            );
         }
         println!(
             "  {:<11} https://127.0.0.1:{}  spiffe://{}/{}/{}  SERVING",
@@ -210,11 +217,12 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
             tokio::select! {
                 _ = tokio::signal::ctrl_c() => break Ok(()),
                 _ = tick.tick() => {
-                    for (name, child) in &mut children.0 {
-                        if let Ok(Some(status)) = child.try_wait() {
-                            let tail = log_tail(&logs.join(format!("{name}.log")));
-                            break Err(anyhow::anyhow!("{name} exited unexpectedly ({status})\n{tail}"));
-                        }
+                    let exited = children.0.iter_mut().find_map(|(name, child)| {
+                        child.try_wait().ok().flatten().map(|status| (name.clone(), status))
+                    });
+                    if let Some((name, status)) = exited {
+                        let tail = log_tail(&logs.join(format!("{name}.log")));
+                        break Err(anyhow::anyhow!("{name} exited unexpectedly ({status})\n{tail}"));
                     }
                 }
             }

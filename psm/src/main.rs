@@ -89,7 +89,12 @@ fn main() -> anyhow::Result<()> {
                 let pki = DevPki::open(&dir)
                     .with_context(|| format!("opening the dev PKI in {}", dir.display()))?;
                 let issued = pki.issue(role, &name, Validity::days(days))?;
-                println!("{} {} {}", issued.id, issued.cert.display(), issued.key.display());
+                println!(
+                    "{} {} {}",
+                    issued.id,
+                    issued.cert.display(),
+                    issued.key.display()
+                );
             }
         },
         Command::Roles => print!("{}", psm_net::roles::table_markdown()),

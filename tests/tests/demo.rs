@@ -9,16 +9,29 @@ fn demo_check_starts_and_stops_everything() {
     let base = psm_e2e::free_port().saturating_sub(20).max(20000);
     let run = || {
         Command::new(psm_e2e::bin("psm"))
-            .args(["demo", "--check", "--base-port", &base.to_string(), "--data-dir"])
+            .args([
+                "demo",
+                "--check",
+                "--base-port",
+                &base.to_string(),
+                "--data-dir",
+            ])
             .arg(&data)
             .output()
             .unwrap()
     };
     let out = run();
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(stdout.contains("Creating a dev PKI"), "{stdout}");
-    assert!(stdout.contains("All 5 services are up and healthy."), "{stdout}");
+    assert!(
+        stdout.contains("All 5 services are up and healthy."),
+        "{stdout}"
+    );
     assert_eq!(stdout.matches("SERVING").count(), 5, "{stdout}");
     // The second run reuses the PKI.
     let out = run();

@@ -1,0 +1,79 @@
+//! The two flooding invariants of DESIGN.md, as checked errors.
+//!
+//! 1. Hiding: B_flood ≥ 2^40 · B_noise, so a released partial reveals nothing about the
+//!    ciphertext's noise (and thereby the key) except with probability about 2^-40.
+//! 2. Correctness: C(n, t−1) · B_flood + B_noise < Δ/2, so the combined noise still rounds to m.
+
+use super::{Scheme, ThresholdError};
+use crate::lwe::Encoding;
+
+/// Statistical security of noise flooding, in bits.
+pub const STATISTICAL_SECURITY_BITS: u32 = 40;
+
+/// The flooding bound (log2) used for a ciphertext with noise bound 2^noise_log2: the smallest
+/// power of two that satisfies invariant 1.
+pub fn flood_log2_for(noise_bound_log2: u32) -> u32 {
+    noise_bound_log2 + STATISTICAL_SECURITY_BITS
+}
+
+/// Checks both invariants for flooding 2^flood_log2 on ciphertexts with noise ≤ 2^noise_log2.
+pub fn check_invariants(
+    scheme: Scheme,
+    encoding: Encoding,
+    noise_bound_log2: u32,
+    flood_log2: u32,
+) -> Result<(), ThresholdError> {
+    encoding.validate()?;
+    if flood_log2 < noise_bound_log2 + STATISTICAL_SECURITY_BITS {
+        return Err(ThresholdError::Invariant(format!(
+            "flooding 2^{flood_log2} is less than 2^{STATISTICAL_SECURITY_BITS} times the noise bound 2^{noise_bound_log2}"
+        )));
+    }
+    // C·2^f + 2^noise < 2^(delta−1), computed exactly; anything that overflows fails.
+    let half_delta = 1u128 << (encoding.delta_log2 - 1);
+    let shares = scheme.share_count() as u128;
+    let total = 1u128
+        .checked_shl(flood_log2)
+        .filter(|_| flood_log2 < 127)
+        .and_then(|f| f.checked_mul(shares))
+        .and_then(|x| {
+            1u128
+                .checked_shl(noise_bound_log2)
+                .filter(|_| noise_bound_log2 < 127)
+                .and_then(|n| x.checked_add(n))
+        });
+    match total {
+        Some(t) if t < half_delta => Ok(()),
+        _ => Err(ThresholdError::Invariant(format!(
+            "{shares} shares flooded with 2^{flood_log2} plus noise 2^{noise_bound_log2} reach Δ/2 = 2^{}: the result could decrypt wrong",
+            encoding.delta_log2 - 1
+        ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::lwe::SQUASHED_BLOCK;
+
+    #[test]
+    fn squashed_parameters_hold_for_all_supported_schemes() {
+        for (n, t) in [(3, 2), (3, 3), (5, 3), (7, 4)] {
+            let s = Scheme::new(n, t).unwrap();
+            check_invariants(s, SQUASHED_BLOCK, 70, flood_log2_for(70)).unwrap();
+        }
+    }
+
+    #[test]
+    fn each_invariant_refuses_its_bad_case() {
+        let s = Scheme::new(3, 2).unwrap();
+        // Too little flooding for the noise.
+        let e = check_invariants(s, SQUASHED_BLOCK, 70, 109).unwrap_err();
+        assert!(e.to_string().contains("less than 2^40"), "{e}");
+        // Noise so large that the flooding it needs breaks correctness.
+        let e = check_invariants(s, SQUASHED_BLOCK, 81, flood_log2_for(81)).unwrap_err();
+        assert!(e.to_string().contains("decrypt wrong"), "{e}");
+        // The good neighbour of that case passes.
+        check_invariants(s, SQUASHED_BLOCK, 80, flood_log2_for(80)).unwrap();
+    }
+}
