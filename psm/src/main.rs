@@ -1,5 +1,6 @@
 //! `psm`: the Private Smart Metering command-line tool.
 
+mod ceremony;
 mod demo;
 
 use std::path::PathBuf;
@@ -24,6 +25,9 @@ enum Command {
         #[command(subcommand)]
         command: PkiCommand,
     },
+    /// Trusted-dealer key ceremony: tfhe and linear keys, split into one share file per
+    /// keyshare, public bundle, self-check.
+    Ceremony(ceremony::CeremonyArgs),
     /// Print which certificate roles may call which RPC.
     Roles,
     /// Start the whole system locally (dev PKI, 3 keyshares, ingest, compute) and keep it
@@ -97,6 +101,7 @@ fn main() -> anyhow::Result<()> {
                 );
             }
         },
+        Command::Ceremony(args) => ceremony::run(args)?,
         Command::Roles => print!("{}", psm_net::roles::table_markdown()),
         Command::Demo(args) => demo::run(args)?,
     }
