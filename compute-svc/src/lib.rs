@@ -1,6 +1,8 @@
 //! compute-svc: evaluates bills and analytics homomorphically and has only the results
 //! threshold-decrypted by a quorum of keyshares. The binary is a thin wrapper over [`run`].
 
+pub mod decrypt;
+
 use psm_net::config::{ServerSettings, DEFAULT_MAX_RESPONSE_BYTES};
 use psm_proto::v1::compute_server::{Compute, ComputeServer};
 use psm_proto::v1::{

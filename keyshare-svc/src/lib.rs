@@ -1,67 +1,307 @@
 //! keyshare-svc: holds one party's replicated shares of the decryption keys and answers
-//! partial-decryption requests from compute nodes. The binary is a thin wrapper over [`run`].
+//! partial-decryption requests from compute nodes, recording every decision in a hash-chained
+//! audit log. The binary is a thin wrapper over [`run`].
 
+pub mod audit;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use prost::Message;
+use psm_core::keys::{enforced_encoding, ShareFile};
+use psm_core::threshold::{partial_decrypt, ThresholdError};
+use psm_core::wire::{batch_from_proto, encoding_from_proto};
+use psm_net::auth::caller;
 use psm_net::config::{ServerSettings, DEFAULT_MAX_RESPONSE_BYTES};
 use psm_net::SpiffeId;
 use psm_proto::v1::keyshare_server::{Keyshare, KeyshareServer};
 use psm_proto::v1::{
-    AuditRecord, GetAuditLogRequest, KeyshareStatus, PartialDecryptRequest, PartialDecryptResponse,
-    StatusRequest,
+    AuditRecord, ComputationKind, GetAuditLogRequest, HeldKey, KeyshareStatus,
+    PartialDecryptRequest, PartialDecryptResponse, SharePartials, StatusRequest,
 };
 use serde::Deserialize;
+use tokio::sync::Semaphore;
 use tonic::service::Routes;
 use tonic::{Request, Response, Status};
 
+use crate::audit::{AuditLog, Decision};
+
 /// Default API address of a keyshare.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7411";
+/// Most ciphertexts in one PartialDecrypt request.
+pub const MAX_CIPHERTEXTS_PER_REQUEST: usize = 100_000;
+/// Most audit records in one GetAuditLog answer.
+pub const MAX_AUDIT_RECORDS: usize = 10_000;
+/// Partial decryptions computed at once (each holds a batch in memory and uses all cores).
+const CONCURRENT_DECRYPTIONS: usize = 2;
 
 /// The `[keyshare]` section of the config file.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct KeyshareSection {}
+pub struct KeyshareSection {
+    /// This party's share file from `psm ceremony` (mode 0600).
+    pub share_file: Option<PathBuf>,
+}
+
+/// Errors starting a keyshare.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyshareError {
+    #[error(transparent)]
+    Net(#[from] psm_net::NetError),
+    #[error(transparent)]
+    Keys(#[from] psm_core::keys::KeyFileError),
+    #[error(transparent)]
+    Audit(#[from] audit::AuditError),
+    #[error("{0}")]
+    Mismatch(String),
+}
 
 /// The Keyshare gRPC service.
 pub struct KeyshareService {
     me: SpiffeId,
+    share: Arc<ShareFile>,
+    audit: AuditLog,
+    permits: Semaphore,
+}
+
+/// A refusal: the status returned and the rule recorded.
+struct Refusal {
+    status: Status,
+    rule: &'static str,
+}
+
+fn refuse(rule: &'static str, status: Status) -> Refusal {
+    Refusal { status, rule }
+}
+
+fn invalid(e: ThresholdError) -> Refusal {
+    let rule = match e {
+        ThresholdError::Invariant(_) => "flooding-invariant",
+        _ => "well-formed",
+    };
+    refuse(rule, Status::invalid_argument(e.to_string()))
+}
+
+fn valid_idempotency_key(k: &str) -> bool {
+    (1..=128).contains(&k.len()) && k.bytes().all(|b| b.is_ascii_graphic())
 }
 
 impl KeyshareService {
-    pub fn new(settings: &ServerSettings) -> Result<Self, psm_net::NetError> {
+    /// Loads the share file and opens the audit log under the data directory. The share file
+    /// must be for the party named in this service's certificate.
+    pub fn open(settings: &ServerSettings, share_file: &std::path::Path) -> Result<Self, KeyshareError> {
+        let me = settings.tls.own_id()?;
+        let share = ShareFile::read(share_file)?;
+        if share.party != me.name {
+            return Err(KeyshareError::Mismatch(format!(
+                "share file {} is for party {:?} but this service's certificate is {me}",
+                share_file.display(),
+                share.party
+            )));
+        }
+        let audit = AuditLog::open(&settings.data_dir.join("audit"))?;
+        tracing::info!(party = %share.party, index = share.party_index, scheme = %format!("{}-of-{}", share.threshold, share.parties), "share file loaded");
         Ok(KeyshareService {
-            me: settings.tls.own_id()?,
+            me,
+            share: Arc::new(share),
+            audit,
+            permits: Semaphore::new(CONCURRENT_DECRYPTIONS),
         })
     }
+
+    async fn decide(&self, req: &PartialDecryptRequest) -> Result<PartialDecryptResponse, Refusal> {
+        if !valid_idempotency_key(&req.idempotency_key) {
+            return Err(refuse(
+                "well-formed",
+                Status::invalid_argument("idempotency_key must be 1..=128 printable ASCII characters"),
+            ));
+        }
+        let key_id = req.key.as_ref().map(|k| k.key_id.as_str()).unwrap_or_default();
+        let key = self.share.key(key_id).ok_or_else(|| {
+            let held: Vec<&str> = self.share.keys.iter().map(|k| k.key_id.as_str()).collect();
+            refuse(
+                "known-key",
+                Status::not_found(format!("unknown key id {key_id:?}; this keyshare holds {held:?}")),
+            )
+        })?;
+        let pb = req
+            .batch
+            .as_ref()
+            .ok_or_else(|| refuse("well-formed", Status::invalid_argument("request has no ciphertext batch")))?;
+        if pb.lwe_dimension as usize != key.lwe_dimension {
+            return Err(refuse(
+                "well-formed",
+                Status::invalid_argument(format!(
+                    "ciphertext dimension {} does not match key {key_id} (dimension {})",
+                    pb.lwe_dimension, key.lwe_dimension
+                )),
+            ));
+        }
+        let batch = batch_from_proto(pb).map_err(invalid)?;
+        if batch.len() > MAX_CIPHERTEXTS_PER_REQUEST {
+            return Err(refuse(
+                "size-limit",
+                Status::resource_exhausted(format!(
+                    "{} ciphertexts in one request; the limit is {MAX_CIPHERTEXTS_PER_REQUEST}",
+                    batch.len()
+                )),
+            ));
+        }
+        let (requested, stated_noise) = encoding_from_proto(pb.encoding.as_ref()).map_err(invalid)?;
+        let (encoding, floor) = enforced_encoding(key, requested).map_err(invalid)?;
+        // Never flood less than the key's own floor, whatever the caller states.
+        let noise = stated_noise.max(floor);
+
+        let manifest = req.manifest.as_ref().ok_or_else(|| {
+            refuse(
+                "manifest-required",
+                Status::failed_precondition("a partial decryption must name its computation (manifest)"),
+            )
+        })?;
+        if manifest.kind() == ComputationKind::Unspecified {
+            return Err(refuse(
+                "manifest-required",
+                Status::failed_precondition("the manifest must state the computation kind"),
+            ));
+        }
+        if manifest.output_hash != batch.hash() {
+            return Err(refuse(
+                "output-hash",
+                Status::failed_precondition(
+                    "manifest output_hash does not match the ciphertexts to decrypt",
+                ),
+            ));
+        }
+
+        let _permit = self.permits.acquire().await.map_err(|_| {
+            refuse("available", Status::unavailable("keyshare is shutting down"))
+        })?;
+        let share = self.share.clone();
+        let key_id = key_id.to_owned();
+        let partials = tokio::task::spawn_blocking(move || {
+            let key = share.key(&key_id).ok_or(ThresholdError::BadScheme("key vanished".into()))?;
+            let scheme = share.scheme()?;
+            partial_decrypt(&share.party_shares(key), scheme, &share.flood_key(), &key_id, &batch, encoding, noise)
+        })
+        .await
+        .map_err(|e| refuse("internal", Status::internal(format!("decryption task failed: {e}"))))?
+        .map_err(invalid)?;
+        Ok(PartialDecryptResponse {
+            party: self.share.party.clone(),
+            party_index: self.share.party_index as u32,
+            shares: partials
+                .into_iter()
+                .map(|p| SharePartials {
+                    share_index: p.share_index as u32,
+                    partials: psm_core::lwe::words_to_le_bytes(&p.values),
+                })
+                .collect(),
+            audit_seq: 0,
+        })
+    }
+}
+
+/// BLAKE3 of what was asked: key id, ciphertexts and manifest.
+fn request_hash(req: &PartialDecryptRequest) -> [u8; 32] {
+    let mut h = blake3::Hasher::new();
+    h.update(b"psm/v1/partial-decrypt-request");
+    let key = req.key.as_ref().map(|k| k.key_id.as_str()).unwrap_or_default();
+    h.update(&(key.len() as u64).to_le_bytes());
+    h.update(key.as_bytes());
+    let batch = req.batch.as_ref().map(|b| b.encode_to_vec()).unwrap_or_default();
+    h.update(blake3::hash(&batch).as_bytes());
+    let manifest = req.manifest.as_ref().map(|m| m.encode_to_vec()).unwrap_or_default();
+    h.update(blake3::hash(&manifest).as_bytes());
+    *h.finalize().as_bytes()
+}
+
+fn audit_failure(e: audit::AuditError) -> Status {
+    tracing::error!(error = %e, "cannot write the audit log; refusing to answer");
+    Status::unavailable("the audit log cannot be written; no decision was released")
 }
 
 #[tonic::async_trait]
 impl Keyshare for KeyshareService {
     async fn partial_decrypt(
         &self,
-        _request: Request<PartialDecryptRequest>,
+        request: Request<PartialDecryptRequest>,
     ) -> Result<Response<PartialDecryptResponse>, Status> {
-        Err(Status::failed_precondition(format!(
-            "keyshare {} holds no key share: threshold decryption is not available in this build",
-            self.me.name
-        )))
+        let who = caller(&request)?.to_string();
+        let req = request.into_inner();
+        let hash = request_hash(&req);
+        match self.decide(&req).await {
+            Ok(mut resp) => {
+                let reason = format!(
+                    "{} ciphertext(s) under {}",
+                    req.batch.as_ref().map_or(0, |b| match &b.payload {
+                        Some(psm_proto::v1::lwe_ciphertext_batch::Payload::List(l)) => l.count,
+                        Some(psm_proto::v1::lwe_ciphertext_batch::Payload::Compact(c)) => c.count,
+                        None => 0,
+                    }),
+                    req.key.as_ref().map(|k| k.key_id.as_str()).unwrap_or_default()
+                );
+                // The partials leave only after the decision is durably recorded.
+                resp.audit_seq = self
+                    .audit
+                    .append(Decision { caller: &who, allow: true, rule: "allowed", reason: &reason, request_hash: &hash })
+                    .await
+                    .map_err(audit_failure)?;
+                tracing::info!(caller = %who, seq = resp.audit_seq, "partial decryption released");
+                Ok(Response::new(resp))
+            }
+            Err(r) => {
+                self.audit
+                    .append(Decision { caller: &who, allow: false, rule: r.rule, reason: r.status.message(), request_hash: &hash })
+                    .await
+                    .map_err(audit_failure)?;
+                tracing::info!(caller = %who, rule = r.rule, reason = r.status.message(), "partial decryption refused");
+                Err(r.status)
+            }
+        }
     }
 
     type GetAuditLogStream = tokio_stream::Iter<std::vec::IntoIter<Result<AuditRecord, Status>>>;
 
     async fn get_audit_log(
         &self,
-        _request: Request<GetAuditLogRequest>,
+        request: Request<GetAuditLogRequest>,
     ) -> Result<Response<Self::GetAuditLogStream>, Status> {
-        // No decision has been taken yet, so the log is empty.
-        Ok(Response::new(tokio_stream::iter(Vec::new())))
+        let r = request.into_inner();
+        let limit = match r.limit as usize {
+            0 => MAX_AUDIT_RECORDS,
+            n => n.min(MAX_AUDIT_RECORDS),
+        };
+        let records = self
+            .audit
+            .read(r.from_seq, limit)
+            .map_err(|e| Status::internal(e.to_string()))?;
+        Ok(Response::new(tokio_stream::iter(
+            records.into_iter().map(Ok).collect::<Vec<_>>(),
+        )))
     }
 
     async fn status(
         &self,
         _request: Request<StatusRequest>,
     ) -> Result<Response<KeyshareStatus>, Status> {
+        let (len, head) = self.audit.head().await;
         Ok(Response::new(KeyshareStatus {
             party: self.me.name.clone(),
-            ..Default::default()
+            party_index: self.share.party_index as u32,
+            parties: self.share.parties as u32,
+            threshold: self.share.threshold as u32,
+            keys: self
+                .share
+                .keys
+                .iter()
+                .map(|k| HeldKey {
+                    key_id: k.key_id.clone(),
+                    share_indices: k.shares.iter().map(|(i, _)| *i as u32).collect(),
+                    lwe_dimension: k.lwe_dimension as u32,
+                })
+                .collect(),
+            audit_len: len,
+            audit_head: head.to_vec(),
         }))
     }
 }
@@ -76,12 +316,13 @@ pub fn routes(settings: &ServerSettings, svc: KeyshareService) -> Routes {
 }
 
 /// Runs the service until SIGTERM/SIGINT.
-pub async fn run(settings: ServerSettings) -> Result<(), psm_net::NetError> {
-    let svc = KeyshareService::new(&settings)?;
+pub async fn run(settings: ServerSettings, share_file: &std::path::Path) -> Result<(), KeyshareError> {
+    let svc = KeyshareService::open(&settings, share_file)?;
     psm_net::server::run(
         &settings,
         routes(&settings, svc),
         &[psm_proto::service_names::KEYSHARE],
     )
-    .await
+    .await?;
+    Ok(())
 }

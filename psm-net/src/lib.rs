@@ -10,6 +10,7 @@ pub mod config;
 pub mod error;
 pub mod identity;
 pub mod pki;
+pub mod quorum;
 pub mod roles;
 pub mod server;
 pub mod telemetry;

@@ -1,6 +1,8 @@
 //! Harness for end-to-end tests: a throwaway dev PKI, service processes started from the real
 //! binaries in `target/release`, and mTLS clients. Every process is killed when its handle drops.
 
+pub mod keys;
+
 use std::fs;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};

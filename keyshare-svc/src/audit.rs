@@ -1,0 +1,133 @@
+//! The keyshare's hash-chained audit log, stored in sled. Every record is flushed to disk before
+//! the decision it records is returned.
+
+use std::path::Path;
+
+use prost::Message;
+use psm_core::audit::{verify_chain, AuditEntry, GENESIS};
+use psm_core::wire::{audit_from_proto, audit_to_proto};
+use psm_proto::v1::AuditRecord;
+use tokio::sync::Mutex;
+
+/// Storage errors of the audit log.
+#[derive(Debug, thiserror::Error)]
+pub enum AuditError {
+    #[error("audit store: {0}")]
+    Store(#[from] sled::Error),
+    #[error("audit store holds an undecodable record: {0}")]
+    Decode(String),
+}
+
+struct Head {
+    next_seq: u64,
+    prev_hash: [u8; 32],
+}
+
+/// Append-only log of decisions.
+pub struct AuditLog {
+    db: sled::Db,
+    tree: sled::Tree,
+    head: Mutex<Head>,
+}
+
+/// A decision to record.
+pub struct Decision<'a> {
+    pub caller: &'a str,
+    pub allow: bool,
+    pub rule: &'a str,
+    pub reason: &'a str,
+    pub request_hash: &'a [u8],
+}
+
+fn decode(v: &[u8]) -> Result<AuditRecord, AuditError> {
+    AuditRecord::decode(v).map_err(|e| AuditError::Decode(e.to_string()))
+}
+
+impl AuditLog {
+    /// Opens (or creates) the log in `dir`, and verifies the stored chain: a broken chain is
+    /// reported loudly but the keyshare keeps running so an auditor can fetch the evidence.
+    pub fn open(dir: &Path) -> Result<Self, AuditError> {
+        let db = sled::open(dir)?;
+        let tree = db.open_tree("audit")?;
+        let head = match tree.last()? {
+            Some((_, v)) => {
+                let r = decode(&v)?;
+                let hash: [u8; 32] = r
+                    .record_hash
+                    .as_slice()
+                    .try_into()
+                    .map_err(|_| AuditError::Decode("record hash is not 32 bytes".into()))?;
+                Head {
+                    next_seq: r.seq + 1,
+                    prev_hash: hash,
+                }
+            }
+            None => Head {
+                next_seq: 0,
+                prev_hash: GENESIS,
+            },
+        };
+        let log = AuditLog {
+            db,
+            tree,
+            head: Mutex::new(head),
+        };
+        match log.verify() {
+            Ok(n) => tracing::info!(records = n, "audit chain verified"),
+            Err(e) => tracing::error!(error = %e, "AUDIT CHAIN BROKEN: the log was modified outside this service"),
+        }
+        Ok(log)
+    }
+
+    /// Verifies the whole stored chain; returns the number of records.
+    pub fn verify(&self) -> Result<usize, String> {
+        let records = self.read(0, usize::MAX).map_err(|e| e.to_string())?;
+        let parsed: Vec<_> = records
+            .iter()
+            .map(audit_from_proto)
+            .collect::<Result<_, _>>()
+            .map_err(|e| e.to_string())?;
+        verify_chain(&parsed, GENESIS).map_err(|e| e.to_string())?;
+        Ok(parsed.len())
+    }
+
+    /// Appends a decision durably; returns its sequence number.
+    pub async fn append(&self, d: Decision<'_>) -> Result<u64, AuditError> {
+        let mut head = self.head.lock().await;
+        let entry = AuditEntry {
+            seq: head.next_seq,
+            unix_time: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs() as i64),
+            caller: d.caller.to_owned(),
+            decision: if d.allow { "allow" } else { "refuse" }.to_owned(),
+            rule: d.rule.to_owned(),
+            reason: d.reason.to_owned(),
+            request_hash: d.request_hash.to_vec(),
+            prev_hash: head.prev_hash,
+        };
+        let hash = entry.hash();
+        let record = audit_to_proto(&entry, hash);
+        self.tree
+            .insert(entry.seq.to_be_bytes(), record.encode_to_vec())?;
+        self.db.flush_async().await?;
+        head.next_seq += 1;
+        head.prev_hash = hash;
+        Ok(entry.seq)
+    }
+
+    /// Records from `from_seq`, at most `limit`.
+    pub fn read(&self, from_seq: u64, limit: usize) -> Result<Vec<AuditRecord>, AuditError> {
+        self.tree
+            .range(from_seq.to_be_bytes()..)
+            .take(limit)
+            .map(|kv| decode(&kv?.1))
+            .collect()
+    }
+
+    /// Number of records and the head hash.
+    pub async fn head(&self) -> (u64, [u8; 32]) {
+        let h = self.head.lock().await;
+        (h.next_seq, h.prev_hash)
+    }
+}

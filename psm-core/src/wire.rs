@@ -1,0 +1,117 @@
+//! Conversions between the psm.v1 messages and the domain types, with the size and shape
+//! checks untrusted input needs.
+
+use psm_proto::v1::{lwe_ciphertext_batch, LweCiphertextBatch, LweCompactList, LweEncoding, LweList};
+
+use crate::lwe::{words_from_le_bytes, words_to_le_bytes, Encoding, LweBatch};
+use crate::threshold::ThresholdError;
+
+/// Reads a batch from the wire, validating its shape.
+pub fn batch_from_proto(b: &LweCiphertextBatch) -> Result<LweBatch, ThresholdError> {
+    let dimension = b.lwe_dimension as usize;
+    let batch = match &b.payload {
+        Some(lwe_ciphertext_batch::Payload::List(l)) => {
+            let words = words_from_le_bytes(&l.words)?;
+            let batch = LweBatch::List { dimension, words };
+            if dimension > 0 && batch.len() != l.count as usize {
+                return Err(ThresholdError::BadCiphertext(format!(
+                    "list says {} ciphertexts but holds {}",
+                    l.count,
+                    batch.len()
+                )));
+            }
+            batch
+        }
+        Some(lwe_ciphertext_batch::Payload::Compact(c)) => LweBatch::Compact {
+            dimension,
+            count: c.count as usize,
+            words: words_from_le_bytes(&c.words)?,
+        },
+        None => return Err(ThresholdError::BadCiphertext("batch has no ciphertexts".into())),
+    };
+    batch.validate()?;
+    Ok(batch)
+}
+
+/// Writes a batch for the wire.
+pub fn batch_to_proto(batch: &LweBatch, encoding: Encoding, noise_bound_log2: u32) -> LweCiphertextBatch {
+    let payload = match batch {
+        LweBatch::List { words, .. } => lwe_ciphertext_batch::Payload::List(LweList {
+            words: words_to_le_bytes(words),
+            count: batch.len() as u32,
+        }),
+        LweBatch::Compact { count, words, .. } => {
+            lwe_ciphertext_batch::Payload::Compact(LweCompactList {
+                words: words_to_le_bytes(words),
+                count: *count as u32,
+            })
+        }
+    };
+    LweCiphertextBatch {
+        lwe_dimension: batch.dimension() as u32,
+        payload: Some(payload),
+        encoding: Some(encoding_to_proto(encoding, noise_bound_log2)),
+    }
+}
+
+pub fn encoding_to_proto(e: Encoding, noise_bound_log2: u32) -> LweEncoding {
+    LweEncoding {
+        delta_log2: e.delta_log2,
+        message_bits: e.message_bits,
+        signed: e.signed,
+        noise_bound_log2,
+    }
+}
+
+/// The encoding and stated noise bound of a batch.
+pub fn encoding_from_proto(e: Option<&LweEncoding>) -> Result<(Encoding, u32), ThresholdError> {
+    let e = e.ok_or_else(|| ThresholdError::BadEncoding("batch has no encoding".into()))?;
+    let enc = Encoding {
+        delta_log2: e.delta_log2,
+        message_bits: e.message_bits,
+        signed: e.signed,
+    };
+    enc.validate()?;
+    if e.noise_bound_log2 >= 127 {
+        return Err(ThresholdError::BadEncoding(format!("noise bound 2^{} is meaningless", e.noise_bound_log2)));
+    }
+    Ok((enc, e.noise_bound_log2))
+}
+
+/// An audit record for the wire.
+pub fn audit_to_proto(e: &crate::audit::AuditEntry, record_hash: [u8; 32]) -> psm_proto::v1::AuditRecord {
+    psm_proto::v1::AuditRecord {
+        seq: e.seq,
+        unix_time: e.unix_time,
+        caller: e.caller.clone(),
+        decision: e.decision.clone(),
+        rule: e.rule.clone(),
+        reason: e.reason.clone(),
+        request_hash: e.request_hash.clone(),
+        prev_hash: e.prev_hash.to_vec(),
+        record_hash: record_hash.to_vec(),
+    }
+}
+
+/// An audit record from the wire, with its stored hash.
+pub fn audit_from_proto(r: &psm_proto::v1::AuditRecord) -> Result<(crate::audit::AuditEntry, [u8; 32]), crate::audit::ChainError> {
+    let h32 = |b: &[u8], what: &str| -> Result<[u8; 32], crate::audit::ChainError> {
+        b.try_into().map_err(|_| crate::audit::ChainError {
+            seq: r.seq,
+            reason: format!("{what} is {} bytes, expected 32", b.len()),
+        })
+    };
+    Ok((
+        crate::audit::AuditEntry {
+            seq: r.seq,
+            unix_time: r.unix_time,
+            caller: r.caller.clone(),
+            decision: r.decision.clone(),
+            rule: r.rule.clone(),
+            reason: r.reason.clone(),
+            request_hash: r.request_hash.clone(),
+            prev_hash: h32(&r.prev_hash, "prev_hash")?,
+        },
+        h32(&r.record_hash, "record_hash")?,
+    ))
+}
