@@ -10,7 +10,10 @@ use psm_core::wire::batch_to_proto;
 use psm_net::quorum::{gather, Peer, QuorumError, QuorumPolicy};
 use psm_net::tls::TlsPaths;
 use psm_proto::v1::keyshare_client::KeyshareClient;
-use psm_proto::v1::{ComputationManifest, KeyRef, PartialDecryptRequest, PartialDecryptResponse, PartyFault, QuorumReport};
+use psm_proto::v1::{
+    ComputationManifest, KeyRef, PartialDecryptRequest, PartialDecryptResponse, PartyFault,
+    QuorumReport,
+};
 use serde::Deserialize;
 
 /// A keyshare to ask: its certificate name (also its party name in the key manifest) and URL.
@@ -68,14 +71,24 @@ impl ThresholdDecryptor {
                     e.name, manifest.tfhe_key_id, manifest.party_names
                 )));
             }
-            let opts = psm_net::client::ClientOptions { connect_timeout: Duration::from_secs(5), request_timeout: timeout };
-            peers.push(Peer { name: e.name.clone(), channel: psm_net::client::channel(&e.url, &e.name, tls, &opts)? });
+            let opts = psm_net::client::ClientOptions {
+                connect_timeout: Duration::from_secs(5),
+                request_timeout: timeout,
+            };
+            peers.push(Peer {
+                name: e.name.clone(),
+                channel: psm_net::client::channel(&e.url, &e.name, tls, &opts)?,
+            });
         }
         Ok(ThresholdDecryptor {
             peers,
             scheme,
             party_names: manifest.party_names.clone(),
-            policy: QuorumPolicy { needed: scheme.threshold(), grace, timeout },
+            policy: QuorumPolicy {
+                needed: scheme.threshold(),
+                grace,
+                timeout,
+            },
             manifest,
         })
     }
@@ -106,7 +119,9 @@ impl ThresholdDecryptor {
         manifest.output_hash = batch.hash().to_vec();
         let request = PartialDecryptRequest {
             idempotency_key: idempotency_key.to_owned(),
-            key: Some(KeyRef { key_id: key_id.to_owned() }),
+            key: Some(KeyRef {
+                key_id: key_id.to_owned(),
+            }),
             batch: Some(batch_to_proto(batch, encoding, noise)),
             manifest: Some(manifest),
         };
@@ -125,49 +140,82 @@ impl ThresholdDecryptor {
         let mut faults: Vec<PartyFault> = gathered
             .failures
             .iter()
-            .map(|(p, r)| PartyFault { party: p.clone(), reason: r.clone() })
+            .map(|(p, r)| PartyFault {
+                party: p.clone(),
+                reason: r.clone(),
+            })
             .collect();
         let mut responses = Vec::new();
         for (name, resp) in &gathered.answers {
             match self.to_party_response(name, resp, batch.len()) {
                 Ok(r) => responses.push(r),
-                Err(reason) => faults.push(PartyFault { party: name.clone(), reason }),
+                Err(reason) => faults.push(PartyFault {
+                    party: name.clone(),
+                    reason,
+                }),
             }
         }
         let combined = combine(self.scheme, batch, encoding, noise, &responses)?;
         for (p, reason) in &combined.faulty {
-            faults.push(PartyFault { party: self.party_names[*p].clone(), reason: reason.clone() });
+            faults.push(PartyFault {
+                party: self.party_names[*p].clone(),
+                reason: reason.clone(),
+            });
         }
         Ok(Decrypted {
             values: combined.values,
             report: QuorumReport {
-                used: combined.used.iter().map(|p| self.party_names[*p].clone()).collect(),
+                used: combined
+                    .used
+                    .iter()
+                    .map(|p| self.party_names[*p].clone())
+                    .collect(),
                 faults,
             },
         })
     }
 
     /// Checks that a response comes from the party it claims and has the right shape.
-    fn to_party_response(&self, name: &str, resp: &PartialDecryptResponse, count: usize) -> Result<PartyResponse, String> {
+    fn to_party_response(
+        &self,
+        name: &str,
+        resp: &PartialDecryptResponse,
+        count: usize,
+    ) -> Result<PartyResponse, String> {
         let index = self
             .party_names
             .iter()
             .position(|n| n == name)
             .ok_or_else(|| format!("{name} is not a party of this key set"))?;
         if resp.party != name || resp.party_index as usize != index + 1 {
-            return Err(format!("answered as {} (#{}), expected {name} (#{})", resp.party, resp.party_index, index + 1));
+            return Err(format!(
+                "answered as {} (#{}), expected {name} (#{})",
+                resp.party,
+                resp.party_index,
+                index + 1
+            ));
         }
         let mut shares = Vec::new();
         for s in &resp.shares {
             if !self.scheme.holds(index, s.share_index as usize) {
-                return Err(format!("sent share {} which party #{} does not hold", s.share_index, index + 1));
+                return Err(format!(
+                    "sent share {} which party #{} does not hold",
+                    s.share_index,
+                    index + 1
+                ));
             }
             let values = words_from_le_bytes(&s.partials).map_err(|e| e.to_string())?;
             if values.len() != count {
                 return Err(format!("{} partials for {count} ciphertexts", values.len()));
             }
-            shares.push(SharePartial { share_index: s.share_index as usize, values });
+            shares.push(SharePartial {
+                share_index: s.share_index as usize,
+                values,
+            });
         }
-        Ok(PartyResponse { party: index, shares })
+        Ok(PartyResponse {
+            party: index,
+            shares,
+        })
     }
 }

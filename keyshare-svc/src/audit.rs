@@ -74,7 +74,9 @@ impl AuditLog {
         };
         match log.verify() {
             Ok(n) => tracing::info!(records = n, "audit chain verified"),
-            Err(e) => tracing::error!(error = %e, "AUDIT CHAIN BROKEN: the log was modified outside this service"),
+            Err(e) => {
+                tracing::error!(error = %e, "AUDIT CHAIN BROKEN: the log was modified outside this service")
+            }
         }
         Ok(log)
     }

@@ -89,7 +89,10 @@ fn valid_idempotency_key(k: &str) -> bool {
 impl KeyshareService {
     /// Loads the share file and opens the audit log under the data directory. The share file
     /// must be for the party named in this service's certificate.
-    pub fn open(settings: &ServerSettings, share_file: &std::path::Path) -> Result<Self, KeyshareError> {
+    pub fn open(
+        settings: &ServerSettings,
+        share_file: &std::path::Path,
+    ) -> Result<Self, KeyshareError> {
         let me = settings.tls.own_id()?;
         let share = ShareFile::read(share_file)?;
         if share.party != me.name {
@@ -113,21 +116,31 @@ impl KeyshareService {
         if !valid_idempotency_key(&req.idempotency_key) {
             return Err(refuse(
                 "well-formed",
-                Status::invalid_argument("idempotency_key must be 1..=128 printable ASCII characters"),
+                Status::invalid_argument(
+                    "idempotency_key must be 1..=128 printable ASCII characters",
+                ),
             ));
         }
-        let key_id = req.key.as_ref().map(|k| k.key_id.as_str()).unwrap_or_default();
+        let key_id = req
+            .key
+            .as_ref()
+            .map(|k| k.key_id.as_str())
+            .unwrap_or_default();
         let key = self.share.key(key_id).ok_or_else(|| {
             let held: Vec<&str> = self.share.keys.iter().map(|k| k.key_id.as_str()).collect();
             refuse(
                 "known-key",
-                Status::not_found(format!("unknown key id {key_id:?}; this keyshare holds {held:?}")),
+                Status::not_found(format!(
+                    "unknown key id {key_id:?}; this keyshare holds {held:?}"
+                )),
             )
         })?;
-        let pb = req
-            .batch
-            .as_ref()
-            .ok_or_else(|| refuse("well-formed", Status::invalid_argument("request has no ciphertext batch")))?;
+        let pb = req.batch.as_ref().ok_or_else(|| {
+            refuse(
+                "well-formed",
+                Status::invalid_argument("request has no ciphertext batch"),
+            )
+        })?;
         if pb.lwe_dimension as usize != key.lwe_dimension {
             return Err(refuse(
                 "well-formed",
@@ -147,7 +160,8 @@ impl KeyshareService {
                 )),
             ));
         }
-        let (requested, stated_noise) = encoding_from_proto(pb.encoding.as_ref()).map_err(invalid)?;
+        let (requested, stated_noise) =
+            encoding_from_proto(pb.encoding.as_ref()).map_err(invalid)?;
         let (encoding, floor) = enforced_encoding(key, requested).map_err(invalid)?;
         // Never flood less than the key's own floor, whatever the caller states.
         let noise = stated_noise.max(floor);
@@ -155,7 +169,9 @@ impl KeyshareService {
         let manifest = req.manifest.as_ref().ok_or_else(|| {
             refuse(
                 "manifest-required",
-                Status::failed_precondition("a partial decryption must name its computation (manifest)"),
+                Status::failed_precondition(
+                    "a partial decryption must name its computation (manifest)",
+                ),
             )
         })?;
         if manifest.kind() == ComputationKind::Unspecified {
@@ -174,17 +190,35 @@ impl KeyshareService {
         }
 
         let _permit = self.permits.acquire().await.map_err(|_| {
-            refuse("available", Status::unavailable("keyshare is shutting down"))
+            refuse(
+                "available",
+                Status::unavailable("keyshare is shutting down"),
+            )
         })?;
         let share = self.share.clone();
         let key_id = key_id.to_owned();
         let partials = tokio::task::spawn_blocking(move || {
-            let key = share.key(&key_id).ok_or(ThresholdError::BadScheme("key vanished".into()))?;
+            let key = share
+                .key(&key_id)
+                .ok_or(ThresholdError::BadScheme("key vanished".into()))?;
             let scheme = share.scheme()?;
-            partial_decrypt(&share.party_shares(key), scheme, &share.flood_key(), &key_id, &batch, encoding, noise)
+            partial_decrypt(
+                &share.party_shares(key),
+                scheme,
+                &share.flood_key(),
+                &key_id,
+                &batch,
+                encoding,
+                noise,
+            )
         })
         .await
-        .map_err(|e| refuse("internal", Status::internal(format!("decryption task failed: {e}"))))?
+        .map_err(|e| {
+            refuse(
+                "internal",
+                Status::internal(format!("decryption task failed: {e}")),
+            )
+        })?
         .map_err(invalid)?;
         Ok(PartialDecryptResponse {
             party: self.share.party.clone(),
@@ -205,12 +239,24 @@ impl KeyshareService {
 fn request_hash(req: &PartialDecryptRequest) -> [u8; 32] {
     let mut h = blake3::Hasher::new();
     h.update(b"psm/v1/partial-decrypt-request");
-    let key = req.key.as_ref().map(|k| k.key_id.as_str()).unwrap_or_default();
+    let key = req
+        .key
+        .as_ref()
+        .map(|k| k.key_id.as_str())
+        .unwrap_or_default();
     h.update(&(key.len() as u64).to_le_bytes());
     h.update(key.as_bytes());
-    let batch = req.batch.as_ref().map(|b| b.encode_to_vec()).unwrap_or_default();
+    let batch = req
+        .batch
+        .as_ref()
+        .map(|b| b.encode_to_vec())
+        .unwrap_or_default();
     h.update(blake3::hash(&batch).as_bytes());
-    let manifest = req.manifest.as_ref().map(|m| m.encode_to_vec()).unwrap_or_default();
+    let manifest = req
+        .manifest
+        .as_ref()
+        .map(|m| m.encode_to_vec())
+        .unwrap_or_default();
     h.update(blake3::hash(&manifest).as_bytes());
     *h.finalize().as_bytes()
 }
@@ -238,12 +284,21 @@ impl Keyshare for KeyshareService {
                         Some(psm_proto::v1::lwe_ciphertext_batch::Payload::Compact(c)) => c.count,
                         None => 0,
                     }),
-                    req.key.as_ref().map(|k| k.key_id.as_str()).unwrap_or_default()
+                    req.key
+                        .as_ref()
+                        .map(|k| k.key_id.as_str())
+                        .unwrap_or_default()
                 );
                 // The partials leave only after the decision is durably recorded.
                 resp.audit_seq = self
                     .audit
-                    .append(Decision { caller: &who, allow: true, rule: "allowed", reason: &reason, request_hash: &hash })
+                    .append(Decision {
+                        caller: &who,
+                        allow: true,
+                        rule: "allowed",
+                        reason: &reason,
+                        request_hash: &hash,
+                    })
                     .await
                     .map_err(audit_failure)?;
                 tracing::info!(caller = %who, seq = resp.audit_seq, "partial decryption released");
@@ -251,7 +306,13 @@ impl Keyshare for KeyshareService {
             }
             Err(r) => {
                 self.audit
-                    .append(Decision { caller: &who, allow: false, rule: r.rule, reason: r.status.message(), request_hash: &hash })
+                    .append(Decision {
+                        caller: &who,
+                        allow: false,
+                        rule: r.rule,
+                        reason: r.status.message(),
+                        request_hash: &hash,
+                    })
                     .await
                     .map_err(audit_failure)?;
                 tracing::info!(caller = %who, rule = r.rule, reason = r.status.message(), "partial decryption refused");
@@ -316,7 +377,10 @@ pub fn routes(settings: &ServerSettings, svc: KeyshareService) -> Routes {
 }
 
 /// Runs the service until SIGTERM/SIGINT.
-pub async fn run(settings: ServerSettings, share_file: &std::path::Path) -> Result<(), KeyshareError> {
+pub async fn run(
+    settings: ServerSettings,
+    share_file: &std::path::Path,
+) -> Result<(), KeyshareError> {
     let svc = KeyshareService::open(&settings, share_file)?;
     psm_net::server::run(
         &settings,

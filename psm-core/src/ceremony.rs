@@ -14,14 +14,19 @@ use tfhe::shortint::parameters::{
     PARAM_PKE_MESSAGE_2_CARRY_2_KS_PBS_TUNIFORM_2M128,
 };
 use tfhe::zk::CompactPkeCrs;
-use tfhe::{ClientKey, CompactCiphertextList, CompactPublicKey, CompressedServerKey, Config, ConfigBuilder, FheUint8};
+use tfhe::{
+    ClientKey, CompactCiphertextList, CompactPublicKey, CompressedServerKey, Config, ConfigBuilder,
+    FheUint8,
+};
 use zeroize::Zeroize;
 
 use crate::keys::{
     blake3_hex, write_atomic, KeyFileError, KeyKind, KeyShare, Manifest, ManifestItem, ShareFile,
     SHARE_FILE_VERSION,
 };
-use crate::linear::{self, LinearPublicKey, LINEAR_DELTA_LOG2, LINEAR_ENCODING, LINEAR_FRESH_NOISE_LOG2};
+use crate::linear::{
+    self, LinearPublicKey, LINEAR_DELTA_LOG2, LINEAR_ENCODING, LINEAR_FRESH_NOISE_LOG2,
+};
 use crate::lwe::SQUASHED_BLOCK;
 use crate::squashed;
 use crate::threshold::{combine, partial_decrypt, split, PartyResponse, Scheme, ThresholdError};
@@ -87,7 +92,9 @@ impl Drop for KeyMaterial {
     }
 }
 
-fn tfhe_ser<T: serde::Serialize + tfhe::Versionize + tfhe::named::Named>(obj: &T) -> Result<Vec<u8>, CeremonyError> {
+fn tfhe_ser<T: serde::Serialize + tfhe::Versionize + tfhe::named::Named>(
+    obj: &T,
+) -> Result<Vec<u8>, CeremonyError> {
     let mut out = Vec::new();
     tfhe::safe_serialization::safe_serialize(obj, &mut out, MAX_PUBLIC_ITEM_BYTES)
         .map_err(|e| CeremonyError::Serialize(e.to_string()))?;
@@ -104,7 +111,8 @@ pub fn generate(progress: &mut dyn FnMut(&str)) -> Result<KeyMaterial, CeremonyE
     progress("generating the compressed server key with noise squashing (about a minute)");
     let csk = CompressedServerKey::new(&ck);
     progress("generating the ZK CRS");
-    let crs = CompactPkeCrs::from_config(config, CRS_MAX_BITS).map_err(|e| CeremonyError::Tfhe(e.to_string()))?;
+    let crs = CompactPkeCrs::from_config(config, CRS_MAX_BITS)
+        .map_err(|e| CeremonyError::Tfhe(e.to_string()))?;
     progress("extracting the 128-bit noise-squashing secret");
     let (_int, _cpk_sk, _comp, ns, _nsc, _rr, _oprf, _tk, _tag) = ck.into_raw_parts();
     let ns = ns.ok_or_else(|| CeremonyError::Tfhe("config has no noise-squashing key".into()))?;
@@ -112,7 +120,8 @@ pub fn generate(progress: &mut dyn FnMut(&str)) -> Result<KeyMaterial, CeremonyE
     let tfhe_secret = glwe.into_lwe_secret_key().into_container();
     progress("generating the linear-track key pair");
     let (lsk, lpk) = linear::generate_keypair();
-    let linear_public_key = bincode::serialize(&lpk).map_err(|e| CeremonyError::Serialize(e.to_string()))?;
+    let linear_public_key =
+        bincode::serialize(&lpk).map_err(|e| CeremonyError::Serialize(e.to_string()))?;
     Ok(KeyMaterial {
         tfhe_secret,
         linear_secret: lsk.into_container(),
@@ -145,29 +154,41 @@ pub fn write_bundle(
     out: &Path,
 ) -> Result<CeremonyOutput, CeremonyError> {
     if party_names.len() != scheme.parties() {
-        return Err(CeremonyError::Threshold(ThresholdError::BadScheme(format!(
-            "{} party names for {} parties",
-            party_names.len(),
-            scheme.parties()
-        ))));
+        return Err(CeremonyError::Threshold(ThresholdError::BadScheme(
+            format!(
+                "{} party names for {} parties",
+                party_names.len(),
+                scheme.parties()
+            ),
+        )));
     }
     for name in party_names {
         let ok = !name.is_empty()
             && name.len() <= 128
-            && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
             && !name.starts_with('.');
         if !ok {
-            return Err(CeremonyError::Threshold(ThresholdError::BadScheme(format!(
-                "party name {name:?} must be [A-Za-z0-9._-] and not start with '.'"
-            ))));
+            return Err(CeremonyError::Threshold(ThresholdError::BadScheme(
+                format!("party name {name:?} must be [A-Za-z0-9._-] and not start with '.'"),
+            )));
         }
     }
     let public_dir = out.join("public");
     let items_src = [
         (SERVER_KEY, "server_key.bin", &material.server_key),
-        (TFHE_PUBLIC_KEY, "tfhe_public_key.bin", &material.tfhe_public_key),
+        (
+            TFHE_PUBLIC_KEY,
+            "tfhe_public_key.bin",
+            &material.tfhe_public_key,
+        ),
         (CRS, "crs.bin", &material.crs),
-        (LINEAR_PUBLIC_KEY, "linear_public_key.bin", &material.linear_public_key),
+        (
+            LINEAR_PUBLIC_KEY,
+            "linear_public_key.bin",
+            &material.linear_public_key,
+        ),
     ];
     let mut items = Vec::new();
     for (name, file, data) in items_src {
@@ -195,8 +216,13 @@ pub fn write_bundle(
         linear_fresh_noise_log2: LINEAR_FRESH_NOISE_LOG2,
         items,
     };
-    let manifest_text = toml::to_string(&manifest).map_err(|e| CeremonyError::Serialize(e.to_string()))?;
-    write_atomic(&public_dir.join("manifest.toml"), manifest_text.as_bytes(), 0o644)?;
+    let manifest_text =
+        toml::to_string(&manifest).map_err(|e| CeremonyError::Serialize(e.to_string()))?;
+    write_atomic(
+        &public_dir.join("manifest.toml"),
+        manifest_text.as_bytes(),
+        0o644,
+    )?;
     let manifest_hash = blake3_hex(manifest_text.as_bytes());
 
     let mut rng = rand::rngs::OsRng;
@@ -252,7 +278,10 @@ pub struct PublicBundle {
 impl PublicBundle {
     pub fn open(dir: &Path) -> Result<Self, CeremonyError> {
         let path = dir.join("manifest.toml");
-        let bad = |reason: String| CeremonyError::Bundle { path: path.clone(), reason };
+        let bad = |reason: String| CeremonyError::Bundle {
+            path: path.clone(),
+            reason,
+        };
         let text = fs::read_to_string(&path).map_err(|e| bad(e.to_string()))?;
         let manifest: Manifest = toml::from_str(&text).map_err(|e| bad(e.to_string()))?;
         Ok(PublicBundle {
@@ -264,34 +293,49 @@ impl PublicBundle {
 
     /// The bytes of an item, checked against the manifest hash.
     pub fn item(&self, name: &str) -> Result<Vec<u8>, CeremonyError> {
-        let item = self.manifest.item(name).ok_or_else(|| CeremonyError::Bundle {
-            path: self.dir.join("manifest.toml"),
-            reason: format!("no item {name:?}"),
-        })?;
+        let item = self
+            .manifest
+            .item(name)
+            .ok_or_else(|| CeremonyError::Bundle {
+                path: self.dir.join("manifest.toml"),
+                reason: format!("no item {name:?}"),
+            })?;
         let path = self.dir.join(&item.file);
         if item.file.contains('/') || item.file.starts_with('.') {
-            return Err(CeremonyError::Bundle { path, reason: "item file must be a plain file name".into() });
+            return Err(CeremonyError::Bundle {
+                path,
+                reason: "item file must be a plain file name".into(),
+            });
         }
-        let data = fs::read(&path).map_err(|e| CeremonyError::Bundle { path: path.clone(), reason: e.to_string() })?;
+        let data = fs::read(&path).map_err(|e| CeremonyError::Bundle {
+            path: path.clone(),
+            reason: e.to_string(),
+        })?;
         if blake3_hex(&data) != item.blake3 {
-            return Err(CeremonyError::Bundle { path, reason: "hash does not match the manifest".into() });
+            return Err(CeremonyError::Bundle {
+                path,
+                reason: "hash does not match the manifest".into(),
+            });
         }
         Ok(data)
     }
 
     pub fn compressed_server_key(&self) -> Result<CompressedServerKey, CeremonyError> {
         let data = self.item(SERVER_KEY)?;
-        tfhe::safe_serialization::safe_deserialize(data.as_slice(), MAX_PUBLIC_ITEM_BYTES).map_err(CeremonyError::Serialize)
+        tfhe::safe_serialization::safe_deserialize(data.as_slice(), MAX_PUBLIC_ITEM_BYTES)
+            .map_err(CeremonyError::Serialize)
     }
 
     pub fn compact_public_key(&self) -> Result<CompactPublicKey, CeremonyError> {
         let data = self.item(TFHE_PUBLIC_KEY)?;
-        tfhe::safe_serialization::safe_deserialize(data.as_slice(), MAX_PUBLIC_ITEM_BYTES).map_err(CeremonyError::Serialize)
+        tfhe::safe_serialization::safe_deserialize(data.as_slice(), MAX_PUBLIC_ITEM_BYTES)
+            .map_err(CeremonyError::Serialize)
     }
 
     pub fn crs(&self) -> Result<CompactPkeCrs, CeremonyError> {
         let data = self.item(CRS)?;
-        tfhe::safe_serialization::safe_deserialize(data.as_slice(), MAX_PUBLIC_ITEM_BYTES).map_err(CeremonyError::Serialize)
+        tfhe::safe_serialization::safe_deserialize(data.as_slice(), MAX_PUBLIC_ITEM_BYTES)
+            .map_err(CeremonyError::Serialize)
     }
 
     pub fn linear_public_key(&self) -> Result<LinearPublicKey, CeremonyError> {
@@ -313,22 +357,41 @@ fn decrypt_via_files(
     for f in shares {
         let s = f.scheme()?;
         scheme = Some(s);
-        let key = f.key(key_id).ok_or_else(|| CeremonyError::SelfCheck(format!("{} lacks key {key_id}", f.party)))?;
+        let key = f
+            .key(key_id)
+            .ok_or_else(|| CeremonyError::SelfCheck(format!("{} lacks key {key_id}", f.party)))?;
         noise = key.min_noise_log2;
-        let part = partial_decrypt(&f.party_shares(key), s, &f.flood_key(), key_id, batch, encoding, noise)?;
-        responses.push(PartyResponse { party: f.party_index - 1, shares: part });
+        let part = partial_decrypt(
+            &f.party_shares(key),
+            s,
+            &f.flood_key(),
+            key_id,
+            batch,
+            encoding,
+            noise,
+        )?;
+        responses.push(PartyResponse {
+            party: f.party_index - 1,
+            shares: part,
+        });
     }
     let scheme = scheme.ok_or_else(|| CeremonyError::SelfCheck("no share files".into()))?;
     let out = combine(scheme, batch, encoding, noise, &responses)?;
     if !out.faulty.is_empty() {
-        return Err(CeremonyError::SelfCheck(format!("parties disagree: {:?}", out.faulty)));
+        return Err(CeremonyError::SelfCheck(format!(
+            "parties disagree: {:?}",
+            out.faulty
+        )));
     }
     Ok(out.values)
 }
 
 /// Decrypts a known squashed FheUint8 and a known linear list through the written share files
 /// and fails unless both come out right. Needs the server key (decompressed here, ~15 s).
-pub fn self_check(output: &CeremonyOutput, progress: &mut dyn FnMut(&str)) -> Result<(), CeremonyError> {
+pub fn self_check(
+    output: &CeremonyOutput,
+    progress: &mut dyn FnMut(&str),
+) -> Result<(), CeremonyError> {
     let bundle = PublicBundle::open(&output.public_dir)?;
     let shares: Vec<ShareFile> = output
         .share_files
@@ -337,7 +400,10 @@ pub fn self_check(output: &CeremonyOutput, progress: &mut dyn FnMut(&str)) -> Re
         .collect::<Result<_, _>>()?;
     for s in &shares {
         if s.manifest_hash != bundle.manifest_hash {
-            return Err(CeremonyError::SelfCheck(format!("{} belongs to another bundle", s.party)));
+            return Err(CeremonyError::SelfCheck(format!(
+                "{} belongs to another bundle",
+                s.party
+            )));
         }
     }
 
@@ -345,10 +411,17 @@ pub fn self_check(output: &CeremonyOutput, progress: &mut dyn FnMut(&str)) -> Re
     let lpk = bundle.linear_public_key()?;
     let values = [12_345i64, -678, 0, 42];
     let batch = linear::encrypt(&lpk, &values);
-    let got = decrypt_via_files(&shares, &bundle.manifest.linear_key_id, &batch, LINEAR_ENCODING)?;
+    let got = decrypt_via_files(
+        &shares,
+        &bundle.manifest.linear_key_id,
+        &batch,
+        LINEAR_ENCODING,
+    )?;
     let want: Vec<i128> = values.iter().map(|v| i128::from(*v)).collect();
     if got != want {
-        return Err(CeremonyError::SelfCheck(format!("linear: decrypted {got:?}, expected {want:?}")));
+        return Err(CeremonyError::SelfCheck(format!(
+            "linear: decrypted {got:?}, expected {want:?}"
+        )));
     }
 
     progress("self-check: tfhe track (decompressing the server key, encrypting, squashing)");
@@ -356,17 +429,28 @@ pub fn self_check(output: &CeremonyOutput, progress: &mut dyn FnMut(&str)) -> Re
     tfhe::set_server_key(sk);
     let cpk = bundle.compact_public_key()?;
     let list = CompactCiphertextList::builder(&cpk).push(173u8).build();
-    let expanded = list.expand().map_err(|e| CeremonyError::Tfhe(e.to_string()))?;
+    let expanded = list
+        .expand()
+        .map_err(|e| CeremonyError::Tfhe(e.to_string()))?;
     let x: FheUint8 = expanded
         .get(0)
         .map_err(|e| CeremonyError::Tfhe(e.to_string()))?
         .ok_or_else(|| CeremonyError::Tfhe("empty list".into()))?;
-    let sq = x.squash_noise().map_err(|e| CeremonyError::Tfhe(e.to_string()))?;
+    let sq = x
+        .squash_noise()
+        .map_err(|e| CeremonyError::Tfhe(e.to_string()))?;
     let batch = squashed::uint_batch(&sq);
-    let blocks = decrypt_via_files(&shares, &bundle.manifest.tfhe_key_id, &batch, SQUASHED_BLOCK)?;
+    let blocks = decrypt_via_files(
+        &shares,
+        &bundle.manifest.tfhe_key_id,
+        &batch,
+        SQUASHED_BLOCK,
+    )?;
     let got = squashed::recompose(&blocks, 8);
     if got != 173 {
-        return Err(CeremonyError::SelfCheck(format!("tfhe: decrypted {got}, expected 173")));
+        return Err(CeremonyError::SelfCheck(format!(
+            "tfhe: decrypted {got}, expected 173"
+        )));
     }
     Ok(())
 }

@@ -32,9 +32,15 @@ pub enum KeyKind {
 #[derive(Debug, thiserror::Error)]
 pub enum KeyFileError {
     #[error("cannot read {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("cannot write {path}: {source}")]
-    Write { path: PathBuf, source: std::io::Error },
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{path} is not a valid share file: {reason}")]
     Invalid { path: PathBuf, reason: String },
     #[error(transparent)]
@@ -115,20 +121,32 @@ impl ShareFile {
     /// the dimensions.
     pub fn validate(&self) -> Result<(), String> {
         if self.version != SHARE_FILE_VERSION {
-            return Err(format!("format version {} (expected {SHARE_FILE_VERSION})", self.version));
+            return Err(format!(
+                "format version {} (expected {SHARE_FILE_VERSION})",
+                self.version
+            ));
         }
         let scheme = self.scheme().map_err(|e| e.to_string())?;
         if self.party_index == 0 || self.party_index > self.parties {
-            return Err(format!("party index {} outside 1..={}", self.party_index, self.parties));
+            return Err(format!(
+                "party index {} outside 1..={}",
+                self.party_index, self.parties
+            ));
         }
         let want = scheme.held_by(self.party_index - 1);
         for k in &self.keys {
             let have: Vec<usize> = k.shares.iter().map(|(i, _)| *i).collect();
             if have != want {
-                return Err(format!("key {} holds shares {have:?}, party should hold {want:?}", k.key_id));
+                return Err(format!(
+                    "key {} holds shares {have:?}, party should hold {want:?}",
+                    k.key_id
+                ));
             }
             if k.shares.iter().any(|(_, r)| r.len() != k.lwe_dimension) {
-                return Err(format!("key {} has a share of the wrong dimension", k.key_id));
+                return Err(format!(
+                    "key {} has a share of the wrong dimension",
+                    k.key_id
+                ));
             }
         }
         Ok(())
@@ -136,12 +154,24 @@ impl ShareFile {
 
     /// Reads and validates a share file.
     pub fn read(path: &Path) -> Result<Self, KeyFileError> {
-        let invalid = |reason: String| KeyFileError::Invalid { path: path.to_owned(), reason };
-        let meta = fs::metadata(path).map_err(|e| KeyFileError::Read { path: path.to_owned(), source: e })?;
+        let invalid = |reason: String| KeyFileError::Invalid {
+            path: path.to_owned(),
+            reason,
+        };
+        let meta = fs::metadata(path).map_err(|e| KeyFileError::Read {
+            path: path.to_owned(),
+            source: e,
+        })?;
         if meta.len() > MAX_SHARE_FILE_BYTES {
-            return Err(invalid(format!("{} bytes is larger than any share file", meta.len())));
+            return Err(invalid(format!(
+                "{} bytes is larger than any share file",
+                meta.len()
+            )));
         }
-        let bytes = fs::read(path).map_err(|e| KeyFileError::Read { path: path.to_owned(), source: e })?;
+        let bytes = fs::read(path).map_err(|e| KeyFileError::Read {
+            path: path.to_owned(),
+            source: e,
+        })?;
         let file: ShareFile = bincode::deserialize(&bytes).map_err(|e| invalid(e.to_string()))?;
         file.validate().map_err(invalid)?;
         Ok(file)
@@ -159,7 +189,10 @@ impl ShareFile {
 
 /// Writes a file atomically: temp file with `mode`, fsync, rename, fsync of the directory.
 pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> Result<(), KeyFileError> {
-    let err = |e| KeyFileError::Write { path: path.to_owned(), source: e };
+    let err = |e| KeyFileError::Write {
+        path: path.to_owned(),
+        source: e,
+    };
     let dir = path.parent().unwrap_or(Path::new("."));
     fs::create_dir_all(dir).map_err(err)?;
     let tmp = path.with_extension("partial");
@@ -183,7 +216,10 @@ pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> Result<(), KeyFileEr
 }
 
 /// Encoding and noise policy the keyshare applies to a key, whatever a request states.
-pub fn enforced_encoding(key: &KeyShare, requested: Encoding) -> Result<(Encoding, u32), ThresholdError> {
+pub fn enforced_encoding(
+    key: &KeyShare,
+    requested: Encoding,
+) -> Result<(Encoding, u32), ThresholdError> {
     match key.kind {
         KeyKind::Tfhe => {
             if requested != crate::lwe::SQUASHED_BLOCK {

@@ -29,7 +29,8 @@ pub fn generate_keypair() -> (LweSecretKeyOwned<u128>, LinearPublicKey) {
     let mut seeder = new_seeder();
     let seeder = seeder.as_mut();
     let mut secret_gen = SecretRandomGenerator::<DefaultRandomGenerator>::new(seeder.seed());
-    let mut enc_gen = EncryptionRandomGenerator::<DefaultRandomGenerator>::new(seeder.seed(), seeder);
+    let mut enc_gen =
+        EncryptionRandomGenerator::<DefaultRandomGenerator>::new(seeder.seed(), seeder);
     let sk = allocate_and_generate_new_binary_lwe_secret_key(
         LweDimension(LINEAR_DIMENSION),
         &mut secret_gen,
@@ -48,7 +49,8 @@ pub fn generate_keypair() -> (LweSecretKeyOwned<u128>, LinearPublicKey) {
 pub fn encrypt(pk: &LinearPublicKey, values: &[i64]) -> LweBatch {
     let mut seeder = new_seeder();
     let seeder = seeder.as_mut();
-    let mut enc_gen = EncryptionRandomGenerator::<DefaultRandomGenerator>::new(seeder.seed(), seeder);
+    let mut enc_gen =
+        EncryptionRandomGenerator::<DefaultRandomGenerator>::new(seeder.seed(), seeder);
     let noise = TUniform::<u128>::new(LINEAR_NOISE_LOG2);
     let plain = PlaintextList::from_container(
         values

@@ -1,7 +1,9 @@
 //! Conversions between the psm.v1 messages and the domain types, with the size and shape
 //! checks untrusted input needs.
 
-use psm_proto::v1::{lwe_ciphertext_batch, LweCiphertextBatch, LweCompactList, LweEncoding, LweList};
+use psm_proto::v1::{
+    lwe_ciphertext_batch, LweCiphertextBatch, LweCompactList, LweEncoding, LweList,
+};
 
 use crate::lwe::{words_from_le_bytes, words_to_le_bytes, Encoding, LweBatch};
 use crate::threshold::ThresholdError;
@@ -27,14 +29,22 @@ pub fn batch_from_proto(b: &LweCiphertextBatch) -> Result<LweBatch, ThresholdErr
             count: c.count as usize,
             words: words_from_le_bytes(&c.words)?,
         },
-        None => return Err(ThresholdError::BadCiphertext("batch has no ciphertexts".into())),
+        None => {
+            return Err(ThresholdError::BadCiphertext(
+                "batch has no ciphertexts".into(),
+            ))
+        }
     };
     batch.validate()?;
     Ok(batch)
 }
 
 /// Writes a batch for the wire.
-pub fn batch_to_proto(batch: &LweBatch, encoding: Encoding, noise_bound_log2: u32) -> LweCiphertextBatch {
+pub fn batch_to_proto(
+    batch: &LweBatch,
+    encoding: Encoding,
+    noise_bound_log2: u32,
+) -> LweCiphertextBatch {
     let payload = match batch {
         LweBatch::List { words, .. } => lwe_ciphertext_batch::Payload::List(LweList {
             words: words_to_le_bytes(words),
@@ -73,13 +83,19 @@ pub fn encoding_from_proto(e: Option<&LweEncoding>) -> Result<(Encoding, u32), T
     };
     enc.validate()?;
     if e.noise_bound_log2 >= 127 {
-        return Err(ThresholdError::BadEncoding(format!("noise bound 2^{} is meaningless", e.noise_bound_log2)));
+        return Err(ThresholdError::BadEncoding(format!(
+            "noise bound 2^{} is meaningless",
+            e.noise_bound_log2
+        )));
     }
     Ok((enc, e.noise_bound_log2))
 }
 
 /// An audit record for the wire.
-pub fn audit_to_proto(e: &crate::audit::AuditEntry, record_hash: [u8; 32]) -> psm_proto::v1::AuditRecord {
+pub fn audit_to_proto(
+    e: &crate::audit::AuditEntry,
+    record_hash: [u8; 32],
+) -> psm_proto::v1::AuditRecord {
     psm_proto::v1::AuditRecord {
         seq: e.seq,
         unix_time: e.unix_time,
@@ -94,7 +110,9 @@ pub fn audit_to_proto(e: &crate::audit::AuditEntry, record_hash: [u8; 32]) -> ps
 }
 
 /// An audit record from the wire, with its stored hash.
-pub fn audit_from_proto(r: &psm_proto::v1::AuditRecord) -> Result<(crate::audit::AuditEntry, [u8; 32]), crate::audit::ChainError> {
+pub fn audit_from_proto(
+    r: &psm_proto::v1::AuditRecord,
+) -> Result<(crate::audit::AuditEntry, [u8; 32]), crate::audit::ChainError> {
     let h32 = |b: &[u8], what: &str| -> Result<[u8; 32], crate::audit::ChainError> {
         b.try_into().map_err(|_| crate::audit::ChainError {
             seq: r.seq,

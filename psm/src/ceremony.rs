@@ -47,7 +47,8 @@ pub fn run(args: CeremonyArgs) -> anyhow::Result<()> {
     let out = write_bundle(&material, scheme, &names, &args.out)
         .with_context(|| format!("writing the key set to {}", args.out.display()))?;
     drop(material); // zeroizes both secrets
-    self_check(&out, &mut progress).context("the new key set failed its self-check; do not use it")?;
+    self_check(&out, &mut progress)
+        .context("the new key set failed its self-check; do not use it")?;
     println!(
         "Key set ready ({}-of-{}): tfhe key {}, linear key {}",
         scheme.threshold(),
@@ -57,7 +58,10 @@ pub fn run(args: CeremonyArgs) -> anyhow::Result<()> {
     );
     println!("  public bundle: {}", out.public_dir.display());
     for f in &out.share_files {
-        println!("  share file:    {} (give to its keyshare only)", f.display());
+        println!(
+            "  share file:    {} (give to its keyshare only)",
+            f.display()
+        );
     }
     Ok(())
 }

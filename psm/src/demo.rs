@@ -108,6 +108,28 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         println!("Creating a dev PKI in {}", pki_dir.display());
         DevPki::init(&pki_dir, &args.trust_domain, false)?.0
     };
+    let keys_dir = data.join("keys");
+    if keys_dir.join("public/manifest.toml").exists() {
+        println!("Reusing the key set in {}", keys_dir.display());
+    } else {
+        println!(
+            "Running the key ceremony (2-of-3) into {} — once, about a minute:",
+            keys_dir.display()
+        );
+        let start = std::time::Instant::now();
+        let mut progress =
+            |step: &str| println!("  [{:>5.1}s] {step}", start.elapsed().as_secs_f64());
+        let material = psm_core::ceremony::generate(&mut progress)?;
+        let scheme = psm_core::threshold::Scheme::new(3, 2)?;
+        let out = psm_core::ceremony::write_bundle(
+            &material,
+            scheme,
+            &psm_core::ceremony::default_party_names(3),
+            &keys_dir,
+        )?;
+        drop(material);
+        psm_core::ceremony::self_check(&out, &mut progress)?;
+    }
     let logs = data.join("logs");
     fs::create_dir_all(&logs).with_context(|| format!("creating {}", logs.display()))?;
 
@@ -148,7 +170,12 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         let log_path = logs.join(format!("{}.log", s.name));
         let log = fs::File::create(&log_path)
             .with_context(|| format!("creating {}", log_path.display()))?;
-        let child = Command::new(&bin)
+        let mut cmd = Command::new(&bin);
+        if s.role == Role::Keyshare {
+            cmd.arg("--share-file")
+                .arg(keys_dir.join("shares").join(format!("{}.share", s.name)));
+        }
+        let child = cmd
             .arg("--listen")
             .arg(format!("127.0.0.1:{}", s.port))
             .arg("--trust-domain")

@@ -1,6 +1,8 @@
 //! `psm`: the Private Smart Metering command-line tool.
 
+mod audit;
 mod ceremony;
+mod client_args;
 mod demo;
 
 use std::path::PathBuf;
@@ -28,6 +30,11 @@ enum Command {
     /// Trusted-dealer key ceremony: tfhe and linear keys, split into one share file per
     /// keyshare, public bundle, self-check.
     Ceremony(ceremony::CeremonyArgs),
+    /// A keyshare's audit log: show it as a table or verify its hash chain.
+    Audit {
+        #[command(subcommand)]
+        command: audit::AuditCommand,
+    },
     /// Print which certificate roles may call which RPC.
     Roles,
     /// Start the whole system locally (dev PKI, 3 keyshares, ingest, compute) and keep it
@@ -102,6 +109,7 @@ fn main() -> anyhow::Result<()> {
             }
         },
         Command::Ceremony(args) => ceremony::run(args)?,
+        Command::Audit { command } => audit::run(command)?,
         Command::Roles => print!("{}", psm_net::roles::table_markdown()),
         Command::Demo(args) => demo::run(args)?,
     }

@@ -1,12 +1,14 @@
 //! The tests' shared key set: generated once (about 30 s) on first use and cached under
 //! `target/psm-test-keys/`, never one per test. Key sets for any t-of-n are split from the
-//! cached dealer material in well under a second.
+//! cached dealer material once and cached too.
 
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-use psm_core::ceremony::{default_party_names, generate, write_bundle, CeremonyOutput, KeyMaterial};
+use psm_core::ceremony::{
+    default_party_names, generate, write_bundle, CeremonyOutput, KeyMaterial,
+};
 use psm_core::threshold::Scheme;
 
 /// Bump when the cached format or the key parameters change.
@@ -43,9 +45,19 @@ pub fn material() -> KeyMaterial {
     fs::create_dir_all(&dir).expect("create key cache dir");
     let lock = fs::File::create(dir.join(".lock")).expect("lock file");
     lock.lock().expect("lock key cache");
-    let files = ["tfhe_secret", "linear_secret", "server_key", "tfhe_public_key", "crs", "linear_public_key"];
+    let files = [
+        "tfhe_secret",
+        "linear_secret",
+        "server_key",
+        "tfhe_public_key",
+        "crs",
+        "linear_public_key",
+    ];
     if !dir.join("complete").exists() {
-        eprintln!("generating the shared test key set in {} (once, ~30 s)", dir.display());
+        eprintln!(
+            "generating the shared test key set in {} (once, ~30 s)",
+            dir.display()
+        );
         let m = generate(&mut |s| eprintln!("  {s}")).expect("key generation");
         let data = [
             words_to_bytes(&m.tfhe_secret),
@@ -71,9 +83,35 @@ pub fn material() -> KeyMaterial {
     }
 }
 
-/// A fresh t-of-n key set (share files + public bundle) in `out`, split from the cached material.
-pub fn key_set(n: usize, t: usize, out: &Path) -> CeremonyOutput {
-    let m = material();
-    let scheme = Scheme::new(n, t).expect("scheme");
-    write_bundle(&m, scheme, &default_party_names(n), out).expect("write key set")
+/// The cached t-of-n key set (share files + public bundle), split from the cached material on
+/// first use and reused by every test after.
+pub fn key_set(n: usize, t: usize) -> CeremonyOutput {
+    let dir = cache_dir().join("sets").join(format!("{t}-of-{n}"));
+    let names = default_party_names(n);
+    {
+        let _guard = SETS.lock().unwrap_or_else(|e| e.into_inner());
+        fs::create_dir_all(&dir).expect("create key set dir");
+        let lock = fs::File::create(dir.join(".lock")).expect("lock file");
+        lock.lock().expect("lock key set");
+        if !dir.join("complete").exists() {
+            let m = material();
+            let scheme = Scheme::new(n, t).expect("scheme");
+            write_bundle(&m, scheme, &names, &dir).expect("write key set");
+            fs::write(dir.join("complete"), b"").expect("mark key set");
+        }
+    }
+    let public_dir = dir.join("public");
+    let manifest = psm_core::ceremony::PublicBundle::open(&public_dir)
+        .expect("cached bundle")
+        .manifest;
+    CeremonyOutput {
+        share_files: names
+            .iter()
+            .map(|n| dir.join("shares").join(format!("{n}.share")))
+            .collect(),
+        public_dir,
+        manifest,
+    }
 }
+
+static SETS: Mutex<()> = Mutex::new(());

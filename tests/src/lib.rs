@@ -141,6 +141,34 @@ impl Proc {
         proc
     }
 
+    /// Starts keyshare-svc `name` (keyshare-1, ...) with its share file from `keys`.
+    pub async fn start_keyshare(
+        pki: &TestPki,
+        name: &str,
+        keys: &psm_core::ceremony::CeremonyOutput,
+        extra: &[&str],
+    ) -> Proc {
+        let share = keys
+            .share_files
+            .iter()
+            .find(|p| p.file_stem().is_some_and(|s| s == name))
+            .unwrap_or_else(|| panic!("no share file for {name}"))
+            .to_str()
+            .expect("utf-8 path")
+            .to_owned();
+        let mut args = vec!["--share-file", share.as_str()];
+        args.extend_from_slice(extra);
+        Proc::start(
+            pki,
+            "keyshare-svc",
+            Role::Keyshare,
+            name,
+            psm_proto::service_names::KEYSHARE,
+            &args,
+        )
+        .await
+    }
+
     pub fn log_text(&self) -> String {
         fs::read_to_string(&self.log).unwrap_or_default()
     }

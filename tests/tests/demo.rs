@@ -6,6 +6,10 @@ use std::process::Command;
 fn demo_check_starts_and_stops_everything() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("psm-data");
+    // Use the tests' cached key set instead of a fresh ceremony (the ceremony has its own test).
+    let keys = psm_e2e::keys::key_set(3, 2);
+    std::fs::create_dir_all(&data).unwrap();
+    std::os::unix::fs::symlink(keys.public_dir.parent().unwrap(), data.join("keys")).unwrap();
     let base = psm_e2e::free_port().saturating_sub(20).max(20000);
     let run = || {
         Command::new(psm_e2e::bin("psm"))
@@ -28,6 +32,7 @@ fn demo_check_starts_and_stops_everything() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(stdout.contains("Creating a dev PKI"), "{stdout}");
+    assert!(stdout.contains("Reusing the key set"), "{stdout}");
     assert!(
         stdout.contains("All 5 services are up and healthy."),
         "{stdout}"

@@ -17,8 +17,18 @@ fn subsets(n: usize, size: usize) -> Vec<Vec<usize>> {
         .collect()
 }
 
-fn decrypt(shares: &[ShareFile], who: &[usize], key_id: &str, batch: &LweBatch, linear: bool) -> Result<Vec<i128>, ThresholdError> {
-    let enc = if linear { LINEAR_ENCODING } else { SQUASHED_BLOCK };
+fn decrypt(
+    shares: &[ShareFile],
+    who: &[usize],
+    key_id: &str,
+    batch: &LweBatch,
+    linear: bool,
+) -> Result<Vec<i128>, ThresholdError> {
+    let enc = if linear {
+        LINEAR_ENCODING
+    } else {
+        SQUASHED_BLOCK
+    };
     let scheme = shares[0].scheme()?;
     let mut noise = 0;
     let responses: Vec<PartyResponse> = who
@@ -29,7 +39,16 @@ fn decrypt(shares: &[ShareFile], who: &[usize], key_id: &str, batch: &LweBatch, 
             noise = key.min_noise_log2;
             PartyResponse {
                 party: f.party_index - 1,
-                shares: partial_decrypt(&f.party_shares(key), scheme, &f.flood_key(), key_id, batch, enc, noise).expect("partial"),
+                shares: partial_decrypt(
+                    &f.party_shares(key),
+                    scheme,
+                    &f.flood_key(),
+                    key_id,
+                    batch,
+                    enc,
+                    noise,
+                )
+                .expect("partial"),
             }
         })
         .collect();
@@ -38,9 +57,8 @@ fn decrypt(shares: &[ShareFile], who: &[usize], key_id: &str, batch: &LweBatch, 
 
 #[test]
 fn squashed_integers_and_bools_and_linear_sums_through_any_quorum() {
-    let dir = tempfile::tempdir().unwrap();
     // One server key for all schemes: the shares differ, the keys do not.
-    let first = psm_e2e::keys::key_set(3, 2, &dir.path().join("2of3"));
+    let first = psm_e2e::keys::key_set(3, 2);
     let bundle = PublicBundle::open(&first.public_dir).unwrap();
     tfhe::set_server_key(bundle.compressed_server_key().unwrap().decompress());
     let cpk = bundle.compact_public_key().unwrap();
@@ -66,13 +84,21 @@ fn squashed_integers_and_bools_and_linear_sums_through_any_quorum() {
     let cases: Vec<(LweBatch, u32, u128)> = vec![
         (uint_batch(&a.squash_noise().unwrap()), 8, 0xA5),
         (uint_batch(&b.squash_noise().unwrap()), 32, 0xDEAD_BEEF),
-        (uint_batch(&c.squash_noise().unwrap()), 64, u128::from(u64::MAX - 12_345)),
+        (
+            uint_batch(&c.squash_noise().unwrap()),
+            64,
+            u128::from(u64::MAX - 12_345),
+        ),
         (uint_batch(&sum.squash_noise().unwrap()), 8, 0xA5),
         (uint_batch(&z.squash_noise().unwrap()), 8, 0),
         (bool_batch(&d.squash_noise().unwrap()), 1, 1),
         (bool_batch(&gt.squash_noise().unwrap()), 1, 1),
     ];
-    assert_eq!(cases[2].0.len(), 16, "an FheUint64 squashes to 16 packed blocks");
+    assert_eq!(
+        cases[2].0.len(),
+        16,
+        "an FheUint64 squashes to 16 packed blocks"
+    );
 
     // Linear track: 20 meters × 96 signed readings, summed word-wise.
     let mut expected = vec![0i128; 96];
@@ -82,30 +108,55 @@ fn squashed_integers_and_bools_and_linear_sums_through_any_quorum() {
         for (e, r) in expected.iter_mut().zip(&readings) {
             *e += i128::from(*r);
         }
-        let LweBatch::Compact { words, .. } = psm_core::linear::encrypt(&lpk, &readings) else { unreachable!() };
+        let LweBatch::Compact { words, .. } = psm_core::linear::encrypt(&lpk, &readings) else {
+            unreachable!()
+        };
         acc = Some(match acc {
             None => words,
-            Some(a) => a.iter().zip(&words).map(|(x, y)| x.wrapping_add(*y)).collect(),
+            Some(a) => a
+                .iter()
+                .zip(&words)
+                .map(|(x, y)| x.wrapping_add(*y))
+                .collect(),
         });
     }
-    let linear = LweBatch::Compact { dimension: 4096, count: 96, words: acc.unwrap() };
+    let linear = LweBatch::Compact {
+        dimension: 4096,
+        count: 96,
+        words: acc.unwrap(),
+    };
 
     for (n, t) in [(3, 2), (3, 3), (5, 3)] {
-        let out = if (n, t) == (3, 2) { first.clone() } else { psm_e2e::keys::key_set(n, t, &dir.path().join(format!("{t}of{n}"))) };
-        let shares: Vec<ShareFile> = out.share_files.iter().map(|p| ShareFile::read(p).unwrap()).collect();
+        let out = psm_e2e::keys::key_set(n, t);
+        let shares: Vec<ShareFile> = out
+            .share_files
+            .iter()
+            .map(|p| ShareFile::read(p).unwrap())
+            .collect();
         let tfhe_id = &out.manifest.tfhe_key_id;
         let lin_id = &out.manifest.linear_key_id;
         for who in subsets(n, t) {
             for (batch, bits, want) in &cases {
                 let blocks = decrypt(&shares, &who, tfhe_id, batch, false).unwrap();
-                let got = if *bits == 1 { u128::from(blocks[0] != 0) } else { recompose(&blocks, *bits) };
+                let got = if *bits == 1 {
+                    u128::from(blocks[0] != 0)
+                } else {
+                    recompose(&blocks, *bits)
+                };
                 assert_eq!(got, *want, "{t}-of-{n} {who:?} FheUint{bits}");
             }
-            assert_eq!(decrypt(&shares, &who, lin_id, &linear, true).unwrap(), expected, "{t}-of-{n} {who:?} linear");
+            assert_eq!(
+                decrypt(&shares, &who, lin_id, &linear, true).unwrap(),
+                expected,
+                "{t}-of-{n} {who:?} linear"
+            );
         }
         for who in subsets(n, t - 1) {
             let err = decrypt(&shares, &who, tfhe_id, &cases[2].0, false).unwrap_err();
-            assert!(matches!(err, ThresholdError::NoQuorum(_)), "{t}-of-{n} {who:?}: {err}");
+            assert!(
+                matches!(err, ThresholdError::NoQuorum(_)),
+                "{t}-of-{n} {who:?}: {err}"
+            );
         }
     }
 }

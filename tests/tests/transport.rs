@@ -17,15 +17,7 @@ use tonic::Code;
 const TD: &str = "psm.test";
 
 async fn keyshare(pki: &TestPki) -> Proc {
-    Proc::start(
-        pki,
-        "keyshare-svc",
-        Role::Keyshare,
-        "keyshare-1",
-        KEYSHARE,
-        &[],
-    )
-    .await
+    Proc::start_keyshare(pki, "keyshare-1", &psm_e2e::keys::key_set(3, 2), &[]).await
 }
 
 /// Calls Keyshare.Status over `channel` and returns the outcome.
