@@ -1,8 +1,10 @@
 //! LWE ciphertexts over Z_2^128 as the threshold protocol sees them: a mask and a body per
 //! ciphertext, decoded with an explicit encoding.
 
+use tfhe::core_crypto::prelude::polynomial_algorithms::polynomial_wrapping_monic_monomial_mul;
 use tfhe::core_crypto::prelude::{
-    CiphertextModulus, LweCiphertextCount, LweCompactCiphertextList, LweDimension,
+    CiphertextModulus, LweCiphertextCount, LweCompactCiphertextList, LweDimension, MonomialDegree,
+    Polynomial, PolynomialSize,
 };
 
 use crate::threshold::ThresholdError;
@@ -142,6 +144,49 @@ impl LweBatch {
         self.len() == 0
     }
 
+    /// The bodies b_i, in order (a compact list stores them as they are).
+    pub fn bodies(&self) -> Vec<u128> {
+        match self {
+            LweBatch::List { dimension, words } => words
+                .chunks_exact(dimension + 1)
+                .map(|ct| ct[*dimension])
+                .collect(),
+            LweBatch::Compact {
+                dimension, words, ..
+            } => words[*dimension..].to_vec(),
+        }
+    }
+
+    /// Applies `f(mask_i)` to every ciphertext's mask in parallel, in order. A compact list's
+    /// masks are derived one at a time (mask_i = a · X^i in Z[X]/(X^N + 1), as tfhe-rs expands
+    /// them) instead of materializing the whole expanded list.
+    pub fn par_map_masks<T: Send>(&self, f: impl Fn(&[u128]) -> T + Sync + Send) -> Vec<T> {
+        use rayon::prelude::*;
+        match self {
+            LweBatch::List { dimension, words } => words
+                .par_chunks_exact(dimension + 1)
+                .map(|ct| f(&ct[..*dimension]))
+                .collect(),
+            LweBatch::Compact {
+                dimension,
+                count,
+                words,
+            } => {
+                let mask = Polynomial::from_container(&words[..*dimension]);
+                (0..*count)
+                    .into_par_iter()
+                    .map_init(
+                        || Polynomial::new(0u128, PolynomialSize(*dimension)),
+                        |buf, i| {
+                            polynomial_wrapping_monic_monomial_mul(buf, &mask, MonomialDegree(i));
+                            f(buf.as_ref())
+                        },
+                    )
+                    .collect()
+            }
+        }
+    }
+
     /// Independent (mask, body) ciphertexts; a compact list is expanded with tfhe-rs's own
     /// expansion so the layout is exactly the one the encryptor used.
     pub fn expand(&self) -> Vec<u128> {
@@ -222,6 +267,25 @@ mod tests {
         assert_eq!(e.decode(0u128.wrapping_sub(3 * delta)), -3);
         let u = Encoding { signed: false, ..e };
         assert_eq!(u.decode(0u128.wrapping_sub(3 * delta)), 253);
+    }
+
+    #[test]
+    fn lazy_masks_and_bodies_match_tfhe_expansion() {
+        let dim = 16;
+        let words: Vec<u128> = (0..dim as u128 + 5)
+            .map(|i| i.wrapping_mul(0x9E37_79B9_7F4A_7C15_F39C_C060_5CED_C835))
+            .collect();
+        let b = LweBatch::Compact {
+            dimension: dim,
+            count: 5,
+            words,
+        };
+        let expanded = b.expand();
+        let masks = b.par_map_masks(|m| m.to_vec());
+        for (i, ct) in expanded.chunks_exact(dim + 1).enumerate() {
+            assert_eq!(&ct[..dim], masks[i].as_slice());
+            assert_eq!(ct[dim], b.bodies()[i]);
+        }
     }
 
     #[test]

@@ -150,12 +150,11 @@ pub fn combine(
         }
     }
 
-    let words = batch.expand();
-    let dim = batch.dimension();
-    let values = words
-        .chunks_exact(dim + 1)
+    let values = batch
+        .bodies()
+        .iter()
         .zip(&sum)
-        .map(|(ct, d)| encoding.decode(ct[dim].wrapping_sub(*d)))
+        .map(|(b, d)| encoding.decode(b.wrapping_sub(*d)))
         .collect();
     Ok(Combined {
         values,

@@ -1,6 +1,5 @@
 //! A party's partial decryptions with deterministic noise flooding.
 
-use rayon::prelude::*;
 use zeroize::{Zeroize, ZeroizeOnDrop};
 
 use super::{check_invariants, flood_log2_for, PartyShares, Scheme, ThresholdError};
@@ -82,18 +81,21 @@ pub fn partial_decrypt(
             )));
         }
     }
-    let words = batch.expand();
     let hash = batch.hash();
     let count = batch.len();
+    // One pass over the masks computes every share's inner product (a mask is derived once).
+    let dots: Vec<Vec<u128>> =
+        batch.par_map_masks(|a| party.shares.iter().map(|(_, r)| dot(a, r)).collect());
     Ok(party
         .shares
         .iter()
-        .map(|(index, r)| {
+        .enumerate()
+        .map(|(k, (index, _))| {
             let flood = flooding(flood_key, key_id, *index, &hash, count, flood_log2);
-            let values = words
-                .par_chunks_exact(dim + 1)
-                .zip(flood.par_iter())
-                .map(|(ct, e)| dot(&ct[..dim], r).wrapping_add(*e))
+            let values = dots
+                .iter()
+                .zip(flood)
+                .map(|(d, e)| d[k].wrapping_add(e))
                 .collect();
             SharePartial {
                 share_index: *index,
