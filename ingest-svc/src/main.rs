@@ -8,18 +8,24 @@ use clap::Parser;
 struct Cli {
     #[command(flatten)]
     server: psm_net::config::ServerArgs,
+    /// Public bundle directory from `psm ceremony` (<out>/public), served by GetPublicParams
+    /// (overrides [ingest] public_dir).
+    #[arg(long, env = "PSM_PUBLIC_DIR", value_name = "DIR")]
+    public_dir: Option<std::path::PathBuf>,
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     psm_net::install_crypto_provider();
     let cli = Cli::parse();
-    let (_file, settings) = psm_net::config::load_service::<ingest_svc::IngestSection>(
+    let (file, settings) = psm_net::config::load_service::<ingest_svc::IngestSection>(
         &cli.server,
         "ingest",
         ingest_svc::DEFAULT_LISTEN.parse()?,
         "ingest-data",
     )?;
-    ingest_svc::run(settings).await?;
+    let public_dir = cli.public_dir.or(file.service.public_dir);
+    let svc = ingest_svc::IngestService::new(public_dir.as_deref())?;
+    ingest_svc::run(settings, svc).await?;
     Ok(())
 }

@@ -175,6 +175,9 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
             cmd.arg("--share-file")
                 .arg(keys_dir.join("shares").join(format!("{}.share", s.name)));
         }
+        if s.role == Role::Ingest {
+            cmd.arg("--public-dir").arg(keys_dir.join("public"));
+        }
         let child = cmd
             .arg("--listen")
             .arg(format!("127.0.0.1:{}", s.port))

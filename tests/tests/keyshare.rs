@@ -118,6 +118,29 @@ async fn decrypt_through_three_keyshares_and_audit() {
     // Direct calls as compute: identical answers on repeat; refusals with the right codes.
     let mut client =
         KeyshareClient::new(pki.channel(ks[0].port, "keyshare-1", Role::Compute, "compute"));
+    let st = client
+        .status(psm_proto::v1::StatusRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (st.party.as_str(), st.party_index, st.parties, st.threshold),
+        ("keyshare-1", 1, 3, 2)
+    );
+    let mut held: Vec<(String, Vec<u32>)> = st
+        .keys
+        .iter()
+        .map(|k| (k.key_id.clone(), k.share_indices.clone()))
+        .collect();
+    held.sort();
+    let mut want = vec![(lin_id.clone(), vec![1, 2]), (tfhe_id.clone(), vec![1, 2])];
+    want.sort();
+    assert_eq!(
+        held, want,
+        "party 1 holds the shares of the subsets {{2}} and {{3}}"
+    );
+    assert_eq!(st.audit_len, 2, "two decryptions so far");
+    assert_eq!(st.audit_head.len(), 32);
     let mut good = manifest(ComputationKind::Aggregate);
     good.output_hash = linear.hash().to_vec();
     let req = PartialDecryptRequest {
