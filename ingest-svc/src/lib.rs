@@ -2,8 +2,20 @@
 //! and idempotently, and serves them to compute and keyshares. The binary is a thin wrapper over
 //! [`run`].
 
+pub mod store;
+
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+
+use psm_core::readings::{
+    check_linear_shape, format_day, parse_day, validate_meter_id, DAY_SECONDS,
+};
+use psm_net::auth::caller;
+use psm_net::Role;
+use psm_proto::v1::Track;
+
+use crate::store::{ReadingStore, StoreError};
 
 use psm_core::ceremony::{CeremonyError, PublicBundle};
 use psm_net::config::{ServerSettings, DEFAULT_MAX_RESPONSE_BYTES};
@@ -24,22 +36,56 @@ pub const DEFAULT_LISTEN: &str = "127.0.0.1:7401";
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct IngestSection {
-    /// Public bundle directory from `psm ceremony` (`<out>/public`), served by GetPublicParams.
+    /// Public bundle directory from `psm ceremony` (`<out>/public`), served by GetPublicParams;
+    /// its manifest names the key ids submissions must use.
     pub public_dir: Option<PathBuf>,
+    /// Meters each head-end may submit for: head-end certificate name → meter ids, where an id
+    /// ending in `*` matches every id with that prefix (`"meter-*"`).
+    #[serde(default)]
+    pub headends: HashMap<String, Vec<String>>,
 }
+
+/// Most batches in one SubmitReadings request.
+pub const MAX_BATCHES_PER_REQUEST: usize = 1_000;
+/// Most meters named in one StreamReadings request.
+pub const MAX_METERS_PER_STREAM: usize = 100_000;
+/// Longest time range of one StreamReadings request, days.
+pub const MAX_STREAM_DAYS: i64 = 400;
 
 /// Size of one GetPublicParams chunk: well under the 4 MiB default limit of gRPC clients.
 pub const CHUNK_BYTES: usize = 2 << 20;
 
 /// The Ingest gRPC service.
-#[derive(Default)]
 pub struct IngestService {
     bundle: Option<Arc<PublicBundle>>,
+    store: Arc<dyn ReadingStore>,
+    headends: HashMap<String, Vec<String>>,
+}
+
+fn store_status(e: StoreError) -> Status {
+    match e {
+        StoreError::Conflict { .. } => Status::already_exists(format!(
+            "{e}; nothing from this request was stored (a meter-day is immutable once stored)"
+        )),
+        StoreError::Backend(m) => {
+            tracing::error!(error = %m, "reading store failed");
+            Status::unavailable("the reading store is unavailable; nothing was stored, retry later")
+        }
+    }
+}
+
+fn valid_idempotency_key(k: &str) -> bool {
+    (1..=128).contains(&k.len()) && k.bytes().all(|b| b.is_ascii_graphic())
 }
 
 impl IngestService {
-    /// A service serving the public bundle in `public_dir`, if given.
-    pub fn new(public_dir: Option<&Path>) -> Result<Self, CeremonyError> {
+    /// A service over `store`, serving the public bundle in `public_dir` if given (without one
+    /// it cannot check key ids and refuses submissions).
+    pub fn new(
+        public_dir: Option<&Path>,
+        store: Arc<dyn ReadingStore>,
+        headends: HashMap<String, Vec<String>>,
+    ) -> Result<Self, CeremonyError> {
         let bundle = public_dir
             .map(PublicBundle::open)
             .transpose()?
@@ -47,7 +93,102 @@ impl IngestService {
         if let Some(b) = &bundle {
             tracing::info!(dir = %b.dir.display(), tfhe_key = %b.manifest.tfhe_key_id, linear_key = %b.manifest.linear_key_id, "serving public key material");
         }
-        Ok(IngestService { bundle })
+        Ok(IngestService {
+            bundle,
+            store,
+            headends,
+        })
+    }
+
+    /// Whether the caller may submit for `meter_id`: a meter for itself, a head-end for the
+    /// meters on its list.
+    fn may_submit(&self, who: &psm_net::SpiffeId, meter_id: &str) -> bool {
+        match who.role {
+            Role::Meter => who.name == meter_id,
+            Role::Headend => self.headends.get(&who.name).is_some_and(|list| {
+                list.iter().any(|p| match p.strip_suffix('*') {
+                    Some(prefix) => meter_id.starts_with(prefix),
+                    None => p == meter_id,
+                })
+            }),
+            _ => false,
+        }
+    }
+
+    /// Every check on a submission, before anything touches storage.
+    fn validate(&self, who: &psm_net::SpiffeId, req: &SubmitReadingsRequest) -> Result<(), Status> {
+        if !valid_idempotency_key(&req.idempotency_key) {
+            return Err(Status::invalid_argument(
+                "idempotency_key must be 1..=128 printable ASCII characters",
+            ));
+        }
+        if req.batches.is_empty() {
+            return Err(Status::invalid_argument("the request holds no batches"));
+        }
+        if req.batches.len() > MAX_BATCHES_PER_REQUEST {
+            return Err(Status::resource_exhausted(format!(
+                "{} batches in one request; the limit is {MAX_BATCHES_PER_REQUEST}",
+                req.batches.len()
+            )));
+        }
+        let bundle = self.bundle.as_ref().ok_or_else(|| {
+            Status::failed_precondition(
+                "this ingest has no key manifest (start it with --public-dir); nothing was stored",
+            )
+        })?;
+        let mut seen = BTreeMap::new();
+        for (i, b) in req.batches.iter().enumerate() {
+            let bad = |m: String| {
+                Status::invalid_argument(format!(
+                    "batch {i} ({} {}): {m}; nothing was stored",
+                    b.meter_id, b.day
+                ))
+            };
+            validate_meter_id(&b.meter_id).map_err(|e| bad(e.to_string()))?;
+            if !self.may_submit(who, &b.meter_id) {
+                return Err(Status::permission_denied(format!(
+                    "{who} may not submit readings for meter {:?} (batch {i}); nothing was stored",
+                    b.meter_id
+                )));
+            }
+            parse_day(&b.day).map_err(|e| bad(e.to_string()))?;
+            match b.track() {
+                Track::Linear => {}
+                Track::Tfhe => {
+                    return Err(Status::unimplemented(format!(
+                        "batch {i}: this ingest does not accept tfhe-track registers yet; nothing was stored"
+                    )))
+                }
+                Track::Unspecified => return Err(bad("track must be TRACK_LINEAR or TRACK_TFHE".into())),
+            }
+            let key_id = b
+                .key
+                .as_ref()
+                .map(|k| k.key_id.as_str())
+                .unwrap_or_default();
+            if key_id != bundle.manifest.linear_key_id {
+                return Err(bad(format!(
+                    "key id {key_id:?} is not this deployment's linear key {:?}",
+                    bundle.manifest.linear_key_id
+                )));
+            }
+            check_linear_shape(b.interval_seconds, b.count, b.ciphertext.len())
+                .map_err(|e| bad(e.to_string()))?;
+            if blake3::hash(&b.ciphertext).as_bytes().as_slice() != b.ciphertext_hash.as_slice() {
+                return Err(bad("ciphertext_hash is not the BLAKE3 hash of the ciphertext (truncated or corrupted?)".into()));
+            }
+            if let Some(prev) = seen.insert(
+                (b.meter_id.as_str(), b.day.as_str(), b.track),
+                &b.ciphertext_hash,
+            ) {
+                if *prev != b.ciphertext_hash {
+                    return Err(bad(
+                        "the request holds two different batches for this meter-day".into(),
+                    ));
+                }
+            }
+        }
+        Ok(())
     }
 }
 
@@ -121,28 +262,106 @@ async fn stream_file(
 }
 
 type ChunkStream = tokio_stream::wrappers::ReceiverStream<Result<PublicParamsChunk, Status>>;
-type BatchStream = tokio_stream::Iter<std::vec::IntoIter<Result<ReadingBatch, Status>>>;
+type BatchStream = tokio_stream::wrappers::ReceiverStream<Result<ReadingBatch, Status>>;
 
 #[tonic::async_trait]
 impl Ingest for IngestService {
     async fn submit_readings(
         &self,
-        _request: Request<SubmitReadingsRequest>,
+        request: Request<SubmitReadingsRequest>,
     ) -> Result<Response<SubmitReadingsResponse>, Status> {
-        Err(Status::unimplemented(
-            "this ingest build has no reading store yet; nothing was stored",
-        ))
+        let who = caller(&request)?.clone();
+        let req = request.into_inner();
+        self.validate(&who, &req)?;
+        let store = self.store.clone();
+        let batches = req.batches;
+        let outcome = tokio::task::spawn_blocking(move || store.put_all(&batches))
+            .await
+            .map_err(|e| Status::internal(format!("store task failed: {e}")))?
+            .map_err(store_status)?;
+        tracing::info!(caller = %who, key = %req.idempotency_key, stored = outcome.stored, duplicates = outcome.duplicates, "readings stored durably");
+        Ok(Response::new(SubmitReadingsResponse {
+            stored: outcome.stored,
+            duplicates: outcome.duplicates,
+        }))
     }
 
     type StreamReadingsStream = BatchStream;
 
     async fn stream_readings(
         &self,
-        _request: Request<StreamReadingsRequest>,
+        request: Request<StreamReadingsRequest>,
     ) -> Result<Response<Self::StreamReadingsStream>, Status> {
-        Err(Status::unimplemented(
-            "this ingest build has no reading store yet",
-        ))
+        let who = caller(&request)?.clone();
+        let req = request.into_inner();
+        let range = req
+            .range
+            .ok_or_else(|| Status::invalid_argument("range is required"))?;
+        if range.end_unix <= range.start_unix {
+            return Err(Status::invalid_argument(
+                "range end must be after its start",
+            ));
+        }
+        let first = range.start_unix.div_euclid(DAY_SECONDS);
+        let last = (range.end_unix - 1).div_euclid(DAY_SECONDS);
+        if last - first + 1 > MAX_STREAM_DAYS {
+            return Err(Status::invalid_argument(format!(
+                "range spans {} days; the limit is {MAX_STREAM_DAYS}",
+                last - first + 1
+            )));
+        }
+        let (from_day, to_day) = (format_day(first), format_day(last));
+        if req.meter_ids.len() > MAX_METERS_PER_STREAM {
+            return Err(Status::resource_exhausted(format!(
+                "{} meters in one request; the limit is {MAX_METERS_PER_STREAM}",
+                req.meter_ids.len()
+            )));
+        }
+        for m in &req.meter_ids {
+            validate_meter_id(m).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        }
+        if req.meter_ids.is_empty() && who.role != Role::Compute {
+            return Err(Status::invalid_argument(
+                "name the meters: only role compute may stream every meter",
+            ));
+        }
+        let track = req.track;
+        let store = self.store.clone();
+        let (tx, rx) = mpsc::channel(16);
+        tokio::task::spawn_blocking(move || {
+            let meters = if req.meter_ids.is_empty() {
+                match store.meters() {
+                    Ok(m) => m,
+                    Err(e) => {
+                        let _ = tx.blocking_send(Err(store_status(e)));
+                        return;
+                    }
+                }
+            } else {
+                req.meter_ids
+            };
+            for m in meters {
+                match store.scan(&m, &from_day, &to_day) {
+                    Ok(batches) => {
+                        for b in batches {
+                            if track != 0 && b.track != track {
+                                continue;
+                            }
+                            if tx.blocking_send(Ok(b)).is_err() {
+                                return; // the caller went away
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        let _ = tx.blocking_send(Err(store_status(e)));
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(Response::new(tokio_stream::wrappers::ReceiverStream::new(
+            rx,
+        )))
     }
 
     type GetPublicParamsStream = ChunkStream;

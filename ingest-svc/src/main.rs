@@ -25,7 +25,12 @@ async fn main() -> anyhow::Result<()> {
         "ingest-data",
     )?;
     let public_dir = cli.public_dir.or(file.service.public_dir);
-    let svc = ingest_svc::IngestService::new(public_dir.as_deref())?;
+    let store = ingest_svc::store::SledStore::open(&settings.data_dir.join("readings"))?;
+    let svc = ingest_svc::IngestService::new(
+        public_dir.as_deref(),
+        std::sync::Arc::new(store),
+        file.service.headends,
+    )?;
     ingest_svc::run(settings, svc).await?;
     Ok(())
 }

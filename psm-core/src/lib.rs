@@ -6,6 +6,7 @@ pub mod ceremony;
 pub mod keys;
 pub mod linear;
 pub mod lwe;
+pub mod readings;
 pub mod squashed;
 pub mod threshold;
 pub mod wire;

@@ -1,0 +1,163 @@
+//! Meter-day reading batches: identity, shape rules and the checks ingest applies before
+//! anything is stored.
+
+use crate::linear::LINEAR_DIMENSION;
+
+/// Interval lengths a meter may use, seconds.
+pub const INTERVALS: [u32; 3] = [900, 1800, 3600];
+/// Seconds in a UTC day.
+pub const DAY_SECONDS: i64 = 86_400;
+
+/// Why a batch was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {reason}")]
+pub struct ReadingError {
+    pub field: &'static str,
+    pub reason: String,
+}
+
+fn err(field: &'static str, reason: impl Into<String>) -> ReadingError {
+    ReadingError {
+        field,
+        reason: reason.into(),
+    }
+}
+
+/// Meter ids are labels safe in keys, paths and certificate names.
+pub fn validate_meter_id(id: &str) -> Result<(), ReadingError> {
+    let ok = !id.is_empty()
+        && id.len() <= 128
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+        && !id.starts_with('.');
+    if ok {
+        Ok(())
+    } else {
+        Err(err(
+            "meter_id",
+            format!("{id:?} must be 1..=128 characters of [A-Za-z0-9._-]"),
+        ))
+    }
+}
+
+/// Days since 1970-01-01 of an ISO 8601 date "YYYY-MM-DD" (2000..=2199).
+pub fn parse_day(day: &str) -> Result<i64, ReadingError> {
+    let bad = || {
+        err(
+            "day",
+            format!("{day:?} is not a date YYYY-MM-DD between 2000 and 2199"),
+        )
+    };
+    let b = day.as_bytes();
+    if b.len() != 10 || b[4] != b'-' || b[7] != b'-' {
+        return Err(bad());
+    }
+    let num = |s: &str| s.parse::<i64>().map_err(|_| bad());
+    let (y, m, d) = (num(&day[0..4])?, num(&day[5..7])?, num(&day[8..10])?);
+    if !(2000..=2199).contains(&y) || !(1..=12).contains(&m) {
+        return Err(bad());
+    }
+    let leap = (y % 4 == 0 && y % 100 != 0) || y % 400 == 0;
+    let dim = [
+        31,
+        if leap { 29 } else { 28 },
+        31,
+        30,
+        31,
+        30,
+        31,
+        31,
+        30,
+        31,
+        30,
+        31,
+    ];
+    if d < 1 || d > dim[(m - 1) as usize] {
+        return Err(bad());
+    }
+    // Days from civil (Howard Hinnant's algorithm).
+    let y2 = if m <= 2 { y - 1 } else { y };
+    let era = y2.div_euclid(400);
+    let yoe = y2 - era * 400;
+    let mp = (m + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    Ok(era * 146_097 + doe - 719_468)
+}
+
+/// The ISO date of a day number.
+pub fn format_day(days: i64) -> String {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!("{y:04}-{m:02}-{d:02}")
+}
+
+/// Checks a linear-track meter-day: interval length, count (a whole UTC day) and ciphertext
+/// size (a compact list of `count` values under the linear key).
+pub fn check_linear_shape(
+    interval_seconds: u32,
+    count: u32,
+    ciphertext_len: usize,
+) -> Result<(), ReadingError> {
+    if !INTERVALS.contains(&interval_seconds) {
+        return Err(err(
+            "interval_seconds",
+            format!("{interval_seconds} is not one of {INTERVALS:?}"),
+        ));
+    }
+    let want = (DAY_SECONDS / i64::from(interval_seconds)) as u32;
+    if count != want {
+        return Err(err(
+            "count",
+            format!("{count} values; a UTC day of {interval_seconds} s intervals has {want}"),
+        ));
+    }
+    let bytes = (LINEAR_DIMENSION + count as usize) * 16;
+    if ciphertext_len != bytes {
+        return Err(err(
+            "ciphertext",
+            format!("{ciphertext_len} bytes; a compact list of {count} values under the linear key (dimension {LINEAR_DIMENSION}) is {bytes}"),
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn days_round_trip() {
+        assert_eq!(parse_day("1970-01-01").ok(), None, "outside 2000..=2199");
+        assert_eq!(parse_day("2000-01-01").unwrap(), 10_957);
+        for d in [10_957, 19_000, 20_000, 20_513, 60_000] {
+            assert_eq!(parse_day(&format_day(d)).unwrap(), d);
+        }
+        assert_eq!(format_day(parse_day("2024-02-29").unwrap()), "2024-02-29");
+        for bad in [
+            "2023-02-29",
+            "2026-13-01",
+            "2026-1-01",
+            "26-11-2026",
+            "2026-11-26T00",
+        ] {
+            assert!(parse_day(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn linear_shapes() {
+        assert!(check_linear_shape(900, 96, (4096 + 96) * 16).is_ok());
+        assert!(check_linear_shape(900, 95, (4096 + 95) * 16).is_err());
+        assert!(check_linear_shape(600, 144, (4096 + 144) * 16).is_err());
+        assert!(check_linear_shape(3600, 24, (4096 + 24) * 16 - 16).is_err());
+    }
+}
