@@ -93,6 +93,11 @@ impl ThresholdDecryptor {
         })
     }
 
+    /// The key set's t-of-n scheme.
+    pub fn scheme(&self) -> Scheme {
+        self.scheme
+    }
+
     /// The smallest noise bound keyshares use for a key (they never flood less), so the
     /// combiner's agreement check uses the same flooding bound.
     fn noise_floor(&self, key_id: &str) -> Result<u32, DecryptError> {

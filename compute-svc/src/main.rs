@@ -14,12 +14,17 @@ struct Cli {
 async fn main() -> anyhow::Result<()> {
     psm_net::install_crypto_provider();
     let cli = Cli::parse();
-    let (_file, settings) = psm_net::config::load_service::<compute_svc::ComputeSection>(
+    let (file, settings) = psm_net::config::load_service::<compute_svc::ComputeSection>(
         &cli.server,
         "compute",
         compute_svc::DEFAULT_LISTEN.parse()?,
         "compute-data",
     )?;
-    compute_svc::run(settings).await?;
+    let engine = compute_svc::Engine::from_config(&settings, &file.service)
+        .map_err(|e| anyhow::anyhow!("[compute] configuration: {e}"))?;
+    if engine.is_none() {
+        tracing::warn!("no [compute] public_dir, ingest_url and keyshares configured: Aggregate and Bill will be refused");
+    }
+    compute_svc::run(settings, compute_svc::ComputeService::new(engine)).await?;
     Ok(())
 }

@@ -1,6 +1,7 @@
 //! Domain and cryptography of Private Smart Metering, without networking: replicated secret
 //! sharing of LWE keys, partial decryption with deterministic noise flooding, and combining.
 
+pub mod aggregate;
 pub mod audit;
 pub mod ceremony;
 pub mod keys;
