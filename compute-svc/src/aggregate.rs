@@ -162,7 +162,7 @@ impl Aggregator<'_> {
             check_linear_shape(b.interval_seconds, b.count, b.ciphertext.len()).map_err(|e| {
                 Status::internal(format!("stored batch {} {}: {e}", b.meter_id, b.day))
             })?;
-            if g % b.interval_seconds != 0 {
+            if !g.is_multiple_of(b.interval_seconds) {
                 return Err(Status::invalid_argument(format!(
                     "granularity {g} s is not a multiple of meter {}'s {} s intervals",
                     b.meter_id, b.interval_seconds
