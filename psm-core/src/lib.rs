@@ -8,6 +8,7 @@ pub mod keys;
 pub mod linear;
 pub mod lwe;
 pub mod readings;
+pub mod simulate;
 pub mod squashed;
 pub mod threshold;
 pub mod wire;

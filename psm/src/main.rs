@@ -4,6 +4,7 @@ mod audit;
 mod ceremony;
 mod client_args;
 mod demo;
+mod meter;
 
 use std::path::PathBuf;
 
@@ -34,6 +35,11 @@ enum Command {
     Audit {
         #[command(subcommand)]
         command: audit::AuditCommand,
+    },
+    /// Simulated meters: generate a town's load and submit it to ingest.
+    Meter {
+        #[command(subcommand)]
+        command: meter::MeterCommand,
     },
     /// Print which certificate roles may call which RPC.
     Roles,
@@ -110,6 +116,7 @@ fn main() -> anyhow::Result<()> {
         },
         Command::Ceremony(args) => ceremony::run(args)?,
         Command::Audit { command } => audit::run(command)?,
+        Command::Meter { command } => meter::run(command)?,
         Command::Roles => print!("{}", psm_net::roles::table_markdown()),
         Command::Demo(args) => demo::run(args)?,
     }

@@ -1,4 +1,5 @@
-//! The README's run command: `psm demo` brings all five services up healthy and stops them.
+//! The README's run command: `psm demo` brings all five services up healthy, ingests a
+//! simulated town, shows the feeder load decrypted through the keyshares, and stops them.
 
 use std::process::Command;
 
@@ -13,13 +14,8 @@ fn demo_check_starts_and_stops_everything() {
     let base = psm_e2e::free_port().saturating_sub(20).max(20000);
     let run = || {
         Command::new(psm_e2e::bin("psm"))
-            .args([
-                "demo",
-                "--check",
-                "--base-port",
-                &base.to_string(),
-                "--data-dir",
-            ])
+            .args(["demo", "--check", "--households", "8", "--days", "2"])
+            .args(["--base-port", &base.to_string(), "--data-dir"])
             .arg(&data)
             .output()
             .unwrap()
@@ -38,9 +34,20 @@ fn demo_check_starts_and_stops_everything() {
         "{stdout}"
     );
     assert_eq!(stdout.matches("SERVING").count(), 5, "{stdout}");
+    assert!(stdout.contains("Feeder load, 10 meters"), "{stdout}");
+    assert!(stdout.contains("20 meter-days stored"), "{stdout}");
+    assert!(
+        stdout.contains("keyshare-1: 2 decisions recorded"),
+        "{stdout}"
+    );
     // The second run reuses the PKI.
     let out = run();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{stdout}");
     assert!(stdout.contains("Reusing the dev PKI"), "{stdout}");
+    assert!(
+        stdout.contains("reusing the readings ingested by an earlier run"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("Feeder load, 10 meters"), "{stdout}");
 }
