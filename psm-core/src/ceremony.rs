@@ -163,13 +163,7 @@ pub fn write_bundle(
         )));
     }
     for name in party_names {
-        let ok = !name.is_empty()
-            && name.len() <= 128
-            && name
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
-            && !name.starts_with('.');
-        if !ok {
+        if !crate::readings::is_label(name) {
             return Err(CeremonyError::Threshold(ThresholdError::BadScheme(
                 format!("party name {name:?} must be [A-Za-z0-9._-] and not start with '.'"),
             )));

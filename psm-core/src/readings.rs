@@ -23,15 +23,19 @@ fn err(field: &'static str, reason: impl Into<String>) -> ReadingError {
     }
 }
 
-/// Meter ids are labels safe in keys, paths and certificate names.
-pub fn validate_meter_id(id: &str) -> Result<(), ReadingError> {
-    let ok = !id.is_empty()
-        && id.len() <= 128
-        && id
-            .bytes()
+/// Whether `s` is a label safe in store keys, file names and certificate names:
+/// 1..=128 characters of [A-Za-z0-9._-], not starting with '.'. Meter ids and party names are.
+pub fn is_label(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 128
+        && s.bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
-        && !id.starts_with('.');
-    if ok {
+        && !s.starts_with('.')
+}
+
+/// Meter ids are labels (see [`is_label`]).
+pub fn validate_meter_id(id: &str) -> Result<(), ReadingError> {
+    if is_label(id) {
         Ok(())
     } else {
         Err(err(

@@ -50,6 +50,21 @@ fn verify(records: &[AuditRecord]) -> anyhow::Result<[u8; 32]> {
     Ok(verify_chain(&parsed, GENESIS)?)
 }
 
+/// Prints the verification result; an error names the first bad record.
+fn report(records: &[AuditRecord]) -> anyhow::Result<()> {
+    match verify(records) {
+        Ok(head) => {
+            println!(
+                "chain of {} records verified; head {}",
+                records.len(),
+                hex::encode(head)
+            );
+            Ok(())
+        }
+        Err(e) => bail!("AUDIT CHAIN BROKEN: {e}"),
+    }
+}
+
 pub fn run(cmd: AuditCommand) -> anyhow::Result<()> {
     let rt = tokio::runtime::Runtime::new()?;
     let _guard = rt.enter();
@@ -79,25 +94,10 @@ pub fn run(cmd: AuditCommand) -> anyhow::Result<()> {
                     r.seq, t, r.decision, r.rule, r.caller, r.reason
                 );
             }
-            match verify(&records) {
-                Ok(head) => println!(
-                    "chain of {} records verified; head {}",
-                    records.len(),
-                    hex::encode(head)
-                ),
-                Err(e) => bail!("AUDIT CHAIN BROKEN: {e}"),
-            }
+            report(&records)?;
         }
         AuditCommand::Verify(args) => {
-            let records = rt.block_on(fetch(&args))?;
-            match verify(&records) {
-                Ok(head) => println!(
-                    "chain of {} records verified; head {}",
-                    records.len(),
-                    hex::encode(head)
-                ),
-                Err(e) => bail!("AUDIT CHAIN BROKEN: {e}"),
-            }
+            report(&rt.block_on(fetch(&args))?)?;
         }
     }
     Ok(())
