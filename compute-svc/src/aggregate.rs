@@ -7,17 +7,17 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use psm_core::aggregate::{bucket, max_summands, noise_log2, sum_words};
 use psm_core::linear::LINEAR_ENCODING;
-use psm_core::lwe::{words_from_le_bytes, LweBatch};
-use psm_core::readings::{check_linear_shape, parse_day, validate_meter_id, DAY_SECONDS};
-use psm_proto::v1::ingest_client::IngestClient;
+use psm_core::lwe::LweBatch;
+use psm_core::readings::{parse_day, validate_meter_id, DAY_SECONDS};
 use psm_proto::v1::{
     AggregateRequest, AggregateResponse, ComputationKind, ComputationManifest, InputRef,
-    PartyFault, QuorumReport, StreamReadingsRequest, TimeRange, Track,
+    PartyFault, QuorumReport, TimeRange,
 };
 use tonic::transport::Channel;
 use tonic::Status;
 
 use crate::decrypt::ThresholdDecryptor;
+use crate::inputs::{check_idempotency_key, checked_words, next, stream_linear, whole_days};
 
 /// Longest range of one Aggregate request, days.
 pub const MAX_AGGREGATE_DAYS: i64 = 31;
@@ -48,7 +48,7 @@ struct Acc {
     inputs: Vec<InputRef>,
 }
 
-fn merge_report(into: &mut QuorumReport, r: QuorumReport) {
+pub(crate) fn merge_report(into: &mut QuorumReport, r: QuorumReport) {
     for u in r.used {
         if !into.used.contains(&u) {
             into.used.push(u);
@@ -68,11 +68,7 @@ fn merge_report(into: &mut QuorumReport, r: QuorumReport) {
 impl Aggregator<'_> {
     pub async fn run(&self, req: AggregateRequest) -> Result<AggregateResponse, Status> {
         let key = &req.idempotency_key;
-        if !(1..=128).contains(&key.len()) || !key.bytes().all(|b| b.is_ascii_graphic()) {
-            return Err(Status::invalid_argument(
-                "idempotency_key must be 1..=128 printable ASCII characters",
-            ));
-        }
+        check_idempotency_key(key)?;
         let cohort: BTreeSet<&str> = req.meter_ids.iter().map(String::as_str).collect();
         if cohort.len() != req.meter_ids.len() {
             return Err(Status::invalid_argument("meter_ids lists a meter twice"));
@@ -93,24 +89,11 @@ impl Aggregator<'_> {
                 cohort.len()
             )));
         }
-        let range = req
-            .range
-            .ok_or_else(|| Status::invalid_argument("range is required"))?;
-        if range.start_unix % DAY_SECONDS != 0
-            || range.end_unix % DAY_SECONDS != 0
-            || range.end_unix <= range.start_unix
-        {
-            return Err(Status::invalid_argument(
-                "range must be whole UTC days: start and end at 00:00 UTC, end after start",
-            ));
-        }
-        let first_day = range.start_unix / DAY_SECONDS;
-        let days = range.end_unix / DAY_SECONDS - first_day;
-        if days > MAX_AGGREGATE_DAYS {
-            return Err(Status::invalid_argument(format!(
-                "range spans {days} days; the limit is {MAX_AGGREGATE_DAYS}"
-            )));
-        }
+        let (first_day, days) = whole_days(req.range.as_ref(), MAX_AGGREGATE_DAYS)?;
+        let range = TimeRange {
+            start_unix: first_day * DAY_SECONDS,
+            end_unix: (first_day + days) * DAY_SECONDS,
+        };
         let g = req.granularity_seconds;
         if g == 0 || DAY_SECONDS % i64::from(g) != 0 {
             return Err(Status::invalid_argument(format!(
@@ -122,46 +105,17 @@ impl Aggregator<'_> {
 
         // Stream, validate and sum. Accumulators per (day, interval length); a full shard is set
         // aside for decryption.
-        let mut stream = IngestClient::new(self.ingest.clone())
-            .max_decoding_message_size(psm_net::config::DEFAULT_MAX_RESPONSE_BYTES)
-            .stream_readings(StreamReadingsRequest {
-                meter_ids: req.meter_ids.clone(),
-                range: Some(TimeRange {
-                    start_unix: range.start_unix,
-                    end_unix: range.end_unix,
-                }),
-                track: Track::Linear as i32,
-            })
-            .await
-            .map_err(|e| Status::unavailable(format!("ingest: {}", e.message())))?
-            .into_inner();
+        let mut stream = stream_linear(self.ingest.clone(), req.meter_ids.clone(), range).await?;
         let mut accs: BTreeMap<(i64, u32), Acc> = BTreeMap::new();
         let mut shards: Vec<Shard> = Vec::new();
         let mut seen: BTreeSet<(String, i64)> = BTreeSet::new();
-        while let Some(b) = stream
-            .message()
-            .await
-            .map_err(|e| Status::unavailable(format!("ingest: {}", e.message())))?
-        {
+        while let Some(b) = next(&mut stream).await? {
             let day =
                 parse_day(&b.day).map_err(|e| Status::internal(format!("ingest returned {e}")))?;
             if !cohort.contains(b.meter_id.as_str()) || day < first_day || day >= first_day + days {
                 continue;
             }
-            let kid = b
-                .key
-                .as_ref()
-                .map(|k| k.key_id.as_str())
-                .unwrap_or_default();
-            if kid != self.linear_key_id {
-                return Err(Status::failed_precondition(format!(
-                    "{} {} is under key {kid:?}, not {}",
-                    b.meter_id, b.day, self.linear_key_id
-                )));
-            }
-            check_linear_shape(b.interval_seconds, b.count, b.ciphertext.len()).map_err(|e| {
-                Status::internal(format!("stored batch {} {}: {e}", b.meter_id, b.day))
-            })?;
+            let words = checked_words(&b, self.linear_key_id)?;
             if !g.is_multiple_of(b.interval_seconds) {
                 return Err(Status::invalid_argument(format!(
                     "granularity {g} s is not a multiple of meter {}'s {} s intervals",
@@ -176,8 +130,6 @@ impl Aggregator<'_> {
                 )));
             }
             seen.insert((b.meter_id.clone(), day));
-            let words =
-                words_from_le_bytes(&b.ciphertext).map_err(|e| Status::internal(e.to_string()))?;
             let acc = accs
                 .entry((day, b.interval_seconds))
                 .or_insert_with(|| Acc {

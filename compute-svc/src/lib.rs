@@ -2,7 +2,9 @@
 //! threshold-decrypted by a quorum of keyshares. The binary is a thin wrapper over [`run`].
 
 pub mod aggregate;
+pub mod bill;
 pub mod decrypt;
+pub mod inputs;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -111,12 +113,18 @@ impl ComputeService {
     }
 }
 
-const NOT_YET: &str = "this compute build does not evaluate bills or analytics yet";
+const NOT_YET: &str = "this compute build does not evaluate tfhe-track analytics yet";
 
 #[tonic::async_trait]
 impl Compute for ComputeService {
-    async fn bill(&self, _r: Request<BillRequest>) -> Result<Response<BillResponse>, Status> {
-        Err(Status::unimplemented(NOT_YET))
+    async fn bill(&self, r: Request<BillRequest>) -> Result<Response<BillResponse>, Status> {
+        let e = self.engine()?;
+        let biller = bill::Biller {
+            ingest: e.ingest.clone(),
+            decryptor: &e.decryptor,
+            linear_key_id: &e.linear_key_id,
+        };
+        biller.run(r.into_inner()).await.map(Response::new)
     }
 
     async fn aggregate(

@@ -10,5 +10,6 @@ pub mod lwe;
 pub mod readings;
 pub mod simulate;
 pub mod squashed;
+pub mod tariff;
 pub mod threshold;
 pub mod wire;

@@ -201,3 +201,93 @@ impl Drop for Proc {
         }
     }
 }
+
+/// The whole system as separate processes: three keyshares, ingest (head-end `headend-1` may
+/// submit for any meter) and compute wired to both.
+pub struct System {
+    pub keyshares: Vec<Proc>,
+    pub ingest: Proc,
+    pub compute: Proc,
+}
+
+impl System {
+    /// Starts everything with the cached 2-of-3 key set; `compute_extra` is appended to the
+    /// `[compute]` section.
+    pub async fn start(
+        pki: &TestPki,
+        keys: &psm_core::ceremony::CeremonyOutput,
+        compute_extra: &str,
+    ) -> System {
+        let public = keys.public_dir.to_str().expect("utf-8 path").to_owned();
+        let mut keyshares = Vec::new();
+        for name in ["keyshare-1", "keyshare-2", "keyshare-3"] {
+            keyshares.push(Proc::start_keyshare(pki, name, keys, &[]).await);
+        }
+        let icfg = pki.dir.path().join("ingest.toml");
+        fs::write(&icfg, "[ingest.headends]\n\"headend-1\" = [\"*\"]\n").expect("ingest config");
+        let icfg = icfg.to_str().expect("utf-8 path").to_owned();
+        let ingest = Proc::start(
+            pki,
+            "ingest-svc",
+            Role::Ingest,
+            "ingest",
+            psm_proto::service_names::INGEST,
+            &["--public-dir", &public, "--config", &icfg],
+        )
+        .await;
+        let mut ccfg = format!(
+            "[compute]\npublic_dir = {public:?}\ningest_url = \"https://127.0.0.1:{}\"\n{compute_extra}\n",
+            ingest.port
+        );
+        for k in &keyshares {
+            ccfg.push_str(&format!(
+                "[[compute.keyshares]]\nname = {:?}\nurl = \"https://127.0.0.1:{}\"\n",
+                k.name, k.port
+            ));
+        }
+        let cpath = pki.dir.path().join("compute.toml");
+        fs::write(&cpath, ccfg).expect("compute config");
+        let compute = Proc::start(
+            pki,
+            "compute-svc",
+            Role::Compute,
+            "compute",
+            psm_proto::service_names::COMPUTE,
+            &["--config", cpath.to_str().expect("utf-8 path")],
+        )
+        .await;
+        System {
+            keyshares,
+            ingest,
+            compute,
+        }
+    }
+}
+
+/// A linear-track reading batch of `readings` for a meter-day, as a meter would send it.
+pub fn linear_batch(
+    lpk: &psm_core::linear::LinearPublicKey,
+    key_id: &str,
+    meter: &str,
+    day: &str,
+    interval_seconds: u32,
+    readings: &[i64],
+) -> psm_proto::v1::ReadingBatch {
+    let psm_core::lwe::LweBatch::Compact { words, .. } = psm_core::linear::encrypt(lpk, readings)
+    else {
+        unreachable!("linear::encrypt makes compact lists")
+    };
+    let ciphertext = psm_core::lwe::words_to_le_bytes(&words);
+    psm_proto::v1::ReadingBatch {
+        meter_id: meter.into(),
+        day: day.into(),
+        track: psm_proto::v1::Track::Linear as i32,
+        key: Some(psm_proto::v1::KeyRef {
+            key_id: key_id.into(),
+        }),
+        interval_seconds,
+        count: readings.len() as u32,
+        ciphertext_hash: blake3::hash(&ciphertext).as_bytes().to_vec(),
+        ciphertext,
+    }
+}

@@ -3,15 +3,11 @@
 
 use std::collections::BTreeMap;
 
-use psm_core::lwe::{words_to_le_bytes, LweBatch};
-use psm_e2e::{Proc, TestPki};
+use psm_e2e::{linear_batch, System, TestPki};
 use psm_net::Role;
-use psm_proto::service_names::{COMPUTE, INGEST};
 use psm_proto::v1::compute_client::ComputeClient;
 use psm_proto::v1::ingest_client::IngestClient;
-use psm_proto::v1::{
-    AggregateRequest, KeyRef, ReadingBatch, SubmitReadingsRequest, TimeRange, Track,
-};
+use psm_proto::v1::{AggregateRequest, SubmitReadingsRequest, TimeRange};
 use rand::{Rng, SeedableRng};
 use tonic::Code;
 
@@ -22,47 +18,8 @@ const DAYS: [&str; 2] = ["2025-11-26", "2025-11-27"];
 async fn cohort_sums_match_plaintext() {
     let pki = TestPki::new("psm.test");
     let keys = psm_e2e::keys::key_set(3, 2);
-    let public = keys.public_dir.to_str().unwrap().to_owned();
-    let mut ks = Vec::new();
-    for name in ["keyshare-1", "keyshare-2", "keyshare-3"] {
-        ks.push(Proc::start_keyshare(&pki, name, &keys, &[]).await);
-    }
-    let icfg = pki.dir.path().join("ingest.toml");
-    std::fs::write(
-        &icfg,
-        "[ingest.headends]\n\"headend-1\" = [\"m-*\", \"h-*\"]\n",
-    )
-    .unwrap();
-    let ingest = Proc::start(
-        &pki,
-        "ingest-svc",
-        Role::Ingest,
-        "ingest",
-        INGEST,
-        &["--public-dir", &public, "--config", icfg.to_str().unwrap()],
-    )
-    .await;
-    let mut ccfg = format!(
-        "[compute]\npublic_dir = {public:?}\ningest_url = \"https://127.0.0.1:{}\"\nmin_cohort = 5\nmax_shard_meters = 4\n",
-        ingest.port
-    );
-    for k in &ks {
-        ccfg.push_str(&format!(
-            "[[compute.keyshares]]\nname = {:?}\nurl = \"https://127.0.0.1:{}\"\n",
-            k.name, k.port
-        ));
-    }
-    let cpath = pki.dir.path().join("compute.toml");
-    std::fs::write(&cpath, ccfg).unwrap();
-    let compute = Proc::start(
-        &pki,
-        "compute-svc",
-        Role::Compute,
-        "compute",
-        COMPUTE,
-        &["--config", cpath.to_str().unwrap()],
-    )
-    .await;
+    let sys = System::start(&pki, &keys, "min_cohort = 5\nmax_shard_meters = 4").await;
+    let (ingest, compute) = (&sys.ingest, &sys.compute);
 
     // 10 quarter-hourly meters and 2 hourly ones, two days, signed readings (some export).
     let lpk = psm_core::ceremony::PublicBundle::open(&keys.public_dir)
@@ -80,22 +37,14 @@ async fn cohort_sums_match_plaintext() {
         for (d, day) in DAYS.iter().enumerate() {
             let n = (86_400 / interval) as usize;
             let readings: Vec<i64> = (0..n).map(|_| rng.gen_range(-400..3_000)).collect();
-            let LweBatch::Compact { words, .. } = psm_core::linear::encrypt(&lpk, &readings) else {
-                unreachable!()
-            };
-            let ciphertext = words_to_le_bytes(&words);
-            batches.push(ReadingBatch {
-                meter_id: m.clone(),
-                day: day.to_string(),
-                track: Track::Linear as i32,
-                key: Some(KeyRef {
-                    key_id: keys.manifest.linear_key_id.clone(),
-                }),
-                interval_seconds: *interval,
-                count: n as u32,
-                ciphertext_hash: blake3::hash(&ciphertext).as_bytes().to_vec(),
-                ciphertext,
-            });
+            batches.push(linear_batch(
+                &lpk,
+                &keys.manifest.linear_key_id,
+                m,
+                day,
+                *interval,
+                &readings,
+            ));
             plain.insert((m.clone(), d), readings);
         }
     }

@@ -1,0 +1,209 @@
+//! Bill: one meter's net energy per time-of-use band over a billing period, summed from the
+//! encrypted interval readings, threshold-decrypted (only the band totals), and priced.
+
+use prost::Message;
+use psm_core::aggregate::{max_summands, noise_log2};
+use psm_core::linear::{LINEAR_DIMENSION, LINEAR_ENCODING};
+use psm_core::lwe::LweBatch;
+use psm_core::readings::{parse_day, validate_meter_id, DAY_SECONDS};
+use psm_core::tariff::{price, Band, Tariff};
+use psm_proto::v1::{
+    BillLine, BillRequest, BillResponse, ComputationKind, ComputationManifest, InputRef, TimeRange,
+};
+use tonic::transport::Channel;
+use tonic::Status;
+
+use crate::aggregate::merge_report;
+use crate::decrypt::ThresholdDecryptor;
+use crate::inputs::{check_idempotency_key, checked_words, next, stream_linear, whole_days};
+
+/// Longest billing period, days.
+pub const MAX_BILL_DAYS: i64 = 62;
+
+/// What a Bill needs besides the request.
+pub struct Biller<'a> {
+    pub ingest: Channel,
+    pub decryptor: &'a ThresholdDecryptor,
+    pub linear_key_id: &'a str,
+}
+
+/// The tariff of a request, validated.
+pub fn tariff_from_proto(t: &psm_proto::v1::Tariff) -> Result<Tariff, Status> {
+    if t.demand_rate_per_kw_milli != 0 || !t.tiers.is_empty() {
+        return Err(Status::failed_precondition(
+            "demand charges and tiered tariffs need the tfhe track, which this build does not evaluate yet",
+        ));
+    }
+    let bands = t
+        .bands
+        .iter()
+        .map(|b| Band {
+            name: b.name.clone(),
+            weekday_mask: b.weekday_mask,
+            start_hour: b.start_hour,
+            end_hour: b.end_hour,
+            import_price_milli: b.import_price_milli,
+            export_price_milli: b.export_price_milli,
+        })
+        .collect();
+    Tariff::new(
+        &t.name,
+        &t.time_zone,
+        bands,
+        t.standing_charge_per_day,
+        t.vat_basis_points,
+        &t.currency,
+    )
+    .map_err(|e| Status::invalid_argument(e.to_string()))
+}
+
+/// A band's running encrypted sum.
+struct BandAcc {
+    words: Vec<u128>,
+    summands: usize,
+}
+
+impl Biller<'_> {
+    pub async fn run(&self, req: BillRequest) -> Result<BillResponse, Status> {
+        check_idempotency_key(&req.idempotency_key)?;
+        validate_meter_id(&req.meter_id).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let proto_tariff = req
+            .tariff
+            .clone()
+            .ok_or_else(|| Status::invalid_argument("a tariff is required"))?;
+        let tariff = tariff_from_proto(&proto_tariff)?;
+        let (first_day, days) = whole_days(req.period.as_ref(), MAX_BILL_DAYS)?;
+        let period = TimeRange {
+            start_unix: first_day * DAY_SECONDS,
+            end_unix: (first_day + days) * DAY_SECONDS,
+        };
+        let max_sum = max_summands(self.decryptor.scheme());
+        let lwe = LINEAR_DIMENSION + 1;
+
+        let mut stream =
+            stream_linear(self.ingest.clone(), vec![req.meter_id.clone()], period).await?;
+        let mut accs: Vec<BandAcc> = (0..tariff.bands.len())
+            .map(|_| BandAcc {
+                words: vec![0; lwe],
+                summands: 0,
+            })
+            .collect();
+        // Full accumulators set aside: (band, words, summands).
+        let mut ready: Vec<(usize, Vec<u128>, usize)> = Vec::new();
+        let mut inputs = Vec::new();
+        let mut seen_days = std::collections::BTreeSet::new();
+        while let Some(b) = next(&mut stream).await? {
+            let day =
+                parse_day(&b.day).map_err(|e| Status::internal(format!("ingest returned {e}")))?;
+            if b.meter_id != req.meter_id
+                || day < first_day
+                || day >= first_day + days
+                || !seen_days.insert(day)
+            {
+                continue;
+            }
+            let words = checked_words(&b, self.linear_key_id)?;
+            let count = b.count as usize;
+            let expanded = LweBatch::Compact {
+                dimension: LINEAR_DIMENSION,
+                count,
+                words,
+            }
+            .expand();
+            for (i, ct) in expanded.chunks_exact(lwe).enumerate() {
+                let start = day * DAY_SECONDS + i as i64 * i64::from(b.interval_seconds);
+                let band = tariff.band_at(start);
+                let acc = &mut accs[band];
+                for (a, w) in acc.words.iter_mut().zip(ct) {
+                    *a = a.wrapping_add(*w);
+                }
+                acc.summands += 1;
+                if acc.summands == max_sum {
+                    ready.push((
+                        band,
+                        std::mem::replace(&mut acc.words, vec![0; lwe]),
+                        max_sum,
+                    ));
+                    acc.summands = 0;
+                }
+            }
+            inputs.push(InputRef {
+                meter_id: b.meter_id,
+                day: b.day,
+                track: b.track,
+                ciphertext_hash: b.ciphertext_hash,
+            });
+        }
+        for d in first_day..first_day + days {
+            if !seen_days.contains(&d) {
+                return Err(Status::failed_precondition(format!(
+                    "meter {} has no readings for {}; a bill needs every day of its period",
+                    req.meter_id,
+                    psm_core::readings::format_day(d)
+                )));
+            }
+        }
+        for (band, acc) in accs.into_iter().enumerate() {
+            if acc.summands > 0 {
+                ready.push((band, acc.words, acc.summands));
+            }
+        }
+
+        // One decryption of every band total (several per band when a band holds more
+        // intervals than one decryption may).
+        let noise = noise_log2(ready.iter().map(|r| r.2).max().unwrap_or(1));
+        let batch = LweBatch::List {
+            dimension: LINEAR_DIMENSION,
+            words: ready.iter().flat_map(|r| r.1.iter().copied()).collect(),
+        };
+        let program = proto_tariff.encode_to_vec();
+        let manifest = ComputationManifest {
+            kind: ComputationKind::Bill as i32,
+            program_hash: blake3::hash(&program).as_bytes().to_vec(),
+            program,
+            inputs,
+            range: Some(period),
+            reissue_reason: req.reissue_reason.clone(),
+            ..Default::default()
+        };
+        let out = self
+            .decryptor
+            .decrypt(
+                self.linear_key_id,
+                &batch,
+                LINEAR_ENCODING,
+                noise,
+                manifest,
+                &req.idempotency_key,
+            )
+            .await
+            .map_err(|e| Status::unavailable(format!("threshold decryption failed: {e}")))?;
+        let mut band_wh = vec![0i64; tariff.bands.len()];
+        for ((band, _, _), v) in ready.iter().zip(out.values) {
+            band_wh[*band] +=
+                i64::try_from(v).map_err(|_| Status::internal("band total out of range"))?;
+        }
+        let bill = price(&tariff, &band_wh, days);
+        let mut report = Default::default();
+        merge_report(&mut report, out.report);
+        Ok(BillResponse {
+            meter_id: req.meter_id,
+            period: Some(period),
+            lines: bill
+                .lines
+                .into_iter()
+                .map(|l| BillLine {
+                    description: l.description,
+                    energy_wh: l.energy_wh,
+                    amount: l.amount,
+                })
+                .collect(),
+            standing_charge: bill.standing_charge,
+            subtotal: bill.subtotal,
+            vat: bill.vat,
+            total: bill.total,
+            currency: tariff.currency,
+            quorum: Some(report),
+        })
+    }
+}

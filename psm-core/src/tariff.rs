@@ -1,0 +1,302 @@
+//! Time-of-use tariffs and the itemized bill computed from decrypted per-band totals.
+//!
+//! Intervals are placed in bands by the local weekday and hour (in the tariff's IANA time zone)
+//! of the interval's start, so days with 23 or 25 local hours are handled by construction.
+//! Money is in integer minor units; prices are milli-minor units per kWh.
+
+use std::str::FromStr;
+
+use chrono::{Datelike, TimeZone, Timelike};
+use chrono_tz::Tz;
+
+/// Why a tariff was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("tariff: {0}")]
+pub struct TariffError(pub String);
+
+/// One time-of-use band.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Band {
+    pub name: String,
+    /// Bit 0 = Monday … bit 6 = Sunday.
+    pub weekday_mask: u32,
+    /// Local hours [start_hour, end_hour).
+    pub start_hour: u32,
+    pub end_hour: u32,
+    pub import_price_milli: i64,
+    pub export_price_milli: i64,
+}
+
+/// A validated time-of-use tariff.
+#[derive(Debug, Clone)]
+pub struct Tariff {
+    pub name: String,
+    pub tz: Tz,
+    pub bands: Vec<Band>,
+    pub standing_charge_per_day: i64,
+    pub vat_basis_points: u32,
+    pub currency: String,
+    /// Band index of every (weekday, hour) of the week.
+    grid: [[usize; 24]; 7],
+}
+
+/// Largest price accepted (milli-minor units per kWh): 1,000 currency units per kWh.
+const MAX_PRICE_MILLI: i64 = 100_000_000;
+
+impl Tariff {
+    /// Checks the time zone and that every local hour of the week falls in exactly one band.
+    pub fn new(
+        name: &str,
+        time_zone: &str,
+        bands: Vec<Band>,
+        standing_charge_per_day: i64,
+        vat_basis_points: u32,
+        currency: &str,
+    ) -> Result<Self, TariffError> {
+        let tz = Tz::from_str(time_zone)
+            .map_err(|_| TariffError(format!("unknown IANA time zone {time_zone:?}")))?;
+        if bands.is_empty() || bands.len() > 32 {
+            return Err(TariffError("a tariff needs 1..=32 bands".into()));
+        }
+        if !(0..=100_000_000).contains(&standing_charge_per_day) || vat_basis_points > 10_000 {
+            return Err(TariffError("standing charge or VAT out of range".into()));
+        }
+        let mut grid = [[usize::MAX; 24]; 7];
+        for (i, b) in bands.iter().enumerate() {
+            if b.start_hour >= b.end_hour
+                || b.end_hour > 24
+                || b.weekday_mask == 0
+                || b.weekday_mask > 0x7F
+            {
+                return Err(TariffError(format!("band {:?}: hours must be start < end <= 24 and weekdays a non-empty mask of 7 bits", b.name)));
+            }
+            if b.import_price_milli.abs() > MAX_PRICE_MILLI
+                || b.export_price_milli.abs() > MAX_PRICE_MILLI
+            {
+                return Err(TariffError(format!(
+                    "band {:?}: price out of range",
+                    b.name
+                )));
+            }
+            for (d, row) in grid.iter_mut().enumerate() {
+                if b.weekday_mask & (1 << d) == 0 {
+                    continue;
+                }
+                for slot in &mut row[b.start_hour as usize..b.end_hour as usize] {
+                    if *slot != usize::MAX {
+                        return Err(TariffError(format!(
+                            "bands {:?} and {:?} overlap",
+                            bands[*slot].name, b.name
+                        )));
+                    }
+                    *slot = i;
+                }
+            }
+        }
+        for (d, row) in grid.iter().enumerate() {
+            if let Some(h) = row.iter().position(|s| *s == usize::MAX) {
+                return Err(TariffError(format!(
+                    "no band covers weekday {} (0 = Monday) hour {h}",
+                    d
+                )));
+            }
+        }
+        Ok(Tariff {
+            name: name.to_owned(),
+            tz,
+            bands,
+            standing_charge_per_day,
+            vat_basis_points,
+            currency: currency.to_owned(),
+            grid,
+        })
+    }
+
+    /// The band of the interval starting at `unix` (UTC seconds).
+    pub fn band_at(&self, unix: i64) -> usize {
+        match self.tz.timestamp_opt(unix, 0).single() {
+            Some(local) => {
+                self.grid[local.weekday().num_days_from_monday() as usize][local.hour() as usize]
+            }
+            None => 0, // unreachable for whole-second UTC instants
+        }
+    }
+}
+
+/// Rounds a/b to the nearest integer, halves away from zero.
+pub fn div_round(a: i128, b: i128) -> i128 {
+    let q = a / b;
+    let r = a % b;
+    if 2 * r.abs() >= b.abs() {
+        q + if (a < 0) != (b < 0) { -1 } else { 1 }
+    } else {
+        q
+    }
+}
+
+/// One priced line of a bill.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Line {
+    pub description: String,
+    pub energy_wh: i64,
+    pub amount: i64,
+}
+
+/// An itemized bill.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Bill {
+    pub lines: Vec<Line>,
+    pub standing_charge: i64,
+    pub subtotal: i64,
+    pub vat: i64,
+    pub total: i64,
+}
+
+/// Prices per-band net totals: a band with net import is charged at its import price, a band
+/// with net export credited at its export price (net metering per band). Each line is rounded
+/// half away from zero; VAT applies to a positive subtotal only (export credits carry none).
+pub fn price(t: &Tariff, band_wh: &[i64], days: i64) -> Bill {
+    let lines: Vec<Line> = t
+        .bands
+        .iter()
+        .zip(band_wh)
+        .map(|(b, wh)| {
+            let (kind, p) = if *wh >= 0 {
+                ("import", b.import_price_milli)
+            } else {
+                ("export", b.export_price_milli)
+            };
+            Line {
+                description: format!("{} {kind}", b.name),
+                energy_wh: *wh,
+                amount: div_round(i128::from(*wh) * i128::from(p), 1_000_000) as i64,
+            }
+        })
+        .collect();
+    let standing_charge = t.standing_charge_per_day * days;
+    let subtotal = lines.iter().map(|l| l.amount).sum::<i64>() + standing_charge;
+    let vat = if subtotal > 0 {
+        div_round(
+            i128::from(subtotal) * i128::from(t.vat_basis_points),
+            10_000,
+        ) as i64
+    } else {
+        0
+    };
+    Bill {
+        lines,
+        standing_charge,
+        subtotal,
+        vat,
+        total: subtotal + vat,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn band(name: &str, mask: u32, s: u32, e: u32, imp: i64, exp: i64) -> Band {
+        Band {
+            name: name.into(),
+            weekday_mask: mask,
+            start_hour: s,
+            end_hour: e,
+            import_price_milli: imp,
+            export_price_milli: exp,
+        }
+    }
+
+    #[test]
+    fn coverage_is_checked() {
+        let ok = vec![
+            band("peak", 0x1F, 16, 19, 40_000, 5_000),
+            band("off", 0x1F, 0, 16, 20_000, 5_000),
+            band("eve", 0x1F, 19, 24, 20_000, 5_000),
+            band("weekend", 0x60, 0, 24, 15_000, 5_000),
+        ];
+        assert!(Tariff::new("t", "Europe/London", ok.clone(), 50, 500, "GBP").is_ok());
+        let mut gap = ok.clone();
+        gap.pop();
+        assert!(Tariff::new("t", "Europe/London", gap, 50, 500, "GBP")
+            .unwrap_err()
+            .0
+            .contains("weekday 5"));
+        let mut overlap = ok.clone();
+        overlap.push(band("x", 1, 3, 4, 1, 1));
+        assert!(Tariff::new("t", "Europe/London", overlap, 50, 500, "GBP")
+            .unwrap_err()
+            .0
+            .contains("overlap"));
+        assert!(Tariff::new("t", "Mars/Olympus", ok, 50, 500, "GBP").is_err());
+    }
+
+    #[test]
+    fn dst_days_have_23_and_25_local_hours() {
+        let t = Tariff::new(
+            "t",
+            "Europe/London",
+            (0..24)
+                .map(|h| band(&format!("h{h}"), 0x7F, h, h + 1, 1, 1))
+                .collect(),
+            0,
+            0,
+            "GBP",
+        )
+        .unwrap();
+        let hours_in = |day_start: i64| {
+            // Local days of 2026-03-29 (spring forward) and 2026-10-25 (fall back): count the
+            // UTC hours whose local hour-of-day falls in each band over the 24 UTC hours
+            // starting at local midnight.
+            let mut seen = std::collections::BTreeSet::new();
+            let mut n = 0;
+            let mut u = day_start;
+            loop {
+                let local = t.tz.timestamp_opt(u, 0).single().unwrap();
+                if local.date_naive()
+                    != t.tz
+                        .timestamp_opt(day_start, 0)
+                        .single()
+                        .unwrap()
+                        .date_naive()
+                {
+                    break;
+                }
+                seen.insert(t.band_at(u));
+                n += 1;
+                u += 3600;
+            }
+            (n, seen.len())
+        };
+        assert_eq!(hours_in(1_774_742_400), (23, 23)); // 2026-03-29 00:00 GMT
+        assert_eq!(hours_in(1_792_882_800), (25, 24)); // 2026-10-25 00:00 BST (= 23:00 UTC the day before)
+    }
+
+    #[test]
+    fn pricing_rounds_and_credits() {
+        let t = Tariff::new(
+            "t",
+            "UTC",
+            vec![
+                band("day", 0x7F, 7, 23, 30_500, 15_000),
+                band("night", 0x7F, 0, 7, 12_000, 4_000),
+                band("late", 0x7F, 23, 24, 12_000, 4_000),
+            ],
+            45,
+            500,
+            "EUR",
+        )
+        .unwrap();
+        let b = price(&t, &[10_000, -2_500, 1], 30);
+        assert_eq!(b.lines[0].amount, 305); // 10 kWh × 30.5
+        assert_eq!(b.lines[1].amount, -10); // 2.5 kWh exported × 4.0
+        assert_eq!(b.lines[1].description, "night export");
+        assert_eq!(b.lines[2].amount, 0);
+        assert_eq!(b.standing_charge, 1_350);
+        assert_eq!(b.subtotal, 305 - 10 + 1_350);
+        assert_eq!(b.vat, 82); // 5 % of 1,645 = 82.25
+        assert_eq!(b.total, 1_645 + 82);
+        assert_eq!(div_round(-5, 2), -3);
+        assert_eq!(div_round(5, 2), 3);
+    }
+}
