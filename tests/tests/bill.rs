@@ -11,6 +11,9 @@ use psm_proto::v1::{BillRequest, SubmitReadingsRequest, Tariff, TariffBand, Time
 use rand::{Rng, SeedableRng};
 use tonic::Code;
 
+/// (UTC day number, readings of that day).
+type DayReadings = (i64, Vec<i64>);
+
 fn band(name: &str, mask: u32, s: u32, e: u32, imp: i64, exp: i64) -> TariffBand {
     TariffBand {
         name: name.into(),
@@ -63,7 +66,7 @@ fn tariffs() -> Vec<Tariff> {
 
 /// The plaintext reference: same band rule (local weekday/hour of each interval's start),
 /// same pricing, computed here from the clear readings.
-fn reference(t: &Tariff, readings: &[(i64, Vec<i64>)], interval: i64) -> (Vec<i64>, i64) {
+fn reference(t: &Tariff, readings: &[DayReadings], interval: i64) -> (Vec<i64>, i64) {
     let core = psm_compute_reference(t);
     let tz: chrono_tz::Tz = t.time_zone.parse().unwrap();
     let mut band_wh = vec![0i64; t.bands.len()];
@@ -106,7 +109,7 @@ async fn bills_match_plaintext_across_dst_and_export() {
     // 2026-10-24..=26 (falls back on the 25th). "solar-1" exports more than it imports.
     let periods = [("2026-03-28", 3), ("2026-10-24", 3)];
     let mut rng = rand::rngs::StdRng::seed_from_u64(11);
-    let mut clear: std::collections::BTreeMap<(String, usize), Vec<(i64, Vec<i64>)>> =
+    let mut clear: std::collections::BTreeMap<(String, usize), Vec<DayReadings>> =
         Default::default();
     let mut batches = Vec::new();
     for meter in ["home-1", "solar-1"] {
