@@ -36,8 +36,14 @@ fn demo_check_starts_and_stops_everything() {
     assert_eq!(stdout.matches("SERVING").count(), 5, "{stdout}");
     assert!(stdout.contains("Feeder load, 10 meters"), "{stdout}");
     assert!(stdout.contains("20 meter-days stored"), "{stdout}");
-    assert!(
-        stdout.contains("keyshare-1: 2 decisions recorded"),
+    assert!(stdout.contains("Bills, 2 days"), "{stdout}");
+    assert!(stdout.contains("(10 bills in"), "{stdout}");
+    for k in ["keyshare-1", "keyshare-2", "keyshare-3"] {
+        assert!(stdout.contains(&format!("{k}: ")), "{stdout}");
+    }
+    assert_eq!(
+        stdout.matches(" decisions recorded, chain head ").count(),
+        3,
         "{stdout}"
     );
     // The second run reuses the PKI.
