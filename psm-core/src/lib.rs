@@ -4,6 +4,7 @@
 pub mod aggregate;
 pub mod audit;
 pub mod ceremony;
+pub mod import;
 pub mod keys;
 pub mod linear;
 pub mod lwe;

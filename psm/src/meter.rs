@@ -4,6 +4,7 @@
 use std::io::Write;
 
 use anyhow::{bail, Context};
+use psm_core::import::{parse_green_button, parse_plain_csv, to_days, MeterDay};
 use psm_core::keys::Manifest;
 use psm_core::lwe::{words_to_le_bytes, LweBatch};
 use psm_core::readings::{format_day, parse_day};
@@ -17,6 +18,9 @@ use crate::client_args::ClientArgs;
 
 #[derive(clap::Subcommand)]
 pub enum MeterCommand {
+    /// Import real readings — Green Button ESPI XML (one meter per usage point) or a plain CSV
+    /// of meter_id,timestamp,wh — and submit every complete UTC day as a head-end.
+    Import(ImportArgs),
     /// Simulate a town's meters and submit their readings to ingest as a head-end. Encryption
     /// is randomized: submitting the same meter-days twice is refused (ALREADY_EXISTS), so use
     /// another --start or fresh meters for more data.
@@ -43,6 +47,20 @@ pub struct SimulateArgs {
     /// Interval length in seconds: 900, 1800 or 3600.
     #[arg(long, default_value_t = 900)]
     pub interval: u32,
+    #[command(flatten)]
+    pub client: ClientArgs,
+}
+
+#[derive(clap::Args)]
+pub struct ImportArgs {
+    /// The file to import.
+    pub file: std::path::PathBuf,
+    /// File format: greenbutton, csv, or auto (by extension: .xml is Green Button).
+    #[arg(long, default_value = "auto")]
+    pub format: String,
+    /// Prefix of meter ids made from Green Button usage points (<prefix>-<customer>-<point>).
+    #[arg(long, default_value = "gb")]
+    pub prefix: String,
     #[command(flatten)]
     pub client: ClientArgs,
 }
@@ -87,40 +105,63 @@ fn progress(done: usize, total: usize) {
     let _ = std::io::stderr().flush();
 }
 
-/// Simulates, encrypts (all cores) and submits in requests of at most 100 meter-days.
+/// Simulates a town and submits it.
 pub async fn simulate_and_submit(ch: Channel, a: &SimulateArgs) -> anyhow::Result<Submitted> {
     let first_day = parse_day(&a.start)?;
+    let meters = town(a.meters, a.businesses, a.seed);
+    let days: Vec<MeterDay> = meters
+        .iter()
+        .flat_map(|m| {
+            (0..i64::from(a.days)).map(move |d| MeterDay {
+                meter_id: m.id.clone(),
+                day: first_day + d,
+                interval_seconds: a.interval,
+                values: m.day(first_day + d, a.interval),
+            })
+        })
+        .collect();
+    let (stored, duplicates) =
+        submit_days(ch, &days, &format!("sim-{}-{}", a.seed, a.start)).await?;
+    Ok(Submitted {
+        meters,
+        stored,
+        duplicates,
+    })
+}
+
+/// Encrypts meter-days under the linear key fetched from ingest (all cores) and submits them
+/// in requests of at most 100, with a progress bar. Returns (stored, already there).
+pub async fn submit_days(
+    ch: Channel,
+    days: &[MeterDay],
+    key_prefix: &str,
+) -> anyhow::Result<(u32, u32)> {
     let manifest: Manifest = toml::from_str(std::str::from_utf8(
         &fetch_item(ch.clone(), "manifest").await?,
     )?)?;
     let lpk: psm_core::linear::LinearPublicKey =
         bincode_deserialize(&fetch_item(ch.clone(), "linear_public_key").await?)?;
-    let meters = town(a.meters, a.businesses, a.seed);
-    let jobs: Vec<(usize, i64)> = (0..meters.len())
-        .flat_map(|m| (0..i64::from(a.days)).map(move |d| (m, first_day + d)))
-        .collect();
     let mut client = IngestClient::new(ch);
     let (mut stored, mut duplicates) = (0, 0);
-    progress(0, jobs.len());
-    for (n, chunk) in jobs.chunks(100).enumerate() {
+    progress(0, days.len());
+    for (n, chunk) in days.chunks(100).enumerate() {
         let batches: Vec<ReadingBatch> = chunk
             .par_iter()
-            .map(|(m, day)| {
-                let values = meters[*m].day(*day, a.interval);
-                let LweBatch::Compact { words, .. } = psm_core::linear::encrypt(&lpk, &values)
+            .map(|d| {
+                let LweBatch::Compact { words, .. } = psm_core::linear::encrypt(&lpk, &d.values)
                 else {
                     unreachable!("linear::encrypt makes compact lists")
                 };
                 let ciphertext = words_to_le_bytes(&words);
                 ReadingBatch {
-                    meter_id: meters[*m].id.clone(),
-                    day: format_day(*day),
+                    meter_id: d.meter_id.clone(),
+                    day: format_day(d.day),
                     track: Track::Linear as i32,
                     key: Some(KeyRef {
                         key_id: manifest.linear_key_id.clone(),
                     }),
-                    interval_seconds: a.interval,
-                    count: values.len() as u32,
+                    interval_seconds: d.interval_seconds,
+                    count: d.values.len() as u32,
                     ciphertext_hash: blake3::hash(&ciphertext).as_bytes().to_vec(),
                     ciphertext,
                 }
@@ -128,7 +169,7 @@ pub async fn simulate_and_submit(ch: Channel, a: &SimulateArgs) -> anyhow::Resul
             .collect();
         let r = client
             .submit_readings(SubmitReadingsRequest {
-                idempotency_key: format!("sim-{}-{}-{n}", a.seed, a.start),
+                idempotency_key: format!("{key_prefix}-{n}"),
                 batches,
             })
             .await
@@ -136,14 +177,10 @@ pub async fn simulate_and_submit(ch: Channel, a: &SimulateArgs) -> anyhow::Resul
             .into_inner();
         stored += r.stored;
         duplicates += r.duplicates;
-        progress((n * 100 + chunk.len()).min(jobs.len()), jobs.len());
+        progress((n * 100 + chunk.len()).min(days.len()), days.len());
     }
     eprintln!();
-    Ok(Submitted {
-        meters,
-        stored,
-        duplicates,
-    })
+    Ok((stored, duplicates))
 }
 
 fn bincode_deserialize<T: serde::de::DeserializeOwned>(b: &[u8]) -> anyhow::Result<T> {
@@ -154,6 +191,43 @@ pub fn run(cmd: MeterCommand) -> anyhow::Result<()> {
     let rt = tokio::runtime::Runtime::new()?;
     let _guard = rt.enter();
     match cmd {
+        MeterCommand::Import(a) => {
+            let text = std::fs::read_to_string(&a.file)
+                .with_context(|| format!("reading {}", a.file.display()))?;
+            let xml = match a.format.as_str() {
+                "greenbutton" => true,
+                "csv" => false,
+                "auto" => a
+                    .file
+                    .extension()
+                    .is_some_and(|e| e.eq_ignore_ascii_case("xml")),
+                other => bail!("--format {other:?}: expected greenbutton, csv or auto"),
+            };
+            let series = if xml {
+                parse_green_button(&text, &a.prefix)?
+            } else {
+                parse_plain_csv(&text)?
+            };
+            let (days, partial) = to_days(&series)?;
+            for (m, d, n) in &partial {
+                eprintln!(
+                    "  skipping {m} {}: {n} readings, not a complete UTC day",
+                    format_day(*d)
+                );
+            }
+            if days.is_empty() {
+                bail!("{} holds no complete UTC day", a.file.display());
+            }
+            let ch = a.client.channel("headend/headend-1")?;
+            let key = format!("import-{}", blake3::hash(text.as_bytes()).to_hex());
+            let (stored, dups) = rt.block_on(submit_days(ch, &days, &key[..40]))?;
+            println!(
+                "{} meters, {} complete meter-days: {stored} stored, {dups} already there; {} incomplete days skipped",
+                series.len(),
+                days.len(),
+                partial.len()
+            );
+        }
         MeterCommand::Simulate(a) => {
             let ch = a.client.channel("headend/headend-1")?;
             let s = rt.block_on(simulate_and_submit(ch, &a))?;

@@ -1,0 +1,464 @@
+//! Importing real meter data: Green Button (NAESB ESPI Atom/XML) and a plain CSV of
+//! (meter id, timestamp, Wh), turned into complete UTC meter-days ready to encrypt.
+
+use std::collections::{BTreeMap, HashMap};
+
+use quick_xml::events::Event;
+use quick_xml::Reader;
+
+use crate::readings::{is_label, DAY_SECONDS, INTERVALS};
+
+/// Why an import failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct ImportError(pub String);
+
+fn err(m: impl Into<String>) -> ImportError {
+    ImportError(m.into())
+}
+
+/// One meter's readings: (UTC start, Wh) with a fixed interval length.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MeterSeries {
+    pub meter_id: String,
+    pub interval_seconds: u32,
+    pub readings: Vec<(i64, i64)>,
+}
+
+/// A complete UTC meter-day.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MeterDay {
+    pub meter_id: String,
+    /// Days since 1970-01-01.
+    pub day: i64,
+    pub interval_seconds: u32,
+    pub values: Vec<i64>,
+}
+
+/// A day that was not complete: (meter id, day number, readings present).
+pub type PartialDay = (String, i64, usize);
+
+/// Splits series into complete UTC days; incomplete days (at the edges of an export) are
+/// returned separately as (meter, day, readings present) so the caller can report them.
+pub fn to_days(series: &[MeterSeries]) -> Result<(Vec<MeterDay>, Vec<PartialDay>), ImportError> {
+    let mut days = Vec::new();
+    let mut partial = Vec::new();
+    for s in series {
+        if !INTERVALS.contains(&s.interval_seconds) {
+            return Err(err(format!(
+                "{}: interval {} s is not one of {INTERVALS:?}",
+                s.meter_id, s.interval_seconds
+            )));
+        }
+        let per_day = (DAY_SECONDS / i64::from(s.interval_seconds)) as usize;
+        let mut by_day: BTreeMap<i64, BTreeMap<usize, i64>> = BTreeMap::new();
+        for (start, wh) in &s.readings {
+            if start % i64::from(s.interval_seconds) != 0 {
+                return Err(err(format!(
+                    "{}: reading at {start} is not on a {} s boundary",
+                    s.meter_id, s.interval_seconds
+                )));
+            }
+            let day = start.div_euclid(DAY_SECONDS);
+            let slot = (start.rem_euclid(DAY_SECONDS) / i64::from(s.interval_seconds)) as usize;
+            if by_day
+                .entry(day)
+                .or_default()
+                .insert(slot, *wh)
+                .is_some_and(|old| old != *wh)
+            {
+                return Err(err(format!(
+                    "{}: two different readings for {start}",
+                    s.meter_id
+                )));
+            }
+        }
+        for (day, slots) in by_day {
+            if slots.len() == per_day {
+                days.push(MeterDay {
+                    meter_id: s.meter_id.clone(),
+                    day,
+                    interval_seconds: s.interval_seconds,
+                    values: slots.into_values().collect(),
+                });
+            } else {
+                partial.push((s.meter_id.clone(), day, slots.len()));
+            }
+        }
+    }
+    Ok((days, partial))
+}
+
+#[derive(Default)]
+struct Entry {
+    self_href: String,
+    up_href: String,
+    related: Vec<String>,
+    kind: String,
+    interval_length: Option<u32>,
+    power_of_ten: i32,
+    uom: Option<u32>,
+    readings: Vec<(i64, i64, i64)>, // start, duration, value
+}
+
+/// Keeps an entry's self, up and related links.
+fn record_link(entry: &mut Entry, e: &quick_xml::events::BytesStart<'_>) {
+    let mut rel = String::new();
+    let mut href = String::new();
+    for a in e.attributes().flatten() {
+        let v = String::from_utf8_lossy(&a.value).into_owned();
+        match a.key.local_name().as_ref() {
+            b"rel" => rel = v,
+            b"href" => href = v,
+            _ => {}
+        }
+    }
+    match rel.as_str() {
+        "self" => entry.self_href = norm(&href),
+        "up" => entry.up_href = norm(&href),
+        "related" => entry.related.push(norm(&href)),
+        _ => {}
+    }
+}
+
+fn norm(href: &str) -> String {
+    href.trim().trim_start_matches('/').to_owned()
+}
+
+/// Parses a Green Button ESPI feed: every UsagePoint becomes a meter (`gb-<customer>-<point>`,
+/// or `<prefix>-...`), its MeterReadings' IntervalBlocks give the readings, scaled by the linked
+/// ReadingType (`uom` 72 = Wh, `powerOfTenMultiplier`, `intervalLength`). Times are UTC epoch
+/// seconds (LocalTimeParameters only describe local display time, so they do not move data).
+pub fn parse_green_button(xml: &str, prefix: &str) -> Result<Vec<MeterSeries>, ImportError> {
+    let mut reader = Reader::from_str(xml);
+    reader.config_mut().trim_text(true);
+    let mut entries: Vec<Entry> = Vec::new();
+    let mut cur: Option<Entry> = None;
+    let mut path: Vec<String> = Vec::new();
+    let mut reading = (0i64, 0i64, None::<i64>);
+    loop {
+        let ev = reader.read_event().map_err(|e| {
+            err(format!(
+                "XML error at byte {}: {e}",
+                reader.buffer_position()
+            ))
+        })?;
+        match ev {
+            Event::Start(e) => {
+                let n = String::from_utf8_lossy(e.local_name().as_ref()).into_owned();
+                if n == "link" {
+                    if let Some(entry) = cur.as_mut() {
+                        record_link(entry, &e);
+                    }
+                }
+                if n == "entry" {
+                    cur = Some(Entry::default());
+                }
+                if let Some(entry) = cur.as_mut() {
+                    if path.last().is_some_and(|p| p == "content") && entry.kind.is_empty() {
+                        entry.kind = n.clone();
+                    }
+                }
+                if n == "IntervalReading" {
+                    reading = (0, 0, None);
+                }
+                path.push(n);
+            }
+            Event::Empty(e) => {
+                let n = String::from_utf8_lossy(e.local_name().as_ref()).into_owned();
+                if n == "link" {
+                    if let Some(entry) = cur.as_mut() {
+                        record_link(entry, &e);
+                    }
+                }
+                if let Some(entry) = cur.as_mut() {
+                    if path.last().is_some_and(|p| p == "content") && entry.kind.is_empty() {
+                        entry.kind = n;
+                    }
+                }
+            }
+            Event::Text(t) => {
+                let text = t
+                    .decode()
+                    .map_err(|e| err(e.to_string()))?
+                    .trim()
+                    .to_owned();
+                let Some(entry) = cur.as_mut() else { continue };
+                let last = path.last().map(String::as_str).unwrap_or("");
+                let parent = path
+                    .len()
+                    .checked_sub(2)
+                    .and_then(|i| path.get(i))
+                    .map(String::as_str)
+                    .unwrap_or("");
+                let num = |s: &str| {
+                    s.parse::<i64>()
+                        .map_err(|_| err(format!("<{last}> holds {s:?}, not an integer")))
+                };
+                match (entry.kind.as_str(), parent, last) {
+                    ("ReadingType", _, "intervalLength") => {
+                        entry.interval_length = Some(num(&text)? as u32)
+                    }
+                    ("ReadingType", "ReadingType", "powerOfTenMultiplier") => {
+                        entry.power_of_ten = num(&text)? as i32
+                    }
+                    ("ReadingType", "ReadingType", "uom") => entry.uom = Some(num(&text)? as u32),
+                    ("IntervalBlock", "timePeriod", "start")
+                        if path.iter().any(|p| p == "IntervalReading") =>
+                    {
+                        reading.0 = num(&text)?
+                    }
+                    ("IntervalBlock", "timePeriod", "duration")
+                        if path.iter().any(|p| p == "IntervalReading") =>
+                    {
+                        reading.1 = num(&text)?
+                    }
+                    ("IntervalBlock", "IntervalReading", "value") => reading.2 = Some(num(&text)?),
+                    _ => {}
+                }
+            }
+            Event::End(e) => {
+                let n = String::from_utf8_lossy(e.local_name().as_ref()).into_owned();
+                path.pop();
+                if n == "IntervalReading" {
+                    if let (Some(entry), Some(v)) = (cur.as_mut(), reading.2) {
+                        entry.readings.push((reading.0, reading.1, v));
+                    }
+                }
+                if n == "entry" {
+                    if let Some(e) = cur.take() {
+                        entries.push(e);
+                    }
+                }
+            }
+            Event::Eof => break,
+            _ => {}
+        }
+    }
+
+    let reading_types: HashMap<&str, &Entry> = entries
+        .iter()
+        .filter(|e| e.kind == "ReadingType")
+        .map(|e| (e.self_href.as_str(), e))
+        .collect();
+    let mut out = Vec::new();
+    for up in entries.iter().filter(|e| e.kind == "UsagePoint") {
+        // ".../RetailCustomer/<c>/UsagePoint/<p>" → "<prefix>-<c>-<p>"
+        let parts: Vec<&str> = up.self_href.split('/').collect();
+        let id = match parts.as_slice() {
+            [.., c, "UsagePoint", p] => format!("{prefix}-{c}-{p}"),
+            _ => {
+                return Err(err(format!(
+                    "usage point link {:?} is not .../<customer>/UsagePoint/<id>",
+                    up.self_href
+                )))
+            }
+        };
+        if !is_label(&id) {
+            return Err(err(format!(
+                "meter id {id:?} derived from {:?} is not a valid label",
+                up.self_href
+            )));
+        }
+        let mut readings = Vec::new();
+        let mut interval = None;
+        for mr in entries.iter().filter(|e| {
+            e.kind == "MeterReading"
+                && e.self_href
+                    .starts_with(&format!("{}/MeterReading", up.self_href))
+        }) {
+            let rt = mr
+                .related
+                .iter()
+                .find_map(|h| reading_types.get(h.as_str()))
+                .ok_or_else(|| {
+                    err(format!(
+                        "meter reading {} links no ReadingType in the file",
+                        mr.self_href
+                    ))
+                })?;
+            match rt.uom {
+                Some(72) => {}
+                other => {
+                    return Err(err(format!(
+                        "{}: unit of measure {other:?} is not Wh (uom 72); only energy imports",
+                        mr.self_href
+                    )))
+                }
+            }
+            let len = rt.interval_length.ok_or_else(|| {
+                err(format!(
+                    "{}: ReadingType has no intervalLength",
+                    mr.self_href
+                ))
+            })?;
+            if interval.is_some_and(|i| i != len) {
+                return Err(err(format!(
+                    "{id}: meter readings with different interval lengths"
+                )));
+            }
+            interval = Some(len);
+            let scale = |v: i64| -> i64 {
+                if rt.power_of_ten >= 0 {
+                    v.saturating_mul(10i64.saturating_pow(rt.power_of_ten as u32))
+                } else {
+                    let d = 10i128.pow(rt.power_of_ten.unsigned_abs().min(18));
+                    crate::tariff::div_round(i128::from(v), d) as i64
+                }
+            };
+            let blocks_up = format!("{}/IntervalBlock", mr.self_href);
+            for b in entries
+                .iter()
+                .filter(|e| e.kind == "IntervalBlock" && e.up_href == blocks_up)
+            {
+                for (start, duration, value) in &b.readings {
+                    if *duration != i64::from(len) {
+                        return Err(err(format!(
+                            "{id}: reading at {start} lasts {duration} s, ReadingType says {len} s"
+                        )));
+                    }
+                    readings.push((*start, scale(*value)));
+                }
+            }
+        }
+        if let Some(interval_seconds) = interval {
+            readings.sort();
+            out.push(MeterSeries {
+                meter_id: id,
+                interval_seconds,
+                readings,
+            });
+        }
+    }
+    if out.is_empty() {
+        return Err(err("no usage point with interval readings in this file"));
+    }
+    Ok(out)
+}
+
+/// Parses `meter_id,timestamp,wh` lines (a header line is skipped; timestamps are Unix seconds
+/// or RFC 3339 with an offset). The interval length of each meter is the spacing of its
+/// readings and must be 900, 1800 or 3600 s.
+pub fn parse_plain_csv(text: &str) -> Result<Vec<MeterSeries>, ImportError> {
+    let mut by_meter: BTreeMap<String, Vec<(i64, i64)>> = BTreeMap::new();
+    for (n, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || (n == 0 && line.to_ascii_lowercase().starts_with("meter")) {
+            continue;
+        }
+        let f: Vec<&str> = line.split(',').map(str::trim).collect();
+        let [meter, ts, wh] = f.as_slice() else {
+            return Err(err(format!(
+                "line {}: expected meter_id,timestamp,wh",
+                n + 1
+            )));
+        };
+        if !is_label(meter) {
+            return Err(err(format!(
+                "line {}: meter id {meter:?} must be [A-Za-z0-9._-]",
+                n + 1
+            )));
+        }
+        let t = match ts.parse::<i64>() {
+            Ok(t) => t,
+            Err(_) => chrono::DateTime::parse_from_rfc3339(ts)
+                .map_err(|e| err(format!("line {}: timestamp {ts:?}: {e}", n + 1)))?
+                .timestamp(),
+        };
+        let v = wh
+            .parse::<i64>()
+            .map_err(|_| err(format!("line {}: {wh:?} is not an integer Wh", n + 1)))?;
+        by_meter.entry(meter.to_string()).or_default().push((t, v));
+    }
+    by_meter
+        .into_iter()
+        .map(|(meter_id, mut readings)| {
+            readings.sort();
+            let interval = readings
+                .windows(2)
+                .map(|w| w[1].0 - w[0].0)
+                .filter(|d| *d > 0)
+                .min()
+                .unwrap_or(0);
+            let interval_seconds = u32::try_from(interval)
+                .ok()
+                .filter(|i| INTERVALS.contains(i))
+                .ok_or_else(|| {
+                    err(format!(
+                        "{meter_id}: readings are {interval} s apart; expected 900, 1800 or 3600"
+                    ))
+                })?;
+            Ok(MeterSeries {
+                meter_id,
+                interval_seconds,
+                readings,
+            })
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SAMPLES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/data/greenbutton");
+
+    #[test]
+    fn green_button_single_point_15_min() {
+        let Ok(xml) = std::fs::read_to_string(format!("{SAMPLES}/15minLP_15Days.xml")) else {
+            panic!("sample data missing at {SAMPLES}");
+        };
+        let series = parse_green_button(&xml, "gb").unwrap();
+        assert_eq!(series.len(), 1);
+        let s = &series[0];
+        assert_eq!(s.meter_id, "gb-9b6c7063-01");
+        assert_eq!(s.interval_seconds, 900);
+        assert_eq!(s.readings.len(), 1340);
+        assert_eq!(s.readings[0], (1_330_578_000, 324)); // 2012-03-01 05:00 UTC, 324 Wh
+        let (days, partial) = to_days(&series).unwrap();
+        assert!(!days.is_empty());
+        assert!(days.iter().all(|d| d.values.len() == 96));
+        let total: usize = days.iter().map(|d| d.values.len()).sum::<usize>()
+            + partial.iter().map(|p| p.2).sum::<usize>();
+        assert_eq!(
+            total, 1340,
+            "every reading is in a full or a reported partial day"
+        );
+    }
+
+    #[test]
+    fn green_button_five_points_hourly() {
+        let xml = std::fs::read_to_string(format!("{SAMPLES}/1hrLP_32DaysFiveUsagePoints_M.xml"))
+            .unwrap();
+        let series = parse_green_button(&xml, "gb").unwrap();
+        assert_eq!(series.len(), 5);
+        assert!(series.iter().all(|s| s.interval_seconds == 3600));
+        assert_eq!(series.iter().map(|s| s.readings.len()).sum::<usize>(), 3840);
+        let ids: std::collections::BTreeSet<&str> =
+            series.iter().map(|s| s.meter_id.as_str()).collect();
+        assert_eq!(ids.len(), 5, "one meter per usage point");
+    }
+
+    #[test]
+    fn plain_csv_and_errors() {
+        let mut csv = String::from("meter_id,timestamp,wh\n");
+        for i in 0..96 {
+            csv.push_str(&format!("m-1,{},{}\n", 1_764_115_200 + i * 900, i - 10));
+        }
+        csv.push_str("m-2,2025-11-26T00:00:00Z,5\nm-2,2025-11-26T01:00:00+00:00,6\n");
+        let s = parse_plain_csv(&csv).unwrap();
+        assert_eq!(s[0].interval_seconds, 900);
+        assert_eq!(s[1].interval_seconds, 3600);
+        let (days, partial) = to_days(&s).unwrap();
+        assert_eq!(days.len(), 1);
+        assert_eq!(days[0].values[11], 1);
+        assert_eq!(partial, vec![("m-2".to_string(), 20_418, 2)]);
+        assert!(
+            parse_plain_csv("m-1,0,1\nm-1,600,2\n").is_err(),
+            "10-minute spacing"
+        );
+        assert!(parse_plain_csv("m 1,0,1\n").is_err());
+        assert!(parse_plain_csv("m-1,0,1.5\n").is_err());
+        assert!(parse_green_button("<feed><entry>", "gb").is_err());
+    }
+}
