@@ -397,6 +397,134 @@ pub fn parse_plain_csv(text: &str) -> Result<Vec<MeterSeries>, ImportError> {
         .collect()
 }
 
+/// Whether `text` looks like a utility's Green Button CSV export (a header row with DATE,
+/// START TIME and USAGE columns after the account preamble).
+pub fn is_green_button_csv(text: &str) -> bool {
+    text.lines().take(50).any(|l| {
+        let u = l.to_ascii_uppercase();
+        u.contains("DATE") && u.contains("START TIME") && u.contains("USAGE")
+    })
+}
+
+/// Parses a utility Green Button CSV export ("TYPE,DATE,START TIME,END TIME,USAGE,UNITS,COST,
+/// NOTES" after an account preamble). Times are local to `time_zone`; a repeated local hour at
+/// the end of daylight saving is resolved by order (first the earlier instant, then the later).
+/// USAGE is kWh (or Wh when UNITS says so). The file names no meter: `meter_id` does.
+pub fn parse_green_button_csv(
+    text: &str,
+    meter_id: &str,
+    time_zone: &str,
+) -> Result<MeterSeries, ImportError> {
+    use chrono::TimeZone;
+    if !is_label(meter_id) {
+        return Err(err(format!("meter id {meter_id:?} must be [A-Za-z0-9._-]")));
+    }
+    let tz: chrono_tz::Tz = time_zone
+        .parse()
+        .map_err(|_| err(format!("unknown IANA time zone {time_zone:?}")))?;
+    let mut lines = text.lines().enumerate();
+    let header = lines
+        .by_ref()
+        .find(|(_, l)| is_green_button_csv(l))
+        .ok_or_else(|| err("no header row with DATE, START TIME and USAGE"))?
+        .1;
+    let cols: Vec<String> = header
+        .split(',')
+        .map(|c| c.trim().to_ascii_uppercase())
+        .collect();
+    let col = |name: &str| {
+        cols.iter()
+            .position(|c| c == name)
+            .ok_or_else(|| err(format!("no {name} column")))
+    };
+    let (c_date, c_start, c_usage) = (col("DATE")?, col("START TIME")?, col("USAGE")?);
+    let c_units = col("UNITS").ok();
+    let mut readings: Vec<(i64, i64)> = Vec::new();
+    let mut seen_local = std::collections::HashSet::new();
+    for (n, line) in lines {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let f: Vec<&str> = line.split(',').map(str::trim).collect();
+        let get = |i: usize| {
+            f.get(i)
+                .copied()
+                .ok_or_else(|| err(format!("line {}: too few columns", n + 1)))
+        };
+        let date = get(c_date)?;
+        let date = chrono::NaiveDate::parse_from_str(date, "%Y-%m-%d")
+            .or_else(|_| chrono::NaiveDate::parse_from_str(date, "%m/%d/%Y"))
+            .map_err(|_| {
+                err(format!(
+                    "line {}: date {date:?} is not YYYY-MM-DD or MM/DD/YYYY",
+                    n + 1
+                ))
+            })?;
+        let time = chrono::NaiveTime::parse_from_str(get(c_start)?, "%H:%M").map_err(|_| {
+            err(format!(
+                "line {}: start time {:?} is not HH:MM",
+                n + 1,
+                f[c_start]
+            ))
+        })?;
+        let local = date.and_time(time);
+        let instant = match tz.from_local_datetime(&local) {
+            chrono::LocalResult::Single(t) => t,
+            chrono::LocalResult::Ambiguous(a, b) => {
+                if seen_local.contains(&local) {
+                    b.max(a)
+                } else {
+                    a.min(b)
+                }
+            }
+            chrono::LocalResult::None => {
+                return Err(err(format!(
+                    "line {}: {local} does not exist in {time_zone}",
+                    n + 1
+                )))
+            }
+        };
+        seen_local.insert(local);
+        let usage: f64 = get(c_usage)?.parse().map_err(|_| {
+            err(format!(
+                "line {}: usage {:?} is not a number",
+                n + 1,
+                f[c_usage]
+            ))
+        })?;
+        let factor = match c_units
+            .and_then(|c| f.get(c))
+            .map(|u| u.to_ascii_lowercase())
+        {
+            Some(u) if u == "wh" => 1.0,
+            Some(u) if u == "kwh" || u.is_empty() => 1000.0,
+            None => 1000.0,
+            Some(u) => return Err(err(format!("line {}: units {u:?}: only kWh or Wh", n + 1))),
+        };
+        readings.push((instant.timestamp(), (usage * factor).round() as i64));
+    }
+    readings.sort();
+    let interval = readings
+        .windows(2)
+        .map(|w| w[1].0 - w[0].0)
+        .filter(|d| *d > 0)
+        .min()
+        .unwrap_or(0);
+    let interval_seconds = u32::try_from(interval)
+        .ok()
+        .filter(|i| INTERVALS.contains(i))
+        .ok_or_else(|| {
+            err(format!(
+                "readings are {interval} s apart; expected 900, 1800 or 3600"
+            ))
+        })?;
+    Ok(MeterSeries {
+        meter_id: meter_id.to_owned(),
+        interval_seconds,
+        readings,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -460,5 +588,30 @@ mod tests {
         assert!(parse_plain_csv("m 1,0,1\n").is_err());
         assert!(parse_plain_csv("m-1,0,1.5\n").is_err());
         assert!(parse_green_button("<feed><entry>", "gb").is_err());
+    }
+
+    #[test]
+    fn green_button_csv_with_dst_fall_back() {
+        // 2026-11-01 in New York: 01:00-02:00 local happens twice.
+        let mut csv = String::from("Name,Jane Doe\nAccount Number,123\n\nTYPE,DATE,START TIME,END TIME,USAGE,UNITS,COST,NOTES\n");
+        let local = ["00:00", "01:00", "01:00", "02:00"];
+        for (i, t) in local.iter().enumerate() {
+            csv.push_str(&format!(
+                "Electric usage,2026-11-01,{t},{t},0.{i}5,kWh,$0.01,\n"
+            ));
+        }
+        assert!(is_green_button_csv(&csv));
+        let s = parse_green_button_csv(&csv, "home-7", "America/New_York").unwrap();
+        assert_eq!(s.interval_seconds, 3600);
+        let starts: Vec<i64> = s.readings.iter().map(|r| r.0).collect();
+        // 00:00 EDT = 04:00Z, 01:00 EDT = 05:00Z, 01:00 EST = 06:00Z, 02:00 EST = 07:00Z.
+        let base = 1_793_505_600;
+        assert_eq!(starts, vec![base, base + 3600, base + 7200, base + 10_800]);
+        assert_eq!(
+            s.readings.iter().map(|r| r.1).collect::<Vec<_>>(),
+            vec![50, 150, 250, 350]
+        );
+        assert!(parse_green_button_csv(&csv, "home-7", "Nowhere/City").is_err());
+        assert!(parse_green_button_csv("TYPE,DATE\n", "home-7", "UTC").is_err());
     }
 }
