@@ -4,7 +4,10 @@
 use std::io::Write;
 
 use anyhow::{bail, Context};
-use psm_core::import::{parse_green_button, parse_plain_csv, to_days, MeterDay};
+use psm_core::import::{
+    is_green_button_csv, parse_green_button, parse_green_button_csv, parse_plain_csv, to_days,
+    MeterDay,
+};
 use psm_core::keys::Manifest;
 use psm_core::lwe::{words_to_le_bytes, LweBatch};
 use psm_core::readings::{format_day, parse_day};
@@ -18,8 +21,9 @@ use crate::client_args::ClientArgs;
 
 #[derive(clap::Subcommand)]
 pub enum MeterCommand {
-    /// Import real readings — Green Button ESPI XML (one meter per usage point) or a plain CSV
-    /// of meter_id,timestamp,wh — and submit every complete UTC day as a head-end.
+    /// Import real readings — Green Button ESPI XML (one meter per usage point), a utility's
+    /// Green Button CSV export, or a plain CSV of meter_id,timestamp,wh — and submit every
+    /// complete UTC day as a head-end.
     Import(ImportArgs),
     /// Simulate a town's meters and submit their readings to ingest as a head-end. Encryption
     /// is randomized: submitting the same meter-days twice is refused (ALREADY_EXISTS), so use
@@ -55,9 +59,17 @@ pub struct SimulateArgs {
 pub struct ImportArgs {
     /// The file to import.
     pub file: std::path::PathBuf,
-    /// File format: greenbutton, csv, or auto (by extension: .xml is Green Button).
+    /// File format: greenbutton (ESPI XML), gbcsv (a utility's Green Button CSV export), csv
+    /// (meter_id,timestamp,wh) or auto (.xml is ESPI; a CSV with DATE/START TIME/USAGE columns
+    /// is gbcsv; otherwise plain csv).
     #[arg(long, default_value = "auto")]
     pub format: String,
+    /// Meter id for a Green Button CSV (the export names none).
+    #[arg(long)]
+    pub meter: Option<String>,
+    /// IANA time zone of a Green Button CSV's local dates and times.
+    #[arg(long, default_value = "UTC")]
+    pub time_zone: String,
     /// Prefix of meter ids made from Green Button usage points (<prefix>-<customer>-<point>).
     #[arg(long, default_value = "gb")]
     pub prefix: String,
@@ -194,19 +206,29 @@ pub fn run(cmd: MeterCommand) -> anyhow::Result<()> {
         MeterCommand::Import(a) => {
             let text = std::fs::read_to_string(&a.file)
                 .with_context(|| format!("reading {}", a.file.display()))?;
-            let xml = match a.format.as_str() {
-                "greenbutton" => true,
-                "csv" => false,
-                "auto" => a
-                    .file
-                    .extension()
-                    .is_some_and(|e| e.eq_ignore_ascii_case("xml")),
-                other => bail!("--format {other:?}: expected greenbutton, csv or auto"),
+            let format = match a.format.as_str() {
+                "auto"
+                    if a.file
+                        .extension()
+                        .is_some_and(|e| e.eq_ignore_ascii_case("xml")) =>
+                {
+                    "greenbutton"
+                }
+                "auto" if is_green_button_csv(&text) => "gbcsv",
+                "auto" => "csv",
+                f @ ("greenbutton" | "gbcsv" | "csv") => f,
+                other => bail!("--format {other:?}: expected greenbutton, gbcsv, csv or auto"),
             };
-            let series = if xml {
-                parse_green_button(&text, &a.prefix)?
-            } else {
-                parse_plain_csv(&text)?
+            let series = match format {
+                "greenbutton" => parse_green_button(&text, &a.prefix)?,
+                "gbcsv" => {
+                    let meter = a
+                        .meter
+                        .as_deref()
+                        .context("a Green Button CSV names no meter: pass --meter ID")?;
+                    vec![parse_green_button_csv(&text, meter, &a.time_zone)?]
+                }
+                _ => parse_plain_csv(&text)?,
             };
             let (days, partial) = to_days(&series)?;
             for (m, d, n) in &partial {

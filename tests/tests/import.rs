@@ -47,6 +47,46 @@ async fn green_button_import_then_bill() {
         "{stdout}"
     );
 
+    // A utility's Green Button CSV export: one UTC day of hourly kWh for a meter named on the
+    // command line.
+    let mut csv =
+        String::from("Name,Jane\n\nTYPE,DATE,START TIME,END TIME,USAGE,UNITS,COST,NOTES\n");
+    for h in 0..24 {
+        csv.push_str(&format!(
+            "Electric usage,2026-02-02,{h:02}:00,{h:02}:59,0.{h:02},kWh,$0.01,\n"
+        ));
+    }
+    let csv_path = pki.dir.path().join("usage.csv");
+    std::fs::write(&csv_path, csv).unwrap();
+    let out = std::process::Command::new(psm_e2e::bin("psm"))
+        .args([
+            "meter",
+            "import",
+            "--meter",
+            "home-9",
+            "--time-zone",
+            "UTC",
+            "--server-name",
+            "ingest",
+        ])
+        .arg(&csv_path)
+        .arg("--endpoint")
+        .arg(format!("https://127.0.0.1:{}", sys.ingest.port))
+        .arg("--pki")
+        .arg(pki.dir.path())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("1 meters, 1 complete meter-days: 1 stored"),
+        "{stdout}"
+    );
+
     // Bill one imported UTC day with a flat tariff: the energy is the sum of that day's values.
     let series =
         psm_core::import::parse_green_button(&std::fs::read_to_string(&file).unwrap(), "gb")
