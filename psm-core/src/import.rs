@@ -529,7 +529,7 @@ pub fn parse_green_button_csv(
 mod tests {
     use super::*;
 
-    const SAMPLES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/data/greenbutton");
+    const SAMPLES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../testdata/greenbutton");
 
     #[test]
     fn green_button_single_point_15_min() {

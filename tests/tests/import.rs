@@ -6,7 +6,7 @@ use psm_net::Role;
 use psm_proto::v1::compute_client::ComputeClient;
 use psm_proto::v1::{BillRequest, Tariff, TariffBand, TimeRange};
 
-const SAMPLES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/data/greenbutton");
+const SAMPLES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../testdata/greenbutton");
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn green_button_import_then_bill() {
