@@ -336,6 +336,25 @@ pub fn parse_green_button(xml: &str, prefix: &str) -> Result<Vec<MeterSeries>, I
     Ok(out)
 }
 
+/// Sorts readings by time and infers the interval length from their smallest spacing.
+fn sort_and_interval(readings: &mut [(i64, i64)], meter_id: &str) -> Result<u32, ImportError> {
+    readings.sort();
+    let interval = readings
+        .windows(2)
+        .map(|w| w[1].0 - w[0].0)
+        .filter(|d| *d > 0)
+        .min()
+        .unwrap_or(0);
+    u32::try_from(interval)
+        .ok()
+        .filter(|i| INTERVALS.contains(i))
+        .ok_or_else(|| {
+            err(format!(
+                "{meter_id}: readings are {interval} s apart; expected 900, 1800 or 3600"
+            ))
+        })
+}
+
 /// Parses `meter_id,timestamp,wh` lines (a header line is skipped; timestamps are Unix seconds
 /// or RFC 3339 with an offset). The interval length of each meter is the spacing of its
 /// readings and must be 900, 1800 or 3600 s.
@@ -373,21 +392,7 @@ pub fn parse_plain_csv(text: &str) -> Result<Vec<MeterSeries>, ImportError> {
     by_meter
         .into_iter()
         .map(|(meter_id, mut readings)| {
-            readings.sort();
-            let interval = readings
-                .windows(2)
-                .map(|w| w[1].0 - w[0].0)
-                .filter(|d| *d > 0)
-                .min()
-                .unwrap_or(0);
-            let interval_seconds = u32::try_from(interval)
-                .ok()
-                .filter(|i| INTERVALS.contains(i))
-                .ok_or_else(|| {
-                    err(format!(
-                        "{meter_id}: readings are {interval} s apart; expected 900, 1800 or 3600"
-                    ))
-                })?;
+            let interval_seconds = sort_and_interval(&mut readings, &meter_id)?;
             Ok(MeterSeries {
                 meter_id,
                 interval_seconds,
@@ -503,21 +508,7 @@ pub fn parse_green_button_csv(
         };
         readings.push((instant.timestamp(), (usage * factor).round() as i64));
     }
-    readings.sort();
-    let interval = readings
-        .windows(2)
-        .map(|w| w[1].0 - w[0].0)
-        .filter(|d| *d > 0)
-        .min()
-        .unwrap_or(0);
-    let interval_seconds = u32::try_from(interval)
-        .ok()
-        .filter(|i| INTERVALS.contains(i))
-        .ok_or_else(|| {
-            err(format!(
-                "readings are {interval} s apart; expected 900, 1800 or 3600"
-            ))
-        })?;
+    let interval_seconds = sort_and_interval(&mut readings, meter_id)?;
     Ok(MeterSeries {
         meter_id: meter_id.to_owned(),
         interval_seconds,
