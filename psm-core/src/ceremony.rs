@@ -338,9 +338,11 @@ impl PublicBundle {
     }
 }
 
-/// Decrypts through the share files, in-process: every party answers, results are combined.
-fn decrypt_via_files(
-    shares: &[ShareFile],
+/// Decrypts in-process through the given parties' share files (each floods at its key's floor)
+/// and combines their answers; any disagreement is an error. Used by the ceremony's self-check,
+/// and by tests and benchmarks as the no-network baseline.
+pub fn decrypt_via_files(
+    shares: &[&ShareFile],
     key_id: &str,
     batch: &crate::lwe::LweBatch,
     encoding: crate::lwe::Encoding,
@@ -387,11 +389,12 @@ pub fn self_check(
     progress: &mut dyn FnMut(&str),
 ) -> Result<(), CeremonyError> {
     let bundle = PublicBundle::open(&output.public_dir)?;
-    let shares: Vec<ShareFile> = output
+    let files: Vec<ShareFile> = output
         .share_files
         .iter()
         .map(|p| ShareFile::read(p))
         .collect::<Result<_, _>>()?;
+    let shares: Vec<&ShareFile> = files.iter().collect();
     for s in &shares {
         if s.manifest_hash != bundle.manifest_hash {
             return Err(CeremonyError::SelfCheck(format!(

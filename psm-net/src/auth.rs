@@ -115,15 +115,6 @@ fn remap_size_error<B>(resp: &mut Response<B>) {
     }
 }
 
-/// For handlers that read request streams: the same mapping as the layer does for unary calls.
-pub fn map_size_status(status: Status) -> Status {
-    if status.code() == Code::OutOfRange && status.message().contains("message length too large") {
-        Status::resource_exhausted(status.message().to_owned())
-    } else {
-        status
-    }
-}
-
 impl<S, ReqBody> tower::Service<Request<ReqBody>> for AuthService<S>
 where
     S: tower::Service<Request<ReqBody>, Response = Response<tonic::body::Body>>

@@ -111,11 +111,6 @@ impl SpiffeId {
         })
     }
 
-    /// The URI form placed in certificates.
-    pub fn uri(&self) -> String {
-        self.to_string()
-    }
-
     /// Reads the single SPIFFE URI SAN of a DER certificate.
     pub fn from_cert_der(der: &[u8]) -> Result<Self, NetError> {
         let (_, cert) = x509_parser::parse_x509_certificate(der)

@@ -194,7 +194,7 @@ impl DevPki {
             .map_err(cert_err)?;
         params
             .subject_alt_names
-            .push(SanType::URI(id.uri().try_into().map_err(cert_err)?));
+            .push(SanType::URI(id.to_string().try_into().map_err(cert_err)?));
         params
             .subject_alt_names
             .push(SanType::IpAddress(std::net::IpAddr::from([127, 0, 0, 1])));

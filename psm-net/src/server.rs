@@ -5,7 +5,6 @@ use std::future::Future;
 use std::net::SocketAddr;
 
 use tokio::net::TcpListener;
-use tonic::server::NamedService;
 use tonic::service::Routes;
 use tonic::transport::server::TcpIncoming;
 use tonic::transport::Server;
@@ -48,11 +47,6 @@ pub async fn shutdown_signal() {
     {
         let _ = tokio::signal::ctrl_c().await;
     }
-}
-
-/// The gRPC service names a server reports in health checks.
-pub fn service_name<S: NamedService>() -> &'static str {
-    S::NAME
 }
 
 /// Serves `routes` on `listener` until `shutdown` resolves, then marks every service

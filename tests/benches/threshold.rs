@@ -6,15 +6,12 @@
 
 use std::time::{Duration, Instant};
 
-use compute_svc::decrypt::{KeyshareEndpoint, ThresholdDecryptor};
-use psm_core::ceremony::PublicBundle;
+use psm_core::ceremony::{decrypt_via_files, PublicBundle};
 use psm_core::keys::ShareFile;
 use psm_core::linear::LINEAR_ENCODING;
 use psm_core::lwe::{Encoding, LweBatch, SQUASHED_BLOCK};
 use psm_core::squashed::uint_batch;
-use psm_core::threshold::{combine, partial_decrypt, PartyResponse};
-use psm_e2e::{Proc, TestPki};
-use psm_net::Role;
+use psm_e2e::TestPki;
 use psm_proto::v1::{ComputationKind, ComputationManifest};
 use tfhe::prelude::*;
 use tfhe::{CompactCiphertextList, FheUint64};
@@ -27,36 +24,8 @@ fn stats(mut d: Vec<Duration>) -> (f64, f64) {
     (ms(d[d.len() / 2]), ms(d[d.len() * 9 / 10]))
 }
 
-fn in_process(
-    shares: &[ShareFile],
-    key_id: &str,
-    batch: &LweBatch,
-    enc: Encoding,
-    noise: u32,
-) -> Vec<i128> {
-    let scheme = shares[0].scheme().unwrap();
-    let responses: Vec<PartyResponse> = shares
-        .iter()
-        .map(|f| {
-            let key = f.key(key_id).unwrap();
-            PartyResponse {
-                party: f.party_index - 1,
-                shares: partial_decrypt(
-                    &f.party_shares(key),
-                    scheme,
-                    &f.flood_key(),
-                    key_id,
-                    batch,
-                    enc,
-                    noise,
-                )
-                .unwrap(),
-            }
-        })
-        .collect();
-    combine(scheme, batch, enc, noise, &responses)
-        .unwrap()
-        .values
+fn in_process(shares: &[&ShareFile], key_id: &str, batch: &LweBatch, enc: Encoding) -> Vec<i128> {
+    decrypt_via_files(shares, key_id, batch, enc).unwrap()
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
@@ -64,11 +33,12 @@ async fn main() {
     let pki = TestPki::new("psm.bench");
     let keys = psm_e2e::keys::key_set(3, 2);
     let bundle = PublicBundle::open(&keys.public_dir).unwrap();
-    let shares: Vec<ShareFile> = keys
+    let files: Vec<ShareFile> = keys
         .share_files
         .iter()
         .map(|p| ShareFile::read(p).unwrap())
         .collect();
+    let shares: Vec<&ShareFile> = files.iter().collect();
 
     let sk = bundle.compressed_server_key().unwrap().decompress();
     let cpk = bundle.compact_public_key().unwrap();
@@ -88,25 +58,8 @@ async fn main() {
     let values: Vec<i64> = (0..1000).map(|i| i * 7 - 3000).collect();
     let linear = psm_core::linear::encrypt(&lpk, &values);
 
-    let mut procs = Vec::new();
-    for name in ["keyshare-1", "keyshare-2", "keyshare-3"] {
-        procs.push(Proc::start_keyshare(&pki, name, &keys, &[]).await);
-    }
-    let endpoints: Vec<KeyshareEndpoint> = procs
-        .iter()
-        .map(|p| KeyshareEndpoint {
-            name: p.name.clone(),
-            url: format!("https://127.0.0.1:{}", p.port),
-        })
-        .collect();
-    let dec = ThresholdDecryptor::new(
-        keys.manifest.clone(),
-        &endpoints,
-        &pki.tls(Role::Compute, "compute"),
-        Duration::from_millis(300),
-        Duration::from_secs(30),
-    )
-    .unwrap();
+    let procs = psm_e2e::start_keyshares(&pki, &keys).await;
+    let dec = psm_e2e::decryptor(&pki, &keys, &procs, Duration::from_millis(300));
 
     let cases: [(&str, &str, &LweBatch, Encoding, u32); 2] = [
         (
@@ -127,11 +80,11 @@ async fn main() {
     println!("| batch | in-process median / p90 (ms) | 3 keyshares over mTLS median / p90 (ms) |");
     println!("|---|---|---|");
     for (label, key_id, batch, enc, noise) in cases {
-        let want = in_process(&shares, key_id, batch, enc, noise);
+        let want = in_process(&shares, key_id, batch, enc);
         let mut local = Vec::new();
         for _ in 0..ITERS {
             let t = Instant::now();
-            let got = in_process(&shares, key_id, batch, enc, noise);
+            let got = in_process(&shares, key_id, batch, enc);
             local.push(t.elapsed());
             assert_eq!(got, want);
         }

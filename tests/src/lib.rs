@@ -202,6 +202,42 @@ impl Drop for Proc {
     }
 }
 
+/// Starts keyshare-svc for every party of `keys`.
+pub async fn start_keyshares(
+    pki: &TestPki,
+    keys: &psm_core::ceremony::CeremonyOutput,
+) -> Vec<Proc> {
+    let mut procs = Vec::new();
+    for name in &keys.manifest.party_names {
+        procs.push(Proc::start_keyshare(pki, name, keys, &[]).await);
+    }
+    procs
+}
+
+/// What compute-svc uses to decrypt, aimed at `keyshares` with the compute certificate.
+pub fn decryptor(
+    pki: &TestPki,
+    keys: &psm_core::ceremony::CeremonyOutput,
+    keyshares: &[Proc],
+    grace: Duration,
+) -> compute_svc::decrypt::ThresholdDecryptor {
+    let endpoints: Vec<compute_svc::decrypt::KeyshareEndpoint> = keyshares
+        .iter()
+        .map(|p| compute_svc::decrypt::KeyshareEndpoint {
+            name: p.name.clone(),
+            url: format!("https://127.0.0.1:{}", p.port),
+        })
+        .collect();
+    compute_svc::decrypt::ThresholdDecryptor::new(
+        keys.manifest.clone(),
+        &endpoints,
+        &pki.tls(Role::Compute, "compute"),
+        grace,
+        Duration::from_secs(30),
+    )
+    .expect("decryptor")
+}
+
 /// The whole system as separate processes: three keyshares, ingest (head-end `headend-1` may
 /// submit for any meter) and compute wired to both.
 pub struct System {
@@ -219,10 +255,7 @@ impl System {
         compute_extra: &str,
     ) -> System {
         let public = keys.public_dir.to_str().expect("utf-8 path").to_owned();
-        let mut keyshares = Vec::new();
-        for name in ["keyshare-1", "keyshare-2", "keyshare-3"] {
-            keyshares.push(Proc::start_keyshare(pki, name, keys, &[]).await);
-        }
+        let keyshares = start_keyshares(pki, keys).await;
         let icfg = pki.dir.path().join("ingest.toml");
         fs::write(&icfg, "[ingest.headends]\n\"headend-1\" = [\"*\"]\n").expect("ingest config");
         let icfg = icfg.to_str().expect("utf-8 path").to_owned();

@@ -4,7 +4,6 @@
 
 use std::time::Duration;
 
-use compute_svc::decrypt::{KeyshareEndpoint, ThresholdDecryptor};
 use psm_core::ceremony::PublicBundle;
 use psm_core::linear::LINEAR_ENCODING;
 use psm_core::lwe::SQUASHED_BLOCK;
@@ -45,27 +44,10 @@ fn psm_audit_verify(pki: &TestPki, port: u16) -> std::process::Output {
 async fn decrypt_through_three_keyshares_and_audit() {
     let pki = TestPki::new("psm.test");
     let keys = psm_e2e::keys::key_set(3, 2);
-    let mut ks = Vec::new();
-    for name in ["keyshare-1", "keyshare-2", "keyshare-3"] {
-        ks.push(Proc::start_keyshare(&pki, name, &keys, &[]).await);
-    }
-    let endpoints: Vec<KeyshareEndpoint> = ks
-        .iter()
-        .map(|p| KeyshareEndpoint {
-            name: p.name.clone(),
-            url: format!("https://127.0.0.1:{}", p.port),
-        })
-        .collect();
-    let decryptor = ThresholdDecryptor::new(
-        keys.manifest.clone(),
-        &endpoints,
-        &pki.tls(Role::Compute, "compute"),
-        // A long grace: every live keyshare answers (and records) each request, so the audit
-        // counts below do not depend on timing; a dead one fails at once and does not hold it up.
-        Duration::from_secs(20),
-        Duration::from_secs(30),
-    )
-    .unwrap();
+    let mut ks = psm_e2e::start_keyshares(&pki, &keys).await;
+    // A long grace: every live keyshare answers (and records) each request, so the audit
+    // counts below do not depend on timing; a dead one fails at once and does not hold it up.
+    let decryptor = psm_e2e::decryptor(&pki, &keys, &ks, Duration::from_secs(20));
 
     // A squashed FheUint64 (16 blocks) and a linear sum.
     let bundle = PublicBundle::open(&keys.public_dir).unwrap();

@@ -1,12 +1,12 @@
 //! Squashed tfhe-rs ciphertexts (FheUint8/32/64, FheBool) and linear-track sums decrypt through
 //! any t of n share files written by the ceremony code, and not through t−1.
 
-use psm_core::ceremony::PublicBundle;
+use psm_core::ceremony::{decrypt_via_files, CeremonyError, PublicBundle};
 use psm_core::keys::ShareFile;
 use psm_core::linear::LINEAR_ENCODING;
 use psm_core::lwe::{LweBatch, SQUASHED_BLOCK};
 use psm_core::squashed::{bool_batch, recompose, uint_batch};
-use psm_core::threshold::{combine, partial_decrypt, PartyResponse, ThresholdError};
+use psm_core::threshold::ThresholdError;
 use tfhe::prelude::*;
 use tfhe::{CompactCiphertextList, FheBool, FheUint32, FheUint64, FheUint8};
 
@@ -17,42 +17,21 @@ fn subsets(n: usize, size: usize) -> Vec<Vec<usize>> {
         .collect()
 }
 
+/// Decrypts through the share files of parties `who` (0-based).
 fn decrypt(
     shares: &[ShareFile],
     who: &[usize],
     key_id: &str,
     batch: &LweBatch,
     linear: bool,
-) -> Result<Vec<i128>, ThresholdError> {
+) -> Result<Vec<i128>, CeremonyError> {
     let enc = if linear {
         LINEAR_ENCODING
     } else {
         SQUASHED_BLOCK
     };
-    let scheme = shares[0].scheme()?;
-    let mut noise = 0;
-    let responses: Vec<PartyResponse> = who
-        .iter()
-        .map(|p| {
-            let f = &shares[*p];
-            let key = f.key(key_id).expect("key in share file");
-            noise = key.min_noise_log2;
-            PartyResponse {
-                party: f.party_index - 1,
-                shares: partial_decrypt(
-                    &f.party_shares(key),
-                    scheme,
-                    &f.flood_key(),
-                    key_id,
-                    batch,
-                    enc,
-                    noise,
-                )
-                .expect("partial"),
-            }
-        })
-        .collect();
-    combine(scheme, batch, enc, noise.max(40), &responses).map(|c| c.values)
+    let chosen: Vec<&ShareFile> = who.iter().map(|p| &shares[*p]).collect();
+    decrypt_via_files(&chosen, key_id, batch, enc)
 }
 
 #[test]
@@ -154,7 +133,7 @@ fn squashed_integers_and_bools_and_linear_sums_through_any_quorum() {
         for who in subsets(n, t - 1) {
             let err = decrypt(&shares, &who, tfhe_id, &cases[2].0, false).unwrap_err();
             assert!(
-                matches!(err, ThresholdError::NoQuorum(_)),
+                matches!(err, CeremonyError::Threshold(ThresholdError::NoQuorum(_))),
                 "{t}-of-{n} {who:?}: {err}"
             );
         }
