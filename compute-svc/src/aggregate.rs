@@ -5,13 +5,14 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use psm_core::aggregate::{bucket, max_summands, noise_log2, sum_words};
+use prost::Message;
+use psm_core::aggregate::{max_summands, sum_words};
 use psm_core::linear::LINEAR_ENCODING;
-use psm_core::lwe::LweBatch;
+use psm_core::program::aggregate_output;
 use psm_core::readings::{parse_day, validate_meter_id, DAY_SECONDS};
 use psm_proto::v1::{
-    AggregateRequest, AggregateResponse, ComputationKind, ComputationManifest, InputRef,
-    PartyFault, QuorumReport, TimeRange,
+    AggregateProgram, AggregateRequest, AggregateResponse, ComputationKind, ComputationManifest,
+    InputRef, PartyFault, QuorumReport, TimeRange,
 };
 use tonic::transport::Channel;
 use tonic::Status;
@@ -146,7 +147,11 @@ impl Aggregator<'_> {
                 track: b.track,
                 ciphertext_hash: b.ciphertext_hash,
             });
-            if acc.inputs.len() == shard_cap {
+            // Balanced shards: a cohort just over the cap is split in halves, not into a full
+            // shard and a tiny one (which keyshares would refuse as below their minimum).
+            let shards_needed = cohort.len().div_ceil(shard_cap);
+            let shard_size = cohort.len().div_ceil(shards_needed);
+            if acc.inputs.len() == shard_size {
                 if let Some(words) = acc.words.take() {
                     shards.push(Shard {
                         day,
@@ -178,24 +183,30 @@ impl Aggregator<'_> {
             }
         }
 
+        // Every shard is released on its own, so each must be a cohort the keyshares accept.
+        if let Some(s) = shards.iter().find(|s| s.inputs.len() < self.min_cohort) {
+            return Err(Status::failed_precondition(format!(
+                "only {} meters of the cohort report {} s intervals on {}; their sum would be released on its own and is below the minimum of {}",
+                s.inputs.len(),
+                g as usize / s.k,
+                psm_core::readings::format_day(s.day),
+                self.min_cohort
+            )));
+        }
+
         // Decrypt each shard and add the clear sums per output interval.
+        let program = AggregateProgram {
+            granularity_seconds: g,
+        }
+        .encode_to_vec();
         let mut totals = vec![0i128; buckets_per_day * days as usize];
         let mut report = QuorumReport::default();
         for (i, s) in shards.into_iter().enumerate() {
-            let summands = s.inputs.len() * s.k;
-            let count = s.words.len() - psm_core::linear::LINEAR_DIMENSION;
-            let compact = LweBatch::Compact {
-                dimension: psm_core::linear::LINEAR_DIMENSION,
-                count,
-                words: s.words,
-            };
-            let batch = if s.k == 1 {
-                compact
-            } else {
-                bucket(&compact, s.k)
-            };
+            let (batch, noise) = aggregate_output(s.words, s.inputs.len(), s.k);
             let manifest = ComputationManifest {
                 kind: ComputationKind::Aggregate as i32,
+                program_hash: blake3::hash(&program).as_bytes().to_vec(),
+                program: program.clone(),
                 inputs: s.inputs,
                 range: Some(TimeRange {
                     start_unix: s.day * DAY_SECONDS,
@@ -209,7 +220,7 @@ impl Aggregator<'_> {
                     self.linear_key_id,
                     &batch,
                     LINEAR_ENCODING,
-                    noise_log2(summands),
+                    noise,
                     manifest,
                     &format!("{key}/{i}"),
                 )

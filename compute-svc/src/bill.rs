@@ -2,11 +2,11 @@
 //! encrypted interval readings, threshold-decrypted (only the band totals), and priced.
 
 use prost::Message;
-use psm_core::aggregate::{max_summands, noise_log2};
-use psm_core::linear::{LINEAR_DIMENSION, LINEAR_ENCODING};
-use psm_core::lwe::LweBatch;
+use psm_core::aggregate::max_summands;
+use psm_core::linear::LINEAR_ENCODING;
+use psm_core::program::BillEvaluator;
 use psm_core::readings::{parse_day, validate_meter_id, DAY_SECONDS};
-use psm_core::tariff::{price, Band, Tariff};
+use psm_core::tariff::{price, Tariff};
 use psm_proto::v1::{
     BillLine, BillRequest, BillResponse, ComputationKind, ComputationManifest, InputRef, TimeRange,
 };
@@ -34,33 +34,7 @@ pub fn tariff_from_proto(t: &psm_proto::v1::Tariff) -> Result<Tariff, Status> {
             "demand charges and tiered tariffs need the tfhe track, which this build does not evaluate yet",
         ));
     }
-    let bands = t
-        .bands
-        .iter()
-        .map(|b| Band {
-            name: b.name.clone(),
-            weekday_mask: b.weekday_mask,
-            start_hour: b.start_hour,
-            end_hour: b.end_hour,
-            import_price_milli: b.import_price_milli,
-            export_price_milli: b.export_price_milli,
-        })
-        .collect();
-    Tariff::new(
-        &t.name,
-        &t.time_zone,
-        bands,
-        t.standing_charge_per_day,
-        t.vat_basis_points,
-        &t.currency,
-    )
-    .map_err(|e| Status::invalid_argument(e.to_string()))
-}
-
-/// A band's running encrypted sum.
-struct BandAcc {
-    words: Vec<u128>,
-    summands: usize,
+    psm_core::wire::tariff_from_proto(t).map_err(|e| Status::invalid_argument(e.to_string()))
 }
 
 impl Biller<'_> {
@@ -78,18 +52,10 @@ impl Biller<'_> {
             end_unix: (first_day + days) * DAY_SECONDS,
         };
         let max_sum = max_summands(self.decryptor.scheme());
-        let lwe = LINEAR_DIMENSION + 1;
 
         let mut stream =
             stream_linear(self.ingest.clone(), vec![req.meter_id.clone()], period).await?;
-        let mut accs: Vec<BandAcc> = (0..tariff.bands.len())
-            .map(|_| BandAcc {
-                words: vec![0; lwe],
-                summands: 0,
-            })
-            .collect();
-        // Full accumulators set aside: (band, words, summands).
-        let mut ready: Vec<(usize, Vec<u128>, usize)> = Vec::new();
+        let mut eval = BillEvaluator::new(&tariff, max_sum);
         let mut inputs = Vec::new();
         let mut seen_days = std::collections::BTreeSet::new();
         while let Some(b) = next(&mut stream).await? {
@@ -103,30 +69,7 @@ impl Biller<'_> {
                 continue;
             }
             let words = checked_words(&b, self.linear_key_id)?;
-            let count = b.count as usize;
-            let expanded = LweBatch::Compact {
-                dimension: LINEAR_DIMENSION,
-                count,
-                words,
-            }
-            .expand();
-            for (i, ct) in expanded.chunks_exact(lwe).enumerate() {
-                let start = day * DAY_SECONDS + i as i64 * i64::from(b.interval_seconds);
-                let band = tariff.band_at(start);
-                let acc = &mut accs[band];
-                for (a, w) in acc.words.iter_mut().zip(ct) {
-                    *a = a.wrapping_add(*w);
-                }
-                acc.summands += 1;
-                if acc.summands == max_sum {
-                    ready.push((
-                        band,
-                        std::mem::replace(&mut acc.words, vec![0; lwe]),
-                        max_sum,
-                    ));
-                    acc.summands = 0;
-                }
-            }
+            eval.add_day(day, b.interval_seconds, b.count as usize, words);
             inputs.push(InputRef {
                 meter_id: b.meter_id,
                 day: b.day,
@@ -143,19 +86,10 @@ impl Biller<'_> {
                 )));
             }
         }
-        for (band, acc) in accs.into_iter().enumerate() {
-            if acc.summands > 0 {
-                ready.push((band, acc.words, acc.summands));
-            }
-        }
 
-        // One decryption of every band total (several per band when a band holds more
+        // One decryption of every band total (several pieces per band when a band holds more
         // intervals than one decryption may).
-        let noise = noise_log2(ready.iter().map(|r| r.2).max().unwrap_or(1));
-        let batch = LweBatch::List {
-            dimension: LINEAR_DIMENSION,
-            words: ready.iter().flat_map(|r| r.1.iter().copied()).collect(),
-        };
+        let (sums, batch, noise) = eval.finish();
         let program = proto_tariff.encode_to_vec();
         let manifest = ComputationManifest {
             kind: ComputationKind::Bill as i32,
@@ -179,8 +113,8 @@ impl Biller<'_> {
             .await
             .map_err(|e| Status::unavailable(format!("threshold decryption failed: {e}")))?;
         let mut band_wh = vec![0i64; tariff.bands.len()];
-        for ((band, _, _), v) in ready.iter().zip(out.values) {
-            band_wh[*band] +=
+        for (s, v) in sums.iter().zip(out.values) {
+            band_wh[s.band] +=
                 i64::try_from(v).map_err(|_| Status::internal("band total out of range"))?;
         }
         let bill = price(&tariff, &band_wh, days);

@@ -1,9 +1,7 @@
 //! Request checks and stored-input handling shared by the computations.
 
-use psm_core::lwe::words_from_le_bytes;
-use psm_core::readings::{check_linear_shape, DAY_SECONDS};
-use psm_proto::v1::ingest_client::IngestClient;
-use psm_proto::v1::{ReadingBatch, StreamReadingsRequest, TimeRange, Track};
+use psm_core::readings::DAY_SECONDS;
+use psm_proto::v1::{ReadingBatch, TimeRange, Track};
 use tonic::transport::Channel;
 use tonic::Status;
 
@@ -44,43 +42,16 @@ pub async fn stream_linear(
     meters: Vec<String>,
     range: TimeRange,
 ) -> Result<tonic::Streaming<ReadingBatch>, Status> {
-    Ok(IngestClient::new(ingest)
-        .max_decoding_message_size(psm_net::config::DEFAULT_MAX_RESPONSE_BYTES)
-        .stream_readings(StreamReadingsRequest {
-            meter_ids: meters,
-            range: Some(range),
-            track: Track::Linear as i32,
-        })
-        .await
-        .map_err(|e| Status::unavailable(format!("ingest: {}", e.message())))?
-        .into_inner())
+    psm_net::client::stream_readings(ingest, meters, range, Track::Linear).await
 }
 
 /// The next batch of a stream, mapping transport errors.
-pub async fn next(
-    stream: &mut tonic::Streaming<ReadingBatch>,
-) -> Result<Option<ReadingBatch>, Status> {
-    stream
-        .message()
-        .await
-        .map_err(|e| Status::unavailable(format!("ingest: {}", e.message())))
-}
+pub use psm_net::client::next_reading as next;
 
-/// The compact-list words of a stored batch, after checking its key and shape again (compute
-/// does not trust the store blindly).
+/// The compact-list words of a stored batch, checked ([`psm_core::wire::linear_words`]).
 pub fn checked_words(b: &ReadingBatch, linear_key_id: &str) -> Result<Vec<u128>, Status> {
-    let kid = b
-        .key
-        .as_ref()
-        .map(|k| k.key_id.as_str())
-        .unwrap_or_default();
-    if kid != linear_key_id {
-        return Err(Status::failed_precondition(format!(
-            "{} {} is under key {kid:?}, not {linear_key_id}",
-            b.meter_id, b.day
-        )));
-    }
-    check_linear_shape(b.interval_seconds, b.count, b.ciphertext.len())
-        .map_err(|e| Status::internal(format!("stored batch {} {}: {e}", b.meter_id, b.day)))?;
-    words_from_le_bytes(&b.ciphertext).map_err(|e| Status::internal(e.to_string()))
+    psm_core::wire::linear_words(b, linear_key_id).map_err(|e| match e.field {
+        "key" => Status::failed_precondition(e.to_string()),
+        _ => Status::internal(format!("stored batch {e}")),
+    })
 }

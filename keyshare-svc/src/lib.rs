@@ -3,12 +3,16 @@
 //! audit log. The binary is a thin wrapper over [`run`].
 
 pub mod audit;
+pub mod policy;
+pub mod reexec;
 
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use prost::Message;
-use psm_core::keys::{enforced_encoding, ShareFile};
+use std::collections::BTreeSet;
+
+use psm_core::keys::{enforced_encoding, KeyKind, ShareFile};
 use psm_core::threshold::{partial_decrypt, ThresholdError};
 use psm_core::wire::{batch_from_proto, encoding_from_proto};
 use psm_net::auth::caller;
@@ -22,9 +26,11 @@ use psm_proto::v1::{
 use serde::Deserialize;
 use tokio::sync::Semaphore;
 use tonic::service::Routes;
-use tonic::{Request, Response, Status};
+use tonic::{Code, Request, Response, Status};
 
 use crate::audit::{AuditLog, Decision};
+use crate::policy::{check_manifest, refuse, PolicyConfig, RateLimiter, Refusal, Releases};
+use crate::reexec::Reexecutor;
 
 /// Default API address of a keyshare.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7411";
@@ -41,6 +47,14 @@ const CONCURRENT_DECRYPTIONS: usize = 2;
 pub struct KeyshareSection {
     /// This party's share file from `psm ceremony` (mode 0600).
     pub share_file: Option<PathBuf>,
+    /// Ingest to fetch stored readings from when re-executing a computation
+    /// ("https://ingest.example:7401"). Without it, linear-track requests are refused.
+    pub ingest_url: Option<String>,
+    /// The name in ingest's certificate (default "ingest").
+    pub ingest_server_name: Option<String>,
+    /// This regulator's rules.
+    #[serde(default)]
+    pub policy: PolicyConfig,
 }
 
 /// Errors starting a keyshare.
@@ -52,6 +66,8 @@ pub enum KeyshareError {
     Keys(#[from] psm_core::keys::KeyFileError),
     #[error(transparent)]
     Audit(#[from] audit::AuditError),
+    #[error("release store: {0}")]
+    Releases(#[from] sled::Error),
     #[error("{0}")]
     Mismatch(String),
 }
@@ -62,16 +78,11 @@ pub struct KeyshareService {
     share: Arc<ShareFile>,
     audit: AuditLog,
     permits: Semaphore,
-}
-
-/// A refusal: the status returned and the rule recorded.
-struct Refusal {
-    status: Status,
-    rule: &'static str,
-}
-
-fn refuse(rule: &'static str, status: Status) -> Refusal {
-    Refusal { status, rule }
+    policy: PolicyConfig,
+    allowed_programs: BTreeSet<[u8; 32]>,
+    limiter: RateLimiter,
+    releases: Releases,
+    reexec: Reexecutor,
 }
 
 fn invalid(e: ThresholdError) -> Refusal {
@@ -79,7 +90,7 @@ fn invalid(e: ThresholdError) -> Refusal {
         ThresholdError::Invariant(_) => "flooding-invariant",
         _ => "well-formed",
     };
-    refuse(rule, Status::invalid_argument(e.to_string()))
+    refuse(rule, Code::InvalidArgument, e)
 }
 
 fn valid_idempotency_key(k: &str) -> bool {
@@ -91,6 +102,7 @@ impl KeyshareService {
     /// must be for the party named in this service's certificate.
     pub fn open(
         settings: &ServerSettings,
+        section: &KeyshareSection,
         share_file: &std::path::Path,
     ) -> Result<Self, KeyshareError> {
         let me = settings.tls.own_id()?;
@@ -104,21 +116,67 @@ impl KeyshareService {
         }
         let audit = AuditLog::open(&settings.data_dir.join("audit"))?;
         tracing::info!(party = %share.party, index = share.party_index, scheme = %format!("{}-of-{}", share.threshold, share.parties), "share file loaded");
+        let policy = section.policy.clone();
+        let allowed_programs = policy.validate().map_err(KeyshareError::Mismatch)?;
+        let releases = Releases::open(&settings.data_dir.join("releases"))?;
+        let ingest = match &section.ingest_url {
+            Some(url) => Some(psm_net::client::channel(
+                url,
+                section.ingest_server_name.as_deref().unwrap_or("ingest"),
+                &settings.tls,
+                &psm_net::client::ClientOptions {
+                    connect_timeout: std::time::Duration::from_secs(5),
+                    request_timeout: std::time::Duration::from_secs(120),
+                },
+            )?),
+            None => {
+                tracing::warn!("no [keyshare] ingest_url: linear-track computations cannot be re-executed and will be refused");
+                None
+            }
+        };
+        if policy.allow_any_program {
+            tracing::warn!("allow_any_program = true: any tariff or analytics query is allowed (development only)");
+        }
+        tracing::info!(min_cohort = policy.min_cohort, allowed_programs = allowed_programs.len(), rate_limit_per_minute = policy.rate_limit_per_minute, reexecute_tfhe = ?policy.reexecute_tfhe, "policy loaded");
+        let scheme = share
+            .scheme()
+            .map_err(|e| KeyshareError::Mismatch(e.to_string()))?;
+        let linear_key_id = share
+            .keys
+            .iter()
+            .find(|k| k.kind == KeyKind::Linear)
+            .map(|k| k.key_id.clone())
+            .unwrap_or_default();
         Ok(KeyshareService {
             me,
             share: Arc::new(share),
             audit,
             permits: Semaphore::new(CONCURRENT_DECRYPTIONS),
+            limiter: RateLimiter::new(policy.rate_limit_per_minute),
+            policy,
+            allowed_programs,
+            releases,
+            reexec: Reexecutor {
+                ingest,
+                linear_key_id,
+                max_summands: psm_core::aggregate::max_summands(scheme),
+            },
         })
     }
 
-    async fn decide(&self, req: &PartialDecryptRequest) -> Result<PartialDecryptResponse, Refusal> {
+    /// Decides one request; on success returns the partials and the audit reason.
+    async fn decide(
+        &self,
+        who: &str,
+        req: &PartialDecryptRequest,
+        request_hash: &[u8; 32],
+    ) -> Result<(PartialDecryptResponse, String), Refusal> {
+        self.limiter.admit(who)?;
         if !valid_idempotency_key(&req.idempotency_key) {
             return Err(refuse(
                 "well-formed",
-                Status::invalid_argument(
-                    "idempotency_key must be 1..=128 printable ASCII characters",
-                ),
+                Code::InvalidArgument,
+                "idempotency_key must be 1..=128 printable ASCII characters",
             ));
         }
         let key_id = req
@@ -130,71 +188,100 @@ impl KeyshareService {
             let held: Vec<&str> = self.share.keys.iter().map(|k| k.key_id.as_str()).collect();
             refuse(
                 "known-key",
-                Status::not_found(format!(
-                    "unknown key id {key_id:?}; this keyshare holds {held:?}"
-                )),
+                Code::NotFound,
+                format!("unknown key id {key_id:?}; this keyshare holds {held:?}"),
             )
         })?;
         let pb = req.batch.as_ref().ok_or_else(|| {
             refuse(
                 "well-formed",
-                Status::invalid_argument("request has no ciphertext batch"),
+                Code::InvalidArgument,
+                "request has no ciphertext batch",
             )
         })?;
         if pb.lwe_dimension as usize != key.lwe_dimension {
             return Err(refuse(
                 "well-formed",
-                Status::invalid_argument(format!(
+                Code::InvalidArgument,
+                format!(
                     "ciphertext dimension {} does not match key {key_id} (dimension {})",
                     pb.lwe_dimension, key.lwe_dimension
-                )),
+                ),
             ));
         }
         let batch = batch_from_proto(pb).map_err(invalid)?;
         if batch.len() > MAX_CIPHERTEXTS_PER_REQUEST {
             return Err(refuse(
                 "size-limit",
-                Status::resource_exhausted(format!(
+                Code::ResourceExhausted,
+                format!(
                     "{} ciphertexts in one request; the limit is {MAX_CIPHERTEXTS_PER_REQUEST}",
                     batch.len()
-                )),
+                ),
             ));
         }
         let (requested, stated_noise) =
             encoding_from_proto(pb.encoding.as_ref()).map_err(invalid)?;
         let (encoding, floor) = enforced_encoding(key, requested).map_err(invalid)?;
-        // Never flood less than the key's own floor, whatever the caller states.
-        let noise = stated_noise.max(floor);
 
         let manifest = req.manifest.as_ref().ok_or_else(|| {
             refuse(
                 "manifest-required",
-                Status::failed_precondition(
-                    "a partial decryption must name its computation (manifest)",
-                ),
+                Code::FailedPrecondition,
+                "a partial decryption must name its computation (manifest)",
             )
         })?;
-        if manifest.kind() == ComputationKind::Unspecified {
-            return Err(refuse(
-                "manifest-required",
-                Status::failed_precondition("the manifest must state the computation kind"),
-            ));
-        }
+        let checked = check_manifest(&self.policy, &self.allowed_programs, manifest, key.kind)?;
         if manifest.output_hash != batch.hash() {
             return Err(refuse(
                 "output-hash",
-                Status::failed_precondition(
-                    "manifest output_hash does not match the ciphertexts to decrypt",
-                ),
+                Code::FailedPrecondition,
+                "manifest output_hash does not match the ciphertexts to decrypt",
             ));
         }
+        let k = self.policy.min_cohort;
+        let reissue = manifest.reissue_reason.as_str();
+        self.releases
+            .precheck(&checked, k, request_hash, reissue)
+            .await?;
 
-        let _permit = self.permits.acquire().await.map_err(|_| {
-            refuse(
-                "available",
-                Status::unavailable("keyshare is shutting down"),
-            )
-        })?;
+        // Re-execute: the output must be what the program gives on the stored inputs. Flood for
+        // the larger of the stated and the recomputed noise, never below the key's floor.
+        let mut noise = stated_noise.max(floor);
+        let verified = match key.kind {
+            KeyKind::Linear => {
+                let r = self.reexec.linear(manifest, &checked).await?;
+                if r.batch.hash() != batch.hash() {
+                    return Err(refuse(
+                        "re-execution",
+                        Code::FailedPrecondition,
+                        format!(
+                            "the {} re-executed from the {} named stored input(s) does not match the ciphertexts to decrypt",
+                            checked.kind.as_str_name().to_lowercase(),
+                            manifest.inputs.len()
+                        ),
+                    ));
+                }
+                noise = noise.max(r.noise_log2);
+                "re-executed"
+            }
+            KeyKind::Tfhe => {
+                if self.policy.reexecute_tfhe(request_hash) {
+                    return Err(refuse(
+                        "re-execution",
+                        Code::FailedPrecondition,
+                        "this keyshare cannot re-execute tfhe-track programs yet, and its policy (reexecute_tfhe) requires it for this request",
+                    ));
+                }
+                "not re-executed (reexecute_tfhe policy)"
+            }
+        };
+
+        let _permit = self
+            .permits
+            .acquire()
+            .await
+            .map_err(|_| refuse("available", Code::Unavailable, "keyshare is shutting down"))?;
         let share = self.share.clone();
         let key_id = key_id.to_owned();
         let partials = tokio::task::spawn_blocking(move || {
@@ -216,22 +303,60 @@ impl KeyshareService {
         .map_err(|e| {
             refuse(
                 "internal",
-                Status::internal(format!("decryption task failed: {e}")),
+                Code::Internal,
+                format!("decryption task failed: {e}"),
             )
         })?
         .map_err(invalid)?;
-        Ok(PartialDecryptResponse {
-            party: self.share.party.clone(),
-            party_index: self.share.party_index as u32,
-            shares: partials
-                .into_iter()
-                .map(|p| SharePartials {
-                    share_index: p.share_index as u32,
-                    partials: psm_core::lwe::words_to_le_bytes(&p.values),
-                })
-                .collect(),
-            audit_seq: 0,
-        })
+        // Record the release (re-checking the stateful rules atomically) before it leaves.
+        self.releases
+            .admit(&checked, k, request_hash, reissue)
+            .await?;
+        let subject = match checked.kind {
+            ComputationKind::Bill => format!("meter {}", checked.meters[0]),
+            _ => format!("cohort of {} meters", checked.meters.len()),
+        };
+        let program = checked
+            .program_hash
+            .map(|h| format!(", program {}", &hex::encode(h)[..16]))
+            .unwrap_or_default();
+        let mut reason = format!(
+            "{} for {subject}, {}{program}: {} input(s) {verified}; {} ciphertext(s) under {}",
+            checked.kind.as_str_name().to_lowercase(),
+            checked.days(),
+            manifest.inputs.len(),
+            pb_count(pb),
+            req.key
+                .as_ref()
+                .map(|k| k.key_id.as_str())
+                .unwrap_or_default()
+        );
+        if !reissue.trim().is_empty() {
+            reason.push_str(&format!("; re-issued: {}", reissue.trim()));
+        }
+        Ok((
+            PartialDecryptResponse {
+                party: self.share.party.clone(),
+                party_index: self.share.party_index as u32,
+                shares: partials
+                    .into_iter()
+                    .map(|p| SharePartials {
+                        share_index: p.share_index as u32,
+                        partials: psm_core::lwe::words_to_le_bytes(&p.values),
+                    })
+                    .collect(),
+                audit_seq: 0,
+            },
+            reason,
+        ))
+    }
+}
+
+fn pb_count(b: &psm_proto::v1::LweCiphertextBatch) -> u32 {
+    match &b.payload {
+        Some(psm_proto::v1::lwe_ciphertext_batch::Payload::List(l)) => l.count,
+        Some(psm_proto::v1::lwe_ciphertext_batch::Payload::Compact(c)) => c.count,
+        None => 0,
     }
 }
 
@@ -275,20 +400,8 @@ impl Keyshare for KeyshareService {
         let who = caller(&request)?.to_string();
         let req = request.into_inner();
         let hash = request_hash(&req);
-        match self.decide(&req).await {
-            Ok(mut resp) => {
-                let reason = format!(
-                    "{} ciphertext(s) under {}",
-                    req.batch.as_ref().map_or(0, |b| match &b.payload {
-                        Some(psm_proto::v1::lwe_ciphertext_batch::Payload::List(l)) => l.count,
-                        Some(psm_proto::v1::lwe_ciphertext_batch::Payload::Compact(c)) => c.count,
-                        None => 0,
-                    }),
-                    req.key
-                        .as_ref()
-                        .map(|k| k.key_id.as_str())
-                        .unwrap_or_default()
-                );
+        match self.decide(&who, &req, &hash).await {
+            Ok((mut resp, reason)) => {
                 // The partials leave only after the decision is durably recorded.
                 resp.audit_seq = self
                     .audit
@@ -301,7 +414,7 @@ impl Keyshare for KeyshareService {
                     })
                     .await
                     .map_err(audit_failure)?;
-                tracing::info!(caller = %who, seq = resp.audit_seq, "partial decryption released");
+                tracing::info!(caller = %who, seq = resp.audit_seq, %reason, "partial decryption released");
                 Ok(Response::new(resp))
             }
             Err(r) => {
@@ -379,9 +492,10 @@ pub fn routes(settings: &ServerSettings, svc: KeyshareService) -> Routes {
 /// Runs the service until SIGTERM/SIGINT.
 pub async fn run(
     settings: ServerSettings,
+    section: &KeyshareSection,
     share_file: &std::path::Path,
 ) -> Result<(), KeyshareError> {
-    let svc = KeyshareService::open(&settings, share_file)?;
+    let svc = KeyshareService::open(&settings, section, share_file)?;
     psm_net::server::run(
         &settings,
         routes(&settings, svc),

@@ -29,8 +29,8 @@ async fn main() -> anyhow::Result<()> {
     )?;
     let share_file = cli
         .share_file
-        .or(file.service.share_file)
+        .or(file.service.share_file.clone())
         .context("missing --share-file (or [keyshare] share_file, or PSM_SHARE_FILE)")?;
-    keyshare_svc::run(settings, &share_file).await?;
+    keyshare_svc::run(settings, &file.service, &share_file).await?;
     Ok(())
 }

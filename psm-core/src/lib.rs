@@ -8,6 +8,7 @@ pub mod import;
 pub mod keys;
 pub mod linear;
 pub mod lwe;
+pub mod program;
 pub mod readings;
 pub mod simulate;
 pub mod squashed;

@@ -133,3 +133,62 @@ pub fn audit_from_proto(
         h32(&r.record_hash, "record_hash")?,
     ))
 }
+
+/// A tariff from the wire, validated (demand charges and tiers are not part of the linear
+/// track's bill and are not checked here).
+pub fn tariff_from_proto(
+    t: &psm_proto::v1::Tariff,
+) -> Result<crate::tariff::Tariff, crate::tariff::TariffError> {
+    let bands = t
+        .bands
+        .iter()
+        .map(|b| crate::tariff::Band {
+            name: b.name.clone(),
+            weekday_mask: b.weekday_mask,
+            start_hour: b.start_hour,
+            end_hour: b.end_hour,
+            import_price_milli: b.import_price_milli,
+            export_price_milli: b.export_price_milli,
+        })
+        .collect();
+    crate::tariff::Tariff::new(
+        &t.name,
+        &t.time_zone,
+        bands,
+        t.standing_charge_per_day,
+        t.vat_basis_points,
+        &t.currency,
+    )
+}
+
+/// The compact-list words of a stored linear-track batch, after checking its key id, shape and
+/// content hash again: neither compute nor a keyshare trusts the store blindly.
+pub fn linear_words(
+    b: &psm_proto::v1::ReadingBatch,
+    linear_key_id: &str,
+) -> Result<Vec<u128>, crate::readings::ReadingError> {
+    let bad = |field: &'static str, reason: String| crate::readings::ReadingError {
+        field,
+        reason: format!("{} {}: {reason}", b.meter_id, b.day),
+    };
+    let kid = b
+        .key
+        .as_ref()
+        .map(|k| k.key_id.as_str())
+        .unwrap_or_default();
+    if kid != linear_key_id {
+        return Err(bad(
+            "key",
+            format!("under key {kid:?}, not {linear_key_id}"),
+        ));
+    }
+    crate::readings::check_linear_shape(b.interval_seconds, b.count, b.ciphertext.len())
+        .map_err(|e| bad(e.field, e.reason))?;
+    if blake3::hash(&b.ciphertext).as_bytes().as_slice() != b.ciphertext_hash.as_slice() {
+        return Err(bad(
+            "ciphertext_hash",
+            "the stored bytes do not match their hash".into(),
+        ));
+    }
+    words_from_le_bytes(&b.ciphertext).map_err(|e| bad("ciphertext", e.to_string()))
+}

@@ -78,3 +78,34 @@ pub async fn wait_serving(
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// Opens a StreamReadings call to ingest for `meters` over `range` on `track` (compute and
+/// keyshares both read stored batches this way). Transport errors become UNAVAILABLE naming
+/// ingest.
+pub async fn stream_readings(
+    ingest: Channel,
+    meters: Vec<String>,
+    range: psm_proto::v1::TimeRange,
+    track: psm_proto::v1::Track,
+) -> Result<tonic::Streaming<psm_proto::v1::ReadingBatch>, tonic::Status> {
+    Ok(psm_proto::v1::ingest_client::IngestClient::new(ingest)
+        .max_decoding_message_size(crate::config::DEFAULT_MAX_RESPONSE_BYTES)
+        .stream_readings(psm_proto::v1::StreamReadingsRequest {
+            meter_ids: meters,
+            range: Some(range),
+            track: track as i32,
+        })
+        .await
+        .map_err(|e| tonic::Status::unavailable(format!("ingest: {}", e.message())))?
+        .into_inner())
+}
+
+/// The next batch of a StreamReadings stream; transport errors become UNAVAILABLE.
+pub async fn next_reading(
+    stream: &mut tonic::Streaming<psm_proto::v1::ReadingBatch>,
+) -> Result<Option<psm_proto::v1::ReadingBatch>, tonic::Status> {
+    stream
+        .message()
+        .await
+        .map_err(|e| tonic::Status::unavailable(format!("ingest: {}", e.message())))
+}

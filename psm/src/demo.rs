@@ -6,6 +6,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use anyhow::{bail, Context};
+use prost::Message;
 use psm_net::client::{channel, wait_serving, ClientOptions};
 use psm_net::pki::DevPki;
 use psm_net::tls::TlsPaths;
@@ -181,8 +182,23 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
             .with_context(|| format!("creating {}", log_path.display()))?;
         let mut cmd = Command::new(&bin);
         if s.role == Role::Keyshare {
+            // Each regulator's policy: re-execute against ingest, cohorts of at least 5, only
+            // the demo tariff may be billed.
+            let cfg = data.join(format!("{}.toml", s.name));
+            let program = blake3::hash(&demo_tariff().encode_to_vec());
+            fs::write(
+                &cfg,
+                format!(
+                    "[keyshare]\ningest_url = \"https://127.0.0.1:{}\"\n[keyshare.policy]\nmin_cohort = 5\nallowed_programs = [\"{}\"]\n",
+                    port(1)?,
+                    program.to_hex()
+                ),
+            )
+            .with_context(|| format!("writing {}", cfg.display()))?;
             cmd.arg("--share-file")
-                .arg(keys_dir.join("shares").join(format!("{}.share", s.name)));
+                .arg(keys_dir.join("shares").join(format!("{}.share", s.name)))
+                .arg("--config")
+                .arg(cfg);
         }
         if s.role == Role::Ingest {
             let cfg = data.join("ingest.toml");
@@ -420,29 +436,7 @@ async fn town_demo(args: &DemoArgs, pki: &DevPki, base: u16) -> anyhow::Result<(
         .collect();
     println!("  daily totals (kWh): {}", day_totals.join(", "));
     // Bills: per-band totals summed on ciphertexts, only the totals decrypted.
-    let band = |name: &str, mask: u32, s: u32, e: u32, imp: i64| psm_proto::v1::TariffBand {
-        name: name.into(),
-        weekday_mask: mask,
-        start_hour: s,
-        end_hour: e,
-        import_price_milli: imp,
-        export_price_milli: 15_000,
-    };
-    let tariff = psm_proto::v1::Tariff {
-        name: "PSM demo time-of-use".into(),
-        time_zone: "Europe/London".into(),
-        bands: vec![
-            band("peak", 0x1F, 16, 19, 42_000),
-            band("day", 0x1F, 7, 16, 27_500),
-            band("evening", 0x1F, 19, 24, 27_500),
-            band("weekend", 0x60, 7, 24, 24_000),
-            band("night", 0x7F, 0, 7, 11_000),
-        ],
-        standing_charge_per_day: 53,
-        vat_basis_points: 500,
-        currency: "GBP".into(),
-        ..Default::default()
-    };
+    let tariff = demo_tariff();
     println!(
         "\nBills, {} days, tariff {:?} (kWh per band; peak/day/evening/weekend/night; £ incl. 5% VAT):",
         args.days, tariff.name
@@ -500,4 +494,31 @@ async fn town_demo(args: &DemoArgs, pki: &DevPki, base: u16) -> anyhow::Result<(
         );
     }
     Ok(())
+}
+
+/// The demo's time-of-use tariff; the keyshares allow it by the hash of this encoding.
+fn demo_tariff() -> psm_proto::v1::Tariff {
+    let band = |name: &str, mask: u32, s: u32, e: u32, imp: i64| psm_proto::v1::TariffBand {
+        name: name.into(),
+        weekday_mask: mask,
+        start_hour: s,
+        end_hour: e,
+        import_price_milli: imp,
+        export_price_milli: 15_000,
+    };
+    psm_proto::v1::Tariff {
+        name: "PSM demo time-of-use".into(),
+        time_zone: "Europe/London".into(),
+        bands: vec![
+            band("peak", 0x1F, 16, 19, 42_000),
+            band("day", 0x1F, 7, 16, 27_500),
+            band("evening", 0x1F, 19, 24, 27_500),
+            band("weekend", 0x60, 7, 24, 24_000),
+            band("night", 0x7F, 0, 7, 11_000),
+        ],
+        standing_charge_per_day: 53,
+        vat_basis_points: 500,
+        currency: "GBP".into(),
+        ..Default::default()
+    }
 }

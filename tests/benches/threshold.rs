@@ -6,17 +6,25 @@
 
 use std::time::{Duration, Instant};
 
+use prost::Message;
 use psm_core::ceremony::{decrypt_via_files, PublicBundle};
 use psm_core::keys::ShareFile;
 use psm_core::linear::LINEAR_ENCODING;
 use psm_core::lwe::{Encoding, LweBatch, SQUASHED_BLOCK};
+use psm_core::program::{add_lists, aggregate_output};
 use psm_core::squashed::uint_batch;
 use psm_e2e::TestPki;
-use psm_proto::v1::{ComputationKind, ComputationManifest};
+use psm_net::Role;
+use psm_proto::v1::ingest_client::IngestClient;
+use psm_proto::v1::{
+    AggregateProgram, ComputationKind, ComputationManifest, InputRef, ReadingBatch,
+    SubmitReadingsRequest, TimeRange, Track,
+};
 use tfhe::prelude::*;
 use tfhe::{CompactCiphertextList, FheUint64};
 
 const ITERS: usize = 30;
+const DAY: &str = "2026-02-02";
 
 fn stats(mut d: Vec<Duration>) -> (f64, f64) {
     d.sort();
@@ -54,32 +62,96 @@ async fn main() {
     })
     .await
     .unwrap();
+    // Ten meters' days of 15-minute readings, stored at ingest, summed as an aggregate: the
+    // keyshares re-execute the sum from ingest before answering.
+    let ingest = psm_e2e::start_ingest(&pki, &keys).await;
     let lpk = bundle.linear_public_key().unwrap();
-    let values: Vec<i64> = (0..1000).map(|i| i * 7 - 3000).collect();
-    let linear = psm_core::linear::encrypt(&lpk, &values);
+    let kid = keys.manifest.linear_key_id.clone();
+    let stored: Vec<ReadingBatch> = (0..10)
+        .map(|m| {
+            let values: Vec<i64> = (0..96).map(|i| i * 7 - 300 + m).collect();
+            psm_e2e::linear_batch(&lpk, &kid, &format!("meter-{m}"), DAY, 900, &values)
+        })
+        .collect();
+    IngestClient::new(pki.channel(ingest.port, "ingest", Role::Headend, "headend-1"))
+        .submit_readings(SubmitReadingsRequest {
+            idempotency_key: "bench".into(),
+            batches: stored.clone(),
+        })
+        .await
+        .unwrap();
+    let lists: Vec<Vec<u128>> = stored
+        .iter()
+        .map(|b| psm_core::lwe::words_from_le_bytes(&b.ciphertext).unwrap())
+        .collect();
+    let (linear, _) = aggregate_output(add_lists(&lists), lists.len(), 1);
+    let d0 = psm_core::readings::parse_day(DAY).unwrap() * 86_400;
+    let range = TimeRange {
+        start_unix: d0,
+        end_unix: d0 + 86_400,
+    };
+    let program = AggregateProgram {
+        granularity_seconds: 900,
+    }
+    .encode_to_vec();
+    let aggregate = ComputationManifest {
+        kind: ComputationKind::Aggregate as i32,
+        program_hash: blake3::hash(&program).as_bytes().to_vec(),
+        program,
+        inputs: stored
+            .iter()
+            .map(|b| InputRef {
+                meter_id: b.meter_id.clone(),
+                day: b.day.clone(),
+                track: Track::Linear as i32,
+                ciphertext_hash: b.ciphertext_hash.clone(),
+            })
+            .collect(),
+        range: Some(range),
+        ..Default::default()
+    };
+    // The squashed value as a tfhe-track bill (not re-executed: this build cannot).
+    let tariff = b"bench tariff".to_vec();
+    let bill = ComputationManifest {
+        kind: ComputationKind::Bill as i32,
+        program_hash: blake3::hash(&tariff).as_bytes().to_vec(),
+        program: tariff,
+        inputs: vec![InputRef {
+            meter_id: "meter-0".into(),
+            day: DAY.into(),
+            track: Track::Tfhe as i32,
+            ciphertext_hash: vec![1; 32],
+        }],
+        range: Some(range),
+        ..Default::default()
+    };
 
-    let procs = psm_e2e::start_keyshares(&pki, &keys).await;
+    let policy =
+        "allow_any_program = true\nreexecute_tfhe = \"off\"\nrate_limit_per_minute = 100000\n";
+    let procs = psm_e2e::start_keyshares(&pki, &keys, Some(&ingest), policy).await;
     let dec = psm_e2e::decryptor(&pki, &keys, &procs, Duration::from_millis(300));
 
-    let cases: [(&str, &str, &LweBatch, Encoding, u32); 2] = [
+    let cases: [(&str, &str, &LweBatch, Encoding, u32, &ComputationManifest); 2] = [
         (
             "squashed FheUint64 (16 blocks)",
             &keys.manifest.tfhe_key_id,
             &squashed,
             SQUASHED_BLOCK,
             70,
+            &bill,
         ),
         (
-            "1,000 linear ciphertexts (one compact list)",
+            "aggregate of 10 meter-days, 96 linear ciphertexts (keyshares re-execute it from ingest)",
             &keys.manifest.linear_key_id,
             &linear,
             LINEAR_ENCODING,
-            40,
+            44,
+            &aggregate,
         ),
     ];
     println!("| batch | in-process median / p90 (ms) | 3 keyshares over mTLS median / p90 (ms) |");
     println!("|---|---|---|");
-    for (label, key_id, batch, enc, noise) in cases {
+    for (label, key_id, batch, enc, noise, manifest) in cases {
         let want = in_process(&shares, key_id, batch, enc);
         let mut local = Vec::new();
         for _ in 0..ITERS {
@@ -90,10 +162,7 @@ async fn main() {
         }
         let mut remote = Vec::new();
         for i in 0..ITERS {
-            let m = ComputationManifest {
-                kind: ComputationKind::Aggregate as i32,
-                ..Default::default()
-            };
+            let m = manifest.clone();
             let t = Instant::now();
             let out = dec
                 .decrypt(key_id, batch, enc, noise, m, &format!("bench-{i}"))

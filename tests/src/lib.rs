@@ -202,16 +202,60 @@ impl Drop for Proc {
     }
 }
 
-/// Starts keyshare-svc for every party of `keys`.
+/// The policy the test system's keyshares run with unless a test says otherwise: the default
+/// cohort minimum, any tariff allowed, tfhe-track requests not re-executed (this build cannot).
+pub const TEST_POLICY: &str = "allow_any_program = true\nreexecute_tfhe = \"off\"\n";
+
+/// Writes keyshare `name`'s config file: re-execution against `ingest` (if any) and the
+/// `[keyshare.policy]` lines `policy`. Returns the `--config` flag and its value.
+pub fn keyshare_config(
+    pki: &TestPki,
+    name: &str,
+    ingest: Option<&Proc>,
+    policy: &str,
+) -> [String; 2] {
+    let mut cfg = String::from("[keyshare]\n");
+    if let Some(i) = ingest {
+        cfg.push_str(&format!("ingest_url = \"https://127.0.0.1:{}\"\n", i.port));
+    }
+    cfg.push_str("[keyshare.policy]\n");
+    cfg.push_str(policy);
+    let path = pki.dir.path().join(format!("{name}.toml"));
+    fs::write(&path, cfg).expect("keyshare config");
+    ["--config".into(), path.to_str().expect("utf-8 path").into()]
+}
+
+/// Starts keyshare-svc for every party of `keys`, re-executing against `ingest`, with `policy`.
 pub async fn start_keyshares(
     pki: &TestPki,
     keys: &psm_core::ceremony::CeremonyOutput,
+    ingest: Option<&Proc>,
+    policy: &str,
 ) -> Vec<Proc> {
     let mut procs = Vec::new();
     for name in &keys.manifest.party_names {
-        procs.push(Proc::start_keyshare(pki, name, keys, &[]).await);
+        let cfg = keyshare_config(pki, name, ingest, policy);
+        let args: Vec<&str> = cfg.iter().map(String::as_str).collect();
+        procs.push(Proc::start_keyshare(pki, name, keys, &args).await);
     }
     procs
+}
+
+/// Starts ingest-svc as `ingest`; head-end `headend-1` may submit for any meter.
+pub async fn start_ingest(pki: &TestPki, keys: &psm_core::ceremony::CeremonyOutput) -> Proc {
+    let public = keys.public_dir.to_str().expect("utf-8 path").to_owned();
+    let icfg = pki.dir.path().join("ingest.toml");
+    fs::write(&icfg, "[ingest.headends]\n\"headend-1\" = [\"*\"]\n").expect("ingest config");
+    let icfg = icfg.to_str().expect("utf-8 path").to_owned();
+    Proc::start(
+        pki,
+        "ingest-svc",
+        Role::Ingest,
+        "ingest",
+        psm_proto::service_names::INGEST,
+        &["--public-dir", &public, "--config", &icfg],
+    )
+    .await
 }
 
 /// What compute-svc uses to decrypt, aimed at `keyshares` with the compute certificate.
@@ -247,27 +291,26 @@ pub struct System {
 }
 
 impl System {
-    /// Starts everything with the cached 2-of-3 key set; `compute_extra` is appended to the
-    /// `[compute]` section.
+    /// Starts everything with the cached 2-of-3 key set and [`TEST_POLICY`]; `compute_extra` is
+    /// appended to the `[compute]` section.
     pub async fn start(
         pki: &TestPki,
         keys: &psm_core::ceremony::CeremonyOutput,
         compute_extra: &str,
     ) -> System {
+        Self::start_with_policy(pki, keys, compute_extra, TEST_POLICY).await
+    }
+
+    /// As [`System::start`], the keyshares with the `[keyshare.policy]` lines `policy`.
+    pub async fn start_with_policy(
+        pki: &TestPki,
+        keys: &psm_core::ceremony::CeremonyOutput,
+        compute_extra: &str,
+        policy: &str,
+    ) -> System {
         let public = keys.public_dir.to_str().expect("utf-8 path").to_owned();
-        let keyshares = start_keyshares(pki, keys).await;
-        let icfg = pki.dir.path().join("ingest.toml");
-        fs::write(&icfg, "[ingest.headends]\n\"headend-1\" = [\"*\"]\n").expect("ingest config");
-        let icfg = icfg.to_str().expect("utf-8 path").to_owned();
-        let ingest = Proc::start(
-            pki,
-            "ingest-svc",
-            Role::Ingest,
-            "ingest",
-            psm_proto::service_names::INGEST,
-            &["--public-dir", &public, "--config", &icfg],
-        )
-        .await;
+        let ingest = start_ingest(pki, keys).await;
+        let keyshares = start_keyshares(pki, keys, Some(&ingest), policy).await;
         let mut ccfg = format!(
             "[compute]\npublic_dir = {public:?}\ningest_url = \"https://127.0.0.1:{}\"\n{compute_extra}\n",
             ingest.port

@@ -4,24 +4,78 @@
 
 use std::time::Duration;
 
+use prost::Message;
 use psm_core::ceremony::PublicBundle;
 use psm_core::linear::LINEAR_ENCODING;
+use psm_core::lwe::LweBatch;
 use psm_core::lwe::SQUASHED_BLOCK;
 use psm_core::squashed::{recompose, uint_batch};
 use psm_core::wire::batch_to_proto;
 use psm_e2e::{Proc, TestPki};
 use psm_net::Role;
+use psm_proto::v1::ingest_client::IngestClient;
 use psm_proto::v1::keyshare_client::KeyshareClient;
-use psm_proto::v1::{ComputationKind, ComputationManifest, KeyRef, PartialDecryptRequest};
+use psm_proto::v1::{
+    AggregateProgram, ComputationKind, ComputationManifest, InputRef, KeyRef,
+    PartialDecryptRequest, ReadingBatch, SubmitReadingsRequest, TimeRange, Track,
+};
 use tfhe::prelude::*;
 use tfhe::{CompactCiphertextList, FheUint64};
 use tonic::Code;
 
-fn manifest(kind: ComputationKind) -> ComputationManifest {
+const DAY: &str = "2026-02-02";
+
+fn day_range() -> TimeRange {
+    let d = psm_core::readings::parse_day(DAY).unwrap() * 86_400;
+    TimeRange {
+        start_unix: d,
+        end_unix: d + 86_400,
+    }
+}
+
+/// A tfhe-track bill manifest for meter-1 on DAY (its register readings are not stored: these
+/// keyshares do not re-execute tfhe-track requests).
+fn tfhe_bill() -> ComputationManifest {
+    let program = b"tariff".to_vec();
     ComputationManifest {
-        kind: kind as i32,
+        kind: ComputationKind::Bill as i32,
+        program_hash: blake3::hash(&program).as_bytes().to_vec(),
+        program,
+        inputs: vec![InputRef {
+            meter_id: "meter-1".into(),
+            day: DAY.into(),
+            track: Track::Tfhe as i32,
+            ciphertext_hash: vec![7; 32],
+        }],
+        range: Some(day_range()),
         ..Default::default()
     }
+}
+
+/// The release of one stored meter-day as an "aggregate" of one meter at its own granularity:
+/// allowed only because these keyshares' cohort minimum is 1.
+fn one_meter_aggregate(stored: &ReadingBatch) -> ComputationManifest {
+    let program = AggregateProgram {
+        granularity_seconds: 900,
+    }
+    .encode_to_vec();
+    ComputationManifest {
+        kind: ComputationKind::Aggregate as i32,
+        program_hash: blake3::hash(&program).as_bytes().to_vec(),
+        program,
+        inputs: vec![InputRef {
+            meter_id: stored.meter_id.clone(),
+            day: stored.day.clone(),
+            track: Track::Linear as i32,
+            ciphertext_hash: stored.ciphertext_hash.clone(),
+        }],
+        range: Some(day_range()),
+        ..Default::default()
+    }
+}
+
+fn readings_i128(r: &[i64]) -> Vec<i128> {
+    r.iter().map(|&v| i128::from(v)).collect()
 }
 
 fn psm_audit_verify(pki: &TestPki, port: u16) -> std::process::Output {
@@ -44,7 +98,9 @@ fn psm_audit_verify(pki: &TestPki, port: u16) -> std::process::Output {
 async fn decrypt_through_three_keyshares_and_audit() {
     let pki = TestPki::new("psm.test");
     let keys = psm_e2e::keys::key_set(3, 2);
-    let mut ks = psm_e2e::start_keyshares(&pki, &keys).await;
+    let ingest = psm_e2e::start_ingest(&pki, &keys).await;
+    let policy = "min_cohort = 1\nallow_any_program = true\nreexecute_tfhe = \"off\"\n";
+    let mut ks = psm_e2e::start_keyshares(&pki, &keys, Some(&ingest), policy).await;
     // A long grace: every live keyshare answers (and records) each request, so the audit
     // counts below do not depend on timing; a dead one fails at once and does not hold it up.
     let decryptor = psm_e2e::decryptor(&pki, &keys, &ks, Duration::from_secs(20));
@@ -67,20 +123,32 @@ async fn decrypt_through_three_keyshares_and_audit() {
     .await
     .unwrap();
     let lpk = bundle.linear_public_key().unwrap();
-    let readings = [1_500i64, -250, 0, 7_777];
-    let linear = psm_core::linear::encrypt(&lpk, &readings);
+    let readings: Vec<i64> = (0..96).map(|i| i * 100 - 2_000).collect();
+    let stored = psm_e2e::linear_batch(
+        &lpk,
+        &keys.manifest.linear_key_id,
+        "meter-1",
+        DAY,
+        900,
+        &readings,
+    );
+    IngestClient::new(pki.channel(ingest.port, "ingest", Role::Headend, "headend-1"))
+        .submit_readings(SubmitReadingsRequest {
+            idempotency_key: "one-day".into(),
+            batches: vec![stored.clone()],
+        })
+        .await
+        .unwrap();
+    let linear = LweBatch::Compact {
+        dimension: psm_core::linear::LINEAR_DIMENSION,
+        count: 96,
+        words: psm_core::lwe::words_from_le_bytes(&stored.ciphertext).unwrap(),
+    };
     let tfhe_id = keys.manifest.tfhe_key_id.clone();
     let lin_id = keys.manifest.linear_key_id.clone();
 
     let out = decryptor
-        .decrypt(
-            &tfhe_id,
-            &squashed,
-            SQUASHED_BLOCK,
-            70,
-            manifest(ComputationKind::Bill),
-            "t-1",
-        )
+        .decrypt(&tfhe_id, &squashed, SQUASHED_BLOCK, 70, tfhe_bill(), "t-1")
         .await
         .unwrap();
     assert_eq!(recompose(&out.values, 64), u128::from(value));
@@ -92,12 +160,12 @@ async fn decrypt_through_three_keyshares_and_audit() {
             &linear,
             LINEAR_ENCODING,
             40,
-            manifest(ComputationKind::Aggregate),
+            one_meter_aggregate(&stored),
             "t-2",
         )
         .await
         .unwrap();
-    assert_eq!(out.values, vec![1_500, -250, 0, 7_777]);
+    assert_eq!(out.values, readings_i128(&readings));
 
     // Direct calls as compute: identical answers on repeat; refusals with the right codes.
     let mut client =
@@ -125,7 +193,7 @@ async fn decrypt_through_three_keyshares_and_audit() {
     );
     assert_eq!(st.audit_len, 2, "two decryptions so far");
     assert_eq!(st.audit_head.len(), 32);
-    let mut good = manifest(ComputationKind::Aggregate);
+    let mut good = one_meter_aggregate(&stored);
     good.output_hash = linear.hash().to_vec();
     let req = PartialDecryptRequest {
         idempotency_key: "repeat".into(),
@@ -156,7 +224,7 @@ async fn decrypt_through_three_keyshares_and_audit() {
     let e = client.partial_decrypt(no_kind).await.unwrap_err();
     assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
     let mut wrong_output = req.clone();
-    wrong_output.manifest = Some(manifest(ComputationKind::Aggregate));
+    wrong_output.manifest = Some(one_meter_aggregate(&stored));
     let e = client.partial_decrypt(wrong_output).await.unwrap_err();
     assert_eq!(e.code(), Code::FailedPrecondition);
     assert!(e.message().contains("output_hash"), "{}", e.message());
@@ -194,12 +262,12 @@ async fn decrypt_through_three_keyshares_and_audit() {
             &linear,
             LINEAR_ENCODING,
             40,
-            manifest(ComputationKind::Aggregate),
+            one_meter_aggregate(&stored),
             "t-3",
         )
         .await
         .unwrap();
-    assert_eq!(out.values, vec![1_500, -250, 0, 7_777]);
+    assert_eq!(out.values, readings_i128(&readings));
     assert_eq!(
         out.report.used,
         vec!["keyshare-1".to_string(), "keyshare-3".to_string()]
@@ -243,7 +311,14 @@ async fn decrypt_through_three_keyshares_and_audit() {
             .unwrap();
         db.flush().unwrap();
     }
-    let k1 = Proc::start_keyshare(&pki, "keyshare-1", &keys, &[]).await;
+    let cfg = psm_e2e::keyshare_config(&pki, "keyshare-1", Some(&ingest), policy);
+    let k1 = Proc::start_keyshare(
+        &pki,
+        "keyshare-1",
+        &keys,
+        &[cfg[0].as_str(), cfg[1].as_str()],
+    )
+    .await;
     assert!(
         k1.log_text().contains("AUDIT CHAIN BROKEN"),
         "{}",
