@@ -225,7 +225,7 @@ impl Aggregator<'_> {
                     &format!("{key}/{i}"),
                 )
                 .await
-                .map_err(|e| Status::unavailable(format!("threshold decryption failed: {e}")))?;
+                .map_err(|e| e.to_status())?;
             merge_report(&mut report, out.report);
             let base = (s.day - first_day) as usize * buckets_per_day;
             for (j, v) in out.values.into_iter().enumerate() {

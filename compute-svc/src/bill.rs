@@ -111,7 +111,7 @@ impl Biller<'_> {
                 &req.idempotency_key,
             )
             .await
-            .map_err(|e| Status::unavailable(format!("threshold decryption failed: {e}")))?;
+            .map_err(|e| e.to_status())?;
         let mut band_wh = vec![0i64; tariff.bands.len()];
         for (s, v) in sums.iter().zip(out.values) {
             band_wh[s.band] +=

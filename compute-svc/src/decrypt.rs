@@ -37,6 +37,20 @@ pub enum DecryptError {
     Net(#[from] psm_net::NetError),
 }
 
+impl DecryptError {
+    /// The status a caller sees: a keyshare's policy refusal keeps its code (and the keyshares'
+    /// reasons), anything else is UNAVAILABLE.
+    pub fn to_status(&self) -> tonic::Status {
+        match self {
+            DecryptError::Quorum(q) => match q.refusal_code() {
+                Some(code) => tonic::Status::new(code, format!("the keyshares refused: {q}")),
+                None => tonic::Status::unavailable(format!("threshold decryption failed: {q}")),
+            },
+            other => tonic::Status::unavailable(format!("threshold decryption failed: {other}")),
+        }
+    }
+}
+
 /// Clear values and who produced them.
 #[derive(Debug, Clone)]
 pub struct Decrypted {
@@ -145,9 +159,9 @@ impl ThresholdDecryptor {
         let mut faults: Vec<PartyFault> = gathered
             .failures
             .iter()
-            .map(|(p, r)| PartyFault {
-                party: p.clone(),
-                reason: r.clone(),
+            .map(|f| PartyFault {
+                party: f.peer.clone(),
+                reason: f.reason.clone(),
             })
             .collect();
         let mut responses = Vec::new();

@@ -522,3 +522,154 @@ impl Releases {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use psm_proto::v1::{InputRef, TimeRange};
+
+    const D: i64 = 20_000;
+
+    fn manifest(kind: ComputationKind, meters: &[&str], days: i64) -> ComputationManifest {
+        let program = AggregateProgram {
+            granularity_seconds: 900,
+        }
+        .encode_to_vec();
+        ComputationManifest {
+            kind: kind as i32,
+            program_hash: blake3::hash(&program).as_bytes().to_vec(),
+            program,
+            inputs: meters
+                .iter()
+                .flat_map(|m| {
+                    (0..days).map(move |d| InputRef {
+                        meter_id: (*m).into(),
+                        day: format_day(D + d),
+                        track: Track::Linear as i32,
+                        ciphertext_hash: vec![0; 32],
+                    })
+                })
+                .collect(),
+            range: Some(TimeRange {
+                start_unix: D * DAY_SECONDS,
+                end_unix: (D + days) * DAY_SECONDS,
+            }),
+            ..Default::default()
+        }
+    }
+
+    fn rule(r: Result<impl Sized, Refusal>) -> &'static str {
+        r.err().map_or("allowed", |r| r.rule)
+    }
+
+    #[test]
+    fn manifests_are_checked_before_anything_else() {
+        let cfg = PolicyConfig::default();
+        let none = BTreeSet::new();
+        let check = |m: &ComputationManifest| rule(check_manifest(&cfg, &none, m, KeyKind::Linear));
+        let five = ["a", "b", "c", "d", "e"];
+        assert_eq!(
+            check(&manifest(ComputationKind::Aggregate, &five, 1)),
+            "allowed"
+        );
+        assert_eq!(
+            check(&manifest(ComputationKind::Aggregate, &five[..4], 1)),
+            "k-anonymity"
+        );
+        assert_eq!(
+            check(&manifest(ComputationKind::Unspecified, &five, 1)),
+            "manifest-required"
+        );
+        let mut twice = manifest(ComputationKind::Aggregate, &five, 1);
+        twice.inputs.push(twice.inputs[0].clone());
+        assert_eq!(check(&twice), "manifest");
+        let mut wrong_track = manifest(ComputationKind::Aggregate, &five, 1);
+        wrong_track.inputs[0].track = Track::Tfhe as i32;
+        assert_eq!(check(&wrong_track), "manifest");
+        let mut outside = manifest(ComputationKind::Aggregate, &five, 1);
+        outside.inputs[0].day = format_day(D + 1);
+        assert_eq!(check(&outside), "manifest");
+        let mut forged = manifest(ComputationKind::Aggregate, &five, 1);
+        forged.program_hash[0] ^= 1;
+        assert_eq!(check(&forged), "manifest");
+        // Bills: one meter, every day once, an allowed program.
+        let bill = manifest(ComputationKind::Bill, &["a"], 3);
+        assert_eq!(check(&bill), "allowed-program");
+        let h: [u8; 32] = bill.program_hash.clone().try_into().unwrap();
+        let allowed = BTreeSet::from([h]);
+        assert_eq!(
+            rule(check_manifest(&cfg, &allowed, &bill, KeyKind::Linear)),
+            "allowed"
+        );
+        let mut gap = bill.clone();
+        gap.inputs.pop();
+        assert_eq!(
+            rule(check_manifest(&cfg, &allowed, &gap, KeyKind::Linear)),
+            "bill-shape"
+        );
+        let two = manifest(ComputationKind::Bill, &["a", "b"], 1);
+        assert_eq!(
+            rule(check_manifest(&cfg, &allowed, &two, KeyKind::Linear)),
+            "bill-shape"
+        );
+    }
+
+    #[tokio::test]
+    async fn releases_remember_cohorts_and_bills_across_restarts() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = PolicyConfig::default();
+        let none = BTreeSet::new();
+        let checked = |meters: &[&str], days: i64| {
+            check_manifest(
+                &cfg,
+                &none,
+                &manifest(ComputationKind::Aggregate, meters, days),
+                KeyKind::Linear,
+            )
+            .unwrap()
+        };
+        let h = [1u8; 32];
+        let ten: Vec<String> = (0..10).map(|i| format!("m{i}")).collect();
+        let refs: Vec<&str> = ten.iter().map(String::as_str).collect();
+        {
+            let r = Releases::open(dir.path()).unwrap();
+            assert_eq!(
+                rule(r.admit(&checked(&refs[..5], 1), 5, &h, "").await),
+                "allowed"
+            );
+        }
+        let r = Releases::open(dir.path()).unwrap();
+        // One more meter on an overlapping range: refused; five more: allowed.
+        assert_eq!(
+            rule(r.admit(&checked(&refs[..6], 2), 5, &h, "").await),
+            "differencing"
+        );
+        assert_eq!(
+            rule(r.admit(&checked(&refs, 1), 5, &h, "").await),
+            "allowed"
+        );
+        // The same cohort again is no new information.
+        assert_eq!(
+            rule(r.admit(&checked(&refs[..5], 1), 5, &h, "").await),
+            "allowed"
+        );
+
+        let bill = |days: i64| Checked {
+            kind: ComputationKind::Bill,
+            first_day: D,
+            end_day: D + days,
+            meters: vec!["a".into()],
+            program_hash: None,
+        };
+        assert_eq!(rule(r.admit(&bill(3), 5, &[2; 32], "").await), "allowed");
+        assert_eq!(rule(r.admit(&bill(3), 5, &[2; 32], "").await), "allowed");
+        assert_eq!(
+            rule(r.admit(&bill(2), 5, &[3; 32], "").await),
+            "one-bill-per-period"
+        );
+        assert_eq!(
+            rule(r.admit(&bill(2), 5, &[3; 32], "meter replaced").await),
+            "allowed"
+        );
+    }
+}

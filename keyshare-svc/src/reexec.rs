@@ -27,6 +27,9 @@ pub struct Reexecutor {
     pub max_summands: usize,
 }
 
+/// A fetched input: (day, interval seconds, count, compact-list words).
+type StoredDay = (i64, u32, usize, Vec<u128>);
+
 /// A re-executed output and its noise bound (log2).
 pub struct Recomputed {
     pub batch: LweBatch,
@@ -73,7 +76,7 @@ impl Reexecutor {
         let bill = c.kind == ComputationKind::Bill;
         // Bills are evaluated in the manifest's order (band pieces depend on it); aggregates are
         // sums and are added as they arrive.
-        let mut by_position: Vec<Option<(i64, u32, usize, Vec<u128>)>> = vec![None; m.inputs.len()];
+        let mut by_position: Vec<Option<StoredDay>> = vec![None; m.inputs.len()];
         let mut sum: Option<Vec<u128>> = None;
         let mut interval = None;
         while let Some(b) = next_reading(&mut stream)

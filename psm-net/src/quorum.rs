@@ -27,13 +27,22 @@ pub struct QuorumPolicy {
     pub timeout: Duration,
 }
 
+/// A peer that did not answer usefully.
+#[derive(Debug, Clone)]
+pub struct Failure {
+    pub peer: String,
+    /// The gRPC status code it answered with; None when it did not answer in time.
+    pub code: Option<tonic::Code>,
+    pub reason: String,
+}
+
 /// The answers gathered.
 #[derive(Debug)]
 pub struct Gathered<T> {
     /// (peer name, answer), in arrival order.
     pub answers: Vec<(String, T)>,
-    /// (peer name, reason) of peers that failed or timed out.
-    pub failures: Vec<(String, String)>,
+    /// Peers that failed or timed out.
+    pub failures: Vec<Failure>,
     /// Peers still working when the grace period ended (not faults: just not needed).
     pub late: Vec<String>,
 }
@@ -44,15 +53,35 @@ pub struct Gathered<T> {
 pub struct QuorumError {
     pub needed: usize,
     pub got: usize,
-    pub failures: Vec<(String, String)>,
+    pub failures: Vec<Failure>,
 }
 
-fn describe(f: &[(String, String)]) -> String {
+impl QuorumError {
+    /// The status code of the first peer that answered with a refusal (a policy decision or a
+    /// bad request) rather than a transport failure, if any did.
+    pub fn refusal_code(&self) -> Option<tonic::Code> {
+        use tonic::Code;
+        self.failures.iter().find_map(|f| {
+            f.code.filter(|c| {
+                matches!(
+                    c,
+                    Code::FailedPrecondition
+                        | Code::PermissionDenied
+                        | Code::InvalidArgument
+                        | Code::ResourceExhausted
+                        | Code::NotFound
+                )
+            })
+        })
+    }
+}
+
+fn describe(f: &[Failure]) -> String {
     if f.is_empty() {
         return "none".into();
     }
     f.iter()
-        .map(|(n, r)| format!("{n}: {r}"))
+        .map(|f| format!("{}: {}", f.peer, f.reason))
         .collect::<Vec<_>>()
         .join("; ")
 }
@@ -94,12 +123,16 @@ where
         names_pending.retain(|n| *n != name);
         match res {
             Ok(Ok(v)) => out.answers.push((name, v)),
-            Ok(Err(status)) => out
-                .failures
-                .push((name, format!("{:?}: {}", status.code(), status.message()))),
-            Err(_) => out
-                .failures
-                .push((name, format!("no answer within {:?}", policy.timeout))),
+            Ok(Err(status)) => out.failures.push(Failure {
+                peer: name,
+                code: Some(status.code()),
+                reason: format!("{:?}: {}", status.code(), status.message()),
+            }),
+            Err(_) => out.failures.push(Failure {
+                peer: name,
+                code: None,
+                reason: format!("no answer within {:?}", policy.timeout),
+            }),
         }
         if out.answers.len() >= policy.needed && grace_deadline.is_none() {
             grace_deadline = Some(tokio::time::Instant::now() + policy.grace);

@@ -19,7 +19,15 @@ pub enum AuditCommand {
 const PAGE: u32 = 10_000;
 
 async fn fetch(args: &ClientArgs) -> anyhow::Result<Vec<AuditRecord>> {
-    let mut client = KeyshareClient::new(args.channel("auditor/regulator")?);
+    fetch_from(args.channel("auditor/regulator")?, &args.endpoint).await
+}
+
+/// Every record of a keyshare's audit log, page by page (role auditor).
+pub(crate) async fn fetch_from(
+    channel: tonic::transport::Channel,
+    endpoint: &str,
+) -> anyhow::Result<Vec<AuditRecord>> {
+    let mut client = KeyshareClient::new(channel);
     let mut out: Vec<AuditRecord> = Vec::new();
     loop {
         let from_seq = out.last().map_or(0, |r| r.seq + 1);
@@ -29,7 +37,7 @@ async fn fetch(args: &ClientArgs) -> anyhow::Result<Vec<AuditRecord>> {
                 limit: PAGE,
             })
             .await
-            .with_context(|| format!("fetching the audit log from {}", args.endpoint))?
+            .with_context(|| format!("fetching the audit log from {endpoint}"))?
             .into_inner();
         let mut n = 0;
         while let Some(r) = stream.message().await? {
@@ -42,7 +50,7 @@ async fn fetch(args: &ClientArgs) -> anyhow::Result<Vec<AuditRecord>> {
     }
 }
 
-fn verify(records: &[AuditRecord]) -> anyhow::Result<[u8; 32]> {
+pub(crate) fn verify(records: &[AuditRecord]) -> anyhow::Result<[u8; 32]> {
     let parsed = records
         .iter()
         .map(audit_from_proto)

@@ -318,8 +318,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
 /// Simulates the town, ingests it, and shows the feeder's load and the keyshares' audit logs.
 async fn town_demo(args: &DemoArgs, pki: &DevPki, base: u16) -> anyhow::Result<()> {
     use psm_proto::v1::compute_client::ComputeClient;
-    use psm_proto::v1::keyshare_client::KeyshareClient;
-    use psm_proto::v1::{AggregateRequest, StatusRequest, TimeRange};
+    use psm_proto::v1::{AggregateRequest, TimeRange};
 
     let tls_of = |role: Role, name: &str| {
         let (cert, key) = pki.paths(role, name);
@@ -435,6 +434,37 @@ async fn town_demo(args: &DemoArgs, pki: &DevPki, base: u16) -> anyhow::Result<(
         .map(|d| format!("{:.0}", d.iter().sum::<i64>() as f64 / 1000.0))
         .collect();
     println!("  daily totals (kWh): {}", day_totals.join(", "));
+
+    // An analyst tries to learn one household's load by differencing: the feeder without it.
+    if let Some((left_out, rest)) = cohort.split_last() {
+        let probe = compute
+            .aggregate(AggregateRequest {
+                idempotency_key: "demo-differencing-probe".into(),
+                meter_ids: rest.to_vec(),
+                range: Some(TimeRange {
+                    start_unix: start,
+                    end_unix: start + 86_400,
+                }),
+                granularity_seconds: 3600,
+            })
+            .await;
+        match probe {
+            Err(e) if e.code() == tonic::Code::FailedPrecondition => {
+                let why = e
+                    .message()
+                    .split("FailedPrecondition: ")
+                    .nth(1)
+                    .and_then(|m| m.split(';').next())
+                    .unwrap_or(e.message());
+                println!(
+                    "\nDifferencing probe — the same feeder without {left_out} on {}: refused by the keyshares\n  ({why})",
+                    sim.start
+                );
+            }
+            Ok(_) => println!("\nDifferencing probe was released: the keyshares' policy allows it"),
+            Err(e) => return Err(anyhow::anyhow!("differencing probe: {e}")),
+        }
+    }
     // Bills: per-band totals summed on ciphertexts, only the totals decrypted.
     let tariff = demo_tariff();
     println!(
@@ -477,22 +507,45 @@ async fn town_demo(args: &DemoArgs, pki: &DevPki, base: u16) -> anyhow::Result<(
     );
     println!("Demand charges for the businesses need the tfhe track, which this build does not evaluate yet.");
 
-    println!("\nKeyshare audit logs:");
+    println!("\nKeyshare audit logs (each regulator's own record of what it allowed and refused):");
     for i in 1..=3u16 {
         let name = format!("keyshare-{i}");
-        let mut ks = KeyshareClient::new(channel(
+        let ch = channel(
             &url(10 + i),
             &name,
             &tls_of(Role::Auditor, "regulator"),
             &opts,
-        )?);
-        let st = ks.status(StatusRequest {}).await?.into_inner();
+        )?;
+        let records = crate::audit::fetch_from(ch, &url(10 + i)).await?;
+        let mut allowed = 0;
+        let mut refused: std::collections::BTreeMap<&str, usize> = Default::default();
+        for r in &records {
+            if r.decision == "allow" {
+                allowed += 1;
+            } else {
+                *refused.entry(r.rule.as_str()).or_default() += 1;
+            }
+        }
+        let refused: Vec<String> = refused.iter().map(|(r, n)| format!("{r} ×{n}")).collect();
+        let chain = match crate::audit::verify(&records) {
+            Ok(head) => format!("chain verified, head {}", hex::encode(&head[..8])),
+            Err(e) => format!("CHAIN BROKEN: {e}"),
+        };
         println!(
-            "  {name}: {} decisions recorded, chain head {}",
-            st.audit_len,
-            hex::encode(&st.audit_head[..8.min(st.audit_head.len())])
+            "  {name}: {} decisions — {allowed} allowed; refused: {}; {chain}",
+            records.len(),
+            if refused.is_empty() {
+                "none".to_string()
+            } else {
+                refused.join(", ")
+            }
         );
     }
+    println!(
+        "  (full table: psm audit show --endpoint {} --server-name keyshare-1 --pki {})",
+        url(11),
+        args.data_dir.join("pki").display()
+    );
     Ok(())
 }
 
