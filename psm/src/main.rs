@@ -43,6 +43,19 @@ enum Command {
     },
     /// Print which certificate roles may call which RPC.
     Roles,
+    /// Probe a service's plaintext health port (for container and systemd health checks):
+    /// exits 0 when it reports SERVING.
+    Health {
+        /// The service's `health_listen` address.
+        #[arg(long)]
+        addr: std::net::SocketAddr,
+        /// A gRPC service name ("psm.v1.Keyshare"); empty = the whole server.
+        #[arg(long, default_value = "")]
+        service: String,
+        /// Give up after this many seconds.
+        #[arg(long, default_value_t = 3)]
+        timeout_secs: u64,
+    },
     /// Start the whole system locally (dev PKI, 3 keyshares, ingest, compute) and keep it
     /// running until Ctrl-C.
     Demo(demo::DemoArgs),
@@ -118,7 +131,39 @@ fn main() -> anyhow::Result<()> {
         Command::Audit { command } => audit::run(command)?,
         Command::Meter { command } => meter::run(command)?,
         Command::Roles => print!("{}", psm_net::roles::table_markdown()),
+        Command::Health {
+            addr,
+            service,
+            timeout_secs,
+        } => health(addr, service, timeout_secs)?,
         Command::Demo(args) => demo::run(args)?,
     }
+    Ok(())
+}
+
+fn health(addr: std::net::SocketAddr, service: String, timeout_secs: u64) -> anyhow::Result<()> {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::{health_client::HealthClient, HealthCheckRequest};
+    let timeout = std::time::Duration::from_secs(timeout_secs);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let status = rt.block_on(async {
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
+            .connect_timeout(timeout)
+            .timeout(timeout)
+            .connect()
+            .await
+            .with_context(|| format!("connecting to the health port {addr}"))?;
+        let resp = HealthClient::new(channel)
+            .check(HealthCheckRequest {
+                service: service.clone(),
+            })
+            .await
+            .with_context(|| format!("health check of {service:?} at {addr}"))?;
+        anyhow::Ok(resp.into_inner().status())
+    })?;
+    println!("{addr} {service:?}: {}", status.as_str_name());
+    anyhow::ensure!(status == ServingStatus::Serving, "not serving");
     Ok(())
 }
