@@ -38,7 +38,11 @@ pub struct Aggregator<'a> {
 /// A summed shard waiting for decryption.
 struct Shard {
     day: i64,
+    /// Stored intervals added into one decrypted value.
     k: usize,
+    /// Decrypted values added (in the clear) into one output value.
+    per_output: usize,
+    interval: u32,
     words: Vec<u128>,
     inputs: Vec<InputRef>,
 }
@@ -64,6 +68,17 @@ pub(crate) fn merge_report(into: &mut QuorumReport, r: QuorumReport) {
             into.faults.push(f);
         }
     }
+}
+
+/// How many stored intervals to add into one decrypted value: the largest divisor of `k` (the
+/// intervals per output value) for which a shard of `meters` still fits one decryption. Coarse
+/// outputs of many meters would otherwise need shards too small for the keyshares' cohort
+/// minimum; instead finer cohort sums are decrypted and added in the clear.
+fn decryption_k(k: usize, meters: usize, max_summands: usize) -> usize {
+    (1..=k)
+        .rev()
+        .find(|d| k.is_multiple_of(*d) && d * meters.max(1) <= max_summands)
+        .unwrap_or(1)
 }
 
 impl Aggregator<'_> {
@@ -123,13 +138,12 @@ impl Aggregator<'_> {
                     b.meter_id, b.interval_seconds
                 )));
             }
-            let k = (g / b.interval_seconds) as usize;
+            let k = decryption_k(
+                (g / b.interval_seconds) as usize,
+                cohort.len().min(self.max_shard_meters),
+                max_sum,
+            );
             let shard_cap = (max_sum / k).min(self.max_shard_meters);
-            if shard_cap == 0 {
-                return Err(Status::invalid_argument(format!(
-                    "granularity {g} s adds {k} intervals per value; one decryption may hold at most {max_sum} summands: choose a finer granularity"
-                )));
-            }
             seen.insert((b.meter_id.clone(), day));
             let acc = accs
                 .entry((day, b.interval_seconds))
@@ -156,6 +170,8 @@ impl Aggregator<'_> {
                     shards.push(Shard {
                         day,
                         k,
+                        per_output: (g / b.interval_seconds) as usize / k,
+                        interval: b.interval_seconds,
                         words,
                         inputs: std::mem::take(&mut acc.inputs),
                     });
@@ -164,9 +180,16 @@ impl Aggregator<'_> {
         }
         for ((day, interval), acc) in accs {
             if let Some(words) = acc.words {
+                let k = decryption_k(
+                    (g / interval) as usize,
+                    cohort.len().min(self.max_shard_meters),
+                    max_sum,
+                );
                 shards.push(Shard {
                     day,
-                    k: (g / interval) as usize,
+                    k,
+                    per_output: (g / interval) as usize / k,
+                    interval,
                     words,
                     inputs: acc.inputs,
                 });
@@ -188,25 +211,25 @@ impl Aggregator<'_> {
             return Err(Status::failed_precondition(format!(
                 "only {} meters of the cohort report {} s intervals on {}; their sum would be released on its own and is below the minimum of {}",
                 s.inputs.len(),
-                g as usize / s.k,
+                s.interval,
                 psm_core::readings::format_day(s.day),
                 self.min_cohort
             )));
         }
 
         // Decrypt each shard and add the clear sums per output interval.
-        let program = AggregateProgram {
-            granularity_seconds: g,
-        }
-        .encode_to_vec();
         let mut totals = vec![0i128; buckets_per_day * days as usize];
         let mut report = QuorumReport::default();
         for (i, s) in shards.into_iter().enumerate() {
             let (batch, noise) = aggregate_output(s.words, s.inputs.len(), s.k);
+            let program = AggregateProgram {
+                granularity_seconds: s.interval * s.k as u32,
+            }
+            .encode_to_vec();
             let manifest = ComputationManifest {
                 kind: ComputationKind::Aggregate as i32,
                 program_hash: blake3::hash(&program).as_bytes().to_vec(),
-                program: program.clone(),
+                program,
                 inputs: s.inputs,
                 range: Some(TimeRange {
                     start_unix: s.day * DAY_SECONDS,
@@ -229,7 +252,7 @@ impl Aggregator<'_> {
             merge_report(&mut report, out.report);
             let base = (s.day - first_day) as usize * buckets_per_day;
             for (j, v) in out.values.into_iter().enumerate() {
-                totals[base + j] += v;
+                totals[base + j / s.per_output] += v;
             }
         }
         let energy_wh = totals
@@ -244,5 +267,21 @@ impl Aggregator<'_> {
             cohort_size: cohort.len() as u32,
             quorum: Some(report),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::decryption_k;
+
+    #[test]
+    fn decryption_granularity_keeps_cohorts_whole() {
+        // Hourly sums of 15-minute readings: 4 per value while 128 meters fit one decryption.
+        assert_eq!(decryption_k(4, 100, 512), 4);
+        assert_eq!(decryption_k(4, 128, 512), 4);
+        assert_eq!(decryption_k(4, 129, 512), 2);
+        // Daily sums (96 intervals) of 6 meters: 64 does not divide 96, 48 does.
+        assert_eq!(decryption_k(96, 6, 512), 48);
+        assert_eq!(decryption_k(96, 1000, 512), 1);
     }
 }
