@@ -92,9 +92,9 @@ async fn billing_cycle_survives_a_keyshare_killed_mid_run() {
     let mut dead = sys.keyshares.remove(1);
     dead.signal_and_wait(libc::SIGKILL, Duration::from_secs(5))
         .expect("keyshare-2 killed");
-    for m in 3..6 {
+    for (m, id) in meters.iter().enumerate().skip(3) {
         let b = op.bill(bill(m)).await.unwrap().into_inner();
-        assert_eq!(b.lines[0].energy_wh, energy(m), "{}", meters[m]);
+        assert_eq!(b.lines[0].energy_wh, energy(m), "{id}");
         assert_eq!(b.total, (energy(m) * 25 + 500) / 1000 + 100);
         let q = b.quorum.unwrap();
         assert_eq!(q.used, ["keyshare-1", "keyshare-3"]);
