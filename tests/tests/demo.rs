@@ -42,7 +42,16 @@ fn demo_check_starts_and_stops_everything() {
         assert!(stdout.contains(&format!("{k}: ")), "{stdout}");
     }
     assert_eq!(
-        stdout.matches(" decisions recorded, chain head ").count(),
+        stdout.matches("chain verified, head ").count(),
+        3,
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("refused by the keyshares\n  (differencing:"),
+        "{stdout}"
+    );
+    assert_eq!(
+        stdout.matches("refused: differencing ×1").count(),
         3,
         "{stdout}"
     );
@@ -56,4 +65,6 @@ fn demo_check_starts_and_stops_everything() {
         "{stdout}"
     );
     assert!(stdout.contains("Feeder load, 10 meters"), "{stdout}");
+    // Identical bills and releases again are retries, not new releases: all allowed.
+    assert!(stdout.contains("(10 bills in"), "{stdout}");
 }
