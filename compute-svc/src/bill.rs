@@ -117,7 +117,7 @@ impl Biller<'_> {
             band_wh[s.band] +=
                 i64::try_from(v).map_err(|_| Status::internal("band total out of range"))?;
         }
-        let bill = price(&tariff, &band_wh, days);
+        let bill = price(&tariff, &band_wh, days, extra);
         let mut report = Default::default();
         merge_report(&mut report, out.report);
         Ok(BillResponse {

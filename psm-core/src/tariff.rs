@@ -123,6 +123,77 @@ impl Tariff {
     }
 }
 
+/// One block of a tiered tariff: energy of the period up to `up_to_wh` (the previous tier's
+/// bound excluded) at `price_milli` milli-minor units per kWh; `None` = unbounded (last tier).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Tier {
+    pub up_to_wh: Option<u64>,
+    pub price_milli: u64,
+}
+
+/// Checks tiers: 1..=8, strictly ascending bounds, only the last unbounded, prices in range.
+pub fn tiers(t: &[(u64, i64)]) -> Result<Vec<Tier>, TariffError> {
+    if t.len() > 8 {
+        return Err(TariffError("at most 8 tiers".into()));
+    }
+    let mut out = Vec::new();
+    let mut last = 0u64;
+    for (i, (up_to_kwh, price)) in t.iter().enumerate() {
+        let is_last = i + 1 == t.len();
+        if !(0..=MAX_PRICE_MILLI).contains(price) {
+            return Err(TariffError(format!(
+                "tier {i}: price must be 0..={MAX_PRICE_MILLI}"
+            )));
+        }
+        let up_to_wh = match (*up_to_kwh, is_last) {
+            (0, true) => None,
+            (0, false) => {
+                return Err(TariffError(format!(
+                    "tier {i}: only the last tier may be unbounded (up_to_kwh = 0)"
+                )))
+            }
+            (k, _) if k > 4_000_000_000 => {
+                return Err(TariffError(format!("tier {i}: bound too large")))
+            }
+            (k, _) => Some(k * 1000),
+        };
+        if let Some(u) = up_to_wh {
+            if u <= last {
+                return Err(TariffError(format!(
+                    "tier {i}: bounds must be strictly ascending"
+                )));
+            }
+            last = u;
+        }
+        out.push(Tier {
+            up_to_wh,
+            price_milli: *price as u64,
+        });
+    }
+    Ok(out)
+}
+
+/// The bill line of a demand charge: the period's highest daily peak (W) × rate per kW.
+pub fn demand_line(peak_w: u64, rate_per_kw_milli: i64) -> Line {
+    Line {
+        description: format!("demand charge, peak {:.1} kW", peak_w as f64 / 1000.0),
+        energy_wh: 0,
+        amount: div_round(
+            i128::from(peak_w) * i128::from(rate_per_kw_milli),
+            1_000_000,
+        ) as i64,
+    }
+}
+
+/// The bill line of a tiered tariff from its encrypted-then-released cost (Wh × milli per kWh).
+pub fn tier_line(cost: u128, tiers: usize) -> Line {
+    Line {
+        description: format!("tiered energy charge ({tiers} tiers)"),
+        energy_wh: 0,
+        amount: div_round(cost as i128, 1_000_000) as i64,
+    }
+}
+
 /// Rounds a/b to the nearest integer, halves away from zero.
 pub fn div_round(a: i128, b: i128) -> i128 {
     let q = a / b;
@@ -155,8 +226,9 @@ pub struct Bill {
 /// Prices per-band net totals: a band with net import is charged at its import price, a band
 /// with net export credited at its export price (net metering per band). Each line is rounded
 /// half away from zero; VAT applies to a positive subtotal only (export credits carry none).
-pub fn price(t: &Tariff, band_wh: &[i64], days: i64) -> Bill {
-    let lines: Vec<Line> = t
+/// `extra` lines (demand charge, tiered charge) are added before the subtotal.
+pub fn price(t: &Tariff, band_wh: &[i64], days: i64, extra: Vec<Line>) -> Bill {
+    let mut lines: Vec<Line> = t
         .bands
         .iter()
         .zip(band_wh)
@@ -173,6 +245,7 @@ pub fn price(t: &Tariff, band_wh: &[i64], days: i64) -> Bill {
             }
         })
         .collect();
+    lines.extend(extra);
     let standing_charge = t.standing_charge_per_day * days;
     let subtotal = lines.iter().map(|l| l.amount).sum::<i64>() + standing_charge;
     let vat = if subtotal > 0 {
@@ -287,7 +360,7 @@ mod tests {
             "EUR",
         )
         .unwrap();
-        let b = price(&t, &[10_000, -2_500, 1], 30);
+        let b = price(&t, &[10_000, -2_500, 1], 30, Vec::new());
         assert_eq!(b.lines[0].amount, 305); // 10 kWh × 30.5
         assert_eq!(b.lines[1].amount, -10); // 2.5 kWh exported × 4.0
         assert_eq!(b.lines[1].description, "night export");

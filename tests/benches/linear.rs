@@ -140,7 +140,7 @@ async fn main() {
                 band_wh[core_tariff.band_at(day * 86_400 + j as i64 * 900)] += v;
             }
         }
-        let p = psm_core::tariff::price(&core_tariff, &band_wh, 30);
+        let p = psm_core::tariff::price(&core_tariff, &band_wh, 30, Vec::new());
         plain.push(t.elapsed().as_secs_f64() * 1e3);
         assert_eq!(p.total, b.total);
     }

@@ -86,7 +86,7 @@ fn reference(t: &Tariff, readings: &[DayReadings], interval: i64) -> (Vec<i64>, 
             band_wh[b] += v;
         }
     }
-    let bill = psm_core::tariff::price(&core, &band_wh, readings.len() as i64);
+    let bill = psm_core::tariff::price(&core, &band_wh, readings.len() as i64, Vec::new());
     (band_wh, bill.total)
 }
 

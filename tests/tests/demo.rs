@@ -11,7 +11,15 @@ fn demo_check_starts_and_stops_everything() {
     let keys = psm_e2e::keys::key_set(3, 2);
     std::fs::create_dir_all(&data).unwrap();
     std::os::unix::fs::symlink(keys.public_dir.parent().unwrap(), data.join("keys")).unwrap();
-    let base = psm_e2e::free_port().saturating_sub(20).max(20000);
+    // Below the ephemeral port range (outgoing connections cannot take these), all five free.
+    let base = (0..500u16)
+        .map(|i| 20_000 + (std::process::id() as u16 % 500 + i) % 500 * 20)
+        .find(|b| {
+            [1u16, 2, 11, 12, 13]
+                .iter()
+                .all(|o| std::net::TcpListener::bind(("127.0.0.1", b + o)).is_ok())
+        })
+        .expect("a free block of ports");
     let run = || {
         Command::new(psm_e2e::bin("psm"))
             .args(["demo", "--check", "--households", "8", "--days", "2"])
