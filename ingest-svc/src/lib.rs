@@ -16,6 +16,7 @@ use psm_net::Role;
 use psm_proto::v1::Track;
 
 use crate::store::{ReadingStore, StoreError};
+use psm_core::registers::{RegisterVerifier, MAX_REGISTER_LIST_BYTES, REGISTER_COUNT};
 
 use psm_core::ceremony::{CeremonyError, PublicBundle};
 use psm_net::config::{ServerSettings, DEFAULT_MAX_RESPONSE_BYTES};
@@ -58,6 +59,10 @@ pub const CHUNK_BYTES: usize = 2 << 20;
 /// The Ingest gRPC service.
 pub struct IngestService {
     bundle: Option<Arc<PublicBundle>>,
+    /// Checks tfhe-track register proofs (present with the bundle).
+    verifier: Option<Arc<RegisterVerifier>>,
+    /// Bounds the proof verifications running at once (each takes ~0.1 s of a core).
+    verify_permits: Arc<tokio::sync::Semaphore>,
     store: Arc<dyn ReadingStore>,
     headends: HashMap<String, Vec<String>>,
 }
@@ -93,8 +98,19 @@ impl IngestService {
         if let Some(b) = &bundle {
             tracing::info!(dir = %b.dir.display(), tfhe_key = %b.manifest.tfhe_key_id, linear_key = %b.manifest.linear_key_id, "serving public key material");
         }
+        let verifier = match &bundle {
+            Some(b) => Some(Arc::new(RegisterVerifier::new(
+                &b.manifest.tfhe_key_id,
+                b.compact_public_key()?,
+                b.crs()?,
+            ))),
+            None => None,
+        };
+        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
         Ok(IngestService {
             bundle,
+            verifier,
+            verify_permits: Arc::new(tokio::sync::Semaphore::new(cores)),
             store,
             headends,
         })
@@ -113,6 +129,46 @@ impl IngestService {
             }),
             _ => false,
         }
+    }
+
+    /// Verifies the zero-knowledge proofs of every tfhe-track batch on the blocking pool, at most
+    /// one verification per core at a time; any failure refuses the whole request.
+    async fn verify_proofs(&self, req: &SubmitReadingsRequest) -> Result<(), Status> {
+        let mut jobs = Vec::new();
+        for (i, b) in req.batches.iter().enumerate() {
+            if b.track() != Track::Tfhe {
+                continue;
+            }
+            let verifier = self.verifier.clone().ok_or_else(|| {
+                Status::failed_precondition("this ingest has no key bundle; nothing was stored")
+            })?;
+            let permit = self
+                .verify_permits
+                .clone()
+                .acquire_owned()
+                .await
+                .map_err(|_| Status::unavailable("ingest is shutting down"))?;
+            let (meter, day, bytes) = (b.meter_id.clone(), b.day.clone(), b.ciphertext.clone());
+            jobs.push((
+                i,
+                tokio::task::spawn_blocking(move || {
+                    let _permit = permit;
+                    verifier.verify(&meter, &day, &bytes)
+                }),
+            ));
+        }
+        for (i, job) in jobs {
+            let b = &req.batches[i];
+            job.await
+                .map_err(|e| Status::internal(format!("proof verification task failed: {e}")))?
+                .map_err(|e| {
+                    Status::invalid_argument(format!(
+                        "batch {i} ({} {}): {e}; nothing was stored",
+                        b.meter_id, b.day
+                    ))
+                })?;
+        }
+        Ok(())
     }
 
     /// Every check on a submission, before anything touches storage.
@@ -152,28 +208,43 @@ impl IngestService {
                 )));
             }
             parse_day(&b.day).map_err(|e| bad(e.to_string()))?;
-            match b.track() {
-                Track::Linear => {}
-                Track::Tfhe => {
-                    return Err(Status::unimplemented(format!(
-                        "batch {i}: this ingest does not accept tfhe-track registers yet; nothing was stored"
-                    )))
-                }
-                Track::Unspecified => return Err(bad("track must be TRACK_LINEAR or TRACK_TFHE".into())),
-            }
             let key_id = b
                 .key
                 .as_ref()
                 .map(|k| k.key_id.as_str())
                 .unwrap_or_default();
-            if key_id != bundle.manifest.linear_key_id {
-                return Err(bad(format!(
-                    "key id {key_id:?} is not this deployment's linear key {:?}",
-                    bundle.manifest.linear_key_id
-                )));
+            match b.track() {
+                Track::Linear => {
+                    if key_id != bundle.manifest.linear_key_id {
+                        return Err(bad(format!(
+                            "key id {key_id:?} is not this deployment's linear key {:?}",
+                            bundle.manifest.linear_key_id
+                        )));
+                    }
+                    check_linear_shape(b.interval_seconds, b.count, b.ciphertext.len())
+                        .map_err(|e| bad(e.to_string()))?;
+                }
+                Track::Tfhe => {
+                    if key_id != bundle.manifest.tfhe_key_id {
+                        return Err(bad(format!(
+                            "key id {key_id:?} is not this deployment's tfhe key {:?}",
+                            bundle.manifest.tfhe_key_id
+                        )));
+                    }
+                    if b.interval_seconds != 0 || b.count != REGISTER_COUNT {
+                        return Err(bad(format!(
+                            "a tfhe-track batch carries {REGISTER_COUNT} registers (peak W, total Wh) with interval_seconds 0"
+                        )));
+                    }
+                    if b.ciphertext.len() as u64 > MAX_REGISTER_LIST_BYTES {
+                        return Err(bad(format!(
+                            "{} bytes; a register list is at most {MAX_REGISTER_LIST_BYTES}",
+                            b.ciphertext.len()
+                        )));
+                    }
+                }
+                Track::Unspecified => return Err(bad("track must be TRACK_LINEAR or TRACK_TFHE".into())),
             }
-            check_linear_shape(b.interval_seconds, b.count, b.ciphertext.len())
-                .map_err(|e| bad(e.to_string()))?;
             if blake3::hash(&b.ciphertext).as_bytes().as_slice() != b.ciphertext_hash.as_slice() {
                 return Err(bad("ciphertext_hash is not the BLAKE3 hash of the ciphertext (truncated or corrupted?)".into()));
             }
@@ -273,6 +344,7 @@ impl Ingest for IngestService {
         let who = caller(&request)?.clone();
         let req = request.into_inner();
         self.validate(&who, &req)?;
+        self.verify_proofs(&req).await?;
         let store = self.store.clone();
         let batches = req.batches;
         let outcome = tokio::task::spawn_blocking(move || store.put_all(&batches))
