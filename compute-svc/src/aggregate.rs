@@ -33,6 +33,7 @@ pub struct Aggregator<'a> {
     pub min_cohort: usize,
     /// Upper bound on meters per decrypted shard (the invariants may impose a lower one).
     pub max_shard_meters: usize,
+    pub job: &'a crate::jobs::JobHandle,
 }
 
 /// A summed shard waiting for decryption.
@@ -220,7 +221,12 @@ impl Aggregator<'_> {
         // Decrypt each shard and add the clear sums per output interval.
         let mut totals = vec![0i128; buckets_per_day * days as usize];
         let mut report = QuorumReport::default();
+        let n = shards.len();
         for (i, s) in shards.into_iter().enumerate() {
+            self.job.step(
+                &format!("decrypting shard {}/{n}", i + 1),
+                (10 + 90 * i / n.max(1)) as u32,
+            );
             let (batch, noise) = aggregate_output(s.words, s.inputs.len(), s.k);
             let program = AggregateProgram {
                 granularity_seconds: s.interval * s.k as u32,

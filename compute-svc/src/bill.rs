@@ -6,9 +6,11 @@ use psm_core::aggregate::max_summands;
 use psm_core::linear::LINEAR_ENCODING;
 use psm_core::program::BillEvaluator;
 use psm_core::readings::{parse_day, validate_meter_id, DAY_SECONDS};
-use psm_core::tariff::{price, Tariff};
+use psm_core::tariff::{demand_line, price, tier_line, Tariff, Tier};
+use psm_core::tfhe_program::{max_tree, sum_tree, tiered_cost};
 use psm_proto::v1::{
-    BillLine, BillRequest, BillResponse, ComputationKind, ComputationManifest, InputRef, TimeRange,
+    BillLine, BillRequest, BillResponse, ComputationKind, ComputationManifest, InputRef,
+    QuorumReport, TimeRange,
 };
 use tonic::transport::Channel;
 use tonic::Status;
@@ -16,6 +18,8 @@ use tonic::Status;
 use crate::aggregate::merge_report;
 use crate::decrypt::ThresholdDecryptor;
 use crate::inputs::{check_idempotency_key, checked_words, next, stream_linear, whole_days};
+use crate::jobs::JobHandle;
+use crate::tfhe::{expand_all, squashed, TfheEngine};
 
 /// Longest billing period, days.
 pub const MAX_BILL_DAYS: i64 = 62;
@@ -25,16 +29,25 @@ pub struct Biller<'a> {
     pub ingest: Channel,
     pub decryptor: &'a ThresholdDecryptor,
     pub linear_key_id: &'a str,
+    pub tfhe: &'a TfheEngine,
+    pub job: &'a JobHandle,
 }
 
-/// The tariff of a request, validated.
-pub fn tariff_from_proto(t: &psm_proto::v1::Tariff) -> Result<Tariff, Status> {
-    if t.demand_rate_per_kw_milli != 0 || !t.tiers.is_empty() {
-        return Err(Status::failed_precondition(
-            "demand charges and tiered tariffs need the tfhe track, which this build does not evaluate yet",
-        ));
+/// The tariff of a request, validated: time-of-use bands, and the tfhe-track parts (demand rate
+/// per kW, tiers).
+pub fn tariff_from_proto(t: &psm_proto::v1::Tariff) -> Result<(Tariff, i64, Vec<Tier>), Status> {
+    let bad = |e: String| Status::invalid_argument(e);
+    let tariff = psm_core::wire::tariff_from_proto(t).map_err(|e| bad(e.to_string()))?;
+    if !(0..=100_000_000).contains(&t.demand_rate_per_kw_milli) {
+        return Err(bad("tariff: demand rate out of range".into()));
     }
-    psm_core::wire::tariff_from_proto(t).map_err(|e| Status::invalid_argument(e.to_string()))
+    let tiers: Vec<(u64, i64)> = t
+        .tiers
+        .iter()
+        .map(|x| (x.up_to_kwh, x.price_milli))
+        .collect();
+    let tiers = psm_core::tariff::tiers(&tiers).map_err(|e| bad(e.to_string()))?;
+    Ok((tariff, t.demand_rate_per_kw_milli, tiers))
 }
 
 impl Biller<'_> {
@@ -45,13 +58,15 @@ impl Biller<'_> {
             .tariff
             .clone()
             .ok_or_else(|| Status::invalid_argument("a tariff is required"))?;
-        let tariff = tariff_from_proto(&proto_tariff)?;
+        let (tariff, demand_rate, tiers) = tariff_from_proto(&proto_tariff)?;
         let (first_day, days) = whole_days(req.period.as_ref(), MAX_BILL_DAYS)?;
         let period = TimeRange {
             start_unix: first_day * DAY_SECONDS,
             end_unix: (first_day + days) * DAY_SECONDS,
         };
         let max_sum = max_summands(self.decryptor.scheme());
+        let program = proto_tariff.encode_to_vec();
+        self.job.step("summing interval readings per band", 5);
 
         let mut stream =
             stream_linear(self.ingest.clone(), vec![req.meter_id.clone()], period).await?;
@@ -90,16 +105,16 @@ impl Biller<'_> {
         // One decryption of every band total (several pieces per band when a band holds more
         // intervals than one decryption may).
         let (sums, batch, noise) = eval.finish();
-        let program = proto_tariff.encode_to_vec();
         let manifest = ComputationManifest {
             kind: ComputationKind::Bill as i32,
             program_hash: blake3::hash(&program).as_bytes().to_vec(),
-            program,
+            program: program.clone(),
             inputs,
             range: Some(period),
             reissue_reason: req.reissue_reason.clone(),
             ..Default::default()
         };
+        self.job.step("decrypting band totals", 20);
         let out = self
             .decryptor
             .decrypt(
@@ -117,9 +132,18 @@ impl Biller<'_> {
             band_wh[s.band] +=
                 i64::try_from(v).map_err(|_| Status::internal("band total out of range"))?;
         }
-        let bill = price(&tariff, &band_wh, days, extra);
         let mut report = Default::default();
         merge_report(&mut report, out.report);
+        let extra = if demand_rate > 0 || !tiers.is_empty() {
+            let (lines, r) = self
+                .registers_part(&req, first_day, days, demand_rate, &tiers, program)
+                .await?;
+            merge_report(&mut report, r);
+            lines
+        } else {
+            Vec::new()
+        };
+        let bill = price(&tariff, &band_wh, days, extra);
         Ok(BillResponse {
             meter_id: req.meter_id,
             period: Some(period),
@@ -139,5 +163,82 @@ impl Biller<'_> {
             currency: tariff.currency,
             quorum: Some(report),
         })
+    }
+
+    /// The tfhe track's part of a bill: the demand charge (maximum of the daily peaks, as a
+    /// tree) and the tiered charge (cost of the period total, the total itself never
+    /// decrypted), squashed and threshold-decrypted together.
+    async fn registers_part(
+        &self,
+        req: &BillRequest,
+        first_day: i64,
+        days: i64,
+        demand_rate: i64,
+        tiers: &[Tier],
+        program: Vec<u8>,
+    ) -> Result<(Vec<psm_core::tariff::Line>, QuorumReport), Status> {
+        self.job.step("loading the tfhe server key", 25);
+        let loaded = self.tfhe.loaded().await?;
+        let meters = [req.meter_id.clone()];
+        let regs = self
+            .tfhe
+            .registers(self.ingest.clone(), &meters, first_day, days)
+            .await?;
+        let inputs: Vec<InputRef> = regs.iter().map(|r| r.input.clone()).collect();
+        let job = self.job;
+        let tiers_owned = tiers.to_vec();
+        let want_demand = demand_rate > 0;
+        let parts = tokio::task::block_in_place(|| {
+            let expanded = expand_all(&loaded, &regs, job, 30, 70)?;
+            let (peaks, totals): (Vec<_>, Vec<_>) = expanded.into_iter().unzip();
+            let mut parts = Vec::new();
+            if want_demand {
+                job.step("maximum of the daily peaks", 75);
+                let peak = max_tree(peaks).ok_or_else(|| Status::internal("no days"))?;
+                job.step("squashing the peak", 80);
+                parts.push(squashed(&peak, 32)?);
+            }
+            if !tiers_owned.is_empty() {
+                job.step("tiered cost of the period total", 85);
+                let total = sum_tree(totals).ok_or_else(|| Status::internal("no days"))?;
+                let cost = tiered_cost(&total, &tiers_owned)
+                    .ok_or_else(|| Status::internal("no tiers"))?;
+                job.step("squashing the tiered cost", 90);
+                parts.push(squashed(&cost, 64)?);
+            }
+            Ok::<_, Status>(parts)
+        })?;
+        self.job.step("decrypting the register results", 95);
+        let manifest = ComputationManifest {
+            kind: ComputationKind::Bill as i32,
+            program_hash: blake3::hash(&program).as_bytes().to_vec(),
+            program,
+            inputs,
+            range: Some(TimeRange {
+                start_unix: first_day * DAY_SECONDS,
+                end_unix: (first_day + days) * DAY_SECONDS,
+            }),
+            reissue_reason: req.reissue_reason.clone(),
+            ..Default::default()
+        };
+        let (values, out) = self
+            .tfhe
+            .decrypt(
+                self.decryptor,
+                parts,
+                manifest,
+                &format!("{}/registers", req.idempotency_key),
+            )
+            .await?;
+        let mut lines = Vec::new();
+        let mut it = values.into_iter();
+        if want_demand {
+            let peak = it.next().unwrap_or_default() as u64;
+            lines.push(demand_line(peak, demand_rate));
+        }
+        if !tiers.is_empty() {
+            lines.push(tier_line(it.next().unwrap_or_default(), tiers.len()));
+        }
+        Ok((lines, out.report))
     }
 }

@@ -2,9 +2,12 @@
 //! threshold-decrypted by a quorum of keyshares. The binary is a thin wrapper over [`run`].
 
 pub mod aggregate;
+pub mod analytics;
 pub mod bill;
 pub mod decrypt;
 pub mod inputs;
+pub mod jobs;
+pub mod tfhe;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -54,6 +57,7 @@ pub struct Engine {
     linear_key_id: String,
     min_cohort: usize,
     max_shard_meters: usize,
+    tfhe: tfhe::TfheEngine,
 }
 
 impl Engine {
@@ -89,6 +93,7 @@ impl Engine {
             linear_key_id: manifest.linear_key_id,
             min_cohort: c.min_cohort.unwrap_or(DEFAULT_MIN_COHORT),
             max_shard_meters: c.max_shard_meters.unwrap_or(usize::MAX).max(1),
+            tfhe: tfhe::TfheEngine::new(public_dir.clone(), manifest.tfhe_key_id.clone()),
         }))
     }
 }
@@ -97,11 +102,15 @@ impl Engine {
 #[derive(Default)]
 pub struct ComputeService {
     engine: Option<Engine>,
+    jobs: jobs::Jobs,
 }
 
 impl ComputeService {
     pub fn new(engine: Option<Engine>) -> Self {
-        ComputeService { engine }
+        ComputeService {
+            engine,
+            jobs: jobs::Jobs::default(),
+        }
     }
 
     fn engine(&self) -> Result<&Engine, Status> {
@@ -113,18 +122,32 @@ impl ComputeService {
     }
 }
 
-const NOT_YET: &str = "this compute build does not evaluate tfhe-track analytics yet";
+/// A job's outcome: a failure is published to watchers before the handle ends the job.
+fn finish<T>(job: &jobs::JobHandle, r: Result<T, Status>) -> Result<Response<T>, Status> {
+    if let Err(e) = &r {
+        job.step(&format!("failed: {}", e.message()), 100);
+    }
+    r.map(Response::new)
+}
+
+type ProgressStream =
+    std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<JobProgress, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl Compute for ComputeService {
     async fn bill(&self, r: Request<BillRequest>) -> Result<Response<BillResponse>, Status> {
         let e = self.engine()?;
+        let req = r.into_inner();
+        inputs::check_idempotency_key(&req.idempotency_key)?;
+        let job = self.jobs.start(&req.idempotency_key);
         let biller = bill::Biller {
             ingest: e.ingest.clone(),
             decryptor: &e.decryptor,
             linear_key_id: &e.linear_key_id,
+            tfhe: &e.tfhe,
+            job: &job,
         };
-        biller.run(r.into_inner()).await.map(Response::new)
+        finish(&job, biller.run(req).await)
     }
 
     async fn aggregate(
@@ -132,33 +155,64 @@ impl Compute for ComputeService {
         r: Request<AggregateRequest>,
     ) -> Result<Response<AggregateResponse>, Status> {
         let e = self.engine()?;
+        let req = r.into_inner();
+        inputs::check_idempotency_key(&req.idempotency_key)?;
+        let job = self.jobs.start(&req.idempotency_key);
         let agg = aggregate::Aggregator {
             ingest: e.ingest.clone(),
             decryptor: &e.decryptor,
             linear_key_id: &e.linear_key_id,
             min_cohort: e.min_cohort,
             max_shard_meters: e.max_shard_meters,
+            job: &job,
         };
-        agg.run(r.into_inner()).await.map(Response::new)
+        finish(&job, agg.run(req).await)
     }
 
     async fn analytics(
         &self,
-        _r: Request<AnalyticsRequest>,
+        r: Request<AnalyticsRequest>,
     ) -> Result<Response<AnalyticsResponse>, Status> {
-        Err(Status::unimplemented(NOT_YET))
+        let e = self.engine()?;
+        let req = r.into_inner();
+        inputs::check_idempotency_key(&req.idempotency_key)?;
+        let job = self.jobs.start(&req.idempotency_key);
+        let analyst = analytics::Analyst {
+            ingest: e.ingest.clone(),
+            decryptor: &e.decryptor,
+            tfhe: &e.tfhe,
+            min_cohort: e.min_cohort,
+            job: &job,
+        };
+        finish(&job, analyst.run(req).await)
     }
 
-    type WatchJobStream = tokio_stream::Iter<std::vec::IntoIter<Result<JobProgress, Status>>>;
+    type WatchJobStream = ProgressStream;
 
     async fn watch_job(
         &self,
         r: Request<WatchJobRequest>,
     ) -> Result<Response<Self::WatchJobStream>, Status> {
-        Err(Status::not_found(format!(
-            "no job with idempotency key {:?}",
-            r.get_ref().idempotency_key
-        )))
+        let key = &r.get_ref().idempotency_key;
+        let rx = self.jobs.watch(key).ok_or_else(|| {
+            Status::not_found(format!(
+                "no running or recently finished job with idempotency key {key:?}"
+            ))
+        })?;
+        // Every change until (and including) the one that marks the job done.
+        let stream = futures::stream::unfold((rx, false), |(mut rx, ended)| async move {
+            if ended {
+                return None;
+            }
+            let p = rx.borrow_and_update().clone();
+            if !p.done && rx.changed().await.is_err() {
+                let last = rx.borrow().clone();
+                return Some((Ok(last), (rx, true)));
+            }
+            let done = p.done;
+            Some((Ok(p), (rx, done)))
+        });
+        Ok(Response::new(Box::pin(stream)))
     }
 }
 

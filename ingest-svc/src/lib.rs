@@ -243,7 +243,9 @@ impl IngestService {
                         )));
                     }
                 }
-                Track::Unspecified => return Err(bad("track must be TRACK_LINEAR or TRACK_TFHE".into())),
+                Track::Unspecified => {
+                    return Err(bad("track must be TRACK_LINEAR or TRACK_TFHE".into()))
+                }
             }
             if blake3::hash(&b.ciphertext).as_bytes().as_slice() != b.ciphertext_hash.as_slice() {
                 return Err(bad("ciphertext_hash is not the BLAKE3 hash of the ciphertext (truncated or corrupted?)".into()));

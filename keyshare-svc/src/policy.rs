@@ -170,6 +170,8 @@ impl RateLimiter {
 #[derive(Debug, Clone)]
 pub struct Checked {
     pub kind: ComputationKind,
+    /// The track of the key asked for: a bill has one part per track.
+    pub track: Track,
     pub first_day: i64,
     /// Exclusive.
     pub end_day: i64,
@@ -281,6 +283,7 @@ pub fn check_manifest(
     };
     let checked = Checked {
         kind,
+        track,
         first_day,
         end_day,
         meters: meters.into_iter().collect(),
@@ -361,10 +364,18 @@ pub struct Releases {
     lock: tokio::sync::Mutex<()>,
 }
 
-/// A bill release: (meter, first day, end day, request hash, reissue reason).
-fn bill_key(meter: &str, first_day: i64, request_hash: &[u8; 32]) -> Vec<u8> {
+/// The key prefix of a meter's bills on one track (a bill's linear and tfhe parts are separate
+/// releases, each once per period).
+fn bill_prefix(meter: &str, track: Track) -> Vec<u8> {
     let mut k = meter.as_bytes().to_vec();
     k.push(0);
+    k.push(track as u8);
+    k
+}
+
+/// A bill release: prefix, first day, request hash → end day.
+fn bill_key(meter: &str, track: Track, first_day: i64, request_hash: &[u8; 32]) -> Vec<u8> {
+    let mut k = bill_prefix(meter, track);
     k.extend_from_slice(&(first_day as u64).to_be_bytes());
     k.extend_from_slice(request_hash);
     k
@@ -404,8 +415,7 @@ impl Releases {
         match c.kind {
             ComputationKind::Bill => {
                 let meter = &c.meters[0];
-                let mut prefix = meter.as_bytes().to_vec();
-                prefix.push(0);
+                let prefix = bill_prefix(meter, c.track);
                 for kv in self.bills.scan_prefix(&prefix) {
                     let (k, v) = kv.map_err(store)?;
                     let first = day_at(&k, prefix.len());
@@ -504,7 +514,7 @@ impl Releases {
             ComputationKind::Bill => {
                 self.bills
                     .insert(
-                        bill_key(&c.meters[0], c.first_day, request_hash),
+                        bill_key(&c.meters[0], c.track, c.first_day, request_hash),
                         (c.end_day as u64).to_be_bytes().to_vec(),
                     )
                     .map_err(store)?;
@@ -656,6 +666,7 @@ mod tests {
 
         let bill = |days: i64| Checked {
             kind: ComputationKind::Bill,
+            track: Track::Linear,
             first_day: D,
             end_day: D + days,
             meters: vec!["a".into()],

@@ -111,7 +111,7 @@ async fn main() {
     let clear: Vec<(i64, Vec<i64>)> = (0..30)
         .map(|d| (FIRST_DAY + d, meter.day(FIRST_DAY + d, 900)))
         .collect();
-    let core_tariff = compute_svc::bill::tariff_from_proto(&tariff).unwrap();
+    let core_tariff = psm_core::wire::tariff_from_proto(&tariff).unwrap();
     let mut op =
         ComputeClient::new(pki.channel(sys.compute.port, "compute", Role::Operator, "billing"));
     let mut fhe = Vec::new();

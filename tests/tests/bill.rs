@@ -91,7 +91,7 @@ fn reference(t: &Tariff, readings: &[DayReadings], interval: i64) -> (Vec<i64>, 
 }
 
 fn psm_compute_reference(t: &Tariff) -> psm_core::tariff::Tariff {
-    compute_svc::bill::tariff_from_proto(t).unwrap()
+    psm_core::wire::tariff_from_proto(t).unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,0 +1,137 @@
+//! Analytics on the tfhe track: a histogram of a cohort's period totals. Each meter's daily
+//! totals are summed on ciphertexts, compared with the band edges, and the comparisons summed
+//! per band; only the counts are squashed and decrypted.
+
+use std::collections::BTreeSet;
+
+use prost::Message;
+use psm_core::readings::{validate_meter_id, DAY_SECONDS};
+use psm_core::tfhe_program::{band_counts, sum_tree};
+use psm_proto::v1::{
+    AnalyticsRequest, AnalyticsResponse, ComputationKind, ComputationManifest, TimeRange,
+};
+use rayon::prelude::*;
+use tonic::transport::Channel;
+use tonic::Status;
+
+use crate::decrypt::ThresholdDecryptor;
+use crate::inputs::{check_idempotency_key, whole_days};
+use crate::jobs::JobHandle;
+use crate::tfhe::{expand_all, squashed, TfheEngine};
+
+/// Longest range of one histogram, days.
+pub const MAX_ANALYTICS_DAYS: i64 = 62;
+/// Largest cohort of one histogram (every meter-day is expanded: ~0.3 s of a core each).
+pub const MAX_ANALYTICS_COHORT: usize = 10_000;
+/// Most band edges (16 bands).
+pub const MAX_EDGES: usize = 17;
+
+/// What an Analytics request needs besides the request.
+pub struct Analyst<'a> {
+    pub ingest: Channel,
+    pub decryptor: &'a ThresholdDecryptor,
+    pub tfhe: &'a TfheEngine,
+    pub min_cohort: usize,
+    pub job: &'a JobHandle,
+}
+
+/// The program the keyshares allow by hash: the request without its idempotency key and cohort.
+pub fn program(req: &AnalyticsRequest) -> Vec<u8> {
+    AnalyticsRequest {
+        idempotency_key: String::new(),
+        meter_ids: Vec::new(),
+        range: req.range,
+        band_edges_wh: req.band_edges_wh.clone(),
+    }
+    .encode_to_vec()
+}
+
+impl Analyst<'_> {
+    pub async fn run(&self, req: AnalyticsRequest) -> Result<AnalyticsResponse, Status> {
+        check_idempotency_key(&req.idempotency_key)?;
+        let cohort: BTreeSet<&str> = req.meter_ids.iter().map(String::as_str).collect();
+        if cohort.len() != req.meter_ids.len() {
+            return Err(Status::invalid_argument("meter_ids lists a meter twice"));
+        }
+        for m in &cohort {
+            validate_meter_id(m).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        }
+        if cohort.len() < self.min_cohort {
+            return Err(Status::failed_precondition(format!(
+                "cohort of {} meters is below the minimum of {}: histograms of fewer meters are not released",
+                cohort.len(),
+                self.min_cohort
+            )));
+        }
+        if cohort.len() > MAX_ANALYTICS_COHORT {
+            return Err(Status::resource_exhausted(format!(
+                "cohort of {} meters; the limit is {MAX_ANALYTICS_COHORT}",
+                cohort.len()
+            )));
+        }
+        let edges = &req.band_edges_wh;
+        if edges.len() < 2 || edges.len() > MAX_EDGES || edges.windows(2).any(|w| w[0] >= w[1]) {
+            return Err(Status::invalid_argument(format!(
+                "band_edges_wh must hold 2..={MAX_EDGES} strictly ascending values"
+            )));
+        }
+        let (first_day, days) = whole_days(req.range.as_ref(), MAX_ANALYTICS_DAYS)?;
+        let meters: Vec<String> = cohort.iter().map(|m| m.to_string()).collect();
+
+        self.job.step("loading the tfhe server key", 2);
+        let loaded = self.tfhe.loaded().await?;
+        self.job.step("fetching register readings", 5);
+        let regs = self
+            .tfhe
+            .registers(self.ingest.clone(), &meters, first_day, days)
+            .await?;
+        let inputs = regs.iter().map(|r| r.input.clone()).collect();
+        let job = self.job;
+        let per_meter = days as usize;
+        let parts = tokio::task::block_in_place(|| {
+            let expanded = expand_all(&loaded, &regs, job, 5, 60)?;
+            // regs are sorted by (meter, day): consecutive runs of `days` belong to one meter.
+            let totals: Vec<Vec<tfhe::FheUint32>> = expanded
+                .into_iter()
+                .map(|(_, t)| t)
+                .collect::<Vec<_>>()
+                .chunks(per_meter)
+                .map(<[tfhe::FheUint32]>::to_vec)
+                .collect();
+            job.step("summing each meter's period total", 65);
+            let totals: Vec<tfhe::FheUint64> = totals
+                .into_par_iter()
+                .map(|t| sum_tree(t).ok_or_else(|| Status::internal("no days")))
+                .collect::<Result<_, _>>()?;
+            job.step("comparing with the band edges", 75);
+            let counts = band_counts(&totals, edges);
+            job.step("squashing the counts", 90);
+            counts
+                .iter()
+                .map(|c| squashed(c, 16))
+                .collect::<Result<Vec<_>, _>>()
+        })?;
+        self.job.step("decrypting the counts", 95);
+        let program = program(&req);
+        let manifest = ComputationManifest {
+            kind: ComputationKind::Analytics as i32,
+            program_hash: blake3::hash(&program).as_bytes().to_vec(),
+            program,
+            inputs,
+            range: Some(TimeRange {
+                start_unix: first_day * DAY_SECONDS,
+                end_unix: (first_day + days) * DAY_SECONDS,
+            }),
+            ..Default::default()
+        };
+        let (values, out) = self
+            .tfhe
+            .decrypt(self.decryptor, parts, manifest, &req.idempotency_key)
+            .await?;
+        Ok(AnalyticsResponse {
+            counts: values.into_iter().map(|v| v as u32).collect(),
+            cohort_size: meters.len() as u32,
+            quorum: Some(out.report),
+        })
+    }
+}

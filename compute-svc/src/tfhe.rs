@@ -1,0 +1,251 @@
+//! The tfhe track in compute: the server key, loaded once and shared by every job; register
+//! inputs streamed from ingest and verified-and-expanded in parallel; squashed results decrypted
+//! through the keyshares.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use psm_core::ceremony::PublicBundle;
+use psm_core::lwe::{LweBatch, SQUASHED_BLOCK};
+use psm_core::readings::parse_day;
+use psm_core::registers::RegisterVerifier;
+use psm_core::squashed::{recompose, uint_batch};
+use psm_core::tfhe_program::install_server_key;
+use psm_proto::v1::{ComputationManifest, InputRef, TimeRange, Track};
+use rayon::prelude::*;
+use tfhe::{FheUint32, ServerKey};
+use tonic::transport::Channel;
+use tonic::Status;
+
+use crate::decrypt::{Decrypted, ThresholdDecryptor};
+use crate::jobs::JobHandle;
+
+/// The loaded key material.
+pub struct Loaded {
+    pub server_key: ServerKey,
+    pub verifier: RegisterVerifier,
+}
+
+/// Lazily loads the server key (decompression takes ~15 s and ~1 GB) the first time a job
+/// needs it, then shares it.
+pub struct TfheEngine {
+    public_dir: PathBuf,
+    pub key_id: String,
+    loaded: tokio::sync::OnceCell<Arc<Loaded>>,
+}
+
+/// One meter-day's stored register list.
+pub struct RegisterInput {
+    pub meter_id: String,
+    pub day: i64,
+    pub input: InputRef,
+    pub bytes: Vec<u8>,
+}
+
+/// Expanded registers of one meter-day: (peak W, total Wh).
+pub type Expanded = (FheUint32, FheUint32);
+
+impl TfheEngine {
+    pub fn new(public_dir: PathBuf, key_id: String) -> Self {
+        TfheEngine {
+            public_dir,
+            key_id,
+            loaded: tokio::sync::OnceCell::new(),
+        }
+    }
+
+    /// The server key and verifier, loading them on first use.
+    pub async fn loaded(&self) -> Result<Arc<Loaded>, Status> {
+        self.loaded
+            .get_or_try_init(|| async {
+                let dir = self.public_dir.clone();
+                let key_id = self.key_id.clone();
+                tokio::task::spawn_blocking(move || {
+                    let t = std::time::Instant::now();
+                    let bundle = PublicBundle::open(&dir).map_err(|e| e.to_string())?;
+                    let server_key = bundle
+                        .compressed_server_key()
+                        .map_err(|e| e.to_string())?
+                        .decompress();
+                    install_server_key(&server_key);
+                    let verifier = RegisterVerifier::new(
+                        &key_id,
+                        bundle.compact_public_key().map_err(|e| e.to_string())?,
+                        bundle.crs().map_err(|e| e.to_string())?,
+                    );
+                    tracing::info!(
+                        seconds = t.elapsed().as_secs_f64(),
+                        "tfhe server key loaded"
+                    );
+                    Ok::<_, String>(Arc::new(Loaded {
+                        server_key,
+                        verifier,
+                    }))
+                })
+                .await
+                .map_err(|e| Status::internal(format!("key loading task failed: {e}")))?
+                .map_err(|e| Status::unavailable(format!("cannot load the tfhe server key: {e}")))
+            })
+            .await
+            .cloned()
+    }
+
+    /// Streams the register lists of `meters` over `days` from ingest and requires every
+    /// meter-day; sorted by (meter, day).
+    pub async fn registers(
+        &self,
+        ingest: Channel,
+        meters: &[String],
+        first_day: i64,
+        days: i64,
+    ) -> Result<Vec<RegisterInput>, Status> {
+        let range = TimeRange {
+            start_unix: first_day * psm_core::readings::DAY_SECONDS,
+            end_unix: (first_day + days) * psm_core::readings::DAY_SECONDS,
+        };
+        let mut stream =
+            psm_net::client::stream_readings(ingest, meters.to_vec(), range, Track::Tfhe).await?;
+        let mut got: BTreeMap<(String, i64), RegisterInput> = BTreeMap::new();
+        while let Some(b) = psm_net::client::next_reading(&mut stream).await? {
+            let day =
+                parse_day(&b.day).map_err(|e| Status::internal(format!("ingest returned {e}")))?;
+            if day < first_day || day >= first_day + days || !meters.contains(&b.meter_id) {
+                continue;
+            }
+            let kid = b
+                .key
+                .as_ref()
+                .map(|k| k.key_id.as_str())
+                .unwrap_or_default();
+            if kid != self.key_id {
+                return Err(Status::failed_precondition(format!(
+                    "{} {} is under key {kid:?}, not {}",
+                    b.meter_id, b.day, self.key_id
+                )));
+            }
+            if blake3::hash(&b.ciphertext).as_bytes().as_slice() != b.ciphertext_hash.as_slice() {
+                return Err(Status::internal(format!(
+                    "stored registers {} {} do not match their hash",
+                    b.meter_id, b.day
+                )));
+            }
+            got.insert(
+                (b.meter_id.clone(), day),
+                RegisterInput {
+                    input: InputRef {
+                        meter_id: b.meter_id.clone(),
+                        day: b.day.clone(),
+                        track: Track::Tfhe as i32,
+                        ciphertext_hash: b.ciphertext_hash.clone(),
+                    },
+                    meter_id: b.meter_id,
+                    day,
+                    bytes: b.ciphertext,
+                },
+            );
+        }
+        for m in meters {
+            for d in first_day..first_day + days {
+                if !got.contains_key(&(m.clone(), d)) {
+                    return Err(Status::failed_precondition(format!(
+                        "meter {m} has no register readings (tfhe track) for {}; demand charges, tiers and analytics need every day",
+                        psm_core::readings::format_day(d)
+                    )));
+                }
+            }
+        }
+        Ok(got.into_values().collect())
+    }
+
+    /// Decrypts squashed results through the keyshares: `parts` are squashed integers of the
+    /// given bit widths, concatenated into one batch; returns each as an integer.
+    pub async fn decrypt(
+        &self,
+        decryptor: &ThresholdDecryptor,
+        parts: Vec<(LweBatch, u32)>,
+        manifest: ComputationManifest,
+        idempotency_key: &str,
+    ) -> Result<(Vec<u128>, Decrypted), Status> {
+        let mut words = Vec::new();
+        let mut widths = Vec::new();
+        let mut dimension = 0;
+        for (b, bits) in &parts {
+            if let LweBatch::List {
+                dimension: d,
+                words: w,
+            } = b
+            {
+                dimension = *d;
+                words.extend_from_slice(w);
+                widths.push((b.len(), *bits));
+            }
+        }
+        let batch = LweBatch::List { dimension, words };
+        let out = decryptor
+            .decrypt(
+                &self.key_id,
+                &batch,
+                SQUASHED_BLOCK,
+                psm_core::ceremony::SQUASHED_NOISE_LOG2,
+                manifest,
+                idempotency_key,
+            )
+            .await
+            .map_err(|e| e.to_status())?;
+        let mut at = 0;
+        let values = widths
+            .iter()
+            .map(|(blocks, bits)| {
+                let v = recompose(&out.values[at..at + blocks], *bits);
+                at += blocks;
+                v
+            })
+            .collect();
+        Ok((values, out))
+    }
+}
+
+/// Verifies and expands register lists on every core (the server key is installed on rayon's
+/// workers when it is loaded), reporting progress.
+pub fn expand_all(
+    loaded: &Loaded,
+    inputs: &[RegisterInput],
+    job: &JobHandle,
+    from: u32,
+    to: u32,
+) -> Result<Vec<Expanded>, Status> {
+    tfhe::set_server_key(loaded.server_key.clone());
+    let done = std::sync::atomic::AtomicU32::new(0);
+    let n = inputs.len().max(1) as u32;
+    inputs
+        .par_iter()
+        .map(|r| {
+            let out = loaded
+                .verifier
+                .expand(
+                    &r.meter_id,
+                    &psm_core::readings::format_day(r.day),
+                    &r.bytes,
+                )
+                .map_err(|e| Status::internal(format!("stored registers {} : {e}", r.meter_id)));
+            let k = done.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+            job.step(
+                &format!("expanding registers {k}/{n}"),
+                from + (to - from) * k / n,
+            );
+            out
+        })
+        .collect()
+}
+
+/// The squashed blocks of an integer result, for [`TfheEngine::decrypt`].
+pub fn squashed<T>(v: &T, bits: u32) -> Result<(LweBatch, u32), Status>
+where
+    T: tfhe::prelude::SquashNoise<Output = tfhe::SquashedNoiseFheUint>,
+{
+    let s = v
+        .squash_noise()
+        .map_err(|e| Status::internal(format!("squash_noise: {e}")))?;
+    Ok((uint_batch(&s), bits))
+}

@@ -1,0 +1,361 @@
+//! The tfhe track end to end: proven register lists verified by ingest before storage (wrong
+//! metadata, another CRS and a truncated list are refused and nothing is stored); demand charges,
+//! tiered charges and a histogram computed on ciphertexts by compute-svc, decrypted through the
+//! keyshares, equal to the plaintext reference for random and edge inputs; progress via
+//! WatchJob.
+
+use std::time::Duration;
+
+use psm_core::ceremony::PublicBundle;
+use psm_core::registers::{prove, Registers};
+use psm_core::tariff::{demand_line, tier_line, tiers};
+use psm_core::tfhe_program::{band_counts_clear, tiered_cost_clear};
+use psm_e2e::{linear_batch, System, TestPki};
+use psm_net::Role;
+use psm_proto::v1::compute_client::ComputeClient;
+use psm_proto::v1::ingest_client::IngestClient;
+use psm_proto::v1::{
+    AnalyticsRequest, BillRequest, KeyRef, ReadingBatch, StreamReadingsRequest,
+    SubmitReadingsRequest, Tariff, TariffBand, TariffTier, TimeRange, Track, WatchJobRequest,
+};
+use rand::{Rng, SeedableRng};
+use tonic::Code;
+
+const D0: &str = "2026-04-06";
+
+fn day(offset: i64) -> String {
+    psm_core::readings::format_day(psm_core::readings::parse_day(D0).unwrap() + offset)
+}
+
+fn range(days: i64) -> TimeRange {
+    let d = psm_core::readings::parse_day(D0).unwrap() * 86_400;
+    TimeRange {
+        start_unix: d,
+        end_unix: d + days * 86_400,
+    }
+}
+
+fn register_batch(key_id: &str, meter: &str, day: &str, list: Vec<u8>) -> ReadingBatch {
+    ReadingBatch {
+        meter_id: meter.into(),
+        day: day.into(),
+        track: Track::Tfhe as i32,
+        key: Some(KeyRef {
+            key_id: key_id.into(),
+        }),
+        interval_seconds: 0,
+        count: 2,
+        ciphertext_hash: blake3::hash(&list).as_bytes().to_vec(),
+        ciphertext: list,
+    }
+}
+
+async fn stored_tfhe(ch: tonic::transport::Channel, meters: &[&str]) -> usize {
+    let mut s = IngestClient::new(ch)
+        .stream_readings(StreamReadingsRequest {
+            meter_ids: meters.iter().map(|m| m.to_string()).collect(),
+            range: Some(range(7)),
+            track: Track::Tfhe as i32,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut n = 0;
+    while s.message().await.unwrap().is_some() {
+        n += 1;
+    }
+    n
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn register_proofs_are_checked_before_anything_is_stored() {
+    let pki = TestPki::new("psm.test");
+    let keys = psm_e2e::keys::key_set(3, 2);
+    let ingest = psm_e2e::start_ingest(&pki, &keys).await;
+    let bundle = PublicBundle::open(&keys.public_dir).unwrap();
+    let (cpk, crs) = (bundle.compact_public_key().unwrap(), bundle.crs().unwrap());
+    let kid = keys.manifest.tfhe_key_id.clone();
+    let r = Registers {
+        peak_w: 4_200,
+        total_wh: 31_000,
+    };
+    let (good, for_other_meter, other_crs_list) = tokio::task::spawn_blocking({
+        let kid = kid.clone();
+        move || {
+            let good = prove(&cpk, &crs, &kid, "meter-a", &day(0), r).unwrap();
+            let other = prove(&cpk, &crs, &kid, "meter-b", &day(0), r).unwrap();
+            let other_crs =
+                tfhe::zk::CompactPkeCrs::from_config(psm_core::ceremony::tfhe_config(), 64)
+                    .unwrap();
+            let forged = prove(&cpk, &other_crs, &kid, "meter-a", &day(1), r).unwrap();
+            (good, other, forged)
+        }
+    })
+    .await
+    .unwrap();
+    let mut headend =
+        IngestClient::new(pki.channel(ingest.port, "ingest", Role::Headend, "headend-1"));
+    let submit = |batches: Vec<ReadingBatch>| SubmitReadingsRequest {
+        idempotency_key: "r".into(),
+        batches,
+    };
+    let ok = register_batch(&kid, "meter-a", &day(0), good.clone());
+
+    // Each bad list rides along with a good one: the whole request is refused.
+    let wrong_metadata = register_batch(&kid, "meter-a", &day(1), for_other_meter.clone());
+    let mut truncated = good.clone();
+    truncated.truncate(good.len() - 100);
+    let truncated = register_batch(&kid, "meter-a", &day(2), truncated);
+    let other_crs = register_batch(&kid, "meter-a", &day(1), other_crs_list);
+    let mut wrong_count = ok.clone();
+    wrong_count.count = 3;
+    wrong_count.day = day(3);
+    for (what, bad) in [
+        ("proof for another meter", wrong_metadata),
+        ("truncated list", truncated),
+        ("proof under another CRS", other_crs),
+        ("wrong register count", wrong_count),
+    ] {
+        let e = headend
+            .submit_readings(submit(vec![ok.clone(), bad]))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{what}: {}", e.message());
+        assert!(
+            e.message().contains("nothing was stored"),
+            "{what}: {}",
+            e.message()
+        );
+    }
+    let ch = || pki.channel(ingest.port, "ingest", Role::Compute, "compute");
+    assert_eq!(stored_tfhe(ch(), &["meter-a", "meter-b"]).await, 0);
+
+    // The good list alone is stored, once.
+    let r = headend
+        .submit_readings(submit(vec![ok.clone()]))
+        .await
+        .unwrap();
+    assert_eq!(r.into_inner().stored, 1);
+    let r = headend.submit_readings(submit(vec![ok])).await.unwrap();
+    assert_eq!(r.into_inner().duplicates, 1);
+    assert_eq!(stored_tfhe(ch(), &["meter-a", "meter-b"]).await, 1);
+}
+
+fn flat(name: &str, demand: i64, tiers: &[(u64, i64)]) -> Tariff {
+    Tariff {
+        name: name.into(),
+        time_zone: "UTC".into(),
+        bands: vec![TariffBand {
+            name: "all".into(),
+            weekday_mask: 0x7F,
+            start_hour: 0,
+            end_hour: 24,
+            import_price_milli: 0,
+            export_price_milli: 0,
+        }],
+        standing_charge_per_day: 100,
+        vat_basis_points: 0,
+        demand_rate_per_kw_milli: demand,
+        tiers: tiers
+            .iter()
+            .map(|(u, p)| TariffTier {
+                up_to_kwh: *u,
+                price_milli: *p,
+            })
+            .collect(),
+        currency: "EUR".into(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn demand_tiers_and_histogram_match_plaintext() {
+    let pki = TestPki::new("psm.test");
+    let keys = psm_e2e::keys::key_set(3, 2);
+    let sys = System::start(&pki, &keys, "").await;
+    let bundle = PublicBundle::open(&keys.public_dir).unwrap();
+    let lpk = bundle.linear_public_key().unwrap();
+    let (lid, tid) = (
+        keys.manifest.linear_key_id.clone(),
+        keys.manifest.tfhe_key_id.clone(),
+    );
+    let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+    // shop-1: three random days; shop-2: one day at the maximum; shop-3: two days with equal
+    // peaks and zero energy; home-1..6: one day each for the histogram (one exactly on an edge).
+    let mut plan: Vec<(String, Vec<Registers>)> = vec![
+        (
+            "shop-1".into(),
+            (0..3)
+                .map(|_| Registers {
+                    peak_w: rng.gen_range(1_000..80_000),
+                    total_wh: rng.gen_range(10_000..900_000),
+                })
+                .collect(),
+        ),
+        (
+            "shop-2".into(),
+            vec![Registers {
+                peak_w: u32::MAX,
+                total_wh: u32::MAX,
+            }],
+        ),
+        (
+            "shop-3".into(),
+            vec![
+                Registers {
+                    peak_w: 7_777,
+                    total_wh: 0,
+                };
+                2
+            ],
+        ),
+    ];
+    let home_totals = [0u32, 4_999, 5_000, 12_000, 9_999, 250_000];
+    for (i, t) in home_totals.iter().enumerate() {
+        plan.push((
+            format!("home-{i}"),
+            vec![Registers {
+                peak_w: 1_000,
+                total_wh: *t,
+            }],
+        ));
+    }
+    let (cpk, crs) = (bundle.compact_public_key().unwrap(), bundle.crs().unwrap());
+    let mut batches = tokio::task::spawn_blocking({
+        let plan = plan.clone();
+        let tid = tid.clone();
+        move || {
+            let mut out = Vec::new();
+            for (m, days) in &plan {
+                for (d, r) in days.iter().enumerate() {
+                    let list = prove(&cpk, &crs, &tid, m, &day(d as i64), *r).unwrap();
+                    out.push(register_batch(&tid, m, &day(d as i64), list));
+                }
+            }
+            out
+        }
+    })
+    .await
+    .unwrap();
+    // Bills also need the linear track's interval readings (zero here).
+    for (m, days) in &plan {
+        for d in 0..days.len() {
+            batches.push(linear_batch(&lpk, &lid, m, &day(d as i64), 3600, &[0; 24]));
+        }
+    }
+    IngestClient::new(pki.channel(sys.ingest.port, "ingest", Role::Headend, "headend-1"))
+        .submit_readings(SubmitReadingsRequest {
+            idempotency_key: "load".into(),
+            batches,
+        })
+        .await
+        .unwrap();
+    let mut op =
+        ComputeClient::new(pki.channel(sys.compute.port, "compute", Role::Operator, "billing"));
+
+    let tier_spec = [(100u64, 10_000i64), (400, 20_000), (0, 35_000)];
+    let bill_tariff = flat("demand and tiers", 9_500, &tier_spec);
+    let demand_only = flat("demand only", 12_000, &[]);
+    for (meter, tariff) in [
+        ("shop-1", &bill_tariff),
+        ("shop-2", &bill_tariff),
+        ("shop-3", &demand_only),
+    ] {
+        let regs = &plan.iter().find(|p| p.0 == meter).unwrap().1;
+        let resp = op
+            .bill(BillRequest {
+                idempotency_key: format!("bill-{meter}"),
+                meter_id: meter.into(),
+                period: Some(range(regs.len() as i64)),
+                tariff: Some(tariff.clone()),
+                reissue_reason: String::new(),
+            })
+            .await
+            .unwrap_or_else(|e| panic!("{meter}: {e:?}"))
+            .into_inner();
+        let peak = regs.iter().map(|r| u64::from(r.peak_w)).max().unwrap();
+        let want = demand_line(peak, tariff.demand_rate_per_kw_milli);
+        let got = resp
+            .lines
+            .iter()
+            .find(|l| l.description.starts_with("demand charge"))
+            .unwrap_or_else(|| panic!("{meter}: {:?}", resp.lines));
+        assert_eq!(
+            (got.description.as_str(), got.amount),
+            (want.description.as_str(), want.amount),
+            "{meter}"
+        );
+        let mut expected_total = want.amount + 100 * regs.len() as i64;
+        if !tariff.tiers.is_empty() {
+            let t = tiers(&tier_spec).unwrap();
+            let total: u64 = regs.iter().map(|r| u64::from(r.total_wh)).sum();
+            let want = tier_line(tiered_cost_clear(total, &t), t.len());
+            let got = resp
+                .lines
+                .iter()
+                .find(|l| l.description.starts_with("tiered"))
+                .unwrap();
+            assert_eq!(got.amount, want.amount, "{meter}");
+            expected_total += want.amount;
+        }
+        assert_eq!(resp.total, expected_total, "{meter}: {:?}", resp.lines);
+    }
+
+    // Histogram of the six homes' totals, watched while it runs.
+    let edges = vec![0u64, 5_000, 10_000, 1 << 32];
+    let homes: Vec<String> = (0..home_totals.len())
+        .map(|i| format!("home-{i}"))
+        .collect();
+    let req = AnalyticsRequest {
+        idempotency_key: "histogram".into(),
+        meter_ids: homes.clone(),
+        range: Some(range(1)),
+        band_edges_wh: edges.clone(),
+    };
+    let running = tokio::spawn({
+        let mut op = op.clone();
+        async move { op.analytics(req).await }
+    });
+    let mut progress = Vec::new();
+    for _ in 0..200 {
+        match op
+            .watch_job(WatchJobRequest {
+                idempotency_key: "histogram".into(),
+            })
+            .await
+        {
+            Ok(s) => {
+                let mut s = s.into_inner();
+                while let Some(p) = s.message().await.unwrap() {
+                    progress.push(p);
+                }
+                break;
+            }
+            Err(e) if e.code() == Code::NotFound => {
+                tokio::time::sleep(Duration::from_millis(50)).await
+            }
+            Err(e) => panic!("{e:?}"),
+        }
+    }
+    let hist = running.await.unwrap().unwrap().into_inner();
+    let totals: Vec<u64> = home_totals.iter().map(|t| u64::from(*t)).collect();
+    assert_eq!(hist.counts, band_counts_clear(&totals, &edges));
+    assert_eq!(hist.counts, vec![2, 2, 2]);
+    let last = progress.last().expect("progress was reported");
+    assert!(last.done && last.percent == 100, "{progress:?}");
+    assert!(
+        progress.windows(2).all(|w| w[0].percent <= w[1].percent),
+        "{progress:?}"
+    );
+
+    // A histogram of fewer meters than the minimum is refused before any work.
+    let e = op
+        .analytics(AnalyticsRequest {
+            idempotency_key: "small".into(),
+            meter_ids: homes[..3].to_vec(),
+            range: Some(range(1)),
+            band_edges_wh: edges,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition);
+}
