@@ -6,18 +6,17 @@ use std::collections::BTreeSet;
 
 use prost::Message;
 use psm_core::readings::{validate_meter_id, DAY_SECONDS};
-use psm_core::tfhe_program::{band_counts, sum_tree};
+use psm_core::tfhe_program::histogram;
 use psm_proto::v1::{
     AnalyticsRequest, AnalyticsResponse, ComputationKind, ComputationManifest, TimeRange,
 };
-use rayon::prelude::*;
 use tonic::transport::Channel;
 use tonic::Status;
 
 use crate::decrypt::ThresholdDecryptor;
 use crate::inputs::{check_idempotency_key, whole_days};
 use crate::jobs::JobHandle;
-use crate::tfhe::{expand_all, squashed, TfheEngine};
+use crate::tfhe::{expand_all, TfheEngine};
 
 /// Longest range of one histogram, days.
 pub const MAX_ANALYTICS_DAYS: i64 = 62;
@@ -87,29 +86,20 @@ impl Analyst<'_> {
             .await?;
         let inputs = regs.iter().map(|r| r.input.clone()).collect();
         let job = self.job;
-        let per_meter = days as usize;
+        let days_per_meter = days as usize;
         let parts = tokio::task::block_in_place(|| {
             let expanded = expand_all(&loaded, &regs, job, 5, 60)?;
             // regs are sorted by (meter, day): consecutive runs of `days` belong to one meter.
-            let totals: Vec<Vec<tfhe::FheUint32>> = expanded
-                .into_iter()
-                .map(|(_, t)| t)
-                .collect::<Vec<_>>()
-                .chunks(per_meter)
-                .map(<[tfhe::FheUint32]>::to_vec)
-                .collect();
-            job.step("summing each meter's period total", 65);
-            let totals: Vec<tfhe::FheUint64> = totals
-                .into_par_iter()
-                .map(|t| sum_tree(t).ok_or_else(|| Status::internal("no days")))
-                .collect::<Result<_, _>>()?;
-            job.step("comparing with the band edges", 75);
-            let counts = band_counts(&totals, edges);
-            job.step("squashing the counts", 90);
-            counts
-                .iter()
-                .map(|c| squashed(c, 16))
-                .collect::<Result<Vec<_>, _>>()
+            let mut totals: Vec<tfhe::FheUint32> = expanded.into_iter().map(|(_, t)| t).collect();
+            let mut per_meter = Vec::new();
+            while !totals.is_empty() {
+                let rest = totals.split_off(days_per_meter.min(totals.len()));
+                per_meter.push(std::mem::replace(&mut totals, rest));
+            }
+            histogram(per_meter, edges, &|step, p| {
+                job.step(step, 60 + p * 35 / 100)
+            })
+            .map_err(|e| Status::internal(format!("tfhe evaluation: {e}")))
         })?;
         self.job.step("decrypting the counts", 95);
         let program = program(&req);

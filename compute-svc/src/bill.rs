@@ -7,7 +7,7 @@ use psm_core::linear::LINEAR_ENCODING;
 use psm_core::program::BillEvaluator;
 use psm_core::readings::{parse_day, validate_meter_id, DAY_SECONDS};
 use psm_core::tariff::{demand_line, price, tier_line, Tariff, Tier};
-use psm_core::tfhe_program::{max_tree, sum_tree, tiered_cost};
+use psm_core::tfhe_program::bill_registers;
 use psm_proto::v1::{
     BillLine, BillRequest, BillResponse, ComputationKind, ComputationManifest, InputRef,
     QuorumReport, TimeRange,
@@ -19,7 +19,7 @@ use crate::aggregate::merge_report;
 use crate::decrypt::ThresholdDecryptor;
 use crate::inputs::{check_idempotency_key, checked_words, next, stream_linear, whole_days};
 use crate::jobs::JobHandle;
-use crate::tfhe::{expand_all, squashed, TfheEngine};
+use crate::tfhe::{expand_all, TfheEngine};
 
 /// Longest billing period, days.
 pub const MAX_BILL_DAYS: i64 = 62;
@@ -190,23 +190,10 @@ impl Biller<'_> {
         let want_demand = demand_rate > 0;
         let parts = tokio::task::block_in_place(|| {
             let expanded = expand_all(&loaded, &regs, job, 30, 70)?;
-            let (peaks, totals): (Vec<_>, Vec<_>) = expanded.into_iter().unzip();
-            let mut parts = Vec::new();
-            if want_demand {
-                job.step("maximum of the daily peaks", 75);
-                let peak = max_tree(peaks).ok_or_else(|| Status::internal("no days"))?;
-                job.step("squashing the peak", 80);
-                parts.push(squashed(&peak, 32)?);
-            }
-            if !tiers_owned.is_empty() {
-                job.step("tiered cost of the period total", 85);
-                let total = sum_tree(totals).ok_or_else(|| Status::internal("no days"))?;
-                let cost = tiered_cost(&total, &tiers_owned)
-                    .ok_or_else(|| Status::internal("no tiers"))?;
-                job.step("squashing the tiered cost", 90);
-                parts.push(squashed(&cost, 64)?);
-            }
-            Ok::<_, Status>(parts)
+            bill_registers(expanded, want_demand, &tiers_owned, &|step, p| {
+                job.step(step, 70 + p / 5)
+            })
+            .map_err(|e| Status::internal(format!("tfhe evaluation: {e}")))
         })?;
         self.job.step("decrypting the register results", 95);
         let manifest = ComputationManifest {

@@ -7,11 +7,11 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use psm_core::ceremony::PublicBundle;
-use psm_core::lwe::{LweBatch, SQUASHED_BLOCK};
+use psm_core::lwe::SQUASHED_BLOCK;
 use psm_core::readings::parse_day;
 use psm_core::registers::RegisterVerifier;
-use psm_core::squashed::{recompose, uint_batch};
-use psm_core::tfhe_program::install_server_key;
+use psm_core::squashed::recompose;
+use psm_core::tfhe_program::{concat, install_server_key, Squashed};
 use psm_proto::v1::{ComputationManifest, InputRef, TimeRange, Track};
 use rayon::prelude::*;
 use tfhe::{FheUint32, ServerKey};
@@ -69,11 +69,13 @@ impl TfheEngine {
                         .map_err(|e| e.to_string())?
                         .decompress();
                     install_server_key(&server_key);
-                    let verifier = RegisterVerifier::new(
-                        &key_id,
-                        bundle.compact_public_key().map_err(|e| e.to_string())?,
-                        bundle.crs().map_err(|e| e.to_string())?,
-                    );
+                    let verifier = bundle.register_verifier().map_err(|e| e.to_string())?;
+                    if verifier.tfhe_key_id != key_id {
+                        return Err(format!(
+                            "the bundle's tfhe key is {}, not {key_id}",
+                            verifier.tfhe_key_id
+                        ));
+                    }
                     tracing::info!(
                         seconds = t.elapsed().as_secs_f64(),
                         "tfhe server key loaded"
@@ -163,25 +165,11 @@ impl TfheEngine {
     pub async fn decrypt(
         &self,
         decryptor: &ThresholdDecryptor,
-        parts: Vec<(LweBatch, u32)>,
+        parts: Vec<Squashed>,
         manifest: ComputationManifest,
         idempotency_key: &str,
     ) -> Result<(Vec<u128>, Decrypted), Status> {
-        let mut words = Vec::new();
-        let mut widths = Vec::new();
-        let mut dimension = 0;
-        for (b, bits) in &parts {
-            if let LweBatch::List {
-                dimension: d,
-                words: w,
-            } = b
-            {
-                dimension = *d;
-                words.extend_from_slice(w);
-                widths.push((b.len(), *bits));
-            }
-        }
-        let batch = LweBatch::List { dimension, words };
+        let (batch, widths) = concat(&parts);
         let out = decryptor
             .decrypt(
                 &self.key_id,
@@ -237,15 +225,4 @@ pub fn expand_all(
             out
         })
         .collect()
-}
-
-/// The squashed blocks of an integer result, for [`TfheEngine::decrypt`].
-pub fn squashed<T>(v: &T, bits: u32) -> Result<(LweBatch, u32), Status>
-where
-    T: tfhe::prelude::SquashNoise<Output = tfhe::SquashedNoiseFheUint>,
-{
-    let s = v
-        .squash_noise()
-        .map_err(|e| Status::internal(format!("squash_noise: {e}")))?;
-    Ok((uint_batch(&s), bits))
 }

@@ -99,11 +99,7 @@ impl IngestService {
             tracing::info!(dir = %b.dir.display(), tfhe_key = %b.manifest.tfhe_key_id, linear_key = %b.manifest.linear_key_id, "serving public key material");
         }
         let verifier = match &bundle {
-            Some(b) => Some(Arc::new(RegisterVerifier::new(
-                &b.manifest.tfhe_key_id,
-                b.compact_public_key()?,
-                b.crs()?,
-            ))),
+            Some(b) => Some(Arc::new(b.register_verifier()?)),
             None => None,
         };
         let cores = std::thread::available_parallelism().map_or(2, |n| n.get());

@@ -29,7 +29,9 @@ use tonic::service::Routes;
 use tonic::{Code, Request, Response, Status};
 
 use crate::audit::{AuditLog, Decision};
-use crate::policy::{check_manifest, refuse, PolicyConfig, RateLimiter, Refusal, Releases};
+use crate::policy::{
+    check_manifest, kind_name, refuse, PolicyConfig, RateLimiter, Refusal, Releases,
+};
 use crate::reexec::Reexecutor;
 
 /// Default API address of a keyshare.
@@ -52,6 +54,9 @@ pub struct KeyshareSection {
     pub ingest_url: Option<String>,
     /// The name in ingest's certificate (default "ingest").
     pub ingest_server_name: Option<String>,
+    /// The public key bundle (`<ceremony out>/public`): the server key and CRS for re-executing
+    /// tfhe-track programs (loaded on first use, ~1 GB). Needed unless reexecute_tfhe = "off".
+    pub public_dir: Option<PathBuf>,
     /// This regulator's rules.
     #[serde(default)]
     pub policy: PolicyConfig,
@@ -134,6 +139,9 @@ impl KeyshareService {
                 None
             }
         };
+        if policy.reexecute_tfhe != policy::ReexecMode::Off && section.public_dir.is_none() {
+            tracing::warn!("reexecute_tfhe is on but [keyshare] public_dir is not set: tfhe-track requests that must be re-executed will be refused");
+        }
         if policy.allow_any_program {
             tracing::warn!("allow_any_program = true: any tariff or analytics query is allowed (development only)");
         }
@@ -160,6 +168,8 @@ impl KeyshareService {
                 ingest,
                 linear_key_id,
                 max_summands: psm_core::aggregate::max_summands(scheme),
+                public_dir: section.public_dir.clone(),
+                tfhe_keys: tokio::sync::OnceCell::new(),
             },
         })
     }
@@ -257,7 +267,7 @@ impl KeyshareService {
                         Code::FailedPrecondition,
                         format!(
                             "the {} re-executed from the {} named stored input(s) does not match the ciphertexts to decrypt",
-                            checked.kind.as_str_name().to_lowercase(),
+                            kind_name(checked.kind),
                             manifest.inputs.len()
                         ),
                     ));
@@ -267,13 +277,22 @@ impl KeyshareService {
             }
             KeyKind::Tfhe => {
                 if self.policy.reexecute_tfhe(request_hash) {
-                    return Err(refuse(
-                        "re-execution",
-                        Code::FailedPrecondition,
-                        "this keyshare cannot re-execute tfhe-track programs yet, and its policy (reexecute_tfhe) requires it for this request",
-                    ));
+                    let recomputed = self.reexec.tfhe(manifest, &checked).await?;
+                    if recomputed.hash() != batch.hash() {
+                        return Err(refuse(
+                            "re-execution",
+                            Code::FailedPrecondition,
+                            format!(
+                                "the {} re-executed from the {} named stored register list(s) does not match the ciphertexts to decrypt",
+                                kind_name(checked.kind),
+                                manifest.inputs.len()
+                            ),
+                        ));
+                    }
+                    "re-executed"
+                } else {
+                    "not re-executed (reexecute_tfhe policy)"
                 }
-                "not re-executed (reexecute_tfhe policy)"
             }
         };
 
@@ -322,7 +341,7 @@ impl KeyshareService {
             .unwrap_or_default();
         let mut reason = format!(
             "{} for {subject}, {}{program}: {} input(s) {verified}; {} ciphertext(s) under {}",
-            checked.kind.as_str_name().to_lowercase(),
+            kind_name(checked.kind),
             checked.days(),
             manifest.inputs.len(),
             pb_count(pb),

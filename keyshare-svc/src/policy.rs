@@ -166,6 +166,16 @@ impl RateLimiter {
     }
 }
 
+/// "bill", "aggregate" or "analytics".
+pub fn kind_name(k: ComputationKind) -> &'static str {
+    match k {
+        ComputationKind::Bill => "bill",
+        ComputationKind::Aggregate => "aggregate",
+        ComputationKind::Analytics => "analytics",
+        ComputationKind::Unspecified => "unspecified computation",
+    }
+}
+
 /// What a manifest asks to release, once its shape is checked.
 #[derive(Debug, Clone)]
 pub struct Checked {

@@ -4,6 +4,7 @@
 //! is reproduced exactly; anything else is refused.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use prost::Message;
 use psm_core::aggregate::sum_words;
@@ -19,12 +20,21 @@ use crate::policy::{refuse, Checked, Refusal};
 
 const RULE: &str = "re-execution";
 
-/// Re-executes linear-track programs against ingest's stored readings.
+/// Re-executes programs against ingest's stored readings.
 pub struct Reexecutor {
-    /// None when no ingest is configured: linear requests are then refused.
+    /// None when no ingest is configured: requests needing re-execution are then refused.
     pub ingest: Option<Channel>,
     pub linear_key_id: String,
     pub max_summands: usize,
+    /// The public bundle, for the tfhe track's server key and CRS (loaded on first use).
+    pub public_dir: Option<std::path::PathBuf>,
+    pub tfhe_keys: tokio::sync::OnceCell<Arc<TfheKeys>>,
+}
+
+/// What re-executing a tfhe-track program needs.
+pub struct TfheKeys {
+    pub server_key: tfhe::ServerKey,
+    pub verifier: psm_core::registers::RegisterVerifier,
 }
 
 /// A fetched input: (day, interval seconds, count, compact-list words).
@@ -47,13 +57,7 @@ impl Reexecutor {
         m: &ComputationManifest,
         c: &Checked,
     ) -> Result<Recomputed, Refusal> {
-        let ingest = self.ingest.clone().ok_or_else(|| {
-            refuse(
-                RULE,
-                Code::FailedPrecondition,
-                "this keyshare has no [keyshare] ingest_url, so it cannot re-execute linear-track computations and releases none",
-            )
-        })?;
+        let ingest = self.ingest()?;
         // Where each named input goes: its position in evaluation order.
         let wanted: HashMap<(&str, &str), usize> = m
             .inputs
@@ -147,5 +151,167 @@ impl Reexecutor {
             let (batch, noise_log2) = aggregate_output(summed, m.inputs.len(), k);
             Ok(Recomputed { batch, noise_log2 })
         }
+    }
+}
+
+impl Reexecutor {
+    fn ingest(&self) -> Result<Channel, Refusal> {
+        self.ingest.clone().ok_or_else(|| {
+            refuse(
+                RULE,
+                Code::FailedPrecondition,
+                "this keyshare has no [keyshare] ingest_url, so it cannot re-execute computations and releases none that need it",
+            )
+        })
+    }
+
+    async fn load_tfhe(&self) -> Result<Arc<TfheKeys>, Refusal> {
+        let dir = self.public_dir.clone().ok_or_else(|| {
+            refuse(
+                RULE,
+                Code::FailedPrecondition,
+                "re-executing tfhe-track programs needs [keyshare] public_dir (the public key bundle)",
+            )
+        })?;
+        self.tfhe_keys
+            .get_or_try_init(|| async move {
+                tokio::task::spawn_blocking(move || {
+                    let bundle =
+                        psm_core::ceremony::PublicBundle::open(&dir).map_err(|e| e.to_string())?;
+                    let server_key = bundle
+                        .compressed_server_key()
+                        .map_err(|e| e.to_string())?
+                        .decompress();
+                    psm_core::tfhe_program::install_server_key(&server_key);
+                    let verifier = bundle.register_verifier().map_err(|e| e.to_string())?;
+                    Ok::<_, String>(Arc::new(TfheKeys {
+                        server_key,
+                        verifier,
+                    }))
+                })
+                .await
+                .map_err(|e| e.to_string())?
+            })
+            .await
+            .cloned()
+            .map_err(|e| {
+                refuse(
+                    RULE,
+                    Code::Unavailable,
+                    format!("cannot load the tfhe keys: {e}"),
+                )
+            })
+    }
+
+    /// Fetches a tfhe-track manifest's register lists, expands them and re-runs its program
+    /// (a bill's demand and tier part, or a histogram) exactly as compute does.
+    pub async fn tfhe(&self, m: &ComputationManifest, c: &Checked) -> Result<LweBatch, Refusal> {
+        let ingest = self.ingest()?;
+        let keys = self.load_tfhe().await?;
+        let range = TimeRange {
+            start_unix: c.first_day * DAY_SECONDS,
+            end_unix: c.end_day * DAY_SECONDS,
+        };
+        let wanted: HashMap<(&str, &str), usize> = m
+            .inputs
+            .iter()
+            .enumerate()
+            .map(|(i, r)| ((r.meter_id.as_str(), r.day.as_str()), i))
+            .collect();
+        let mut stream = stream_readings(ingest, c.meters.clone(), range, Track::Tfhe)
+            .await
+            .map_err(|s| refuse(RULE, Code::Unavailable, s.message()))?;
+        let mut lists: Vec<Option<Vec<u8>>> = vec![None; m.inputs.len()];
+        while let Some(b) = next_reading(&mut stream)
+            .await
+            .map_err(|s| refuse(RULE, Code::Unavailable, s.message()))?
+        {
+            let Some(&pos) = wanted.get(&(b.meter_id.as_str(), b.day.as_str())) else {
+                continue;
+            };
+            if b.ciphertext_hash != m.inputs[pos].ciphertext_hash
+                || blake3::hash(&b.ciphertext).as_bytes().as_slice() != b.ciphertext_hash.as_slice()
+            {
+                return Err(mismatch(format!(
+                    "input {} {} does not match the reading stored at ingest",
+                    b.meter_id, b.day
+                )));
+            }
+            lists[pos] = Some(b.ciphertext);
+        }
+        if let Some(pos) = lists.iter().position(Option::is_none) {
+            let r = &m.inputs[pos];
+            return Err(mismatch(format!(
+                "input {} {} is not stored at ingest",
+                r.meter_id, r.day
+            )));
+        }
+        let lists: Vec<Vec<u8>> = lists.into_iter().flatten().collect();
+        let inputs = m.inputs.clone();
+        let kind = c.kind;
+        let program = m.program.clone();
+        let parts = tokio::task::spawn_blocking(move || {
+            use rayon::prelude::*;
+            tfhe::set_server_key(keys.server_key.clone());
+            let expanded = inputs
+                .par_iter()
+                .zip(lists.par_iter())
+                .map(|(r, bytes)| keys.verifier.expand(&r.meter_id, &r.day, bytes))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| mismatch(format!("stored registers: {e}")))?;
+            let quiet = |_: &str, _: u32| {};
+            let eval =
+                |e: tfhe::Error| refuse(RULE, Code::Internal, format!("tfhe evaluation: {e}"));
+            match kind {
+                ComputationKind::Bill => {
+                    let t = psm_proto::v1::Tariff::decode(program.as_slice()).map_err(|e| {
+                        refuse("manifest", Code::InvalidArgument, format!("tariff: {e}"))
+                    })?;
+                    let tiers: Vec<(u64, i64)> = t
+                        .tiers
+                        .iter()
+                        .map(|x| (x.up_to_kwh, x.price_milli))
+                        .collect();
+                    let tiers = psm_core::tariff::tiers(&tiers)
+                        .map_err(|e| refuse("manifest", Code::InvalidArgument, e))?;
+                    psm_core::tfhe_program::bill_registers(
+                        expanded,
+                        t.demand_rate_per_kw_milli > 0,
+                        &tiers,
+                        &quiet,
+                    )
+                    .map_err(eval)
+                }
+                ComputationKind::Analytics => {
+                    let q = psm_proto::v1::AnalyticsRequest::decode(program.as_slice()).map_err(
+                        |e| refuse("manifest", Code::InvalidArgument, format!("query: {e}")),
+                    )?;
+                    // Inputs are grouped by meter (compute sorts them by meter, then day).
+                    let mut per_meter: Vec<Vec<tfhe::FheUint32>> = Vec::new();
+                    let mut last: Option<&str> = None;
+                    for (r, (_, total)) in inputs.iter().zip(expanded) {
+                        if last != Some(r.meter_id.as_str()) {
+                            per_meter.push(Vec::new());
+                            last = Some(r.meter_id.as_str());
+                        }
+                        if let Some(v) = per_meter.last_mut() {
+                            v.push(total);
+                        }
+                    }
+                    psm_core::tfhe_program::histogram(per_meter, &q.band_edges_wh, &quiet)
+                        .map_err(eval)
+                }
+                _ => Err(mismatch("only bills and analytics are tfhe-track programs")),
+            }
+        })
+        .await
+        .map_err(|e| {
+            refuse(
+                RULE,
+                Code::Internal,
+                format!("re-execution task failed: {e}"),
+            )
+        })??;
+        Ok(psm_core::tfhe_program::concat(&parts).0)
     }
 }

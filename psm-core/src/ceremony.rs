@@ -332,6 +332,15 @@ impl PublicBundle {
             .map_err(CeremonyError::Serialize)
     }
 
+    /// The checker of tfhe-track register lists under this bundle's key set and CRS.
+    pub fn register_verifier(&self) -> Result<crate::registers::RegisterVerifier, CeremonyError> {
+        Ok(crate::registers::RegisterVerifier::new(
+            &self.manifest.tfhe_key_id,
+            self.compact_public_key()?,
+            self.crs()?,
+        ))
+    }
+
     pub fn linear_public_key(&self) -> Result<LinearPublicKey, CeremonyError> {
         let data = self.item(LINEAR_PUBLIC_KEY)?;
         bincode::deserialize(&data).map_err(|e| CeremonyError::Serialize(e.to_string()))

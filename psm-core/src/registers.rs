@@ -138,3 +138,54 @@ impl RegisterVerifier {
         Ok((get(0)?, get(1)?))
     }
 }
+
+impl Registers {
+    /// A meter-day's registers from its net interval readings (Wh per interval): peak demand is
+    /// the highest import interval as average watts, total the imported energy (exports count
+    /// zero). Saturates at u32::MAX.
+    pub fn from_intervals(values: &[i64], interval_seconds: u32) -> Registers {
+        let per_hour = 3600 / i64::from(interval_seconds.clamp(1, 3600));
+        let peak = values
+            .iter()
+            .map(|v| v.max(&0) * per_hour)
+            .max()
+            .unwrap_or(0);
+        let total: i64 = values.iter().map(|v| *v.max(&0)).sum();
+        Registers {
+            peak_w: u32::try_from(peak).unwrap_or(u32::MAX),
+            total_wh: u32::try_from(total).unwrap_or(u32::MAX),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn registers_from_intervals() {
+        let r = Registers::from_intervals(&[100, -50, 250, 0], 900);
+        assert_eq!(
+            r,
+            Registers {
+                peak_w: 1_000,
+                total_wh: 350
+            }
+        );
+        assert_eq!(
+            Registers::from_intervals(&[], 900),
+            Registers {
+                peak_w: 0,
+                total_wh: 0
+            }
+        );
+        assert_eq!(
+            Registers::from_intervals(&[i64::from(u32::MAX)], 3600).total_wh,
+            u32::MAX
+        );
+        assert_eq!(
+            metadata("tfhe-1", "m", "2026-01-01"),
+            b"psm/v1/registers/tfhe-1/m/2026-01-01".to_vec()
+        );
+    }
+}

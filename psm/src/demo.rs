@@ -182,16 +182,20 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
             .with_context(|| format!("creating {}", log_path.display()))?;
         let mut cmd = Command::new(&bin);
         if s.role == Role::Keyshare {
-            // Each regulator's policy: re-execute against ingest, cohorts of at least 5, only
-            // the demo tariff may be billed.
+            // Each regulator's policy: re-execute linear computations against ingest, cohorts
+            // of at least 5, only the demo tariffs may be billed. tfhe-track re-execution is off
+            // here: on a small machine three keyshares repeating every demand charge would
+            // triple its cost (production keeps the default, "always").
             let cfg = data.join(format!("{}.toml", s.name));
-            let program = blake3::hash(&demo_tariff().encode_to_vec());
+            let homes = blake3::hash(&demo_tariff().encode_to_vec());
+            let shops = blake3::hash(&demo_business_tariff().encode_to_vec());
             fs::write(
                 &cfg,
                 format!(
-                    "[keyshare]\ningest_url = \"https://127.0.0.1:{}\"\n[keyshare.policy]\nmin_cohort = 5\nallowed_programs = [\"{}\"]\n",
+                    "[keyshare]\ningest_url = \"https://127.0.0.1:{}\"\n[keyshare.policy]\nmin_cohort = 5\nallowed_programs = [\"{}\", \"{}\"]\nreexecute_tfhe = \"off\"\n",
                     port(1)?,
-                    program.to_hex()
+                    homes.to_hex(),
+                    shops.to_hex()
                 ),
             )
             .with_context(|| format!("writing {}", cfg.display()))?;
@@ -472,7 +476,11 @@ async fn town_demo(args: &DemoArgs, pki: &DevPki, base: u16) -> anyhow::Result<(
         args.days, tariff.name
     );
     let t = std::time::Instant::now();
-    for m in &meters {
+    let households: Vec<_> = meters
+        .iter()
+        .filter(|m| m.site != psm_core::simulate::Site::Business)
+        .collect();
+    for m in &households {
         let b = compute
             .bill(psm_proto::v1::BillRequest {
                 idempotency_key: format!("demo-bill-{}-{}", m.id, args.days),
@@ -502,10 +510,58 @@ async fn town_demo(args: &DemoArgs, pki: &DevPki, base: u16) -> anyhow::Result<(
     }
     println!(
         "  ({} bills in {:.1} s)",
-        meters.len(),
+        households.len(),
         t.elapsed().as_secs_f64()
     );
-    println!("Demand charges for the businesses need the tfhe track, which this build does not evaluate yet.");
+
+    // Businesses: the same bands plus a demand charge on the month's highest daily peak,
+    // computed on their encrypted registers (tfhe track); only the peak is decrypted.
+    let business_tariff = demo_business_tariff();
+    let businesses: Vec<_> = meters
+        .iter()
+        .filter(|m| m.site == psm_core::simulate::Site::Business)
+        .collect();
+    if !businesses.is_empty() {
+        println!(
+            "\nBusiness bills with a demand charge of £{:.2} per kW of the period's highest daily peak, computed on encrypted registers (the first loads the tfhe server key):",
+            business_tariff.demand_rate_per_kw_milli as f64 / 100_000.0
+        );
+    }
+    for m in &businesses {
+        let t = std::time::Instant::now();
+        let key = format!("demo-bill-{}-{}", m.id, args.days);
+        let request = psm_proto::v1::BillRequest {
+            idempotency_key: key.clone(),
+            meter_id: m.id.clone(),
+            period: Some(TimeRange {
+                start_unix: start,
+                end_unix: start + i64::from(args.days) * 86_400,
+            }),
+            tariff: Some(business_tariff.clone()),
+            reissue_reason: String::new(),
+        };
+        let mut c = compute.clone();
+        let running = tokio::spawn(async move { c.bill(request).await });
+        watch_progress(&mut compute, &key).await;
+        let b = running
+            .await?
+            .with_context(|| format!("bill for {}", m.id))?
+            .into_inner();
+        let demand = b
+            .lines
+            .iter()
+            .find(|l| l.description.starts_with("demand charge"))
+            .map(|l| format!("{} £{:.2}", l.description, l.amount as f64 / 100.0))
+            .unwrap_or_default();
+        let energy: i64 = b.lines.iter().map(|l| l.energy_wh).sum();
+        println!(
+            "  {:<11} {:>7.1} kWh  {demand}  total £{:>8.2}  ({:.0} s)",
+            m.id,
+            energy as f64 / 1000.0,
+            b.total as f64 / 100.0,
+            t.elapsed().as_secs_f64()
+        );
+    }
 
     println!("\nKeyshare audit logs (each regulator's own record of what it allowed and refused):");
     for i in 1..=3u16 {
@@ -547,6 +603,51 @@ async fn town_demo(args: &DemoArgs, pki: &DevPki, base: u16) -> anyhow::Result<(
         args.data_dir.join("pki").display()
     );
     Ok(())
+}
+
+/// Shows a running job's progress (WatchJob) on one terminal line until it is done.
+async fn watch_progress(
+    compute: &mut psm_proto::v1::compute_client::ComputeClient<tonic::transport::Channel>,
+    key: &str,
+) {
+    use std::io::Write;
+    let req = || psm_proto::v1::WatchJobRequest {
+        idempotency_key: key.to_owned(),
+    };
+    for _ in 0..100 {
+        match compute.watch_job(req()).await {
+            Ok(s) => {
+                let mut s = s.into_inner();
+                while let Ok(Some(p)) = s.message().await {
+                    let width = 30;
+                    let filled = p.percent as usize * width / 100;
+                    eprint!(
+                        "\r  [{}{}] {:>3}% {:<48}",
+                        "#".repeat(filled),
+                        ".".repeat(width - filled),
+                        p.percent,
+                        p.step.chars().take(48).collect::<String>()
+                    );
+                    let _ = std::io::stderr().flush();
+                    if p.done {
+                        break;
+                    }
+                }
+                eprint!("\r{:<90}\r", "");
+                return;
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+}
+
+/// The demo businesses' tariff: the household bands plus a demand charge.
+fn demo_business_tariff() -> psm_proto::v1::Tariff {
+    psm_proto::v1::Tariff {
+        name: "PSM demo business time-of-use with demand charge".into(),
+        demand_rate_per_kw_milli: 850_000,
+        ..demo_tariff()
+    }
 }
 
 /// The demo's time-of-use tariff; the keyshares allow it by the hash of this encoding.

@@ -203,18 +203,27 @@ impl Drop for Proc {
 }
 
 /// The policy the test system's keyshares run with unless a test says otherwise: the default
-/// cohort minimum, any tariff allowed, tfhe-track requests not re-executed (this build cannot).
+/// cohort minimum, any tariff allowed, tfhe-track requests not re-executed (each keyshare would
+/// load the server key and repeat every tfhe evaluation: tests that want it say so).
 pub const TEST_POLICY: &str = "allow_any_program = true\nreexecute_tfhe = \"off\"\n";
 
-/// Writes keyshare `name`'s config file: re-execution against `ingest` (if any) and the
-/// `[keyshare.policy]` lines `policy`. Returns the `--config` flag and its value.
+/// Writes keyshare `name`'s config file: re-execution against `ingest` (if any) with the public
+/// bundle in `public_dir` (for the tfhe track), and the `[keyshare.policy]` lines `policy`.
+/// Returns the `--config` flag and its value.
 pub fn keyshare_config(
     pki: &TestPki,
     name: &str,
     ingest: Option<&Proc>,
+    public_dir: Option<&Path>,
     policy: &str,
 ) -> [String; 2] {
     let mut cfg = String::from("[keyshare]\n");
+    if let Some(d) = public_dir {
+        cfg.push_str(&format!(
+            "public_dir = {:?}\n",
+            d.to_str().expect("utf-8 path")
+        ));
+    }
     if let Some(i) = ingest {
         cfg.push_str(&format!("ingest_url = \"https://127.0.0.1:{}\"\n", i.port));
     }
@@ -234,7 +243,7 @@ pub async fn start_keyshares(
 ) -> Vec<Proc> {
     let mut procs = Vec::new();
     for name in &keys.manifest.party_names {
-        let cfg = keyshare_config(pki, name, ingest, policy);
+        let cfg = keyshare_config(pki, name, ingest, Some(&keys.public_dir), policy);
         let args: Vec<&str> = cfg.iter().map(String::as_str).collect();
         procs.push(Proc::start_keyshare(pki, name, keys, &args).await);
     }

@@ -43,9 +43,11 @@ fn demo_check_starts_and_stops_everything() {
     );
     assert_eq!(stdout.matches("SERVING").count(), 5, "{stdout}");
     assert!(stdout.contains("Feeder load, 10 meters"), "{stdout}");
-    assert!(stdout.contains("20 meter-days stored"), "{stdout}");
+    // 10 meters × 2 days of interval readings, and the 2 businesses' registers.
+    assert!(stdout.contains("24 meter-days stored"), "{stdout}");
     assert!(stdout.contains("Bills, 2 days"), "{stdout}");
-    assert!(stdout.contains("(10 bills in"), "{stdout}");
+    assert!(stdout.contains("(8 bills in"), "{stdout}");
+    assert_eq!(stdout.matches("demand charge, peak").count(), 2, "{stdout}");
     for k in ["keyshare-1", "keyshare-2", "keyshare-3"] {
         assert!(stdout.contains(&format!("{k}: ")), "{stdout}");
     }
@@ -74,5 +76,6 @@ fn demo_check_starts_and_stops_everything() {
     );
     assert!(stdout.contains("Feeder load, 10 meters"), "{stdout}");
     // Identical bills and releases again are retries, not new releases: all allowed.
-    assert!(stdout.contains("(10 bills in"), "{stdout}");
+    assert!(stdout.contains("(8 bills in"), "{stdout}");
+    assert_eq!(stdout.matches("demand charge, peak").count(), 2, "{stdout}");
 }

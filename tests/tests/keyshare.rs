@@ -311,7 +311,7 @@ async fn decrypt_through_three_keyshares_and_audit() {
             .unwrap();
         db.flush().unwrap();
     }
-    let cfg = psm_e2e::keyshare_config(&pki, "keyshare-1", Some(&ingest), policy);
+    let cfg = psm_e2e::keyshare_config(&pki, "keyshare-1", Some(&ingest), None, policy);
     let k1 = Proc::start_keyshare(
         &pki,
         "keyshare-1",

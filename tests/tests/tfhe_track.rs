@@ -359,3 +359,116 @@ async fn demand_tiers_and_histogram_match_plaintext() {
         .unwrap_err();
     assert_eq!(e.code(), Code::FailedPrecondition);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keyshares_re_execute_tfhe_programs() {
+    let pki = TestPki::new("psm.test");
+    let keys = psm_e2e::keys::key_set(3, 2);
+    let sys = System::start_with_policy(
+        &pki,
+        &keys,
+        "",
+        "allow_any_program = true\nreexecute_tfhe = \"always\"\n",
+    )
+    .await;
+    let bundle = PublicBundle::open(&keys.public_dir).unwrap();
+    let lpk = bundle.linear_public_key().unwrap();
+    let (cpk, crs) = (bundle.compact_public_key().unwrap(), bundle.crs().unwrap());
+    let tid = keys.manifest.tfhe_key_id.clone();
+    let r = Registers {
+        peak_w: 23_456,
+        total_wh: 120_000,
+    };
+    let list = tokio::task::spawn_blocking({
+        let tid = tid.clone();
+        move || prove(&cpk, &crs, &tid, "shop-9", &day(0), r).unwrap()
+    })
+    .await
+    .unwrap();
+    let registers = register_batch(&tid, "shop-9", &day(0), list);
+    IngestClient::new(pki.channel(sys.ingest.port, "ingest", Role::Headend, "headend-1"))
+        .submit_readings(SubmitReadingsRequest {
+            idempotency_key: "load".into(),
+            batches: vec![
+                registers.clone(),
+                linear_batch(
+                    &lpk,
+                    &keys.manifest.linear_key_id,
+                    "shop-9",
+                    &day(0),
+                    3600,
+                    &[0; 24],
+                ),
+            ],
+        })
+        .await
+        .unwrap();
+
+    // An honest bill: every keyshare repeats the evaluation and gets the same ciphertexts.
+    let tariff = flat("demand", 10_000, &[]);
+    let bill =
+        ComputeClient::new(pki.channel(sys.compute.port, "compute", Role::Operator, "billing"))
+            .bill(BillRequest {
+                idempotency_key: "honest".into(),
+                meter_id: "shop-9".into(),
+                period: Some(range(1)),
+                tariff: Some(tariff.clone()),
+                reissue_reason: String::new(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+    let want = demand_line(23_456, 10_000);
+    assert!(
+        bill.lines
+            .iter()
+            .any(|l| l.amount == want.amount && l.description == want.description),
+        "{:?}",
+        bill.lines
+    );
+
+    // A compute node sending other ciphertexts under the same manifest is refused.
+    let program = prost::Message::encode_to_vec(&tariff);
+    let forged = psm_core::lwe::LweBatch::List {
+        dimension: 4096,
+        words: (0..8 * 4097u128)
+            .map(|i| i.wrapping_mul(0x9E37_79B9_7F4A_7C15))
+            .collect(),
+    };
+    let req = psm_proto::v1::PartialDecryptRequest {
+        idempotency_key: "forged".into(),
+        key: Some(KeyRef {
+            key_id: tid.clone(),
+        }),
+        batch: Some(psm_core::wire::batch_to_proto(
+            &forged,
+            psm_core::lwe::SQUASHED_BLOCK,
+            70,
+        )),
+        manifest: Some(psm_proto::v1::ComputationManifest {
+            kind: psm_proto::v1::ComputationKind::Bill as i32,
+            program_hash: blake3::hash(&program).as_bytes().to_vec(),
+            program,
+            inputs: vec![psm_proto::v1::InputRef {
+                meter_id: "shop-9".into(),
+                day: day(0),
+                track: Track::Tfhe as i32,
+                ciphertext_hash: registers.ciphertext_hash.clone(),
+            }],
+            output_hash: forged.hash().to_vec(),
+            range: Some(range(1)),
+            reissue_reason: "forged".into(),
+        }),
+    };
+    let e = psm_proto::v1::keyshare_client::KeyshareClient::new(pki.channel(
+        sys.keyshares[0].port,
+        "keyshare-1",
+        Role::Compute,
+        "compute",
+    ))
+    .partial_decrypt(req)
+    .await
+    .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{}", e.message());
+    assert!(e.message().starts_with("re-execution"), "{}", e.message());
+}
