@@ -164,6 +164,7 @@ async fn main() {
     let sum_t = t.elapsed();
     let t = Instant::now();
     let cost = tiered_cost(&total, &tier_spec).unwrap();
+    drop(cost); // decrypted below as part of the bill program
     let tier_t = t.elapsed();
     let plain_total: u64 = month.iter().map(|r| u64::from(r.total_wh)).sum();
     let t = Instant::now();
