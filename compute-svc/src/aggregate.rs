@@ -9,7 +9,7 @@ use prost::Message;
 use psm_core::aggregate::{max_summands, sum_words};
 use psm_core::linear::LINEAR_ENCODING;
 use psm_core::program::aggregate_output;
-use psm_core::readings::{parse_day, validate_meter_id, DAY_SECONDS};
+use psm_core::readings::{parse_day, DAY_SECONDS};
 use psm_proto::v1::{
     AggregateProgram, AggregateRequest, AggregateResponse, ComputationKind, ComputationManifest,
     InputRef, PartyFault, QuorumReport, TimeRange,
@@ -18,7 +18,9 @@ use tonic::transport::Channel;
 use tonic::Status;
 
 use crate::decrypt::ThresholdDecryptor;
-use crate::inputs::{check_idempotency_key, checked_words, next, stream_linear, whole_days};
+use crate::inputs::{
+    check_cohort, check_idempotency_key, checked_words, next, stream_linear, whole_days,
+};
 
 /// Longest range of one Aggregate request, days.
 pub const MAX_AGGREGATE_DAYS: i64 = 31;
@@ -86,26 +88,7 @@ impl Aggregator<'_> {
     pub async fn run(&self, req: AggregateRequest) -> Result<AggregateResponse, Status> {
         let key = &req.idempotency_key;
         check_idempotency_key(key)?;
-        let cohort: BTreeSet<&str> = req.meter_ids.iter().map(String::as_str).collect();
-        if cohort.len() != req.meter_ids.len() {
-            return Err(Status::invalid_argument("meter_ids lists a meter twice"));
-        }
-        for m in &cohort {
-            validate_meter_id(m).map_err(|e| Status::invalid_argument(e.to_string()))?;
-        }
-        if cohort.len() < self.min_cohort {
-            return Err(Status::failed_precondition(format!(
-                "cohort of {} meters is below the minimum of {}: aggregates of fewer meters are not released",
-                cohort.len(),
-                self.min_cohort
-            )));
-        }
-        if cohort.len() > MAX_COHORT {
-            return Err(Status::resource_exhausted(format!(
-                "cohort of {} meters; the limit is {MAX_COHORT}",
-                cohort.len()
-            )));
-        }
+        let cohort = check_cohort(&req.meter_ids, self.min_cohort, MAX_COHORT, "aggregates")?;
         let (first_day, days) = whole_days(req.range.as_ref(), MAX_AGGREGATE_DAYS)?;
         let range = TimeRange {
             start_unix: first_day * DAY_SECONDS,

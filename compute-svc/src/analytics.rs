@@ -2,10 +2,8 @@
 //! totals are summed on ciphertexts, compared with the band edges, and the comparisons summed
 //! per band; only the counts are squashed and decrypted.
 
-use std::collections::BTreeSet;
-
 use prost::Message;
-use psm_core::readings::{validate_meter_id, DAY_SECONDS};
+use psm_core::readings::DAY_SECONDS;
 use psm_core::tfhe_program::histogram;
 use psm_proto::v1::{
     AnalyticsRequest, AnalyticsResponse, ComputationKind, ComputationManifest, TimeRange,
@@ -14,7 +12,7 @@ use tonic::transport::Channel;
 use tonic::Status;
 
 use crate::decrypt::ThresholdDecryptor;
-use crate::inputs::{check_idempotency_key, whole_days};
+use crate::inputs::{check_cohort, check_idempotency_key, whole_days};
 use crate::jobs::JobHandle;
 use crate::tfhe::{expand_all, TfheEngine};
 
@@ -48,26 +46,12 @@ pub fn program(req: &AnalyticsRequest) -> Vec<u8> {
 impl Analyst<'_> {
     pub async fn run(&self, req: AnalyticsRequest) -> Result<AnalyticsResponse, Status> {
         check_idempotency_key(&req.idempotency_key)?;
-        let cohort: BTreeSet<&str> = req.meter_ids.iter().map(String::as_str).collect();
-        if cohort.len() != req.meter_ids.len() {
-            return Err(Status::invalid_argument("meter_ids lists a meter twice"));
-        }
-        for m in &cohort {
-            validate_meter_id(m).map_err(|e| Status::invalid_argument(e.to_string()))?;
-        }
-        if cohort.len() < self.min_cohort {
-            return Err(Status::failed_precondition(format!(
-                "cohort of {} meters is below the minimum of {}: histograms of fewer meters are not released",
-                cohort.len(),
-                self.min_cohort
-            )));
-        }
-        if cohort.len() > MAX_ANALYTICS_COHORT {
-            return Err(Status::resource_exhausted(format!(
-                "cohort of {} meters; the limit is {MAX_ANALYTICS_COHORT}",
-                cohort.len()
-            )));
-        }
+        let cohort = check_cohort(
+            &req.meter_ids,
+            self.min_cohort,
+            MAX_ANALYTICS_COHORT,
+            "histograms",
+        )?;
         let edges = &req.band_edges_wh;
         if edges.len() < 2 || edges.len() > MAX_EDGES || edges.windows(2).any(|w| w[0] >= w[1]) {
             return Err(Status::invalid_argument(format!(

@@ -16,6 +16,37 @@ pub fn check_idempotency_key(k: &str) -> Result<(), Status> {
     }
 }
 
+/// A request's cohort: distinct, valid meter ids, at least `min` (the cohort minimum, named
+/// in the refusal as what `what` releases) and at most `max`.
+pub fn check_cohort<'a>(
+    meter_ids: &'a [String],
+    min: usize,
+    max: usize,
+    what: &str,
+) -> Result<std::collections::BTreeSet<&'a str>, Status> {
+    let cohort: std::collections::BTreeSet<&str> = meter_ids.iter().map(String::as_str).collect();
+    if cohort.len() != meter_ids.len() {
+        return Err(Status::invalid_argument("meter_ids lists a meter twice"));
+    }
+    for m in &cohort {
+        psm_core::readings::validate_meter_id(m)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+    }
+    if cohort.len() < min {
+        return Err(Status::failed_precondition(format!(
+            "cohort of {} meters is below the minimum of {min}: {what} of fewer meters are not released",
+            cohort.len()
+        )));
+    }
+    if cohort.len() > max {
+        return Err(Status::resource_exhausted(format!(
+            "cohort of {} meters; the limit is {max}",
+            cohort.len()
+        )));
+    }
+    Ok(cohort)
+}
+
 /// A range of whole UTC days, at most `max_days` long: (first day number, number of days).
 pub fn whole_days(range: Option<&TimeRange>, max_days: i64) -> Result<(i64, i64), Status> {
     let r = range.ok_or_else(|| Status::invalid_argument("a time range is required"))?;

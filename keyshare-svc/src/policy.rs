@@ -366,6 +366,14 @@ pub fn check_manifest(
     Ok(checked)
 }
 
+fn store(e: sled::Error) -> Refusal {
+    refuse(
+        "internal",
+        tonic::Code::Unavailable,
+        format!("release store: {e}"),
+    )
+}
+
 /// Remembered releases: bills per (meter, period) and released cohorts per time range.
 pub struct Releases {
     db: sled::Db,
@@ -415,13 +423,6 @@ impl Releases {
         request_hash: &[u8; 32],
         reissue_reason: &str,
     ) -> Result<(), Refusal> {
-        let store = |e: sled::Error| {
-            refuse(
-                "internal",
-                tonic::Code::Unavailable,
-                format!("release store: {e}"),
-            )
-        };
         match c.kind {
             ComputationKind::Bill => {
                 let meter = &c.meters[0];
@@ -513,13 +514,6 @@ impl Releases {
     ) -> Result<(), Refusal> {
         let _g = self.lock.lock().await;
         self.check(c, min_cohort, request_hash, reissue_reason)?;
-        let store = |e: sled::Error| {
-            refuse(
-                "internal",
-                tonic::Code::Unavailable,
-                format!("release store: {e}"),
-            )
-        };
         match c.kind {
             ComputationKind::Bill => {
                 self.bills

@@ -99,6 +99,13 @@ pub async fn fetch_item(ch: Channel, name: &str) -> anyhow::Result<Vec<u8>> {
     Ok(data)
 }
 
+/// The key manifest from ingest (hash-checked like every public item).
+async fn fetch_manifest(ch: Channel) -> anyhow::Result<Manifest> {
+    Ok(toml::from_str(std::str::from_utf8(
+        &fetch_item(ch, "manifest").await?,
+    )?)?)
+}
+
 /// What a simulation submitted.
 pub struct Submitted {
     pub meters: Vec<SimMeter>,
@@ -168,9 +175,7 @@ pub async fn submit_days(
     days: &[MeterDay],
     key_prefix: &str,
 ) -> anyhow::Result<(u32, u32)> {
-    let manifest: Manifest = toml::from_str(std::str::from_utf8(
-        &fetch_item(ch.clone(), "manifest").await?,
-    )?)?;
+    let manifest = fetch_manifest(ch.clone()).await?;
     let lpk: psm_core::linear::LinearPublicKey =
         bincode_deserialize(&fetch_item(ch.clone(), "linear_public_key").await?)?;
     let mut client = IngestClient::new(ch);
@@ -223,9 +228,7 @@ pub async fn submit_registers(
     days: &[MeterDay],
     key_prefix: &str,
 ) -> anyhow::Result<(u32, u32)> {
-    let manifest: Manifest = toml::from_str(std::str::from_utf8(
-        &fetch_item(ch.clone(), "manifest").await?,
-    )?)?;
+    let manifest = fetch_manifest(ch.clone()).await?;
     let limit = psm_core::ceremony::MAX_PUBLIC_ITEM_BYTES;
     let cpk: tfhe::CompactPublicKey = tfhe::safe_serialization::safe_deserialize(
         fetch_item(ch.clone(), "tfhe_public_key").await?.as_slice(),
