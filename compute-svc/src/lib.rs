@@ -45,6 +45,8 @@ pub struct ComputeSection {
     /// Most meters summed into one decrypted shard (default: as many as the flooding
     /// invariants allow).
     pub max_shard_meters: Option<usize>,
+    /// Expanded tfhe-track meter-days kept in memory for reuse (~0.5 MB each; default 512).
+    pub expanded_cache_meter_days: Option<usize>,
 }
 
 /// Default smallest cohort for aggregates.
@@ -93,7 +95,11 @@ impl Engine {
             linear_key_id: manifest.linear_key_id,
             min_cohort: c.min_cohort.unwrap_or(DEFAULT_MIN_COHORT),
             max_shard_meters: c.max_shard_meters.unwrap_or(usize::MAX).max(1),
-            tfhe: tfhe::TfheEngine::new(public_dir.clone(), manifest.tfhe_key_id.clone()),
+            tfhe: tfhe::TfheEngine::new(
+                public_dir.clone(),
+                manifest.tfhe_key_id.clone(),
+                c.expanded_cache_meter_days.unwrap_or(512),
+            ),
         }))
     }
 }
