@@ -47,6 +47,9 @@ pub struct ComputeSection {
     pub max_shard_meters: Option<usize>,
     /// Expanded tfhe-track meter-days kept in memory for reuse (~0.5 MB each; default 512).
     pub expanded_cache_meter_days: Option<usize>,
+    /// How long to wait for a keyshare's answer, seconds (default 600: keyshares that
+    /// re-execute a tfhe program take as long as compute did).
+    pub keyshare_timeout_secs: Option<u64>,
 }
 
 /// Default smallest cohort for aggregates.
@@ -81,7 +84,7 @@ impl Engine {
             &c.keyshares,
             &settings.tls,
             Duration::from_millis(300),
-            Duration::from_secs(120),
+            Duration::from_secs(c.keyshare_timeout_secs.unwrap_or(600).max(1)),
         )?;
         let ingest = psm_net::client::channel(
             ingest_url,

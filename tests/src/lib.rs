@@ -68,15 +68,28 @@ impl TestPki {
         }
     }
 
-    /// An mTLS channel to a service on 127.0.0.1.
+    /// An mTLS channel to a service on 127.0.0.1 (requests time out after 60 s).
     pub fn channel(&self, port: u16, server_name: &str, role: Role, name: &str) -> Channel {
+        self.channel_with_timeout(port, server_name, role, name, Duration::from_secs(60))
+    }
+
+    /// As [`TestPki::channel`], for requests that may run long (tfhe evaluations on a loaded
+    /// machine).
+    pub fn channel_with_timeout(
+        &self,
+        port: u16,
+        server_name: &str,
+        role: Role,
+        name: &str,
+        timeout: Duration,
+    ) -> Channel {
         psm_net::client::channel(
             &format!("https://127.0.0.1:{port}"),
             server_name,
             &self.tls(role, name),
             &psm_net::client::ClientOptions {
                 connect_timeout: Duration::from_secs(5),
-                request_timeout: Duration::from_secs(60),
+                request_timeout: timeout,
             },
         )
         .expect("channel")

@@ -22,6 +22,8 @@ use rand::{Rng, SeedableRng};
 use tonic::Code;
 
 const D0: &str = "2026-04-06";
+/// tfhe evaluations take tens of seconds, more when the tests share the cores.
+const LONG: Duration = Duration::from_secs(900);
 
 fn day(offset: i64) -> String {
     psm_core::readings::format_day(psm_core::readings::parse_day(D0).unwrap() + offset)
@@ -249,8 +251,13 @@ async fn demand_tiers_and_histogram_match_plaintext() {
         })
         .await
         .unwrap();
-    let mut op =
-        ComputeClient::new(pki.channel(sys.compute.port, "compute", Role::Operator, "billing"));
+    let mut op = ComputeClient::new(pki.channel_with_timeout(
+        sys.compute.port,
+        "compute",
+        Role::Operator,
+        "billing",
+        LONG,
+    ));
 
     let tier_spec = [(100u64, 10_000i64), (400, 20_000), (0, 35_000)];
     let bill_tariff = flat("demand and tiers", 9_500, &tier_spec);
@@ -406,18 +413,23 @@ async fn keyshares_re_execute_tfhe_programs() {
 
     // An honest bill: every keyshare repeats the evaluation and gets the same ciphertexts.
     let tariff = flat("demand", 10_000, &[]);
-    let bill =
-        ComputeClient::new(pki.channel(sys.compute.port, "compute", Role::Operator, "billing"))
-            .bill(BillRequest {
-                idempotency_key: "honest".into(),
-                meter_id: "shop-9".into(),
-                period: Some(range(1)),
-                tariff: Some(tariff.clone()),
-                reissue_reason: String::new(),
-            })
-            .await
-            .unwrap()
-            .into_inner();
+    let bill = ComputeClient::new(pki.channel_with_timeout(
+        sys.compute.port,
+        "compute",
+        Role::Operator,
+        "billing",
+        LONG,
+    ))
+    .bill(BillRequest {
+        idempotency_key: "honest".into(),
+        meter_id: "shop-9".into(),
+        period: Some(range(1)),
+        tariff: Some(tariff.clone()),
+        reissue_reason: String::new(),
+    })
+    .await
+    .unwrap()
+    .into_inner();
     let want = demand_line(23_456, 10_000);
     assert!(
         bill.lines
@@ -460,11 +472,12 @@ async fn keyshares_re_execute_tfhe_programs() {
             reissue_reason: "forged".into(),
         }),
     };
-    let e = psm_proto::v1::keyshare_client::KeyshareClient::new(pki.channel(
+    let e = psm_proto::v1::keyshare_client::KeyshareClient::new(pki.channel_with_timeout(
         sys.keyshares[0].port,
         "keyshare-1",
         Role::Compute,
         "compute",
+        LONG,
     ))
     .partial_decrypt(req)
     .await
