@@ -68,6 +68,8 @@ impl Analyst<'_> {
             .tfhe
             .registers(self.ingest.clone(), &meters, first_day, days)
             .await?;
+        self.job.step("waiting for the tfhe evaluator", 5);
+        let turn = self.tfhe.turn().await?;
         let inputs = regs.iter().map(|r| r.input.clone()).collect();
         let job = self.job;
         let days_per_meter = days as usize;
@@ -85,6 +87,7 @@ impl Analyst<'_> {
             })
             .map_err(|e| Status::internal(format!("tfhe evaluation: {e}")))
         })?;
+        drop(turn); // decryption (and keyshares' re-execution) need not hold the evaluator
         self.job.step("decrypting the counts", 95);
         let program = program(&req);
         let manifest = ComputationManifest {

@@ -185,6 +185,8 @@ impl Biller<'_> {
             .registers(self.ingest.clone(), &meters, first_day, days)
             .await?;
         let inputs: Vec<InputRef> = regs.iter().map(|r| r.input.clone()).collect();
+        self.job.step("waiting for the tfhe evaluator", 28);
+        let turn = self.tfhe.turn().await?;
         let job = self.job;
         let tiers_owned = tiers.to_vec();
         let want_demand = demand_rate > 0;
@@ -195,6 +197,7 @@ impl Biller<'_> {
             })
             .map_err(|e| Status::internal(format!("tfhe evaluation: {e}")))
         })?;
+        drop(turn); // decryption (and keyshares' re-execution) need not hold the evaluator
         self.job.step("decrypting the register results", 95);
         let manifest = ComputationManifest {
             kind: ComputationKind::Bill as i32,

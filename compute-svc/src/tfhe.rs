@@ -99,6 +99,9 @@ pub struct TfheEngine {
     pub key_id: String,
     cache_meter_days: usize,
     loaded: tokio::sync::OnceCell<Arc<Loaded>>,
+    /// One tfhe evaluation at a time: each already uses every core, and running several at once
+    /// only multiplies memory.
+    evaluations: Arc<tokio::sync::Semaphore>,
 }
 
 /// One meter-day's stored register list.
@@ -120,7 +123,17 @@ impl TfheEngine {
             key_id,
             cache_meter_days,
             loaded: tokio::sync::OnceCell::new(),
+            evaluations: Arc::new(tokio::sync::Semaphore::new(1)),
         }
+    }
+
+    /// Waits for this job's turn to evaluate; hold the permit while evaluating.
+    pub async fn turn(&self) -> Result<tokio::sync::OwnedSemaphorePermit, Status> {
+        self.evaluations
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| Status::unavailable("compute is shutting down"))
     }
 
     /// The server key and verifier, loading them on first use.

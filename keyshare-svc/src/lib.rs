@@ -40,7 +40,8 @@ pub const DEFAULT_LISTEN: &str = "127.0.0.1:7411";
 pub const MAX_CIPHERTEXTS_PER_REQUEST: usize = 100_000;
 /// Most audit records in one GetAuditLog answer.
 pub const MAX_AUDIT_RECORDS: usize = 10_000;
-/// Partial decryptions computed at once (each holds a batch in memory and uses all cores).
+/// Requests re-executed and partially decrypted at once (each holds a batch in memory and uses
+/// all cores).
 const CONCURRENT_DECRYPTIONS: usize = 2;
 
 /// The `[keyshare]` section of the config file.
@@ -255,6 +256,13 @@ impl KeyshareService {
             .precheck(&checked, k, request_hash, reissue)
             .await?;
 
+        // The heavy part — re-execution and partial decryption — runs for at most
+        // CONCURRENT_DECRYPTIONS requests at a time.
+        let _permit = self
+            .permits
+            .acquire()
+            .await
+            .map_err(|_| refuse("available", Code::Unavailable, "keyshare is shutting down"))?;
         // Re-execute: the output must be what the program gives on the stored inputs. Flood for
         // the larger of the stated and the recomputed noise, never below the key's floor.
         let mut noise = stated_noise.max(floor);
@@ -296,11 +304,6 @@ impl KeyshareService {
             }
         };
 
-        let _permit = self
-            .permits
-            .acquire()
-            .await
-            .map_err(|_| refuse("available", Code::Unavailable, "keyshare is shutting down"))?;
         let share = self.share.clone();
         let key_id = key_id.to_owned();
         let partials = tokio::task::spawn_blocking(move || {

@@ -72,11 +72,6 @@ impl Reexecutor {
         let mut stream = stream_readings(ingest, c.meters.clone(), range, Track::Linear)
             .await
             .map_err(|s| refuse(RULE, Code::Unavailable, s.message()))?;
-        if c.kind == ComputationKind::Analytics {
-            return Err(mismatch(
-                "analytics are tfhe-track programs; no linear-track analytics program exists",
-            ));
-        }
         let bill = c.kind == ComputationKind::Bill;
         // Bills are evaluated in the manifest's order (band pieces depend on it); aggregates are
         // sums and are added as they arrive.
