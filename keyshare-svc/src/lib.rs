@@ -243,7 +243,8 @@ impl KeyshareService {
             )
         })?;
         let checked = check_manifest(&self.policy, &self.allowed_programs, manifest, key.kind)?;
-        if manifest.output_hash != batch.hash() {
+        let output_hash = batch.hash();
+        if manifest.output_hash != output_hash {
             return Err(refuse(
                 "output-hash",
                 Code::FailedPrecondition,
@@ -266,42 +267,31 @@ impl KeyshareService {
         // Re-execute: the output must be what the program gives on the stored inputs. Flood for
         // the larger of the stated and the recomputed noise, never below the key's floor.
         let mut noise = stated_noise.max(floor);
-        let verified = match key.kind {
+        let recomputed = match key.kind {
             KeyKind::Linear => {
                 let r = self.reexec.linear(manifest, &checked).await?;
-                if r.batch.hash() != batch.hash() {
-                    return Err(refuse(
-                        "re-execution",
-                        Code::FailedPrecondition,
-                        format!(
-                            "the {} re-executed from the {} named stored input(s) does not match the ciphertexts to decrypt",
-                            kind_name(checked.kind),
-                            manifest.inputs.len()
-                        ),
-                    ));
-                }
                 noise = noise.max(r.noise_log2);
-                "re-executed"
+                Some(r.batch)
             }
-            KeyKind::Tfhe => {
-                if self.policy.reexecute_tfhe(request_hash) {
-                    let recomputed = self.reexec.tfhe(manifest, &checked).await?;
-                    if recomputed.hash() != batch.hash() {
-                        return Err(refuse(
-                            "re-execution",
-                            Code::FailedPrecondition,
-                            format!(
-                                "the {} re-executed from the {} named stored register list(s) does not match the ciphertexts to decrypt",
-                                kind_name(checked.kind),
-                                manifest.inputs.len()
-                            ),
-                        ));
-                    }
-                    "re-executed"
-                } else {
-                    "not re-executed (reexecute_tfhe policy)"
-                }
+            KeyKind::Tfhe if self.policy.reexecute_tfhe(request_hash) => {
+                Some(self.reexec.tfhe(manifest, &checked).await?)
             }
+            KeyKind::Tfhe => None,
+        };
+        let verified = match recomputed {
+            Some(r) if r.hash() != output_hash => {
+                return Err(refuse(
+                    "re-execution",
+                    Code::FailedPrecondition,
+                    format!(
+                        "the {} re-executed from the {} named stored input(s) does not match the ciphertexts to decrypt",
+                        kind_name(checked.kind),
+                        manifest.inputs.len()
+                    ),
+                ))
+            }
+            Some(_) => "re-executed",
+            None => "not re-executed (reexecute_tfhe policy)",
         };
 
         let share = self.share.clone();
