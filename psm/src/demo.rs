@@ -375,10 +375,7 @@ async fn town_demo(args: &DemoArgs, pki: &DevPki, base: u16) -> anyhow::Result<(
             &opts,
         )?;
         let sub = crate::meter::simulate_and_submit(ingest, &sim).await?;
-        println!(
-            "  {} meter-days stored, {} were already there",
-            sub.stored, sub.duplicates
-        );
+        println!("  {}", sub.counts);
         fs::write(&marker, b"").with_context(|| format!("writing {}", marker.display()))?;
     }
 
@@ -401,72 +398,82 @@ async fn town_demo(args: &DemoArgs, pki: &DevPki, base: u16) -> anyhow::Result<(
             }),
             granularity_seconds: 3600,
         })
-        .await
-        .context("feeder aggregate")?
-        .into_inner();
-    let used = agg.quorum.map(|q| q.used.join(", ")).unwrap_or_default();
-    println!(
-        "\nFeeder load, {} meters, mean kW by hour of day (UTC), decrypted in {:.1} s by {used} (only the sums; no reading was decrypted):",
-        agg.cohort_size,
-        t.elapsed().as_secs_f64()
-    );
-    // Average day profile: mean kW per hour of day across the simulated days.
-    let mut by_hour = [0i64; 24];
-    for (i, wh) in agg.energy_wh.iter().enumerate() {
-        by_hour[i % 24] += wh;
-    }
-    let days = i64::from(args.days.max(1));
-    let max = by_hour
-        .iter()
-        .map(|v| v.abs() / days)
-        .max()
-        .unwrap_or(1)
-        .max(1);
-    for (h, total) in by_hour.iter().enumerate() {
-        let kw = *total as f64 / days as f64 / 1000.0;
-        let len = ((total.abs() / days) * 50 / max) as usize;
-        let bar = if *total >= 0 {
-            "█".repeat(len)
-        } else {
-            "░".repeat(len)
-        };
-        println!("  {h:02}:00 {kw:>8.1} kW {bar}");
-    }
-    let day_totals: Vec<String> = agg
-        .energy_wh
-        .chunks(24)
-        .map(|d| format!("{:.0}", d.iter().sum::<i64>() as f64 / 1000.0))
-        .collect();
-    println!("  daily totals (kWh): {}", day_totals.join(", "));
+        .await;
+    let agg = match agg {
+        Ok(a) => Some(a.into_inner()),
+        // The same data directory, another town: the keyshares refuse to release a feeder that
+        // differs from an earlier released one by a few meters.
+        Err(e) if e.code() == tonic::Code::FailedPrecondition => {
+            println!(
+                "\nFeeder load: refused by the keyshares ({})\n  An earlier run in this data directory released the feeder with a different set of meters; a fresh --data-dir starts over.",
+                keyshare_reason(e.message())
+            );
+            None
+        }
+        Err(e) => return Err(anyhow::anyhow!("feeder aggregate: {}", e.message())),
+    };
+    if let Some(agg) = agg {
+        let used = agg.quorum.map(|q| q.used.join(", ")).unwrap_or_default();
+        println!(
+            "\nFeeder load, {} meters, mean kW by hour of day (UTC), decrypted in {:.1} s by {used} (only the sums; no reading was decrypted):",
+            agg.cohort_size,
+            t.elapsed().as_secs_f64()
+        );
+        // Average day profile: mean kW per hour of day across the simulated days.
+        let mut by_hour = [0i64; 24];
+        for (i, wh) in agg.energy_wh.iter().enumerate() {
+            by_hour[i % 24] += wh;
+        }
+        let days = i64::from(args.days.max(1));
+        let max = by_hour
+            .iter()
+            .map(|v| v.abs() / days)
+            .max()
+            .unwrap_or(1)
+            .max(1);
+        for (h, total) in by_hour.iter().enumerate() {
+            let kw = *total as f64 / days as f64 / 1000.0;
+            let len = ((total.abs() / days) * 50 / max) as usize;
+            let bar = if *total >= 0 {
+                "█".repeat(len)
+            } else {
+                "░".repeat(len)
+            };
+            println!("  {h:02}:00 {kw:>8.1} kW {bar}");
+        }
+        let day_totals: Vec<String> = agg
+            .energy_wh
+            .chunks(24)
+            .map(|d| format!("{:.0}", d.iter().sum::<i64>() as f64 / 1000.0))
+            .collect();
+        println!("  daily totals (kWh): {}", day_totals.join(", "));
 
-    // An analyst tries to learn one household's load by differencing: the feeder without it.
-    if let Some((left_out, rest)) = cohort.split_last() {
-        let probe = compute
-            .aggregate(AggregateRequest {
-                idempotency_key: "demo-differencing-probe".into(),
-                meter_ids: rest.to_vec(),
-                range: Some(TimeRange {
-                    start_unix: start,
-                    end_unix: start + 86_400,
-                }),
-                granularity_seconds: 3600,
-            })
-            .await;
-        match probe {
-            Err(e) if e.code() == tonic::Code::FailedPrecondition => {
-                let why = e
-                    .message()
-                    .split("FailedPrecondition: ")
-                    .nth(1)
-                    .and_then(|m| m.split(';').next())
-                    .unwrap_or(e.message());
-                println!(
-                    "\nDifferencing probe — the same feeder without {left_out} on {}: refused by the keyshares\n  ({why})",
-                    sim.start
-                );
+        // An analyst tries to learn one household's load by differencing: the feeder without it.
+        if let Some((left_out, rest)) = cohort.split_last() {
+            let probe = compute
+                .aggregate(AggregateRequest {
+                    idempotency_key: "demo-differencing-probe".into(),
+                    meter_ids: rest.to_vec(),
+                    range: Some(TimeRange {
+                        start_unix: start,
+                        end_unix: start + 86_400,
+                    }),
+                    granularity_seconds: 3600,
+                })
+                .await;
+            match probe {
+                Err(e) if e.code() == tonic::Code::FailedPrecondition => {
+                    let why = keyshare_reason(e.message());
+                    println!(
+                        "\nDifferencing probe — the same feeder without {left_out} on {}: refused by the keyshares\n  ({why})",
+                        sim.start
+                    );
+                }
+                Ok(_) => {
+                    println!("\nDifferencing probe was released: the keyshares' policy allows it")
+                }
+                Err(e) => return Err(anyhow::anyhow!("differencing probe: {e}")),
             }
-            Ok(_) => println!("\nDifferencing probe was released: the keyshares' policy allows it"),
-            Err(e) => return Err(anyhow::anyhow!("differencing probe: {e}")),
         }
     }
     // Bills: per-band totals summed on ciphertexts, only the totals decrypted.
@@ -603,6 +610,16 @@ async fn town_demo(args: &DemoArgs, pki: &DevPki, base: u16) -> anyhow::Result<(
         args.data_dir.join("pki").display()
     );
     Ok(())
+}
+
+/// The first keyshare's reason in a compute refusal ("differencing: ..."), without the quorum
+/// preamble.
+fn keyshare_reason(message: &str) -> &str {
+    message
+        .split("FailedPrecondition: ")
+        .nth(1)
+        .and_then(|m| m.split(';').next())
+        .unwrap_or(message)
 }
 
 /// Shows a running job's progress (WatchJob) on one terminal line until it is done.

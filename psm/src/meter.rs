@@ -106,11 +106,94 @@ async fn fetch_manifest(ch: Channel) -> anyhow::Result<Manifest> {
     )?)?)
 }
 
+/// What a submission did with its meter-days.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Counts {
+    /// Newly stored.
+    pub stored: u32,
+    /// Already stored with the same bytes (a retry).
+    pub duplicates: u32,
+    /// Already stored with other bytes — an earlier run encrypted the same meter-day
+    /// (encryption is randomized) — and kept as stored.
+    pub kept: u32,
+}
+
+impl std::ops::AddAssign for Counts {
+    fn add_assign(&mut self, o: Counts) {
+        self.stored += o.stored;
+        self.duplicates += o.duplicates;
+        self.kept += o.kept;
+    }
+}
+
+impl std::fmt::Display for Counts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} meter-days stored, {} were already there",
+            self.stored, self.duplicates
+        )?;
+        if self.kept > 0 {
+            write!(
+                f,
+                ", {} kept as stored by an earlier run (encrypted then)",
+                self.kept
+            )?;
+        }
+        Ok(())
+    }
+}
+
+/// Submits one request. When ingest refuses it because a meter-day in it is already stored
+/// with other bytes (resuming an interrupted import, or rerunning a simulation: encryption is
+/// randomized), submits the batches one by one and keeps what is stored.
+async fn submit_chunk(
+    client: &mut IngestClient<Channel>,
+    key: &str,
+    batches: Vec<ReadingBatch>,
+) -> anyhow::Result<Counts> {
+    let request = |k: String, batches: Vec<ReadingBatch>| SubmitReadingsRequest {
+        idempotency_key: k,
+        batches,
+    };
+    match client
+        .submit_readings(request(key.to_owned(), batches.clone()))
+        .await
+    {
+        Ok(r) => {
+            let r = r.into_inner();
+            Ok(Counts {
+                stored: r.stored,
+                duplicates: r.duplicates,
+                kept: 0,
+            })
+        }
+        Err(s) if s.code() == tonic::Code::AlreadyExists => {
+            let mut c = Counts::default();
+            for (i, b) in batches.into_iter().enumerate() {
+                match client
+                    .submit_readings(request(format!("{key}-{i}"), vec![b]))
+                    .await
+                {
+                    Ok(r) => {
+                        let r = r.into_inner();
+                        c.stored += r.stored;
+                        c.duplicates += r.duplicates;
+                    }
+                    Err(s) if s.code() == tonic::Code::AlreadyExists => c.kept += 1,
+                    Err(s) => return Err(anyhow::anyhow!("submitting readings: {}", s.message())),
+                }
+            }
+            Ok(c)
+        }
+        Err(s) => Err(anyhow::anyhow!("submitting readings: {}", s.message())),
+    }
+}
+
 /// What a simulation submitted.
 pub struct Submitted {
     pub meters: Vec<SimMeter>,
-    pub stored: u32,
-    pub duplicates: u32,
+    pub counts: Counts,
 }
 
 fn progress(done: usize, total: usize) {
@@ -139,8 +222,7 @@ pub async fn simulate_and_submit(ch: Channel, a: &SimulateArgs) -> anyhow::Resul
             })
         })
         .collect();
-    let (mut stored, mut duplicates) =
-        submit_days(ch.clone(), &days, &format!("sim-{}-{}", a.seed, a.start)).await?;
+    let mut counts = submit_days(ch.clone(), &days, &format!("sim-{}-{}", a.seed, a.start)).await?;
     // Businesses also send their registers (peak demand, daily total) on the tfhe track, for
     // demand charges and tiered tariffs.
     let business_days: Vec<MeterDay> = days
@@ -152,34 +234,28 @@ pub async fn simulate_and_submit(ch: Channel, a: &SimulateArgs) -> anyhow::Resul
         })
         .collect();
     if !business_days.is_empty() {
-        let (s, dup) = submit_registers(
+        counts += submit_registers(
             ch,
             &business_days,
             &format!("sim-registers-{}-{}", a.seed, a.start),
         )
         .await?;
-        stored += s;
-        duplicates += dup;
     }
-    Ok(Submitted {
-        meters,
-        stored,
-        duplicates,
-    })
+    Ok(Submitted { meters, counts })
 }
 
 /// Encrypts meter-days under the linear key fetched from ingest (all cores) and submits them
-/// in requests of at most 100, with a progress bar. Returns (stored, already there).
+/// in requests of at most 100, with a progress bar.
 pub async fn submit_days(
     ch: Channel,
     days: &[MeterDay],
     key_prefix: &str,
-) -> anyhow::Result<(u32, u32)> {
+) -> anyhow::Result<Counts> {
     let manifest = fetch_manifest(ch.clone()).await?;
     let lpk: psm_core::linear::LinearPublicKey =
         bincode_deserialize(&fetch_item(ch.clone(), "linear_public_key").await?)?;
     let mut client = IngestClient::new(ch);
-    let (mut stored, mut duplicates) = (0, 0);
+    let mut counts = Counts::default();
     progress(0, days.len());
     for (n, chunk) in days.chunks(100).enumerate() {
         let batches: Vec<ReadingBatch> = chunk
@@ -204,30 +280,21 @@ pub async fn submit_days(
                 }
             })
             .collect();
-        let r = client
-            .submit_readings(SubmitReadingsRequest {
-                idempotency_key: format!("{key_prefix}-{n}"),
-                batches,
-            })
-            .await
-            .context("submitting readings")?
-            .into_inner();
-        stored += r.stored;
-        duplicates += r.duplicates;
+        counts += submit_chunk(&mut client, &format!("{key_prefix}-{n}"), batches).await?;
         progress((n * 100 + chunk.len()).min(days.len()), days.len());
     }
     eprintln!();
-    Ok((stored, duplicates))
+    Ok(counts)
 }
 
 /// Derives each meter-day's registers from its readings, encrypts them with a zero-knowledge
 /// proof bound to the meter-day (about 1.6 s of a core each, all cores used) and submits them on
-/// the tfhe track in requests of at most 50, with a progress bar. Returns (stored, already there).
+/// the tfhe track in requests of at most 50, with a progress bar.
 pub async fn submit_registers(
     ch: Channel,
     days: &[MeterDay],
     key_prefix: &str,
-) -> anyhow::Result<(u32, u32)> {
+) -> anyhow::Result<Counts> {
     let manifest = fetch_manifest(ch.clone()).await?;
     let limit = psm_core::ceremony::MAX_PUBLIC_ITEM_BYTES;
     let cpk: tfhe::CompactPublicKey = tfhe::safe_serialization::safe_deserialize(
@@ -241,7 +308,7 @@ pub async fn submit_registers(
     )
     .map_err(|e| anyhow::anyhow!("decoding the CRS: {e}"))?;
     let mut client = IngestClient::new(ch);
-    let (mut stored, mut duplicates) = (0, 0);
+    let mut counts = Counts::default();
     eprintln!("  registers (peak demand, daily total) with zero-knowledge proofs:");
     progress(0, days.len());
     for (n, chunk) in days.chunks(50).enumerate() {
@@ -277,20 +344,11 @@ pub async fn submit_registers(
                 })
                 .collect::<Result<Vec<_>, psm_core::registers::RegisterError>>()
         })?;
-        let r = client
-            .submit_readings(SubmitReadingsRequest {
-                idempotency_key: format!("{key_prefix}-{n}"),
-                batches,
-            })
-            .await
-            .context("submitting registers")?
-            .into_inner();
-        stored += r.stored;
-        duplicates += r.duplicates;
+        counts += submit_chunk(&mut client, &format!("{key_prefix}-{n}"), batches).await?;
         progress((n * 50 + chunk.len()).min(days.len()), days.len());
     }
     eprintln!();
-    Ok((stored, duplicates))
+    Ok(counts)
 }
 
 fn bincode_deserialize<T: serde::de::DeserializeOwned>(b: &[u8]) -> anyhow::Result<T> {
@@ -340,9 +398,9 @@ pub fn run(cmd: MeterCommand) -> anyhow::Result<()> {
             }
             let ch = a.client.channel("headend/headend-1")?;
             let key = format!("import-{}", blake3::hash(text.as_bytes()).to_hex());
-            let (stored, dups) = rt.block_on(submit_days(ch, &days, &key[..40]))?;
+            let counts = rt.block_on(submit_days(ch, &days, &key[..40]))?;
             println!(
-                "{} meters, {} complete meter-days: {stored} stored, {dups} already there; {} incomplete days skipped",
+                "{} meters, {} complete meter-days: {counts}; {} incomplete days skipped",
                 series.len(),
                 days.len(),
                 partial.len()
@@ -351,13 +409,7 @@ pub fn run(cmd: MeterCommand) -> anyhow::Result<()> {
         MeterCommand::Simulate(a) => {
             let ch = a.client.channel("headend/headend-1")?;
             let s = rt.block_on(simulate_and_submit(ch, &a))?;
-            println!(
-                "{} meters × {} days: {} meter-days stored, {} already there",
-                s.meters.len(),
-                a.days,
-                s.stored,
-                s.duplicates
-            );
+            println!("{} meters × {} days: {}", s.meters.len(), a.days, s.counts);
         }
     }
     Ok(())

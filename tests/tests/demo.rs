@@ -20,14 +20,15 @@ fn demo_check_starts_and_stops_everything() {
                 .all(|o| std::net::TcpListener::bind(("127.0.0.1", b + o)).is_ok())
         })
         .expect("a free block of ports");
-    let run = || {
+    let run_with = |households: &str| {
         Command::new(psm_e2e::bin("psm"))
-            .args(["demo", "--check", "--households", "8", "--days", "2"])
+            .args(["demo", "--check", "--households", households, "--days", "2"])
             .args(["--base-port", &base.to_string(), "--data-dir"])
             .arg(&data)
             .output()
             .unwrap()
     };
+    let run = || run_with("8");
     let out = run();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
@@ -78,4 +79,26 @@ fn demo_check_starts_and_stops_everything() {
     // Identical bills and releases again are retries, not new releases: all allowed.
     assert!(stdout.contains("(8 bills in"), "{stdout}");
     assert_eq!(stdout.matches("demand charge, peak").count(), 2, "{stdout}");
+
+    // Another town in the same data directory: the days already stored are kept (encryption is
+    // randomized, so they cannot be resubmitted), the new household's are stored, and the
+    // keyshares refuse a feeder that differs from the released one by one meter.
+    let out = run_with("9");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains(
+            "2 meter-days stored, 0 were already there, 24 kept as stored by an earlier run"
+        ),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("Feeder load: refused by the keyshares (differencing:"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("(9 bills in"), "{stdout}");
 }
