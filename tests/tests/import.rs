@@ -43,7 +43,7 @@ async fn green_button_import_then_bill() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(
-        stdout.contains("1 meters, 13 complete meter-days: 13 stored"),
+        stdout.contains("1 meters, 13 complete meter-days: 13 meter-days stored"),
         "{stdout}"
     );
 
@@ -83,7 +83,7 @@ async fn green_button_import_then_bill() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(
-        stdout.contains("1 meters, 1 complete meter-days: 1 stored"),
+        stdout.contains("1 meters, 1 complete meter-days: 1 meter-days stored"),
         "{stdout}"
     );
 
