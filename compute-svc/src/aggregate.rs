@@ -11,13 +11,13 @@ use psm_core::linear::LINEAR_ENCODING;
 use psm_core::program::aggregate_output;
 use psm_core::readings::{parse_day, DAY_SECONDS};
 use psm_proto::v1::{
-    AggregateProgram, AggregateRequest, AggregateResponse, ComputationKind, ComputationManifest,
-    InputRef, PartyFault, QuorumReport, TimeRange,
+    AggregateProgram, AggregateRequest, AggregateResponse, ComputationKind, InputRef, PartyFault,
+    QuorumReport, TimeRange,
 };
 use tonic::transport::Channel;
 use tonic::Status;
 
-use crate::decrypt::ThresholdDecryptor;
+use crate::decrypt::{manifest, ThresholdDecryptor};
 use crate::inputs::{
     check_cohort, check_idempotency_key, checked_words, next, stream_linear, whole_days,
 };
@@ -215,17 +215,7 @@ impl Aggregator<'_> {
                 granularity_seconds: s.interval * s.k as u32,
             }
             .encode_to_vec();
-            let manifest = ComputationManifest {
-                kind: ComputationKind::Aggregate as i32,
-                program_hash: blake3::hash(&program).as_bytes().to_vec(),
-                program,
-                inputs: s.inputs,
-                range: Some(TimeRange {
-                    start_unix: s.day * DAY_SECONDS,
-                    end_unix: (s.day + 1) * DAY_SECONDS,
-                }),
-                ..Default::default()
-            };
+            let manifest = manifest(ComputationKind::Aggregate, program, s.inputs, s.day, 1, "");
             let out = self
                 .decryptor
                 .decrypt(

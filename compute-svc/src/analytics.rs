@@ -3,15 +3,12 @@
 //! per band; only the counts are squashed and decrypted.
 
 use prost::Message;
-use psm_core::readings::DAY_SECONDS;
 use psm_core::tfhe_program::histogram;
-use psm_proto::v1::{
-    AnalyticsRequest, AnalyticsResponse, ComputationKind, ComputationManifest, TimeRange,
-};
+use psm_proto::v1::{AnalyticsRequest, AnalyticsResponse, ComputationKind};
 use tonic::transport::Channel;
 use tonic::Status;
 
-use crate::decrypt::ThresholdDecryptor;
+use crate::decrypt::{manifest, ThresholdDecryptor};
 use crate::inputs::{check_cohort, check_idempotency_key, whole_days};
 use crate::jobs::JobHandle;
 use crate::tfhe::{expand_all, TfheEngine};
@@ -90,17 +87,14 @@ impl Analyst<'_> {
         drop(turn); // decryption (and keyshares' re-execution) need not hold the evaluator
         self.job.step("decrypting the counts", 95);
         let program = program(&req);
-        let manifest = ComputationManifest {
-            kind: ComputationKind::Analytics as i32,
-            program_hash: blake3::hash(&program).as_bytes().to_vec(),
+        let manifest = manifest(
+            ComputationKind::Analytics,
             program,
             inputs,
-            range: Some(TimeRange {
-                start_unix: first_day * DAY_SECONDS,
-                end_unix: (first_day + days) * DAY_SECONDS,
-            }),
-            ..Default::default()
-        };
+            first_day,
+            days,
+            "",
+        );
         let (values, out) = self
             .tfhe
             .decrypt(self.decryptor, parts, manifest, &req.idempotency_key)

@@ -9,14 +9,13 @@ use psm_core::readings::{parse_day, validate_meter_id, DAY_SECONDS};
 use psm_core::tariff::{demand_line, price, tier_line, Tariff, Tier};
 use psm_core::tfhe_program::bill_registers;
 use psm_proto::v1::{
-    BillLine, BillRequest, BillResponse, ComputationKind, ComputationManifest, InputRef,
-    QuorumReport, TimeRange,
+    BillLine, BillRequest, BillResponse, ComputationKind, InputRef, QuorumReport, TimeRange,
 };
 use tonic::transport::Channel;
 use tonic::Status;
 
 use crate::aggregate::merge_report;
-use crate::decrypt::ThresholdDecryptor;
+use crate::decrypt::{manifest, ThresholdDecryptor};
 use crate::inputs::{check_idempotency_key, checked_words, next, stream_linear, whole_days};
 use crate::jobs::JobHandle;
 use crate::tfhe::{expand_all, TfheEngine};
@@ -105,15 +104,14 @@ impl Biller<'_> {
         // One decryption of every band total (several pieces per band when a band holds more
         // intervals than one decryption may).
         let (sums, batch, noise) = eval.finish();
-        let manifest = ComputationManifest {
-            kind: ComputationKind::Bill as i32,
-            program_hash: blake3::hash(&program).as_bytes().to_vec(),
-            program: program.clone(),
+        let manifest = manifest(
+            ComputationKind::Bill,
+            program.clone(),
             inputs,
-            range: Some(period),
-            reissue_reason: req.reissue_reason.clone(),
-            ..Default::default()
-        };
+            first_day,
+            days,
+            &req.reissue_reason,
+        );
         self.job.step("decrypting band totals", 20);
         let out = self
             .decryptor
@@ -199,18 +197,14 @@ impl Biller<'_> {
         })?;
         drop(turn); // decryption (and keyshares' re-execution) need not hold the evaluator
         self.job.step("decrypting the register results", 95);
-        let manifest = ComputationManifest {
-            kind: ComputationKind::Bill as i32,
-            program_hash: blake3::hash(&program).as_bytes().to_vec(),
+        let manifest = manifest(
+            ComputationKind::Bill,
             program,
             inputs,
-            range: Some(TimeRange {
-                start_unix: first_day * DAY_SECONDS,
-                end_unix: (first_day + days) * DAY_SECONDS,
-            }),
-            reissue_reason: req.reissue_reason.clone(),
-            ..Default::default()
-        };
+            first_day,
+            days,
+            &req.reissue_reason,
+        );
         let (values, out) = self
             .tfhe
             .decrypt(

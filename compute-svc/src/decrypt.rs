@@ -51,6 +51,32 @@ impl DecryptError {
     }
 }
 
+/// The manifest of a release over whole UTC days `first_day..first_day + days`: the program
+/// with its BLAKE3 hash (which keyshares allow and audit), the inputs in evaluation order. The
+/// output hash is filled in by [`ThresholdDecryptor::decrypt`].
+pub fn manifest(
+    kind: psm_proto::v1::ComputationKind,
+    program: Vec<u8>,
+    inputs: Vec<psm_proto::v1::InputRef>,
+    first_day: i64,
+    days: i64,
+    reissue_reason: &str,
+) -> ComputationManifest {
+    use psm_core::readings::DAY_SECONDS;
+    ComputationManifest {
+        kind: kind as i32,
+        program_hash: blake3::hash(&program).as_bytes().to_vec(),
+        program,
+        inputs,
+        output_hash: Vec::new(),
+        range: Some(psm_proto::v1::TimeRange {
+            start_unix: first_day * DAY_SECONDS,
+            end_unix: (first_day + days) * DAY_SECONDS,
+        }),
+        reissue_reason: reissue_reason.to_owned(),
+    }
+}
+
 /// Clear values and who produced them.
 #[derive(Debug, Clone)]
 pub struct Decrypted {
