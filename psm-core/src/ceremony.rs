@@ -1,6 +1,7 @@
-//! The trusted-dealer key ceremony (DESIGN.md, "Keys"): generate the tfhe-rs key set and the
-//! linear key pair, split both secrets into replicated shares, write one share file per party
-//! and the public bundle, and check the result by decrypting known ciphertexts through the files.
+//! The trusted-dealer key ceremony (DESIGN.md, "Keys"): generate the tfhe-rs key set, split the
+//! squash secret into replicated shares, write one share file per party and the public bundle,
+//! and check the result by decrypting a known ciphertext through the files. The linear track
+//! needs no ceremony: meters make their own keys and enroll them with the keyshares.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -24,9 +25,6 @@ use crate::keys::{
     blake3_hex, write_atomic, KeyFileError, KeyKind, KeyShare, Manifest, ManifestItem, ShareFile,
     SHARE_FILE_VERSION,
 };
-use crate::linear::{
-    self, LinearPublicKey, LINEAR_DELTA_LOG2, LINEAR_ENCODING, LINEAR_FRESH_NOISE_LOG2,
-};
 use crate::lwe::SQUASHED_BLOCK;
 use crate::squashed;
 use crate::threshold::{combine, partial_decrypt, split, PartyResponse, Scheme, ThresholdError};
@@ -43,7 +41,6 @@ pub const MAX_PUBLIC_ITEM_BYTES: u64 = 2 << 30;
 pub const SERVER_KEY: &str = "server_key";
 pub const TFHE_PUBLIC_KEY: &str = "tfhe_public_key";
 pub const CRS: &str = "crs";
-pub const LINEAR_PUBLIC_KEY: &str = "linear_public_key";
 
 /// Why the ceremony failed.
 #[derive(Debug, thiserror::Error)]
@@ -74,21 +71,18 @@ pub fn tfhe_config() -> Config {
         .build()
 }
 
-/// The dealer's material: both secrets in the clear plus the serialized public items. It exists
+/// The dealer's material: the squash secret in the clear plus the serialized public items. It exists
 /// only inside the ceremony (and in the tests' cached key set); secrets are zeroized on drop.
 pub struct KeyMaterial {
     pub tfhe_secret: Vec<u128>,
-    pub linear_secret: Vec<u128>,
     pub server_key: Vec<u8>,
     pub tfhe_public_key: Vec<u8>,
     pub crs: Vec<u8>,
-    pub linear_public_key: Vec<u8>,
 }
 
 impl Drop for KeyMaterial {
     fn drop(&mut self) {
         self.tfhe_secret.zeroize();
-        self.linear_secret.zeroize();
     }
 }
 
@@ -118,17 +112,11 @@ pub fn generate(progress: &mut dyn FnMut(&str)) -> Result<KeyMaterial, CeremonyE
     let ns = ns.ok_or_else(|| CeremonyError::Tfhe("config has no noise-squashing key".into()))?;
     let (glwe, _params) = ns.into_raw_parts().into_raw_parts();
     let tfhe_secret = glwe.into_lwe_secret_key().into_container();
-    progress("generating the linear-track key pair");
-    let (lsk, lpk) = linear::generate_keypair();
-    let linear_public_key =
-        bincode::serialize(&lpk).map_err(|e| CeremonyError::Serialize(e.to_string()))?;
     Ok(KeyMaterial {
         tfhe_secret,
-        linear_secret: lsk.into_container(),
         server_key: tfhe_ser(&csk)?,
         tfhe_public_key: tfhe_ser(&cpk)?,
         crs: tfhe_ser(&crs)?,
-        linear_public_key,
     })
 }
 
@@ -145,7 +133,7 @@ pub fn default_party_names(n: usize) -> Vec<String> {
     (1..=n).map(|i| format!("keyshare-{i}")).collect()
 }
 
-/// Splits both secrets for `scheme` and writes `out/public/` (bundle + manifest.toml) and
+/// Splits the squash secret for `scheme` and writes `out/public/` (bundle + manifest.toml) and
 /// `out/shares/<party>.share` (mode 0600).
 pub fn write_bundle(
     material: &KeyMaterial,
@@ -178,11 +166,6 @@ pub fn write_bundle(
             &material.tfhe_public_key,
         ),
         (CRS, "crs.bin", &material.crs),
-        (
-            LINEAR_PUBLIC_KEY,
-            "linear_public_key.bin",
-            &material.linear_public_key,
-        ),
     ];
     let mut items = Vec::new();
     for (name, file, data) in items_src {
@@ -198,16 +181,12 @@ pub fn write_bundle(
     tfhe_id.update(&material.server_key);
     tfhe_id.update(&material.tfhe_public_key);
     let tfhe_key_id = format!("tfhe-{}", &tfhe_id.finalize().to_hex()[..16]);
-    let linear_key_id = format!("linear-{}", &blake3_hex(&material.linear_public_key)[..16]);
     let manifest = Manifest {
-        version: 1,
+        version: 2,
         tfhe_key_id: tfhe_key_id.clone(),
-        linear_key_id: linear_key_id.clone(),
         parties: scheme.parties(),
         threshold: scheme.threshold(),
         party_names: party_names.to_vec(),
-        linear_delta_log2: LINEAR_DELTA_LOG2,
-        linear_fresh_noise_log2: LINEAR_FRESH_NOISE_LOG2,
         items,
     };
     let manifest_text =
@@ -221,7 +200,6 @@ pub fn write_bundle(
 
     let mut rng = rand::rngs::OsRng;
     let tfhe_parts = split(&material.tfhe_secret, scheme, &mut rng);
-    let linear_parts = split(&material.linear_secret, scheme, &mut rng);
     let mut share_files = Vec::new();
     for (p, name) in party_names.iter().enumerate() {
         let mut flood_key = [0u8; 32];
@@ -233,22 +211,13 @@ pub fn write_bundle(
             parties: scheme.parties(),
             threshold: scheme.threshold(),
             flood_key,
-            keys: vec![
-                KeyShare {
-                    key_id: tfhe_key_id.clone(),
-                    kind: KeyKind::Tfhe,
-                    lwe_dimension: material.tfhe_secret.len(),
-                    min_noise_log2: SQUASHED_NOISE_LOG2,
-                    shares: tfhe_parts[p].shares.clone(),
-                },
-                KeyShare {
-                    key_id: linear_key_id.clone(),
-                    kind: KeyKind::Linear,
-                    lwe_dimension: material.linear_secret.len(),
-                    min_noise_log2: LINEAR_FRESH_NOISE_LOG2,
-                    shares: linear_parts[p].shares.clone(),
-                },
-            ],
+            keys: vec![KeyShare {
+                key_id: tfhe_key_id.clone(),
+                kind: KeyKind::Tfhe,
+                lwe_dimension: material.tfhe_secret.len(),
+                min_noise_log2: SQUASHED_NOISE_LOG2,
+                shares: tfhe_parts[p].shares.clone(),
+            }],
             manifest_hash: manifest_hash.clone(),
         };
         let path = out.join("shares").join(format!("{name}.share"));
@@ -340,11 +309,6 @@ impl PublicBundle {
             self.crs()?,
         ))
     }
-
-    pub fn linear_public_key(&self) -> Result<LinearPublicKey, CeremonyError> {
-        let data = self.item(LINEAR_PUBLIC_KEY)?;
-        bincode::deserialize(&data).map_err(|e| CeremonyError::Serialize(e.to_string()))
-    }
 }
 
 /// Decrypts in-process through the given parties' share files (each floods at its key's floor)
@@ -391,8 +355,8 @@ pub fn decrypt_via_files(
     Ok(out.values)
 }
 
-/// Decrypts a known squashed FheUint8 and a known linear list through the written share files
-/// and fails unless both come out right. Needs the server key (decompressed here, ~15 s).
+/// Decrypts a known squashed FheUint8 through the written share files and fails unless it
+/// comes out right. Needs the server key (decompressed here, ~15 s).
 pub fn self_check(
     output: &CeremonyOutput,
     progress: &mut dyn FnMut(&str),
@@ -411,23 +375,6 @@ pub fn self_check(
                 s.party
             )));
         }
-    }
-
-    progress("self-check: linear track");
-    let lpk = bundle.linear_public_key()?;
-    let values = [12_345i64, -678, 0, 42];
-    let batch = linear::encrypt(&lpk, &values);
-    let got = decrypt_via_files(
-        &shares,
-        &bundle.manifest.linear_key_id,
-        &batch,
-        LINEAR_ENCODING,
-    )?;
-    let want: Vec<i128> = values.iter().map(|v| i128::from(*v)).collect();
-    if got != want {
-        return Err(CeremonyError::SelfCheck(format!(
-            "linear: decrypted {got:?}, expected {want:?}"
-        )));
     }
 
     progress("self-check: tfhe track (decompressing the server key, encrypting, squashing)");

@@ -6,7 +6,8 @@ use std::collections::{BTreeMap, HashMap};
 use quick_xml::events::Event;
 use quick_xml::Reader;
 
-use crate::readings::{is_label, DAY_SECONDS, INTERVALS};
+use crate::linear::INTERVALS;
+use crate::readings::{is_label, DAY_SECONDS};
 
 /// Why an import failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

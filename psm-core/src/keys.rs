@@ -15,7 +15,7 @@ use crate::lwe::Encoding;
 use crate::threshold::{FloodKey, PartyShares, Scheme, ThresholdError};
 
 /// Version of the share-file format.
-pub const SHARE_FILE_VERSION: u32 = 1;
+pub const SHARE_FILE_VERSION: u32 = 2;
 /// A share file larger than this is not a share file (7 parties, 2 keys, 20 shares of 64 KiB).
 pub const MAX_SHARE_FILE_BYTES: u64 = 16 << 20;
 
@@ -23,9 +23,8 @@ pub const MAX_SHARE_FILE_BYTES: u64 = 16 << 20;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum KeyKind {
     /// The tfhe-rs noise-squashing secret: decrypts squashed blocks (Δ = 2^123, 4 bits).
+    /// (The linear track has no dealt key: meters enroll their own.)
     Tfhe,
-    /// The linear-track u128 LWE secret.
-    Linear,
 }
 
 /// Errors reading or writing key files.
@@ -57,7 +56,7 @@ pub struct KeyShare {
     #[zeroize(skip)]
     pub lwe_dimension: usize,
     /// Smallest noise bound (log2) the keyshare accepts for this key, whatever a request says:
-    /// 70 for squashed blocks, the fresh-encryption bound for linear ciphertexts.
+    /// 70 for squashed blocks.
     #[zeroize(skip)]
     pub min_noise_log2: u32,
     /// (canonical share index, r_U words).
@@ -230,10 +229,6 @@ pub fn enforced_encoding(
             }
             Ok((requested, key.min_noise_log2))
         }
-        KeyKind::Linear => {
-            requested.validate()?;
-            Ok((requested, key.min_noise_log2))
-        }
     }
 }
 
@@ -252,14 +247,9 @@ pub struct ManifestItem {
 pub struct Manifest {
     pub version: u32,
     pub tfhe_key_id: String,
-    pub linear_key_id: String,
     pub parties: usize,
     pub threshold: usize,
     pub party_names: Vec<String>,
-    /// Δ of linear-track plaintexts, log2.
-    pub linear_delta_log2: u32,
-    /// Bound (log2) on the noise of one fresh linear-track ciphertext.
-    pub linear_fresh_noise_log2: u32,
     pub items: Vec<ManifestItem>,
 }
 

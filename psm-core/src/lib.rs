@@ -1,14 +1,12 @@
 //! Domain and cryptography of Private Smart Metering, without networking: replicated secret
 //! sharing of LWE keys, partial decryption with deterministic noise flooding, and combining.
 
-pub mod aggregate;
 pub mod audit;
 pub mod ceremony;
 pub mod import;
 pub mod keys;
 pub mod linear;
 pub mod lwe;
-pub mod program;
 pub mod readings;
 pub mod registers;
 pub mod simulate;

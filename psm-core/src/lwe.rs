@@ -1,15 +1,9 @@
 //! LWE ciphertexts over Z_2^128 as the threshold protocol sees them: a mask and a body per
 //! ciphertext, decoded with an explicit encoding.
 
-use tfhe::core_crypto::prelude::polynomial_algorithms::polynomial_wrapping_monic_monomial_mul;
-use tfhe::core_crypto::prelude::{
-    CiphertextModulus, LweCiphertextCount, LweCompactCiphertextList, LweDimension, MonomialDegree,
-    Polynomial, PolynomialSize,
-};
-
 use crate::threshold::ThresholdError;
 
-/// Largest LWE dimension accepted from outside (the squashing and linear keys use 4096).
+/// Largest LWE dimension accepted from outside (the squashing key uses 4096).
 pub const MAX_LWE_DIMENSION: usize = 1 << 14;
 /// Largest number of ciphertexts in one batch.
 pub const MAX_BATCH: usize = 1 << 20;
@@ -19,12 +13,6 @@ pub const MAX_BATCH: usize = 1 << 20;
 pub enum LweBatch {
     /// Independent ciphertexts: `dimension + 1` words each (mask then body).
     List { dimension: usize, words: Vec<u128> },
-    /// A tfhe-rs `LweCompactCiphertextList`: `dimension` mask words then one body per ciphertext.
-    Compact {
-        dimension: usize,
-        count: usize,
-        words: Vec<u128>,
-    },
 }
 
 /// How a decrypted value b − ⟨a, s⟩ = Δ·m + e is turned back into m.
@@ -100,43 +88,26 @@ impl LweBatch {
                     return bad(format!("more than {MAX_BATCH} ciphertexts in one batch"));
                 }
             }
-            LweBatch::Compact {
-                dimension,
-                count,
-                words,
-            } => {
-                if *dimension == 0 || *dimension > MAX_LWE_DIMENSION {
-                    return bad(format!(
-                        "LWE dimension {dimension} outside 1..={MAX_LWE_DIMENSION}"
-                    ));
-                }
-                if *count == 0 || *count > *dimension {
-                    return bad(format!(
-                        "compact list of {count} ciphertexts; must be 1..={dimension}"
-                    ));
-                }
-                if words.len() != dimension + count {
-                    return bad(format!(
-                        "compact list has {} words, expected dimension + count = {}",
-                        words.len(),
-                        dimension + count
-                    ));
-                }
-            }
         }
         Ok(())
     }
 
     pub fn dimension(&self) -> usize {
         match self {
-            LweBatch::List { dimension, .. } | LweBatch::Compact { dimension, .. } => *dimension,
+            LweBatch::List { dimension, .. } => *dimension,
         }
     }
 
     pub fn len(&self) -> usize {
         match self {
             LweBatch::List { dimension, words } => words.len() / (dimension + 1),
-            LweBatch::Compact { count, .. } => *count,
+        }
+    }
+
+    /// Every word: (mask, body) per ciphertext.
+    pub fn words(&self) -> &[u128] {
+        match self {
+            LweBatch::List { words, .. } => words,
         }
     }
 
@@ -144,22 +115,17 @@ impl LweBatch {
         self.len() == 0
     }
 
-    /// The bodies b_i, in order (a compact list stores them as they are).
+    /// The bodies b_i, in order.
     pub fn bodies(&self) -> Vec<u128> {
         match self {
             LweBatch::List { dimension, words } => words
                 .chunks_exact(dimension + 1)
                 .map(|ct| ct[*dimension])
                 .collect(),
-            LweBatch::Compact {
-                dimension, words, ..
-            } => words[*dimension..].to_vec(),
         }
     }
 
-    /// Applies `f(mask_i)` to every ciphertext's mask in parallel, in order. A compact list's
-    /// masks are derived one at a time (mask_i = a · X^i in Z[X]/(X^N + 1), as tfhe-rs expands
-    /// them) instead of materializing the whole expanded list.
+    /// Applies `f(mask_i)` to every ciphertext's mask in parallel, in order.
     pub fn par_map_masks<T: Send>(&self, f: impl Fn(&[u128]) -> T + Sync + Send) -> Vec<T> {
         use rayon::prelude::*;
         match self {
@@ -167,44 +133,6 @@ impl LweBatch {
                 .par_chunks_exact(dimension + 1)
                 .map(|ct| f(&ct[..*dimension]))
                 .collect(),
-            LweBatch::Compact {
-                dimension,
-                count,
-                words,
-            } => {
-                let mask = Polynomial::from_container(&words[..*dimension]);
-                (0..*count)
-                    .into_par_iter()
-                    .map_init(
-                        || Polynomial::new(0u128, PolynomialSize(*dimension)),
-                        |buf, i| {
-                            polynomial_wrapping_monic_monomial_mul(buf, &mask, MonomialDegree(i));
-                            f(buf.as_ref())
-                        },
-                    )
-                    .collect()
-            }
-        }
-    }
-
-    /// Independent (mask, body) ciphertexts; a compact list is expanded with tfhe-rs's own
-    /// expansion so the layout is exactly the one the encryptor used.
-    pub fn expand(&self) -> Vec<u128> {
-        match self {
-            LweBatch::List { words, .. } => words.clone(),
-            LweBatch::Compact {
-                dimension,
-                count,
-                words,
-            } => {
-                let list = LweCompactCiphertextList::from_container(
-                    words.clone(),
-                    LweDimension(*dimension).to_lwe_size(),
-                    LweCiphertextCount(*count),
-                    CiphertextModulus::new_native(),
-                );
-                list.expand_into_lwe_ciphertext_list().into_container()
-            }
         }
     }
 
@@ -215,7 +143,6 @@ impl LweBatch {
         h.update(b"psm/v1/lwe-batch");
         let (kind, words) = match self {
             LweBatch::List { words, .. } => (0u8, words),
-            LweBatch::Compact { words, .. } => (1u8, words),
         };
         h.update(&[kind]);
         h.update(&(self.dimension() as u64).to_le_bytes());
@@ -270,25 +197,6 @@ mod tests {
     }
 
     #[test]
-    fn lazy_masks_and_bodies_match_tfhe_expansion() {
-        let dim = 16;
-        let words: Vec<u128> = (0..dim as u128 + 5)
-            .map(|i| i.wrapping_mul(0x9E37_79B9_7F4A_7C15_F39C_C060_5CED_C835))
-            .collect();
-        let b = LweBatch::Compact {
-            dimension: dim,
-            count: 5,
-            words,
-        };
-        let expanded = b.expand();
-        let masks = b.par_map_masks(|m| m.to_vec());
-        for (i, ct) in expanded.chunks_exact(dim + 1).enumerate() {
-            assert_eq!(&ct[..dim], masks[i].as_slice());
-            assert_eq!(ct[dim], b.bodies()[i]);
-        }
-    }
-
-    #[test]
     fn validate_rejects_bad_shapes() {
         assert!(LweBatch::List {
             dimension: 4,
@@ -302,20 +210,6 @@ mod tests {
         }
         .validate()
         .is_ok());
-        assert!(LweBatch::Compact {
-            dimension: 4,
-            count: 5,
-            words: vec![0; 9]
-        }
-        .validate()
-        .is_err());
-        assert!(LweBatch::Compact {
-            dimension: 4,
-            count: 2,
-            words: vec![0; 5]
-        }
-        .validate()
-        .is_err());
         assert!(Encoding {
             delta_log2: 125,
             message_bits: 4,

@@ -1,10 +1,6 @@
 //! Meter-day reading batches: identity, shape rules and the checks ingest applies before
 //! anything is stored.
 
-use crate::linear::LINEAR_DIMENSION;
-
-/// Interval lengths a meter may use, seconds.
-pub const INTERVALS: [u32; 3] = [900, 1800, 3600];
 /// Seconds in a UTC day.
 pub const DAY_SECONDS: i64 = 86_400;
 
@@ -45,7 +41,8 @@ pub fn validate_meter_id(id: &str) -> Result<(), ReadingError> {
     }
 }
 
-/// Days since 1970-01-01 of an ISO 8601 date "YYYY-MM-DD" (2000..=2199).
+/// Days since 1970-01-01 of an ISO 8601 date "YYYY-MM-DD" (2000..=2199), in its canonical form
+/// only (ten characters, digits and two dashes), so one day has exactly one spelling.
 pub fn parse_day(day: &str) -> Result<i64, ReadingError> {
     let bad = || {
         err(
@@ -54,7 +51,13 @@ pub fn parse_day(day: &str) -> Result<i64, ReadingError> {
         )
     };
     let b = day.as_bytes();
-    if b.len() != 10 || b[4] != b'-' || b[7] != b'-' {
+    if b.len() != 10
+        || b[4] != b'-'
+        || b[7] != b'-'
+        || b.iter()
+            .enumerate()
+            .any(|(i, c)| i != 4 && i != 7 && !c.is_ascii_digit())
+    {
         return Err(bad());
     }
     let num = |s: &str| s.parse::<i64>().map_err(|_| bad());
@@ -104,36 +107,6 @@ pub fn format_day(days: i64) -> String {
     format!("{y:04}-{m:02}-{d:02}")
 }
 
-/// Checks a linear-track meter-day: interval length, count (a whole UTC day) and ciphertext
-/// size (a compact list of `count` values under the linear key).
-pub fn check_linear_shape(
-    interval_seconds: u32,
-    count: u32,
-    ciphertext_len: usize,
-) -> Result<(), ReadingError> {
-    if !INTERVALS.contains(&interval_seconds) {
-        return Err(err(
-            "interval_seconds",
-            format!("{interval_seconds} is not one of {INTERVALS:?}"),
-        ));
-    }
-    let want = (DAY_SECONDS / i64::from(interval_seconds)) as u32;
-    if count != want {
-        return Err(err(
-            "count",
-            format!("{count} values; a UTC day of {interval_seconds} s intervals has {want}"),
-        ));
-    }
-    let bytes = (LINEAR_DIMENSION + count as usize) * 16;
-    if ciphertext_len != bytes {
-        return Err(err(
-            "ciphertext",
-            format!("{ciphertext_len} bytes; a compact list of {count} values under the linear key (dimension {LINEAR_DIMENSION}) is {bytes}"),
-        ));
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -152,16 +125,10 @@ mod tests {
             "2026-1-01",
             "26-11-2026",
             "2026-11-26T00",
+            "2026-01-+1",
+            "+026-01-01",
         ] {
             assert!(parse_day(bad).is_err(), "{bad}");
         }
-    }
-
-    #[test]
-    fn linear_shapes() {
-        assert!(check_linear_shape(900, 96, (4096 + 96) * 16).is_ok());
-        assert!(check_linear_shape(900, 95, (4096 + 95) * 16).is_err());
-        assert!(check_linear_shape(600, 144, (4096 + 144) * 16).is_err());
-        assert!(check_linear_shape(3600, 24, (4096 + 24) * 16 - 16).is_err());
     }
 }

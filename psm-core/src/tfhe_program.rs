@@ -165,7 +165,7 @@ pub fn concat(parts: &[Squashed]) -> (LweBatch, Vec<(usize, u32)>) {
     let mut dimension = 0;
     for (b, bits) in parts {
         dimension = b.dimension();
-        words.extend(b.expand());
+        words.extend_from_slice(b.words());
         widths.push((b.len(), *bits));
     }
     (LweBatch::List { dimension, words }, widths)

@@ -1,9 +1,7 @@
 //! Conversions between the psm.v1 messages and the domain types, with the size and shape
 //! checks untrusted input needs.
 
-use psm_proto::v1::{
-    lwe_ciphertext_batch, LweCiphertextBatch, LweCompactList, LweEncoding, LweList,
-};
+use psm_proto::v1::{lwe_ciphertext_batch, LweCiphertextBatch, LweEncoding, LweList};
 
 use crate::lwe::{words_from_le_bytes, words_to_le_bytes, Encoding, LweBatch};
 use crate::threshold::ThresholdError;
@@ -24,11 +22,6 @@ pub fn batch_from_proto(b: &LweCiphertextBatch) -> Result<LweBatch, ThresholdErr
             }
             batch
         }
-        Some(lwe_ciphertext_batch::Payload::Compact(c)) => LweBatch::Compact {
-            dimension,
-            count: c.count as usize,
-            words: words_from_le_bytes(&c.words)?,
-        },
         None => {
             return Err(ThresholdError::BadCiphertext(
                 "batch has no ciphertexts".into(),
@@ -50,12 +43,6 @@ pub fn batch_to_proto(
             words: words_to_le_bytes(words),
             count: batch.len() as u32,
         }),
-        LweBatch::Compact { count, words, .. } => {
-            lwe_ciphertext_batch::Payload::Compact(LweCompactList {
-                words: words_to_le_bytes(words),
-                count: *count as u32,
-            })
-        }
     };
     LweCiphertextBatch {
         lwe_dimension: batch.dimension() as u32,
@@ -161,34 +148,143 @@ pub fn tariff_from_proto(
     )
 }
 
-/// The compact-list words of a stored linear-track batch, after checking its key id, shape and
-/// content hash again: neither compute nor a keyshare trusts the store blindly.
-pub fn linear_words(
+/// A linear-track reading batch, checked: what it covers and its bodies.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LinearBatch {
+    pub meter_id: String,
+    /// Day number (days since 1970-01-01).
+    pub day: i64,
+    pub epoch: u32,
+    pub channel: crate::linear::Channel,
+    pub interval_seconds: u32,
+    /// Absolute slot where the first interval starts.
+    pub first_slot: u64,
+    pub slots_per_interval: u64,
+    /// One body per interval.
+    pub bodies: Vec<u128>,
+}
+
+impl LinearBatch {
+    /// Slots [first_slot, end_slot) the batch covers.
+    pub fn end_slot(&self) -> u64 {
+        self.first_slot + self.slots_per_interval * self.bodies.len() as u64
+    }
+
+    /// (first slot, body) of every interval.
+    pub fn intervals(&self) -> impl Iterator<Item = (u64, u128)> + '_ {
+        self.bodies
+            .iter()
+            .enumerate()
+            .map(|(i, b)| (self.first_slot + i as u64 * self.slots_per_interval, *b))
+    }
+}
+
+/// Checks a linear-track batch from the wire or the store: canonical day, epoch, channel,
+/// interval length, the intervals inside the day, size and content hash. Neither ingest, compute
+/// nor a keyshare trusts a batch without it.
+pub fn linear_batch(
     b: &psm_proto::v1::ReadingBatch,
-    linear_key_id: &str,
-) -> Result<Vec<u128>, crate::readings::ReadingError> {
-    let bad = |field: &'static str, reason: String| crate::readings::ReadingError {
-        field,
-        reason: format!("{} {}: {reason}", b.meter_id, b.day),
-    };
-    let kid = b
-        .key
-        .as_ref()
-        .map(|k| k.key_id.as_str())
-        .unwrap_or_default();
-    if kid != linear_key_id {
+) -> Result<LinearBatch, crate::readings::ReadingError> {
+    use crate::linear::{Channel, INTERVALS, SLOTS_PER_DAY, SLOT_SECONDS};
+    use crate::readings::{parse_day, validate_meter_id, ReadingError};
+    let bad = |field: &'static str, reason: String| ReadingError { field, reason };
+    validate_meter_id(&b.meter_id)?;
+    if b.track != psm_proto::v1::Track::Linear as i32 {
+        return Err(bad("track", "not a linear-track batch".into()));
+    }
+    let day = parse_day(&b.day)?;
+    if b.key.as_ref().is_some_and(|k| !k.key_id.is_empty()) {
         return Err(bad(
             "key",
-            format!("under key {kid:?}, not {linear_key_id}"),
+            "linear-track batches carry no key id (each meter uses its enrolled key)".into(),
         ));
     }
-    crate::readings::check_linear_shape(b.interval_seconds, b.count, b.ciphertext.len())
-        .map_err(|e| bad(e.field, e.reason))?;
+    if b.epoch == 0 || b.epoch > crate::linear::envelope::MAX_EPOCH {
+        return Err(bad(
+            "epoch",
+            format!(
+                "{} is outside 1..={}",
+                b.epoch,
+                crate::linear::envelope::MAX_EPOCH
+            ),
+        ));
+    }
+    let channel = Channel::from_proto(b.channel)
+        .ok_or_else(|| bad("channel", "must be CHANNEL_IMPORT or CHANNEL_EXPORT".into()))?;
+    if !INTERVALS.contains(&b.interval_seconds) {
+        return Err(bad(
+            "interval_seconds",
+            format!("{} is not one of {INTERVALS:?}", b.interval_seconds),
+        ));
+    }
+    let slots_per_interval = u64::from(b.interval_seconds) / SLOT_SECONDS as u64;
+    let per_day = SLOTS_PER_DAY as u64 / slots_per_interval;
+    if b.count == 0 || u64::from(b.first_interval) + u64::from(b.count) > per_day {
+        return Err(bad(
+            "count",
+            format!(
+                "intervals {}..{} do not lie within the day's {per_day} intervals of {} s (count must be at least 1)",
+                b.first_interval,
+                u64::from(b.first_interval) + u64::from(b.count),
+                b.interval_seconds
+            ),
+        ));
+    }
+    if b.ciphertext.len() != b.count as usize * 16 {
+        return Err(bad(
+            "ciphertext",
+            format!(
+                "{} bytes; {} bodies are {} bytes",
+                b.ciphertext.len(),
+                b.count,
+                b.count as usize * 16
+            ),
+        ));
+    }
     if blake3::hash(&b.ciphertext).as_bytes().as_slice() != b.ciphertext_hash.as_slice() {
         return Err(bad(
             "ciphertext_hash",
-            "the stored bytes do not match their hash".into(),
+            "is not the BLAKE3 hash of the ciphertext (truncated or corrupted?)".into(),
         ));
     }
-    words_from_le_bytes(&b.ciphertext).map_err(|e| bad("ciphertext", e.to_string()))
+    let bodies =
+        words_from_le_bytes(&b.ciphertext).map_err(|e| bad("ciphertext", e.to_string()))?;
+    Ok(LinearBatch {
+        meter_id: b.meter_id.clone(),
+        day,
+        epoch: b.epoch,
+        channel,
+        interval_seconds: b.interval_seconds,
+        first_slot: day as u64 * SLOTS_PER_DAY as u64
+            + u64::from(b.first_interval) * slots_per_interval,
+        slots_per_interval,
+        bodies,
+    })
+}
+
+/// A linear-track batch for the wire, as a meter sends it.
+#[allow(clippy::too_many_arguments)]
+pub fn linear_batch_to_proto(
+    meter_id: &str,
+    day: i64,
+    epoch: u32,
+    channel: crate::linear::Channel,
+    interval_seconds: u32,
+    first_interval: u32,
+    bodies: &[u128],
+) -> psm_proto::v1::ReadingBatch {
+    let ciphertext = words_to_le_bytes(bodies);
+    psm_proto::v1::ReadingBatch {
+        meter_id: meter_id.to_owned(),
+        day: crate::readings::format_day(day),
+        track: psm_proto::v1::Track::Linear as i32,
+        key: None,
+        interval_seconds,
+        count: bodies.len() as u32,
+        ciphertext_hash: blake3::hash(&ciphertext).as_bytes().to_vec(),
+        ciphertext,
+        epoch,
+        channel: channel.to_proto() as i32,
+        first_interval,
+    }
 }

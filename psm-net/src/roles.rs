@@ -18,10 +18,12 @@ pub const ROLE_TABLE: &[(&str, &[Role])] = &[
         "/psm.v1.Ingest/SubmitReadings",
         &[Role::Meter, Role::Headend],
     ),
+    ("/psm.v1.Ingest/Enroll", &[Role::Meter, Role::Headend]),
     (
         "/psm.v1.Ingest/StreamReadings",
         &[Role::Compute, Role::Keyshare],
     ),
+    ("/psm.v1.Ingest/StreamEnrollments", &[Role::Keyshare]),
     (
         "/psm.v1.Ingest/GetPublicParams",
         &[
@@ -37,6 +39,7 @@ pub const ROLE_TABLE: &[(&str, &[Role])] = &[
     ("/psm.v1.Compute/Aggregate", &[Role::Operator]),
     ("/psm.v1.Compute/Analytics", &[Role::Operator]),
     ("/psm.v1.Compute/WatchJob", &[Role::Operator]),
+    ("/psm.v1.Keyshare/Release", &[Role::Compute]),
     ("/psm.v1.Keyshare/PartialDecrypt", &[Role::Compute]),
     ("/psm.v1.Keyshare/GetAuditLog", &[Role::Auditor]),
     (

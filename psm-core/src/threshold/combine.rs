@@ -47,7 +47,21 @@ pub fn combine(
     batch.validate()?;
     let flood_log2 = flood_log2_for(noise_bound_log2);
     check_invariants(scheme, encoding, noise_bound_log2, flood_log2)?;
-    let count = batch.len();
+    combine_bodies(scheme, &batch.bodies(), encoding, flood_log2, responses)
+}
+
+/// [`combine`] for values whose masks the parties derived themselves (the linear track): the
+/// i-th message is `bodies[i]` − Σ_U d_U,i, decoded. `flood_log2` bounds each party's flooding;
+/// the caller has checked that the result decodes correctly.
+pub fn combine_bodies(
+    scheme: Scheme,
+    bodies: &[u128],
+    encoding: Encoding,
+    flood_log2: u32,
+    responses: &[PartyResponse],
+) -> Result<Combined, ThresholdError> {
+    encoding.validate()?;
+    let count = bodies.len();
 
     // share index → (party → values)
     let mut by_share: BTreeMap<usize, BTreeMap<usize, &[u128]>> = BTreeMap::new();
@@ -150,8 +164,7 @@ pub fn combine(
         }
     }
 
-    let values = batch
-        .bodies()
+    let values = bodies
         .iter()
         .zip(&sum)
         .map(|(b, d)| encoding.decode(b.wrapping_sub(*d)))

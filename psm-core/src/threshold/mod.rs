@@ -14,7 +14,7 @@ pub mod invariants;
 pub mod partial;
 pub mod sharing;
 
-pub use combine::{combine, Combined, PartyResponse};
+pub use combine::{combine, combine_bodies, Combined, PartyResponse};
 pub use invariants::{check_invariants, flood_log2_for, STATISTICAL_SECURITY_BITS};
 pub use partial::{partial_decrypt, FloodKey, SharePartial};
 pub use sharing::{split, PartyShares, Scheme};
