@@ -95,27 +95,43 @@ impl AuditLog {
 
     /// Appends a decision durably; returns its sequence number.
     pub async fn append(&self, d: Decision<'_>) -> Result<u64, AuditError> {
+        self.append_many(std::slice::from_ref(&d)).await
+    }
+
+    /// Appends several decisions with one flush (enrollment syncs decide thousands at once);
+    /// returns the first sequence number.
+    pub async fn append_many(&self, ds: &[Decision<'_>]) -> Result<u64, AuditError> {
         let mut head = self.head.lock().await;
-        let entry = AuditEntry {
-            seq: head.next_seq,
-            unix_time: std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_secs() as i64),
-            caller: d.caller.to_owned(),
-            decision: if d.allow { "allow" } else { "refuse" }.to_owned(),
-            rule: d.rule.to_owned(),
-            reason: d.reason.to_owned(),
-            request_hash: d.request_hash.to_vec(),
-            prev_hash: head.prev_hash,
-        };
-        let hash = entry.hash();
-        let record = audit_to_proto(&entry, hash);
-        self.tree
-            .insert(entry.seq.to_be_bytes(), record.encode_to_vec())?;
+        let first = head.next_seq;
+        let mut batch = sled::Batch::default();
+        let (mut seq, mut prev) = (head.next_seq, head.prev_hash);
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64);
+        for d in ds {
+            let entry = AuditEntry {
+                seq,
+                unix_time: now,
+                caller: d.caller.to_owned(),
+                decision: if d.allow { "allow" } else { "refuse" }.to_owned(),
+                rule: d.rule.to_owned(),
+                reason: d.reason.to_owned(),
+                request_hash: d.request_hash.to_vec(),
+                prev_hash: prev,
+            };
+            let hash = entry.hash();
+            batch.insert(
+                &seq.to_be_bytes(),
+                audit_to_proto(&entry, hash).encode_to_vec(),
+            );
+            seq += 1;
+            prev = hash;
+        }
+        self.tree.apply_batch(batch)?;
         self.db.flush_async().await?;
-        head.next_seq += 1;
-        head.prev_hash = hash;
-        Ok(entry.seq)
+        head.next_seq = seq;
+        head.prev_hash = prev;
+        Ok(first)
     }
 
     /// Records from `from_seq`, at most `limit`.

@@ -3,8 +3,10 @@
 //! audit log. The binary is a thin wrapper over [`run`].
 
 pub mod audit;
+pub mod linear;
 pub mod policy;
 pub mod reexec;
+pub mod registry;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -21,7 +23,8 @@ use psm_net::SpiffeId;
 use psm_proto::v1::keyshare_server::{Keyshare, KeyshareServer};
 use psm_proto::v1::{
     AuditRecord, ComputationKind, GetAuditLogRequest, HeldKey, KeyshareStatus,
-    PartialDecryptRequest, PartialDecryptResponse, SharePartials, StatusRequest,
+    PartialDecryptRequest, PartialDecryptResponse, ReleaseRequest, ReleaseResponse, SharePartials,
+    StatusRequest,
 };
 use serde::Deserialize;
 use tokio::sync::Semaphore;
@@ -29,10 +32,14 @@ use tonic::service::Routes;
 use tonic::{Code, Request, Response, Status};
 
 use crate::audit::{AuditLog, Decision};
+use crate::linear::{LinearState, Party};
 use crate::policy::{
     check_manifest, kind_name, refuse, PolicyConfig, RateLimiter, Refusal, Releases,
 };
 use crate::reexec::Reexecutor;
+use crate::registry::Registry;
+use psm_core::linear::envelope::{EnrollmentSecret, PublishedKey};
+use psm_core::linear::release::release_from_proto;
 
 /// Default API address of a keyshare.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7411";
@@ -58,6 +65,16 @@ pub struct KeyshareSection {
     /// The public key bundle (`<ceremony out>/public`): the server key and CRS for re-executing
     /// tfhe-track programs (loaded on first use, ~1 GB). Needed unless reexecute_tfhe = "off".
     pub public_dir: Option<PathBuf>,
+    /// This regulator's registry of the meters it serves (TOML: `[[meters]]` with `id` and
+    /// `encryption = "meter" | "headend"`). Without one, every enrollment and linear release is
+    /// refused.
+    pub registry: Option<PathBuf>,
+    /// This keyshare's enrollment (HPKE) secret key; created on first start (mode 0600) with its
+    /// public key published next to it as `enrollment.pub`. Default `<data_dir>/enrollment.key`.
+    pub enrollment_key: Option<PathBuf>,
+    /// Seconds between enrollment syncs from ingest (default 10); a release naming a meter not
+    /// yet enrolled here also syncs first.
+    pub enrollment_sync_secs: Option<u64>,
     /// This regulator's rules.
     #[serde(default)]
     pub policy: PolicyConfig,
@@ -74,6 +91,8 @@ pub enum KeyshareError {
     Audit(#[from] audit::AuditError),
     #[error("release store: {0}")]
     Releases(#[from] sled::Error),
+    #[error("enrollment key: {0}")]
+    EnrollmentKey(String),
     #[error("{0}")]
     Mismatch(String),
 }
@@ -89,6 +108,9 @@ pub struct KeyshareService {
     limiter: RateLimiter,
     releases: Releases,
     reexec: Reexecutor,
+    /// The linear track (None without a public bundle: the party names come from its manifest).
+    linear: Option<Arc<LinearState>>,
+    enrollment_public_key: Vec<u8>,
 }
 
 fn invalid(e: ThresholdError) -> Refusal {
@@ -136,7 +158,7 @@ impl KeyshareService {
                 },
             )?),
             None => {
-                tracing::warn!("no [keyshare] ingest_url: linear-track computations cannot be re-executed and will be refused");
+                tracing::warn!("no [keyshare] ingest_url: no enrollments can be fetched and tfhe-track computations cannot be re-executed; such requests are refused");
                 None
             }
         };
@@ -150,12 +172,56 @@ impl KeyshareService {
         let scheme = share
             .scheme()
             .map_err(|e| KeyshareError::Mismatch(e.to_string()))?;
-        let linear_key_id = share
-            .keys
-            .iter()
-            .find(|k| k.kind == KeyKind::Linear)
-            .map(|k| k.key_id.clone())
-            .unwrap_or_default();
+        let key_path = section
+            .enrollment_key
+            .clone()
+            .unwrap_or_else(|| settings.data_dir.join("enrollment.key"));
+        let (enrollment_secret, enrollment_public_key) =
+            load_enrollment_key(&key_path, &share.party)?;
+        let registry =
+            Registry::load(section.registry.as_deref()).map_err(KeyshareError::Mismatch)?;
+        match &section.registry {
+            None => tracing::warn!(
+                "no [keyshare] registry: every enrollment and linear-track release is refused"
+            ),
+            Some(p) if registry.allows_all() => {
+                tracing::warn!(registry = %p.display(), "registry has development_allow_all = true: every meter id counts as registered and meter-encrypted (development only)")
+            }
+            Some(p) => {
+                tracing::info!(registry = %p.display(), meters = registry.len(), "registry loaded")
+            }
+        }
+        let linear = match &section.public_dir {
+            Some(dir) => {
+                let manifest = psm_core::ceremony::PublicBundle::open(dir)
+                    .map_err(|e| KeyshareError::Mismatch(e.to_string()))?
+                    .manifest;
+                if manifest.party_names.len() != share.parties
+                    || manifest.party_names.get(share.party_index - 1) != Some(&share.party)
+                {
+                    return Err(KeyshareError::Mismatch(format!(
+                        "the public bundle's parties {:?} do not match share file party {} (#{})",
+                        manifest.party_names, share.party, share.party_index
+                    )));
+                }
+                Some(Arc::new(LinearState::open(
+                    releases.db(),
+                    Party {
+                        scheme,
+                        index: share.party_index - 1,
+                        names: manifest.party_names,
+                        flood_key: share.flood_key(),
+                        enrollment_secret,
+                    },
+                    registry,
+                    ingest.clone(),
+                )?))
+            }
+            None => {
+                tracing::warn!("no [keyshare] public_dir: the party names are unknown, so enrollments and linear-track releases are refused");
+                None
+            }
+        };
         Ok(KeyshareService {
             me,
             share: Arc::new(share),
@@ -167,12 +233,147 @@ impl KeyshareService {
             releases,
             reexec: Reexecutor {
                 ingest,
-                linear_key_id,
-                max_summands: psm_core::aggregate::max_summands(scheme),
                 public_dir: section.public_dir.clone(),
                 tfhe_keys: tokio::sync::OnceCell::new(),
             },
+            linear,
+            enrollment_public_key,
         })
+    }
+
+    /// Fetches and decides new enrollments from ingest (also run periodically by [`run`]).
+    pub async fn sync_enrollments(&self) -> Result<linear::SyncReport, Refusal> {
+        self.linear()?.sync(&self.audit).await
+    }
+
+    fn linear(&self) -> Result<&Arc<LinearState>, Refusal> {
+        self.linear.as_ref().ok_or_else(|| {
+            refuse(
+                "linear-track",
+                Code::FailedPrecondition,
+                "this keyshare has no [keyshare] public_dir, so it serves no linear-track releases",
+            )
+        })
+    }
+
+    /// Decides one linear-track release; on success returns the contributions and the audit
+    /// reason.
+    async fn decide_release(
+        &self,
+        who: &str,
+        req: &ReleaseRequest,
+    ) -> Result<(ReleaseResponse, String), Refusal> {
+        self.limiter.admit(who)?;
+        if !valid_idempotency_key(&req.idempotency_key) {
+            return Err(refuse(
+                "well-formed",
+                Code::InvalidArgument,
+                "idempotency_key must be 1..=128 printable ASCII characters",
+            ));
+        }
+        let lin = self.linear()?;
+        let pb = req.release.as_ref().ok_or_else(|| {
+            refuse(
+                "release",
+                Code::InvalidArgument,
+                "the request has no release",
+            )
+        })?;
+        let release =
+            release_from_proto(pb).map_err(|e| refuse("release", Code::InvalidArgument, e))?;
+        let allowed =
+            |h: &[u8; 32]| self.policy.allow_any_program || self.allowed_programs.contains(h);
+        let k = self.policy.min_cohort;
+        let max_reissues = self.policy.max_reissues;
+        let admitted = lin.admit(release, k, allowed)?;
+        lin.precheck(&admitted, k, max_reissues).await?;
+        let _permit = self
+            .permits
+            .acquire()
+            .await
+            .map_err(|_| refuse("available", Code::Unavailable, "keyshare is shutting down"))?;
+        if !lin.missing_enrollments(&admitted)?.is_empty() {
+            lin.sync(&self.audit).await?;
+            let missing = lin.missing_enrollments(&admitted)?;
+            if !missing.is_empty() {
+                return Err(refuse(
+                    "enrollment",
+                    Code::FailedPrecondition,
+                    format!(
+                        "{} member(s) have no enrollment for epoch {} accepted by this keyshare (first: {}); they must enroll (Ingest.Enroll) before their readings are released",
+                        missing.len(),
+                        admitted.release.spec.epoch,
+                        missing[0]
+                    ),
+                ));
+            }
+        }
+        let admitted = Arc::new(admitted);
+        let (state, a) = (lin.clone(), admitted.clone());
+        let shares = tokio::task::spawn_blocking(move || state.contributions(&a))
+            .await
+            .map_err(|e| {
+                refuse(
+                    "internal",
+                    Code::Internal,
+                    format!("release task failed: {e}"),
+                )
+            })??;
+        // Record the release (re-checking the stateful rules atomically) before it leaves.
+        lin.record(&admitted, k, max_reissues).await?;
+        let spec = &admitted.release.spec;
+        let members: usize = admitted.release.cohorts.iter().map(Vec::len).sum();
+        let subject = match spec.kind {
+            ComputationKind::Bill => format!("meter {}", admitted.release.cohorts[0][0]),
+            _ => format!(
+                "{} cohort(s) of {}",
+                admitted.release.cohorts.len(),
+                admitted
+                    .release
+                    .cohorts
+                    .iter()
+                    .map(|c| c.len().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        };
+        let mut reason = format!(
+            "{} for {subject}, epoch {}, {}, slots {}..{}, program {}: {} output(s), {members} member(s)",
+            kind_name(spec.kind),
+            spec.epoch,
+            spec.channel.name(),
+            spec.start_slot,
+            spec.end_slot,
+            &hex::encode(spec.program_hash)[..16],
+            admitted.release.outputs.len()
+        );
+        if !admitted.headend_encrypted.is_empty() {
+            reason.push_str(&format!(
+                "; {} head-end-encrypted member(s), plaintext to the utility: {}",
+                admitted.headend_encrypted.len(),
+                admitted.headend_encrypted.join(", ")
+            ));
+        }
+        let reissue = admitted.release.reissue_reason.trim();
+        if !reissue.is_empty() {
+            reason.push_str(&format!("; re-issued: {reissue}"));
+        }
+        Ok((
+            ReleaseResponse {
+                party: self.share.party.clone(),
+                party_index: self.share.party_index as u32,
+                shares: shares
+                    .into_iter()
+                    .map(|(u, values)| SharePartials {
+                        share_index: u as u32,
+                        partials: psm_core::lwe::words_to_le_bytes(&values),
+                    })
+                    .collect(),
+                audit_seq: 0,
+                headend_encrypted: admitted.headend_encrypted.clone(),
+            },
+            reason,
+        ))
     }
 
     /// Decides one request; on success returns the partials and the audit reason.
@@ -266,13 +467,8 @@ impl KeyshareService {
             .map_err(|_| refuse("available", Code::Unavailable, "keyshare is shutting down"))?;
         // Re-execute: the output must be what the program gives on the stored inputs. Flood for
         // the larger of the stated and the recomputed noise, never below the key's floor.
-        let mut noise = stated_noise.max(floor);
+        let noise = stated_noise.max(floor);
         let recomputed = match key.kind {
-            KeyKind::Linear => {
-                let r = self.reexec.linear(manifest, &checked).await?;
-                noise = noise.max(r.noise_log2);
-                Some(r.batch)
-            }
             KeyKind::Tfhe if self.policy.reexecute_tfhe(request_hash) => {
                 Some(self.reexec.tfhe(manifest, &checked).await?)
             }
@@ -367,7 +563,6 @@ impl KeyshareService {
 fn pb_count(b: &psm_proto::v1::LweCiphertextBatch) -> u32 {
     match &b.payload {
         Some(psm_proto::v1::lwe_ciphertext_batch::Payload::List(l)) => l.count,
-        Some(psm_proto::v1::lwe_ciphertext_batch::Payload::Compact(c)) => c.count,
         None => 0,
     }
 }
@@ -403,8 +598,78 @@ fn audit_failure(e: audit::AuditError) -> Status {
     Status::unavailable("the audit log cannot be written; no decision was released")
 }
 
+/// Loads this keyshare's enrollment secret key, creating it (mode 0600) on first start, and
+/// (re)writes its published public key next to it as `enrollment.pub`.
+fn load_enrollment_key(
+    path: &std::path::Path,
+    party: &str,
+) -> Result<(EnrollmentSecret, Vec<u8>), KeyshareError> {
+    let bad = |m: String| KeyshareError::EnrollmentKey(format!("{}: {m}", path.display()));
+    let secret = if path.exists() {
+        let bytes = std::fs::read(path).map_err(|e| bad(e.to_string()))?;
+        EnrollmentSecret(bytes)
+    } else {
+        let (sk, _) = psm_core::linear::envelope::generate_keypair();
+        psm_core::keys::write_atomic(path, &sk.0, 0o600).map_err(|e| bad(e.to_string()))?;
+        tracing::info!(path = %path.display(), "enrollment key pair created");
+        sk
+    };
+    let public = psm_core::linear::envelope::public_key(&secret).map_err(|e| bad(e.to_string()))?;
+    let published = path.with_file_name("enrollment.pub");
+    PublishedKey::new(party, &public)
+        .write(&published)
+        .map_err(|e| bad(e.to_string()))?;
+    Ok((secret, public))
+}
+
 #[tonic::async_trait]
 impl Keyshare for KeyshareService {
+    async fn release(
+        &self,
+        request: Request<ReleaseRequest>,
+    ) -> Result<Response<ReleaseResponse>, Status> {
+        let who = caller(&request)?.to_string();
+        let req = request.into_inner();
+        let hash = *blake3::hash(
+            &req.release
+                .as_ref()
+                .map(|r| r.encode_to_vec())
+                .unwrap_or_default(),
+        )
+        .as_bytes();
+        match self.decide_release(&who, &req).await {
+            Ok((mut resp, reason)) => {
+                resp.audit_seq = self
+                    .audit
+                    .append(Decision {
+                        caller: &who,
+                        allow: true,
+                        rule: "allowed",
+                        reason: &reason,
+                        request_hash: &hash,
+                    })
+                    .await
+                    .map_err(audit_failure)?;
+                tracing::info!(caller = %who, seq = resp.audit_seq, %reason, "linear release contributed");
+                Ok(Response::new(resp))
+            }
+            Err(r) => {
+                self.audit
+                    .append(Decision {
+                        caller: &who,
+                        allow: false,
+                        rule: r.rule,
+                        reason: r.status.message(),
+                        request_hash: &hash,
+                    })
+                    .await
+                    .map_err(audit_failure)?;
+                tracing::info!(caller = %who, rule = r.rule, reason = r.status.message(), "linear release refused");
+                Err(r.status)
+            }
+        }
+    }
+
     async fn partial_decrypt(
         &self,
         request: Request<PartialDecryptRequest>,
@@ -488,14 +753,15 @@ impl Keyshare for KeyshareService {
                 .collect(),
             audit_len: len,
             audit_head: head.to_vec(),
+            enrollment_public_key: self.enrollment_public_key.clone(),
         }))
     }
 }
 
 /// The service's routes with its message-size limits applied.
-pub fn routes(settings: &ServerSettings, svc: KeyshareService) -> Routes {
+pub fn routes(settings: &ServerSettings, svc: Arc<KeyshareService>) -> Routes {
     Routes::new(
-        KeyshareServer::new(svc)
+        KeyshareServer::from_arc(svc)
             .max_decoding_message_size(settings.max_request_bytes)
             .max_encoding_message_size(DEFAULT_MAX_RESPONSE_BYTES),
     )
@@ -507,7 +773,25 @@ pub async fn run(
     section: &KeyshareSection,
     share_file: &std::path::Path,
 ) -> Result<(), KeyshareError> {
-    let svc = KeyshareService::open(&settings, section, share_file)?;
+    let svc = Arc::new(KeyshareService::open(&settings, section, share_file)?);
+    if svc.linear.is_some() {
+        let every =
+            std::time::Duration::from_secs(section.enrollment_sync_secs.unwrap_or(10).max(1));
+        let weak = Arc::downgrade(&svc);
+        tokio::spawn(async move {
+            loop {
+                let Some(svc) = weak.upgrade() else { break };
+                if let Err(r) = svc.sync_enrollments().await {
+                    tracing::warn!(
+                        reason = r.status.message(),
+                        "enrollment sync failed; retrying later"
+                    );
+                }
+                drop(svc);
+                tokio::time::sleep(every).await;
+            }
+        });
+    }
     psm_net::server::run(
         &settings,
         routes(&settings, svc),

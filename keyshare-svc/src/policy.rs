@@ -70,6 +70,8 @@ pub struct PolicyConfig {
     pub reexecute_tfhe: ReexecMode,
     /// Share of tfhe-track requests re-executed when `reexecute_tfhe = "sampled"`, percent.
     pub reexecute_tfhe_sample_percent: u8,
+    /// How many times a bill for one (meter, channel, period) may be re-issued (with a reason).
+    pub max_reissues: u32,
 }
 
 impl Default for PolicyConfig {
@@ -81,6 +83,7 @@ impl Default for PolicyConfig {
             rate_limit_per_minute: 600,
             reexecute_tfhe: ReexecMode::Always,
             reexecute_tfhe_sample_percent: 10,
+            max_reissues: 1,
         }
     }
 }
@@ -246,7 +249,6 @@ pub fn check_manifest(
         )));
     }
     let track = match key_kind {
-        KeyKind::Linear => Track::Linear,
         KeyKind::Tfhe => Track::Tfhe,
     };
     let mut seen = BTreeSet::new();
@@ -491,6 +493,12 @@ impl Releases {
         Ok(())
     }
 
+    /// The database the keyshare's release state lives in (the linear track keeps its trees
+    /// there too: one sled database per process).
+    pub fn db(&self) -> sled::Db {
+        self.db.clone()
+    }
+
     /// Checks the stateful rules without recording (an early refusal before costly work).
     pub async fn precheck(
         &self,
@@ -559,7 +567,7 @@ mod tests {
                     (0..days).map(move |d| InputRef {
                         meter_id: (*m).into(),
                         day: format_day(D + d),
-                        track: Track::Linear as i32,
+                        track: Track::Tfhe as i32,
                         ciphertext_hash: vec![0; 32],
                     })
                 })
@@ -580,7 +588,7 @@ mod tests {
     fn manifests_are_checked_before_anything_else() {
         let cfg = PolicyConfig::default();
         let none = BTreeSet::new();
-        let check = |m: &ComputationManifest| rule(check_manifest(&cfg, &none, m, KeyKind::Linear));
+        let check = |m: &ComputationManifest| rule(check_manifest(&cfg, &none, m, KeyKind::Tfhe));
         let five = ["a", "b", "c", "d", "e"];
         assert_eq!(
             check(&manifest(ComputationKind::Aggregate, &five, 1)),
@@ -598,7 +606,7 @@ mod tests {
         twice.inputs.push(twice.inputs[0].clone());
         assert_eq!(check(&twice), "manifest");
         let mut wrong_track = manifest(ComputationKind::Aggregate, &five, 1);
-        wrong_track.inputs[0].track = Track::Tfhe as i32;
+        wrong_track.inputs[0].track = Track::Linear as i32;
         assert_eq!(check(&wrong_track), "manifest");
         let mut outside = manifest(ComputationKind::Aggregate, &five, 1);
         outside.inputs[0].day = format_day(D + 1);
@@ -612,18 +620,18 @@ mod tests {
         let h: [u8; 32] = bill.program_hash.clone().try_into().unwrap();
         let allowed = BTreeSet::from([h]);
         assert_eq!(
-            rule(check_manifest(&cfg, &allowed, &bill, KeyKind::Linear)),
+            rule(check_manifest(&cfg, &allowed, &bill, KeyKind::Tfhe)),
             "allowed"
         );
         let mut gap = bill.clone();
         gap.inputs.pop();
         assert_eq!(
-            rule(check_manifest(&cfg, &allowed, &gap, KeyKind::Linear)),
+            rule(check_manifest(&cfg, &allowed, &gap, KeyKind::Tfhe)),
             "bill-shape"
         );
         let two = manifest(ComputationKind::Bill, &["a", "b"], 1);
         assert_eq!(
-            rule(check_manifest(&cfg, &allowed, &two, KeyKind::Linear)),
+            rule(check_manifest(&cfg, &allowed, &two, KeyKind::Tfhe)),
             "bill-shape"
         );
     }
@@ -638,7 +646,7 @@ mod tests {
                 &cfg,
                 &none,
                 &manifest(ComputationKind::Aggregate, meters, days),
-                KeyKind::Linear,
+                KeyKind::Tfhe,
             )
             .unwrap()
         };
@@ -670,7 +678,7 @@ mod tests {
 
         let bill = |days: i64| Checked {
             kind: ComputationKind::Bill,
-            track: Track::Linear,
+            track: Track::Tfhe,
             first_day: D,
             end_day: D + days,
             meters: vec!["a".into()],

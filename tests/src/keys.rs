@@ -12,7 +12,7 @@ use psm_core::ceremony::{
 use psm_core::threshold::Scheme;
 
 /// Bump when the cached format or the key parameters change.
-const CACHE_VERSION: &str = "v1";
+const CACHE_VERSION: &str = "v2";
 
 static LOCK: Mutex<()> = Mutex::new(());
 
@@ -45,14 +45,7 @@ pub fn material() -> KeyMaterial {
     fs::create_dir_all(&dir).expect("create key cache dir");
     let lock = fs::File::create(dir.join(".lock")).expect("lock file");
     lock.lock().expect("lock key cache");
-    let files = [
-        "tfhe_secret",
-        "linear_secret",
-        "server_key",
-        "tfhe_public_key",
-        "crs",
-        "linear_public_key",
-    ];
+    let files = ["tfhe_secret", "server_key", "tfhe_public_key", "crs"];
     if !dir.join("complete").exists() {
         eprintln!(
             "generating the shared test key set in {} (once, ~30 s)",
@@ -61,11 +54,9 @@ pub fn material() -> KeyMaterial {
         let m = generate(&mut |s| eprintln!("  {s}")).expect("key generation");
         let data = [
             words_to_bytes(&m.tfhe_secret),
-            words_to_bytes(&m.linear_secret),
             m.server_key.clone(),
             m.tfhe_public_key.clone(),
             m.crs.clone(),
-            m.linear_public_key.clone(),
         ];
         for (f, d) in files.iter().zip(data) {
             fs::write(dir.join(f), d).expect("write key cache");
@@ -75,11 +66,9 @@ pub fn material() -> KeyMaterial {
     let read = |f: &str| fs::read(dir.join(f)).expect("read key cache");
     KeyMaterial {
         tfhe_secret: bytes_to_words(&read(files[0])),
-        linear_secret: bytes_to_words(&read(files[1])),
-        server_key: read(files[2]),
-        tfhe_public_key: read(files[3]),
-        crs: read(files[4]),
-        linear_public_key: read(files[5]),
+        server_key: read(files[1]),
+        tfhe_public_key: read(files[2]),
+        crs: read(files[3]),
     }
 }
 

@@ -220,9 +220,13 @@ impl Drop for Proc {
 /// load the server key and repeat every tfhe evaluation: tests that want it say so).
 pub const TEST_POLICY: &str = "allow_any_program = true\nreexecute_tfhe = \"off\"\n";
 
-/// Writes keyshare `name`'s config file: re-execution against `ingest` (if any) with the public
-/// bundle in `public_dir` (for the tfhe track), and the `[keyshare.policy]` lines `policy`.
-/// Returns the `--config` flag and its value.
+/// The registry the test keyshares use unless a test says otherwise: any meter id counts as
+/// registered and meter-encrypted (development mode; tests of the registry pass their own).
+pub const DEV_REGISTRY: &str = "development_allow_all = true\n";
+
+/// Writes keyshare `name`'s config file: enrollments and re-execution against `ingest` (if any)
+/// with the public bundle in `public_dir`, the [`DEV_REGISTRY`], and the `[keyshare.policy]`
+/// lines `policy`. Returns the `--config` flag and its value.
 pub fn keyshare_config(
     pki: &TestPki,
     name: &str,
@@ -230,7 +234,25 @@ pub fn keyshare_config(
     public_dir: Option<&Path>,
     policy: &str,
 ) -> [String; 2] {
+    keyshare_config_with_registry(pki, name, ingest, public_dir, policy, DEV_REGISTRY)
+}
+
+/// As [`keyshare_config`] with the registry file contents `registry` (TOML).
+pub fn keyshare_config_with_registry(
+    pki: &TestPki,
+    name: &str,
+    ingest: Option<&Proc>,
+    public_dir: Option<&Path>,
+    policy: &str,
+    registry: &str,
+) -> [String; 2] {
+    let reg = pki.dir.path().join(format!("{name}-registry.toml"));
+    fs::write(&reg, registry).expect("registry file");
     let mut cfg = String::from("[keyshare]\n");
+    cfg.push_str(&format!(
+        "registry = {:?}\nenrollment_sync_secs = 2\n",
+        reg.to_str().expect("utf-8 path")
+    ));
     if let Some(d) = public_dir {
         cfg.push_str(&format!(
             "public_dir = {:?}\n",
@@ -254,9 +276,27 @@ pub async fn start_keyshares(
     ingest: Option<&Proc>,
     policy: &str,
 ) -> Vec<Proc> {
+    start_keyshares_with_registry(pki, keys, ingest, policy, DEV_REGISTRY).await
+}
+
+/// As [`start_keyshares`], every keyshare with the registry file contents `registry`.
+pub async fn start_keyshares_with_registry(
+    pki: &TestPki,
+    keys: &psm_core::ceremony::CeremonyOutput,
+    ingest: Option<&Proc>,
+    policy: &str,
+    registry: &str,
+) -> Vec<Proc> {
     let mut procs = Vec::new();
     for name in &keys.manifest.party_names {
-        let cfg = keyshare_config(pki, name, ingest, Some(&keys.public_dir), policy);
+        let cfg = keyshare_config_with_registry(
+            pki,
+            name,
+            ingest,
+            Some(&keys.public_dir),
+            policy,
+            registry,
+        );
         let args: Vec<&str> = cfg.iter().map(String::as_str).collect();
         procs.push(Proc::start_keyshare(pki, name, keys, &args).await);
     }
@@ -330,9 +370,21 @@ impl System {
         compute_extra: &str,
         policy: &str,
     ) -> System {
+        Self::start_with_registry(pki, keys, compute_extra, policy, DEV_REGISTRY).await
+    }
+
+    /// As [`System::start_with_policy`], the keyshares with the registry file `registry`.
+    pub async fn start_with_registry(
+        pki: &TestPki,
+        keys: &psm_core::ceremony::CeremonyOutput,
+        compute_extra: &str,
+        policy: &str,
+        registry: &str,
+    ) -> System {
         let public = keys.public_dir.to_str().expect("utf-8 path").to_owned();
         let ingest = start_ingest(pki, keys).await;
-        let keyshares = start_keyshares(pki, keys, Some(&ingest), policy).await;
+        let keyshares =
+            start_keyshares_with_registry(pki, keys, Some(&ingest), policy, registry).await;
         let mut ccfg = format!(
             "[compute]\npublic_dir = {public:?}\ningest_url = \"https://127.0.0.1:{}\"\n{compute_extra}\n",
             ingest.port
@@ -362,30 +414,148 @@ impl System {
     }
 }
 
-/// A linear-track reading batch of `readings` for a meter-day, as a meter would send it.
-pub fn linear_batch(
-    lpk: &psm_core::linear::LinearPublicKey,
-    key_id: &str,
-    meter: &str,
-    day: &str,
-    interval_seconds: u32,
-    readings: &[i64],
-) -> psm_proto::v1::ReadingBatch {
-    let psm_core::lwe::LweBatch::Compact { words, .. } = psm_core::linear::encrypt(lpk, readings)
-    else {
-        unreachable!("linear::encrypt makes compact lists")
-    };
-    let ciphertext = psm_core::lwe::words_to_le_bytes(&words);
-    psm_proto::v1::ReadingBatch {
-        meter_id: meter.into(),
-        day: day.into(),
-        track: psm_proto::v1::Track::Linear as i32,
-        key: Some(psm_proto::v1::KeyRef {
-            key_id: key_id.into(),
-        }),
-        interval_seconds,
-        count: readings.len() as u32,
-        ciphertext_hash: blake3::hash(&ciphertext).as_bytes().to_vec(),
-        ciphertext,
+/// A meter of the tests: its id and its own seeds for one epoch (2-of-3, the cached key set's
+/// scheme), encrypting exactly as a real meter does.
+pub struct TestMeter {
+    pub id: String,
+    pub seeds: psm_core::linear::key::MeterSeeds,
+    pub scheme: psm_core::threshold::Scheme,
+}
+
+impl TestMeter {
+    /// Fresh seeds for `epoch` of a 2-of-3 scheme.
+    pub fn new(id: &str, epoch: u32) -> Self {
+        Self::with_scheme(
+            id,
+            epoch,
+            psm_core::threshold::Scheme::new(3, 2).expect("2-of-3"),
+        )
     }
+
+    pub fn with_scheme(id: &str, epoch: u32, scheme: psm_core::threshold::Scheme) -> Self {
+        TestMeter {
+            id: id.to_owned(),
+            seeds: psm_core::linear::key::MeterSeeds::generate(scheme, epoch),
+            scheme,
+        }
+    }
+
+    /// The meter's enrollment, sealed to `keys` ((party name, public key) in party order).
+    pub fn enrollment(&self, keys: &[(String, Vec<u8>)]) -> psm_proto::v1::Enrollment {
+        psm_core::linear::envelope::enroll(&self.id, &self.seeds, self.scheme, keys)
+            .expect("enrollment")
+    }
+
+    /// A linear batch of `values` (Wh, one per interval) on `channel`, for intervals
+    /// `first_interval..` of day number `day`.
+    pub fn batch(
+        &self,
+        day: i64,
+        channel: psm_core::linear::Channel,
+        interval_seconds: u32,
+        first_interval: u32,
+        values: &[i64],
+    ) -> psm_proto::v1::ReadingBatch {
+        use psm_core::linear::{SLOTS_PER_DAY, SLOT_SECONDS};
+        let spi = u64::from(interval_seconds) / SLOT_SECONDS as u64;
+        let first_slot = day as u64 * SLOTS_PER_DAY as u64 + u64::from(first_interval) * spi;
+        let masks = psm_core::linear::encrypt::IntervalMasks::new(
+            self.seeds.epoch,
+            first_slot,
+            spi,
+            values.len(),
+        );
+        let bodies = masks
+            .encrypt(&self.seeds.key(channel), 0, values)
+            .expect("readings in range");
+        psm_core::wire::linear_batch_to_proto(
+            &self.id,
+            day,
+            self.seeds.epoch,
+            channel,
+            interval_seconds,
+            first_interval,
+            &bodies,
+        )
+    }
+}
+
+/// The keyshares' enrollment keys in party order, read over their Status RPC with the operator
+/// certificate.
+pub async fn enrollment_keys(pki: &TestPki, keyshares: &[Proc]) -> Vec<(String, Vec<u8>)> {
+    let mut out: Vec<(u32, String, Vec<u8>)> = Vec::new();
+    for k in keyshares {
+        let st = psm_proto::v1::keyshare_client::KeyshareClient::new(pki.channel(
+            k.port,
+            &k.name,
+            Role::Operator,
+            "billing",
+        ))
+        .status(psm_proto::v1::StatusRequest {})
+        .await
+        .expect("keyshare status")
+        .into_inner();
+        out.push((st.party_index, st.party, st.enrollment_public_key));
+    }
+    out.sort_by_key(|(i, _, _)| *i);
+    out.into_iter().map(|(_, n, k)| (n, k)).collect()
+}
+
+/// Enrolls `meters` through ingest as head-end `headend-1`.
+pub async fn enroll(
+    pki: &TestPki,
+    ingest: &Proc,
+    meters: &[&TestMeter],
+    keys: &[(String, Vec<u8>)],
+) -> Result<psm_proto::v1::EnrollResponse, tonic::Status> {
+    let mut client = psm_proto::v1::ingest_client::IngestClient::new(pki.channel(
+        ingest.port,
+        "ingest",
+        Role::Headend,
+        "headend-1",
+    ));
+    let mut total = psm_proto::v1::EnrollResponse::default();
+    for (i, chunk) in meters.chunks(500).enumerate() {
+        let r = client
+            .enroll(psm_proto::v1::EnrollRequest {
+                idempotency_key: format!("enroll-{}-{i}", chunk[0].id),
+                enrollments: chunk.iter().map(|m| m.enrollment(keys)).collect(),
+            })
+            .await?
+            .into_inner();
+        total.stored += r.stored;
+        total.duplicates += r.duplicates;
+    }
+    Ok(total)
+}
+
+/// Submits `batches` through ingest as head-end `headend-1`, in requests of at most 1,000.
+pub async fn submit(
+    pki: &TestPki,
+    ingest: &Proc,
+    batches: Vec<psm_proto::v1::ReadingBatch>,
+) -> Result<psm_proto::v1::SubmitReadingsResponse, tonic::Status> {
+    let mut client = psm_proto::v1::ingest_client::IngestClient::new(pki.channel(
+        ingest.port,
+        "ingest",
+        Role::Headend,
+        "headend-1",
+    ));
+    let mut total = psm_proto::v1::SubmitReadingsResponse::default();
+    for chunk in batches.chunks(1000) {
+        let key = format!(
+            "submit-{}",
+            hex::encode(&blake3::hash(&chunk[0].ciphertext).as_bytes()[..8])
+        );
+        let r = client
+            .submit_readings(psm_proto::v1::SubmitReadingsRequest {
+                idempotency_key: key,
+                batches: chunk.to_vec(),
+            })
+            .await?
+            .into_inner();
+        total.stored += r.stored;
+        total.duplicates += r.duplicates;
+    }
+    Ok(total)
 }

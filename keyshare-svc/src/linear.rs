@@ -1,0 +1,1211 @@
+//! The linear track at a keyshare: enrolled seeds, the release ledger, and contributions.
+//!
+//! A keyshare never reads a linear-track ciphertext. It holds, for every enrolled meter and
+//! epoch, the seeds σ_U of the shares U it holds (opened from HPKE envelopes fetched from ingest
+//! and checked against their commitments), derives the slots and weights of a release itself,
+//! and answers d_U = ⟨Σ_τ w_τ a_τ, Σ_{i∈C} PRG(σ_{i,U})⟩ + E_U. Cohort key shares and mask sums
+//! are cached (the cohort key shares are secrets, zeroized on eviction).
+
+use std::collections::{BTreeMap, HashSet};
+use std::num::NonZeroUsize;
+use std::sync::{Arc, Mutex};
+
+use lru::LruCache;
+use prost::Message;
+use psm_core::linear::envelope::{open_enrollment, EnrollmentSecret};
+use psm_core::linear::key::{cohort_share_key, MeterKey, Seed};
+use psm_core::linear::mask::{mask_sum, SlotRun};
+use psm_core::linear::release::{contribution, Release};
+use psm_core::linear::SLOTS_PER_DAY;
+use psm_core::threshold::{FloodKey, Scheme};
+use psm_proto::v1::{ComputationKind, Enrollment, StreamEnrollmentsRequest};
+use tonic::transport::Channel;
+use tonic::Code;
+
+use crate::audit::{AuditLog, Decision};
+use crate::policy::{refuse, Refusal};
+use crate::registry::{Encryption, Registry};
+
+/// Cached cohort key shares (64 KiB each).
+const COHORT_KEY_CACHE: usize = 1024;
+/// Cached mask sums (64 KiB each).
+const MASK_CACHE: usize = 1024;
+/// Enrollments decided per batch of a sync (one flush and one audit write each).
+const SYNC_BATCH: usize = 1000;
+
+fn store(e: impl std::fmt::Display) -> Refusal {
+    refuse(
+        "internal",
+        Code::Unavailable,
+        format!("linear-track store: {e}"),
+    )
+}
+
+/// Who this keyshare is in the scheme.
+pub struct Party {
+    pub scheme: Scheme,
+    /// 0-based.
+    pub index: usize,
+    pub names: Vec<String>,
+    pub flood_key: FloodKey,
+    pub enrollment_secret: EnrollmentSecret,
+}
+
+impl Party {
+    pub fn name(&self) -> &str {
+        &self.names[self.index]
+    }
+}
+
+/// What a sync did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct SyncReport {
+    pub accepted: usize,
+    pub refused: usize,
+}
+
+/// The keyshare's linear-track state.
+pub struct LinearState {
+    party: Party,
+    registry: Registry,
+    ingest: Option<Channel>,
+    db: sled::Db,
+    /// meter ‖ 0 ‖ epoch ‖ share → σ.
+    seeds: sled::Tree,
+    /// H(σ) → meter ‖ 0 ‖ epoch ‖ share: duplicate seeds across meters are refused.
+    owners: sled::Tree,
+    /// meter ‖ 0 ‖ epoch → decision byte ‖ enrollment hash.
+    enrolled: sled::Tree,
+    /// "cursor" → last ingest sequence number seen.
+    meta: sled::Tree,
+    /// meter ‖ 0 ‖ channel ‖ start slot → end slot ‖ re-issues ‖ release hashes.
+    bills: sled::Tree,
+    /// channel ‖ lo ‖ hi ‖ cohort hash → (): aggregate outputs released.
+    outputs: sled::Tree,
+    /// cohort hash → members joined by '\n'.
+    cohorts: sled::Tree,
+    sync_lock: tokio::sync::Mutex<()>,
+    ledger_lock: tokio::sync::Mutex<()>,
+    keys: Mutex<LruCache<[u8; 32], Arc<MeterKey>>>,
+    masks: Mutex<LruCache<[u8; 32], Arc<Vec<u128>>>>,
+}
+
+/// A release checked against this keyshare's policy, with everything derived from it.
+pub struct Admitted {
+    pub release: Release,
+    /// Per output: its runs and output hash.
+    pub runs: Vec<Vec<SlotRun>>,
+    pub output_hashes: Vec<[u8; 32]>,
+    pub cohort_hashes: Vec<[u8; 32]>,
+    /// BLAKE3 over the output hashes: identifies the release in the ledger.
+    pub release_hash: [u8; 32],
+    pub headend_encrypted: Vec<String>,
+}
+
+fn seed_key(meter: &str, epoch: u32, share: usize) -> Vec<u8> {
+    let mut k = meter.as_bytes().to_vec();
+    k.push(0);
+    k.extend_from_slice(&epoch.to_be_bytes());
+    k.push(share as u8);
+    k
+}
+
+fn enrolled_key(meter: &str, epoch: u32) -> Vec<u8> {
+    let mut k = meter.as_bytes().to_vec();
+    k.push(0);
+    k.extend_from_slice(&epoch.to_be_bytes());
+    k
+}
+
+fn seed_id(seed: &Seed) -> [u8; 32] {
+    let mut h = blake3::Hasher::new();
+    h.update(b"psm/v2/seed-id");
+    h.update(&seed.0);
+    *h.finalize().as_bytes()
+}
+
+fn u64_at(b: &[u8], at: usize) -> u64 {
+    let mut a = [0u8; 8];
+    a.copy_from_slice(&b[at..at + 8]);
+    u64::from_be_bytes(a)
+}
+
+/// Size of the symmetric difference of two sorted lists.
+fn sym_diff(a: &[&str], b: &[&str]) -> usize {
+    let (mut i, mut j, mut d) = (0, 0, 0);
+    while i < a.len() && j < b.len() {
+        match a[i].cmp(b[j]) {
+            std::cmp::Ordering::Equal => {
+                i += 1;
+                j += 1;
+            }
+            std::cmp::Ordering::Less => {
+                d += 1;
+                i += 1;
+            }
+            std::cmp::Ordering::Greater => {
+                d += 1;
+                j += 1;
+            }
+        }
+    }
+    d + (a.len() - i) + (b.len() - j)
+}
+
+/// "2026-01-05 00:00 UTC".
+fn slot_time(slot: u64) -> String {
+    let secs = slot as i64 * psm_core::linear::SLOT_SECONDS;
+    let day = secs.div_euclid(86_400);
+    let rem = secs.rem_euclid(86_400);
+    format!(
+        "{} {:02}:{:02} UTC",
+        psm_core::readings::format_day(day),
+        rem / 3600,
+        rem % 3600 / 60
+    )
+}
+
+impl LinearState {
+    /// Opens the state's trees in `db` (the keyshare's release store).
+    pub fn open(
+        db: sled::Db,
+        party: Party,
+        registry: Registry,
+        ingest: Option<Channel>,
+    ) -> Result<Self, sled::Error> {
+        let cap = |n| NonZeroUsize::new(n).unwrap_or(NonZeroUsize::MIN);
+        Ok(LinearState {
+            seeds: db.open_tree("linear_seeds")?,
+            owners: db.open_tree("linear_seed_owners")?,
+            enrolled: db.open_tree("linear_enrolled")?,
+            meta: db.open_tree("linear_meta")?,
+            bills: db.open_tree("linear_bills")?,
+            outputs: db.open_tree("linear_outputs")?,
+            cohorts: db.open_tree("linear_cohorts")?,
+            db,
+            party,
+            registry,
+            ingest,
+            sync_lock: tokio::sync::Mutex::new(()),
+            ledger_lock: tokio::sync::Mutex::new(()),
+            keys: Mutex::new(LruCache::new(cap(COHORT_KEY_CACHE))),
+            masks: Mutex::new(LruCache::new(cap(MASK_CACHE))),
+        })
+    }
+
+    pub fn party(&self) -> &Party {
+        &self.party
+    }
+
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    fn cursor(&self) -> Result<u64, Refusal> {
+        Ok(self.meta.get(b"cursor").map_err(store)?.map_or(0, |v| {
+            if v.len() == 8 {
+                u64_at(&v, 0)
+            } else {
+                0
+            }
+        }))
+    }
+
+    /// Whether the meter's enrollment for `epoch` was accepted here.
+    pub fn is_enrolled(&self, meter: &str, epoch: u32) -> Result<bool, Refusal> {
+        Ok(self
+            .enrolled
+            .get(enrolled_key(meter, epoch))
+            .map_err(store)?
+            .is_some_and(|v| v.first() == Some(&b'A')))
+    }
+
+    /// Fetches the enrollments ingest stored since the last sync, decides each (registry,
+    /// envelopes, commitments, duplicate seeds), stores the accepted seeds durably and audits
+    /// every decision. One sync runs at a time.
+    pub async fn sync(&self, audit: &AuditLog) -> Result<SyncReport, Refusal> {
+        let _g = self.sync_lock.lock().await;
+        let ingest = self.ingest.clone().ok_or_else(|| {
+            refuse(
+                "enrollment",
+                Code::FailedPrecondition,
+                "this keyshare has no [keyshare] ingest_url, so it cannot fetch enrollments",
+            )
+        })?;
+        let mut report = SyncReport::default();
+        let after = self.cursor()?;
+        let mut stream = psm_proto::v1::ingest_client::IngestClient::new(ingest)
+            .max_decoding_message_size(psm_net::config::DEFAULT_MAX_RESPONSE_BYTES)
+            .stream_enrollments(StreamEnrollmentsRequest {
+                meter_ids: Vec::new(),
+                after_seq: after,
+            })
+            .await
+            .map_err(|e| {
+                refuse(
+                    "enrollment",
+                    Code::Unavailable,
+                    format!("cannot fetch enrollments from ingest: {}", e.message()),
+                )
+            })?
+            .into_inner();
+        let mut batch = Vec::new();
+        let mut last = after;
+        loop {
+            let next = stream.message().await.map_err(|e| {
+                refuse(
+                    "enrollment",
+                    Code::Unavailable,
+                    format!("ingest: {}", e.message()),
+                )
+            })?;
+            let done = next.is_none();
+            if let Some(e) = next {
+                if e.seq <= last {
+                    return Err(refuse(
+                        "enrollment",
+                        Code::Unavailable,
+                        format!(
+                            "ingest sent enrollment sequence {} after {last}: out of order",
+                            e.seq
+                        ),
+                    ));
+                }
+                last = e.seq;
+                batch.push(e);
+            }
+            if batch.len() >= SYNC_BATCH || (done && !batch.is_empty()) {
+                let r = self
+                    .decide_batch(std::mem::take(&mut batch), last, audit)
+                    .await?;
+                report.accepted += r.accepted;
+                report.refused += r.refused;
+            }
+            if done {
+                break;
+            }
+        }
+        Ok(report)
+    }
+
+    /// Decides a batch of enrollments, stores the outcome and the cursor, audits.
+    async fn decide_batch(
+        &self,
+        batch: Vec<Enrollment>,
+        cursor: u64,
+        audit: &AuditLog,
+    ) -> Result<SyncReport, Refusal> {
+        // Opening envelopes is CPU work: on the blocking pool, all cores.
+        let opened: Vec<(Enrollment, Result<Vec<(usize, Seed)>, String>)> = {
+            let party = &self.party;
+            tokio::task::block_in_place(|| {
+                use rayon::prelude::*;
+                batch
+                    .into_par_iter()
+                    .map(|e| {
+                        let r = open_enrollment(
+                            &e,
+                            party.scheme,
+                            &party.names,
+                            party.index,
+                            &party.enrollment_secret,
+                        )
+                        .map_err(|x| x.to_string());
+                        (e, r)
+                    })
+                    .collect()
+            })
+        };
+        let mut decisions: Vec<(bool, String, [u8; 32])> = Vec::new();
+        let mut report = SyncReport::default();
+        let mut seeds = sled::Batch::default();
+        let mut owners = sled::Batch::default();
+        let mut enrolled = sled::Batch::default();
+        let mut new_ids: HashSet<[u8; 32]> = HashSet::new();
+        let mut decided: HashSet<Vec<u8>> = HashSet::new();
+        for (mut e, opened) in opened {
+            e.seq = 0;
+            let hash = *blake3::hash(&e.encode_to_vec()).as_bytes();
+            let ekey = enrolled_key(&e.meter_id, e.epoch);
+            let what = format!("meter {} epoch {}", e.meter_id, e.epoch);
+            if let Some(prev) = self.enrolled.get(&ekey).map_err(store)? {
+                if prev.get(1..) == Some(&hash[..]) {
+                    continue; // decided before
+                }
+                decisions.push((
+                    false,
+                    format!("{what}: a different enrollment was already decided; the first stays (a new epoch is a rotation)"),
+                    hash,
+                ));
+                report.refused += 1;
+                continue;
+            }
+            if !decided.insert(ekey.clone()) {
+                decisions.push((
+                    false,
+                    format!("{what}: enrolled twice in one batch; the first stays"),
+                    hash,
+                ));
+                report.refused += 1;
+                continue;
+            }
+            let refuse_with = |reason: String| (false, format!("{what}: {reason}"), hash);
+            let Some(enc) = self.registry.lookup(&e.meter_id) else {
+                // Not recorded as decided: once the regulator registers the meter, a later
+                // re-sync from the start can accept it.
+                decisions.push(refuse_with("not on this keyshare's registry".into()));
+                report.refused += 1;
+                continue;
+            };
+            let seeds_opened = match opened {
+                Ok(s) => s,
+                Err(reason) => {
+                    enrolled.insert(ekey.clone(), [&[b'R'][..], &hash[..]].concat());
+                    decisions.push(refuse_with(reason));
+                    report.refused += 1;
+                    continue;
+                }
+            };
+            let mut duplicate = None;
+            for (u, s) in &seeds_opened {
+                let id = seed_id(s);
+                let mine = seed_key(&e.meter_id, e.epoch, *u);
+                match self.owners.get(id).map_err(store)? {
+                    Some(owner) if owner.as_ref() != mine.as_slice() => {
+                        duplicate = Some(String::from_utf8_lossy(&owner).replace('\0', " "));
+                    }
+                    _ if new_ids.contains(&id) => {
+                        duplicate = Some("another meter of this batch".into())
+                    }
+                    _ => {}
+                }
+            }
+            if let Some(other) = duplicate {
+                enrolled.insert(ekey.clone(), [&[b'R'][..], &hash[..]].concat());
+                decisions.push(refuse_with(format!(
+                    "a seed equals one already enrolled ({other}); duplicate seeds across meters are refused"
+                )));
+                report.refused += 1;
+                continue;
+            }
+            for (u, s) in &seeds_opened {
+                let id = seed_id(s);
+                new_ids.insert(id);
+                let k = seed_key(&e.meter_id, e.epoch, *u);
+                owners.insert(&id, k.clone());
+                seeds.insert(k, &s.0[..]);
+            }
+            enrolled.insert(ekey, [&[b'A'][..], &hash[..]].concat());
+            let mark = match enc {
+                Encryption::Meter => "",
+                Encryption::Headend => " (head-end-encrypted: plaintext to the utility)",
+            };
+            decisions.push((
+                true,
+                format!(
+                    "{what}{mark}: shares {:?} opened and matching their commitments",
+                    seeds_opened.iter().map(|(u, _)| *u).collect::<Vec<_>>()
+                ),
+                hash,
+            ));
+            report.accepted += 1;
+        }
+        self.seeds.apply_batch(seeds).map_err(store)?;
+        self.owners.apply_batch(owners).map_err(store)?;
+        self.enrolled.apply_batch(enrolled).map_err(store)?;
+        self.meta
+            .insert(b"cursor", &cursor.to_be_bytes())
+            .map_err(store)?;
+        self.db.flush_async().await.map_err(store)?;
+        let records: Vec<Decision> = decisions
+            .iter()
+            .map(|(allow, reason, hash)| Decision {
+                caller: "ingest (enrollment sync)",
+                allow: *allow,
+                rule: "enrollment",
+                reason,
+                request_hash: hash,
+            })
+            .collect();
+        if !records.is_empty() {
+            audit
+                .append_many(&records)
+                .await
+                .map_err(|e| refuse("internal", Code::Unavailable, format!("audit log: {e}")))?;
+        }
+        if report.accepted + report.refused > 0 {
+            tracing::info!(
+                accepted = report.accepted,
+                refused = report.refused,
+                cursor,
+                "enrollments decided"
+            );
+        }
+        Ok(report)
+    }
+
+    /// Checks a release against the registry, k-anonymity and the allowed programs, derives
+    /// every output's slots, weights and hash, and checks the noise bound.
+    pub fn admit(
+        &self,
+        release: Release,
+        min_cohort: usize,
+        program_allowed: impl Fn(&[u8; 32]) -> bool,
+    ) -> Result<Admitted, Refusal> {
+        let spec = &release.spec;
+        if spec.kind == ComputationKind::Bill && !program_allowed(&spec.program_hash) {
+            return Err(refuse(
+                "allowed-program",
+                Code::PermissionDenied,
+                format!(
+                    "bill program (tariff) {} is not among this keyshare's allowed_programs",
+                    hex::encode(spec.program_hash)
+                ),
+            ));
+        }
+        let mut headend = Vec::new();
+        for (c, members) in release.cohorts.iter().enumerate() {
+            let mut counted = 0usize;
+            for m in members {
+                match self.registry.lookup(m) {
+                    None => {
+                        return Err(refuse(
+                            "registry",
+                            Code::FailedPrecondition,
+                            format!("meter {m} is not on this keyshare's registry"),
+                        ))
+                    }
+                    Some(Encryption::Meter) => counted += 1,
+                    Some(Encryption::Headend) => headend.push(m.clone()),
+                }
+            }
+            if spec.kind == ComputationKind::Aggregate && counted < min_cohort {
+                return Err(refuse(
+                    "k-anonymity",
+                    Code::FailedPrecondition,
+                    format!(
+                        "cohort {c} has {counted} meter-encrypted member(s) of {}; this keyshare releases cohorts of at least {min_cohort} (head-end-encrypted meters do not count)",
+                        members.len()
+                    ),
+                ));
+            }
+        }
+        headend.sort();
+        headend.dedup();
+        let bands = match spec.kind {
+            ComputationKind::Bill => Some(spec.slot_outputs()),
+            _ => None,
+        };
+        let cohort_hashes: Vec<[u8; 32]> = release
+            .cohorts
+            .iter()
+            .map(|c| psm_core::linear::release::cohort_hash(c))
+            .collect();
+        let mut runs = Vec::with_capacity(release.outputs.len());
+        let mut output_hashes = Vec::with_capacity(release.outputs.len());
+        for (index, cohort) in &release.outputs {
+            let r = match &bands {
+                Some(bands) => {
+                    let mut r: Vec<SlotRun> = Vec::new();
+                    for (k, b) in bands.iter().enumerate() {
+                        if b != index {
+                            continue;
+                        }
+                        let s = spec.start_slot + k as u64;
+                        match r.last_mut() {
+                            Some(last) if last.end == s => last.end = s + 1,
+                            _ => r.push(SlotRun {
+                                start: s,
+                                end: s + 1,
+                                weight: 1,
+                            }),
+                        }
+                    }
+                    r
+                }
+                None => spec.output_runs(*index),
+            };
+            if r.is_empty() {
+                return Err(refuse(
+                    "release",
+                    Code::InvalidArgument,
+                    format!("release: output {index} has no slot in the range"),
+                ));
+            }
+            psm_core::linear::release::check_noise(
+                self.party.scheme,
+                release.cohorts[*cohort].len(),
+                &r,
+            )
+            .map_err(|e| refuse("noise-bound", Code::InvalidArgument, e))?;
+            output_hashes.push(psm_core::linear::release::output_hash(
+                spec,
+                &cohort_hashes[*cohort],
+                &r,
+            ));
+            runs.push(r);
+        }
+        let mut h = blake3::Hasher::new();
+        h.update(b"psm/v2/release");
+        for o in &output_hashes {
+            h.update(o);
+        }
+        Ok(Admitted {
+            release,
+            runs,
+            output_hashes,
+            cohort_hashes,
+            release_hash: *h.finalize().as_bytes(),
+            headend_encrypted: headend,
+        })
+    }
+
+    fn bill_prefix(meter: &str, channel: u8) -> Vec<u8> {
+        let mut k = meter.as_bytes().to_vec();
+        k.push(0);
+        k.push(channel);
+        k
+    }
+
+    /// The stateful rules: bills of one (meter, channel) never overlap (a re-issue covers exactly
+    /// the same range, at most `max_reissues` times, with a reason); an aggregate output over
+    /// slots that an earlier output covered must have the same cohort or one differing by at
+    /// least `min_cohort` meters. With `record`, also writes the release durably.
+    async fn ledger(
+        &self,
+        a: &Admitted,
+        min_cohort: usize,
+        max_reissues: u32,
+        record: bool,
+    ) -> Result<(), Refusal> {
+        let _g = self.ledger_lock.lock().await;
+        let spec = &a.release.spec;
+        let ch = spec.channel.tag();
+        match spec.kind {
+            ComputationKind::Bill => {
+                let meter = &a.release.cohorts[0][0];
+                let prefix = Self::bill_prefix(meter, ch);
+                let mut exact: Option<(Vec<u8>, u32, Vec<[u8; 32]>)> = None;
+                for kv in self.bills.scan_prefix(&prefix) {
+                    let (k, v) = kv.map_err(store)?;
+                    if k.len() != prefix.len() + 8 || v.len() < 12 || (v.len() - 12) % 32 != 0 {
+                        return Err(store("corrupt bill record"));
+                    }
+                    let (start, end) = (u64_at(&k, prefix.len()), u64_at(&v, 0));
+                    if start >= spec.end_slot || end <= spec.start_slot {
+                        continue;
+                    }
+                    if start != spec.start_slot || end != spec.end_slot {
+                        return Err(refuse(
+                            "one-bill-per-period",
+                            Code::FailedPrecondition,
+                            format!(
+                                "meter {meter} ({}) was billed for {} .. {}, which overlaps {} .. {}; bills of a meter never overlap, and a re-issue covers exactly the same period",
+                                spec.channel.name(),
+                                slot_time(start),
+                                slot_time(end),
+                                slot_time(spec.start_slot),
+                                slot_time(spec.end_slot)
+                            ),
+                        ));
+                    }
+                    let mut r = [0u8; 4];
+                    r.copy_from_slice(&v[8..12]);
+                    let hashes = v[12..]
+                        .chunks_exact(32)
+                        .map(|c| {
+                            let mut h = [0u8; 32];
+                            h.copy_from_slice(c);
+                            h
+                        })
+                        .collect();
+                    exact = Some((k.to_vec(), u32::from_be_bytes(r), hashes));
+                }
+                let (key, reissues, mut hashes) = match exact {
+                    Some((_, _, ref hashes)) if hashes.contains(&a.release_hash) => return Ok(()),
+                    Some((k, n, hashes)) => {
+                        let reason = a.release.reissue_reason.trim();
+                        if reason.is_empty() {
+                            return Err(refuse(
+                                "one-bill-per-period",
+                                Code::FailedPrecondition,
+                                format!(
+                                    "meter {meter} ({}) was already billed for exactly this period differently; re-issue it with a stated reason",
+                                    spec.channel.name()
+                                ),
+                            ));
+                        }
+                        if n >= max_reissues {
+                            return Err(refuse(
+                                "one-bill-per-period",
+                                Code::FailedPrecondition,
+                                format!(
+                                    "meter {meter}'s bill for this period was re-issued {n} time(s); this keyshare allows {max_reissues}"
+                                ),
+                            ));
+                        }
+                        (k, n + 1, hashes)
+                    }
+                    None => {
+                        let mut k = prefix.clone();
+                        k.extend_from_slice(&spec.start_slot.to_be_bytes());
+                        (k, 0, Vec::new())
+                    }
+                };
+                if record {
+                    hashes.push(a.release_hash);
+                    let mut v = spec.end_slot.to_be_bytes().to_vec();
+                    v.extend_from_slice(&reissues.to_be_bytes());
+                    for h in &hashes {
+                        v.extend_from_slice(h);
+                    }
+                    self.bills.insert(key, v).map_err(store)?;
+                }
+            }
+            _ => {
+                let mut memo: BTreeMap<([u8; 32], [u8; 32]), usize> = BTreeMap::new();
+                let mut loaded: BTreeMap<[u8; 32], Vec<String>> = BTreeMap::new();
+                for (o, (_, cohort)) in a.release.outputs.iter().enumerate() {
+                    let mine = a.cohort_hashes[*cohort];
+                    let (lo, hi) = (a.runs[o][0].start, a.runs[o][a.runs[o].len() - 1].end);
+                    let mut from = vec![ch];
+                    from.extend_from_slice(&lo.saturating_sub(SLOTS_PER_DAY as u64).to_be_bytes());
+                    let mut to = vec![ch];
+                    to.extend_from_slice(&hi.to_be_bytes());
+                    for kv in self.outputs.range(from..to) {
+                        let (k, _) = kv.map_err(store)?;
+                        if k.len() != 49 {
+                            return Err(store("corrupt output record"));
+                        }
+                        let (elo, ehi) = (u64_at(&k, 1), u64_at(&k, 9));
+                        if ehi <= lo || elo >= hi {
+                            continue;
+                        }
+                        let mut theirs = [0u8; 32];
+                        theirs.copy_from_slice(&k[17..49]);
+                        if theirs == mine {
+                            continue;
+                        }
+                        let diff = match memo.get(&(mine, theirs)) {
+                            Some(d) => *d,
+                            None => {
+                                if !loaded.contains_key(&theirs) {
+                                    let v = self
+                                        .cohorts
+                                        .get(theirs)
+                                        .map_err(store)?
+                                        .ok_or_else(|| store("a released cohort is missing"))?;
+                                    let members = String::from_utf8_lossy(&v)
+                                        .split('\n')
+                                        .map(str::to_owned)
+                                        .collect();
+                                    loaded.insert(theirs, members);
+                                }
+                                let a_ids: Vec<&str> = a.release.cohorts[*cohort]
+                                    .iter()
+                                    .map(String::as_str)
+                                    .collect();
+                                let b_ids: Vec<&str> = loaded
+                                    .get(&theirs)
+                                    .map(|v| v.iter().map(String::as_str).collect())
+                                    .unwrap_or_default();
+                                let d = sym_diff(&a_ids, &b_ids);
+                                memo.insert((mine, theirs), d);
+                                d
+                            }
+                        };
+                        if diff < min_cohort {
+                            return Err(refuse(
+                                "differencing",
+                                Code::FailedPrecondition,
+                                format!(
+                                    "the cohort of {} meters for {} .. {} differs by {diff} from a cohort released for {} .. {}; releases over the same slots must have the same cohort or differ by at least {min_cohort} meters",
+                                    a.release.cohorts[*cohort].len(),
+                                    slot_time(lo),
+                                    slot_time(hi),
+                                    slot_time(elo),
+                                    slot_time(ehi)
+                                ),
+                            ));
+                        }
+                    }
+                }
+                if record {
+                    for (c, h) in a.cohort_hashes.iter().enumerate() {
+                        if !self.cohorts.contains_key(h).map_err(store)? {
+                            self.cohorts
+                                .insert(h, a.release.cohorts[c].join("\n").as_bytes())
+                                .map_err(store)?;
+                        }
+                    }
+                    for (o, (_, cohort)) in a.release.outputs.iter().enumerate() {
+                        let (lo, hi) = (a.runs[o][0].start, a.runs[o][a.runs[o].len() - 1].end);
+                        let mut k = vec![ch];
+                        k.extend_from_slice(&lo.to_be_bytes());
+                        k.extend_from_slice(&hi.to_be_bytes());
+                        k.extend_from_slice(&a.cohort_hashes[*cohort]);
+                        self.outputs.insert(k, &[][..]).map_err(store)?;
+                    }
+                }
+            }
+        }
+        if record {
+            self.db.flush_async().await.map_err(store)?;
+        }
+        Ok(())
+    }
+
+    /// Checks the stateful rules without recording (an early refusal before costly work).
+    pub async fn precheck(
+        &self,
+        a: &Admitted,
+        min_cohort: usize,
+        max_reissues: u32,
+    ) -> Result<(), Refusal> {
+        self.ledger(a, min_cohort, max_reissues, false).await
+    }
+
+    /// Checks the stateful rules again and records the release durably.
+    pub async fn record(
+        &self,
+        a: &Admitted,
+        min_cohort: usize,
+        max_reissues: u32,
+    ) -> Result<(), Refusal> {
+        self.ledger(a, min_cohort, max_reissues, true).await
+    }
+
+    /// The members of `a` without an accepted enrollment for its epoch here.
+    pub fn missing_enrollments(&self, a: &Admitted) -> Result<Vec<String>, Refusal> {
+        let epoch = a.release.spec.epoch;
+        let mut missing = Vec::new();
+        for c in &a.release.cohorts {
+            for m in c {
+                if !self.is_enrolled(m, epoch)? {
+                    missing.push(m.clone());
+                }
+            }
+        }
+        missing.sort();
+        missing.dedup();
+        Ok(missing)
+    }
+
+    fn seeds_of(&self, members: &[String], epoch: u32, share: usize) -> Result<Vec<Seed>, Refusal> {
+        members
+            .iter()
+            .map(|m| {
+                let v = self
+                    .seeds
+                    .get(seed_key(m, epoch, share))
+                    .map_err(store)?
+                    .ok_or_else(|| {
+                        refuse(
+                            "enrollment",
+                            Code::FailedPrecondition,
+                            format!(
+                                "meter {m} has no enrolled seed for epoch {epoch} at this keyshare"
+                            ),
+                        )
+                    })?;
+                let mut s = [0u8; 32];
+                if v.len() != 32 {
+                    return Err(store("a stored seed is not 32 bytes"));
+                }
+                s.copy_from_slice(&v);
+                Ok(Seed(s))
+            })
+            .collect()
+    }
+
+    fn cohort_key(
+        &self,
+        a: &Admitted,
+        cohort: usize,
+        share: usize,
+    ) -> Result<Arc<MeterKey>, Refusal> {
+        let spec = &a.release.spec;
+        let mut h = blake3::Hasher::new();
+        h.update(b"psm/v2/cohort-key-id");
+        h.update(&spec.epoch.to_le_bytes());
+        h.update(&[spec.channel.tag(), share as u8]);
+        h.update(&a.cohort_hashes[cohort]);
+        let id = *h.finalize().as_bytes();
+        if let Some(k) = self
+            .keys
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(&id)
+        {
+            return Ok(k.clone());
+        }
+        let seeds = self.seeds_of(&a.release.cohorts[cohort], spec.epoch, share)?;
+        let refs: Vec<&Seed> = seeds.iter().collect();
+        let key = Arc::new(cohort_share_key(&refs, spec.channel));
+        self.keys
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .put(id, key.clone());
+        Ok(key)
+    }
+
+    fn mask(&self, epoch: u32, runs: &[SlotRun]) -> Arc<Vec<u128>> {
+        let mut h = blake3::Hasher::new();
+        h.update(b"psm/v2/mask-sum-id");
+        h.update(&epoch.to_le_bytes());
+        for r in runs {
+            h.update(&r.start.to_le_bytes());
+            h.update(&r.end.to_le_bytes());
+            h.update(&r.weight.to_le_bytes());
+        }
+        let id = *h.finalize().as_bytes();
+        if let Some(m) = self
+            .masks
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(&id)
+        {
+            return m.clone();
+        }
+        let m = Arc::new(mask_sum(epoch, runs));
+        self.masks
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .put(id, m.clone());
+        m
+    }
+
+    /// This party's contributions: for every share it holds, one d_U per output. CPU-bound:
+    /// call from a blocking context.
+    pub fn contributions(&self, a: &Admitted) -> Result<Vec<(usize, Vec<u128>)>, Refusal> {
+        let held = self.party.scheme.held_by(self.party.index);
+        let masks: Vec<Arc<Vec<u128>>> = a
+            .runs
+            .iter()
+            .map(|r| self.mask(a.release.spec.epoch, r))
+            .collect();
+        let mut out = Vec::with_capacity(held.len());
+        for u in held {
+            let mut keys: BTreeMap<usize, Arc<MeterKey>> = BTreeMap::new();
+            let mut values = Vec::with_capacity(a.release.outputs.len());
+            for (o, (_, cohort)) in a.release.outputs.iter().enumerate() {
+                let key = match keys.get(cohort) {
+                    Some(k) => k.clone(),
+                    None => {
+                        let k = self.cohort_key(a, *cohort, u)?;
+                        keys.insert(*cohort, k.clone());
+                        k
+                    }
+                };
+                values.push(contribution(
+                    &masks[o],
+                    &key.0,
+                    &self.party.flood_key,
+                    u,
+                    &a.output_hashes[o],
+                ));
+            }
+            out.push((u, values));
+        }
+        Ok(out)
+    }
+}
+
+impl Drop for LinearState {
+    fn drop(&mut self) {
+        // Cohort key shares are secrets: MeterKey zeroizes itself when the last Arc goes.
+        if let Ok(mut k) = self.keys.lock() {
+            k.clear();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use psm_core::linear::envelope::{enroll, generate_keypair};
+    use psm_core::linear::key::MeterSeeds;
+    use psm_core::linear::release::release_from_proto;
+    use psm_proto::v1::{AggregateProgram, Cohort, LinearRelease, ReleaseOutput, TimeRange};
+
+    const DAY: i64 = 20_500;
+
+    struct Fixture {
+        _dir: tempfile::TempDir,
+        state: LinearState,
+        audit: AuditLog,
+        keys: Vec<(String, Vec<u8>)>,
+        scheme: Scheme,
+    }
+
+    fn fixture(registry: &str) -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        let scheme = Scheme::new(3, 2).unwrap();
+        let names: Vec<String> = (1..=3).map(|i| format!("ks-{i}")).collect();
+        let pairs: Vec<_> = (0..3).map(|_| generate_keypair()).collect();
+        let keys = names
+            .iter()
+            .cloned()
+            .zip(pairs.iter().map(|p| p.1.clone()))
+            .collect();
+        let reg = dir.path().join("registry.toml");
+        std::fs::write(&reg, registry).unwrap();
+        let db = sled::open(dir.path().join("db")).unwrap();
+        let state = LinearState::open(
+            db,
+            Party {
+                scheme,
+                index: 0,
+                names,
+                flood_key: FloodKey([5; 32]),
+                enrollment_secret: pairs[0].0.clone(),
+            },
+            Registry::load(Some(&reg)).unwrap(),
+            None,
+        )
+        .unwrap();
+        let audit = AuditLog::open(&dir.path().join("audit")).unwrap();
+        Fixture {
+            _dir: dir,
+            state,
+            audit,
+            keys,
+            scheme,
+        }
+    }
+
+    fn aggregate(members: &[&str], key: &str) -> Release {
+        let _ = key;
+        release_from_proto(&LinearRelease {
+            kind: ComputationKind::Aggregate as i32,
+            epoch: 1,
+            channel: psm_proto::v1::Channel::Import as i32,
+            program: AggregateProgram {
+                granularity_seconds: 3600,
+            }
+            .encode_to_vec(),
+            range: Some(TimeRange {
+                start_unix: DAY * 86_400,
+                end_unix: (DAY + 1) * 86_400,
+            }),
+            cohorts: vec![Cohort {
+                meter_ids: members.iter().map(|m| m.to_string()).collect(),
+            }],
+            outputs: (0..24)
+                .map(|i| ReleaseOutput {
+                    index: i,
+                    cohort: 0,
+                })
+                .collect(),
+            reissue_reason: String::new(),
+        })
+        .unwrap()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn enrollments_are_decided_and_audited() {
+        let reg = "[[meters]]\nid = \"a\"\nencryption = \"meter\"\n[[meters]]\nid = \"b\"\nencryption = \"headend\"\n[[meters]]\nid = \"c\"\nencryption = \"meter\"\n";
+        let f = fixture(reg);
+        let sa = MeterSeeds::generate(f.scheme, 1);
+        let ea = enroll("a", &sa, f.scheme, &f.keys).unwrap();
+        let eb = enroll("b", &MeterSeeds::generate(f.scheme, 1), f.scheme, &f.keys).unwrap();
+        // Not on the registry.
+        let ez = enroll("z", &MeterSeeds::generate(f.scheme, 1), f.scheme, &f.keys).unwrap();
+        // c reuses a's seeds (a head-end fronting two ids with one key).
+        let ec = enroll("c", &sa, f.scheme, &f.keys).unwrap();
+        let seq = |mut e: Enrollment, s| {
+            e.seq = s;
+            e
+        };
+        let r = f
+            .state
+            .decide_batch(
+                vec![seq(ea.clone(), 1), seq(eb, 2), seq(ez, 3), seq(ec, 4)],
+                4,
+                &f.audit,
+            )
+            .await
+            .unwrap();
+        assert_eq!(
+            r,
+            SyncReport {
+                accepted: 2,
+                refused: 2
+            }
+        );
+        assert!(f.state.is_enrolled("a", 1).unwrap());
+        assert!(f.state.is_enrolled("b", 1).unwrap());
+        assert!(!f.state.is_enrolled("z", 1).unwrap());
+        assert!(!f.state.is_enrolled("c", 1).unwrap());
+        // The same enrollment again is no new decision; another one for (a, 1) is refused.
+        let ea2 = enroll("a", &MeterSeeds::generate(f.scheme, 1), f.scheme, &f.keys).unwrap();
+        let r = f
+            .state
+            .decide_batch(vec![seq(ea, 5), seq(ea2, 6)], 6, &f.audit)
+            .await
+            .unwrap();
+        assert_eq!(
+            r,
+            SyncReport {
+                accepted: 0,
+                refused: 1
+            }
+        );
+        assert_eq!(f.state.cursor().unwrap(), 6);
+        let records = f.audit.read(0, 100).unwrap();
+        assert_eq!(records.len(), 5);
+        assert!(records.iter().all(|r| r.rule == "enrollment"));
+        assert!(
+            records[2].reason.contains("registry"),
+            "{}",
+            records[2].reason
+        );
+        assert!(
+            records[3].reason.contains("duplicate seeds"),
+            "{}",
+            records[3].reason
+        );
+        assert!(
+            records[1].reason.contains("head-end"),
+            "{}",
+            records[1].reason
+        );
+        // The contributions use the stored seeds: a's share keys for the shares party 0 holds.
+        let one = release_from_proto(&LinearRelease {
+            kind: ComputationKind::Aggregate as i32,
+            epoch: 1,
+            channel: psm_proto::v1::Channel::Import as i32,
+            program: AggregateProgram {
+                granularity_seconds: 3600,
+            }
+            .encode_to_vec(),
+            range: Some(TimeRange {
+                start_unix: DAY * 86_400,
+                end_unix: DAY * 86_400 + 3600,
+            }),
+            cohorts: vec![Cohort {
+                meter_ids: vec!["a".into()],
+            }],
+            outputs: vec![ReleaseOutput {
+                index: 0,
+                cohort: 0,
+            }],
+            reissue_reason: String::new(),
+        })
+        .unwrap();
+        let adm = f.state.admit(one, 1, |_| true).unwrap();
+        let c = f.state.contributions(&adm).unwrap();
+        let held = f.scheme.held_by(0);
+        assert_eq!(c.iter().map(|(u, _)| *u).collect::<Vec<_>>(), held);
+        let a = mask_sum(1, &adm.runs[0]);
+        for (u, v) in &c {
+            let want = contribution(
+                &a,
+                &cohort_share_key(&[&sa.seeds[*u]], psm_core::linear::Channel::Import).0,
+                &FloodKey([5; 32]),
+                *u,
+                &adm.output_hashes[0],
+            );
+            assert_eq!(v[0], want);
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn ledger_refuses_differencing_and_overlapping_bills() {
+        let f = fixture("development_allow_all = true\n");
+        let ten: Vec<String> = (0..10).map(|i| format!("m{i}")).collect();
+        let ids: Vec<&str> = ten.iter().map(String::as_str).collect();
+        let first = f
+            .state
+            .admit(aggregate(&ids[..5], "a"), 5, |_| true)
+            .unwrap();
+        f.state.record(&first, 5, 1).await.unwrap();
+        // The same cohort again: allowed.
+        let again = f
+            .state
+            .admit(aggregate(&ids[..5], "b"), 5, |_| true)
+            .unwrap();
+        f.state.record(&again, 5, 1).await.unwrap();
+        // One meter more over the same slots: refused; five more: allowed.
+        let six = f
+            .state
+            .admit(aggregate(&ids[..6], "c"), 5, |_| true)
+            .unwrap();
+        let e = f.state.precheck(&six, 5, 1).await.unwrap_err();
+        assert_eq!(e.rule, "differencing");
+        let all = f.state.admit(aggregate(&ids, "d"), 5, |_| true).unwrap();
+        f.state.record(&all, 5, 1).await.unwrap();
+        // k-anonymity counts registered meter-encrypted members.
+        let four = f.state.admit(aggregate(&ids[..4], "e"), 5, |_| true);
+        assert_eq!(four.err().map(|r| r.rule), Some("k-anonymity"));
+
+        // Bills: one meter, never overlapping; a re-issue covers exactly the same period.
+        // Tariffs whose first band ends at a different hour: different slots, different values.
+        let tariff = |name: &str| {
+            let split = 6 + name.len() as u32 % 10 + u32::from(name.as_bytes()[1] - b'0');
+            let band = |n: &str, start_hour, end_hour| psm_proto::v1::TariffBand {
+                name: n.into(),
+                weekday_mask: 0x7f,
+                start_hour,
+                end_hour,
+                import_price_milli: 10_000,
+                export_price_milli: 5_000,
+            };
+            psm_proto::v1::Tariff {
+                name: name.into(),
+                time_zone: "UTC".into(),
+                bands: vec![band("night", 0, split), band("day", split, 24)],
+                currency: "EUR".into(),
+                ..Default::default()
+            }
+        };
+        let bill = |name: &str, days: i64, reason: &str| {
+            release_from_proto(&LinearRelease {
+                kind: ComputationKind::Bill as i32,
+                epoch: 1,
+                channel: psm_proto::v1::Channel::Import as i32,
+                program: tariff(name).encode_to_vec(),
+                range: Some(TimeRange {
+                    start_unix: DAY * 86_400,
+                    end_unix: (DAY + days) * 86_400,
+                }),
+                cohorts: vec![Cohort {
+                    meter_ids: vec!["m0".into()],
+                }],
+                outputs: vec![ReleaseOutput {
+                    index: 0,
+                    cohort: 0,
+                }],
+                reissue_reason: reason.into(),
+            })
+            .unwrap()
+        };
+        let rule = |r: Result<(), Refusal>| r.err().map_or("allowed", |r| r.rule);
+        let b = f.state.admit(bill("t1", 28, ""), 5, |_| true).unwrap();
+        assert_eq!(rule(f.state.record(&b, 5, 1).await), "allowed");
+        assert_eq!(rule(f.state.record(&b, 5, 1).await), "allowed", "a repeat");
+        let shorter = f.state.admit(bill("t1", 27, "fix"), 5, |_| true).unwrap();
+        assert_eq!(
+            rule(f.state.record(&shorter, 5, 1).await),
+            "one-bill-per-period"
+        );
+        let other = f.state.admit(bill("t2", 28, ""), 5, |_| true).unwrap();
+        assert_eq!(
+            rule(f.state.record(&other, 5, 1).await),
+            "one-bill-per-period"
+        );
+        let reissue = f
+            .state
+            .admit(bill("t2", 28, "meter replaced"), 5, |_| true)
+            .unwrap();
+        assert_eq!(rule(f.state.record(&reissue, 5, 1).await), "allowed");
+        let twice = f.state.admit(bill("t3", 28, "again"), 5, |_| true).unwrap();
+        assert_eq!(
+            rule(f.state.record(&twice, 5, 1).await),
+            "one-bill-per-period"
+        );
+        // Not allowed tariffs are refused before anything else.
+        let denied = f.state.admit(bill("t4", 28, ""), 5, |_| false);
+        assert_eq!(denied.err().map(|r| r.rule), Some("allowed-program"));
+    }
+}
