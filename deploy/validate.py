@@ -66,7 +66,8 @@ else:
 # 2. ConfigMap TOML against the examples (which list every key they use and are parsed by the
 # services' own types in tests/tests/deploy.rs): a ConfigMap may use only those keys. Server-specific values (host keys such as the
 # head-end names) are compared by section, not by value.
-service_of = {"ingest.toml": "ingest.toml", "compute.toml": "compute.toml", "keyshare.toml": "keyshare-1.toml"}
+service_of = {"ingest.toml": "ingest.toml", "compute.toml": "compute.toml", "keyshare.toml": "keyshare-1.toml",
+              "registry.toml": "registry.toml"}
 docs = []
 for m in manifests:
     with open(m) as f:
