@@ -128,9 +128,11 @@ impl AuditLog {
             prev = hash;
         }
         self.tree.apply_batch(batch)?;
-        self.db.flush_async().await?;
+        // The head moves with the tree, before the flush is awaited: a caller that goes away
+        // during the flush must not leave records the next append would overwrite.
         head.next_seq = seq;
         head.prev_hash = prev;
+        self.db.flush_async().await?;
         Ok(first)
     }
 

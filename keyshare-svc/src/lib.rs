@@ -101,7 +101,7 @@ pub enum KeyshareError {
 pub struct KeyshareService {
     me: SpiffeId,
     share: Arc<ShareFile>,
-    audit: AuditLog,
+    audit: Arc<AuditLog>,
     permits: Semaphore,
     policy: PolicyConfig,
     allowed_programs: BTreeSet<[u8; 32]>,
@@ -225,7 +225,7 @@ impl KeyshareService {
         Ok(KeyshareService {
             me,
             share: Arc::new(share),
-            audit,
+            audit: Arc::new(audit),
             permits: Semaphore::new(CONCURRENT_DECRYPTIONS),
             limiter: RateLimiter::new(policy.rate_limit_per_minute),
             policy,
@@ -241,9 +241,20 @@ impl KeyshareService {
         })
     }
 
-    /// Fetches and decides new enrollments from ingest (also run periodically by [`run`]).
+    /// Fetches and decides new enrollments from ingest (also run periodically by [`run`]). The
+    /// sync runs as its own task, so a caller that goes away cannot cut it between storing
+    /// decisions and auditing them.
     pub async fn sync_enrollments(&self) -> Result<linear::SyncReport, Refusal> {
-        self.linear()?.sync(&self.audit).await
+        let (lin, audit) = (self.linear()?.clone(), self.audit.clone());
+        tokio::spawn(async move { lin.sync(&audit).await })
+            .await
+            .map_err(|e| {
+                refuse(
+                    "internal",
+                    Code::Internal,
+                    format!("enrollment sync task failed: {e}"),
+                )
+            })?
     }
 
     fn linear(&self) -> Result<&Arc<LinearState>, Refusal> {
@@ -279,21 +290,20 @@ impl KeyshareService {
                 "the request has no release",
             )
         })?;
-        let release =
-            release_from_proto(pb).map_err(|e| refuse("release", Code::InvalidArgument, e))?;
+        let release = release_from_proto(pb)
+            .map_err(|e| refuse("release", Code::InvalidArgument, e.detail()))?;
         let allowed =
             |h: &[u8; 32]| self.policy.allow_any_program || self.allowed_programs.contains(h);
-        let k = self.policy.min_cohort;
-        let max_reissues = self.policy.max_reissues;
-        let admitted = lin.admit(release, k, allowed)?;
-        lin.precheck(&admitted, k, max_reissues).await?;
+        let limits = self.policy.linear_limits();
+        let admitted = lin.admit(release, limits, allowed)?;
+        lin.precheck(&admitted, limits).await?;
         let _permit = self
             .permits
             .acquire()
             .await
             .map_err(|_| refuse("available", Code::Unavailable, "keyshare is shutting down"))?;
         if !lin.missing_enrollments(&admitted)?.is_empty() {
-            lin.sync(&self.audit).await?;
+            self.sync_enrollments().await?;
             let missing = lin.missing_enrollments(&admitted)?;
             if !missing.is_empty() {
                 return Err(refuse(
@@ -320,7 +330,7 @@ impl KeyshareService {
                 )
             })??;
         // Record the release (re-checking the stateful rules atomically) before it leaves.
-        lin.record(&admitted, k, max_reissues).await?;
+        lin.record(&admitted, limits).await?;
         let spec = &admitted.release.spec;
         let members: usize = admitted.release.cohorts.iter().map(Vec::len).sum();
         let subject = match spec.kind {

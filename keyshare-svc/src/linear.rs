@@ -31,7 +31,10 @@ const COHORT_KEY_CACHE: usize = 1024;
 /// Cached mask sums (64 KiB each).
 const MASK_CACHE: usize = 1024;
 /// Enrollments decided per batch of a sync (one flush and one audit write each).
-const SYNC_BATCH: usize = 1000;
+const SYNC_BATCH: usize = 200;
+/// Largest enrollment message accepted from ingest (7 parties, 4-of-7: 35 shares × 4 holders of
+/// ~1.2 KB envelopes is ~170 KB).
+const MAX_ENROLLMENT_BYTES: usize = 1 << 20;
 
 fn store(e: impl std::fmt::Display) -> Refusal {
     refuse(
@@ -100,6 +103,21 @@ pub struct Admitted {
     /// BLAKE3 over the output hashes: identifies the release in the ledger.
     pub release_hash: [u8; 32],
     pub headend_encrypted: Vec<String>,
+    /// Per cohort: its meter-encrypted members (what the utility does not already know), and
+    /// their ledger identity H(epoch ‖ members) for the differencing rule.
+    pub private_members: Vec<Vec<String>>,
+    pub ledger_ids: Vec<[u8; 32]>,
+}
+
+/// The policy numbers a linear release is judged by.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub min_cohort: usize,
+    pub max_reissues: u32,
+    /// Shortest bill, days.
+    pub min_bill_days: u32,
+    /// Narrowest tariff band a bill may release, hours per week on average over the period.
+    pub min_band_hours_per_week: u32,
 }
 
 fn seed_key(meter: &str, epoch: u32, share: usize) -> Vec<u8> {
@@ -128,28 +146,6 @@ fn u64_at(b: &[u8], at: usize) -> u64 {
     let mut a = [0u8; 8];
     a.copy_from_slice(&b[at..at + 8]);
     u64::from_be_bytes(a)
-}
-
-/// Size of the symmetric difference of two sorted lists.
-fn sym_diff(a: &[&str], b: &[&str]) -> usize {
-    let (mut i, mut j, mut d) = (0, 0, 0);
-    while i < a.len() && j < b.len() {
-        match a[i].cmp(b[j]) {
-            std::cmp::Ordering::Equal => {
-                i += 1;
-                j += 1;
-            }
-            std::cmp::Ordering::Less => {
-                d += 1;
-                i += 1;
-            }
-            std::cmp::Ordering::Greater => {
-                d += 1;
-                j += 1;
-            }
-        }
-    }
-    d + (a.len() - i) + (b.len() - j)
 }
 
 /// "2026-01-05 00:00 UTC".
@@ -235,7 +231,7 @@ impl LinearState {
         let mut report = SyncReport::default();
         let after = self.cursor()?;
         let mut stream = psm_proto::v1::ingest_client::IngestClient::new(ingest)
-            .max_decoding_message_size(psm_net::config::DEFAULT_MAX_RESPONSE_BYTES)
+            .max_decoding_message_size(MAX_ENROLLMENT_BYTES)
             .stream_enrollments(StreamEnrollmentsRequest {
                 meter_ids: Vec::new(),
                 after_seq: after,
@@ -367,8 +363,12 @@ impl LinearState {
                 }
             };
             let mut duplicate = None;
+            let mut own: HashSet<[u8; 32]> = HashSet::new();
             for (u, s) in &seeds_opened {
                 let id = seed_id(s);
+                if !own.insert(id) {
+                    duplicate = Some("another share of the same enrollment".into());
+                }
                 let mine = seed_key(&e.meter_id, e.epoch, *u);
                 match self.owners.get(id).map_err(store)? {
                     Some(owner) if owner.as_ref() != mine.as_slice() => {
@@ -449,10 +449,26 @@ impl LinearState {
     pub fn admit(
         &self,
         release: Release,
-        min_cohort: usize,
+        limits: Limits,
         program_allowed: impl Fn(&[u8; 32]) -> bool,
     ) -> Result<Admitted, Refusal> {
+        let min_cohort = limits.min_cohort;
         let spec = &release.spec;
+        if spec.kind == ComputationKind::Bill {
+            let min_slots = u64::from(limits.min_bill_days) * SLOTS_PER_DAY as u64;
+            if spec.end_slot - spec.start_slot < min_slots {
+                return Err(refuse(
+                    "bill-period",
+                    Code::FailedPrecondition,
+                    format!(
+                        "a bill covers at least {} day(s); this one covers {} .. {}",
+                        limits.min_bill_days,
+                        slot_time(spec.start_slot),
+                        slot_time(spec.end_slot)
+                    ),
+                ));
+            }
+        }
         if spec.kind == ComputationKind::Bill && !program_allowed(&spec.program_hash) {
             return Err(refuse(
                 "allowed-program",
@@ -464,8 +480,9 @@ impl LinearState {
             ));
         }
         let mut headend = Vec::new();
+        let mut private_members = Vec::with_capacity(release.cohorts.len());
         for (c, members) in release.cohorts.iter().enumerate() {
-            let mut counted = 0usize;
+            let mut private = Vec::with_capacity(members.len());
             for m in members {
                 match self.registry.lookup(m) {
                     None => {
@@ -475,10 +492,12 @@ impl LinearState {
                             format!("meter {m} is not on this keyshare's registry"),
                         ))
                     }
-                    Some(Encryption::Meter) => counted += 1,
+                    Some(Encryption::Meter) => private.push(m.clone()),
                     Some(Encryption::Headend) => headend.push(m.clone()),
                 }
             }
+            let counted = private.len();
+            private_members.push(private);
             if spec.kind == ComputationKind::Aggregate && counted < min_cohort {
                 return Err(refuse(
                     "k-anonymity",
@@ -529,15 +548,32 @@ impl LinearState {
                 return Err(refuse(
                     "release",
                     Code::InvalidArgument,
-                    format!("release: output {index} has no slot in the range"),
+                    format!("output {index} has no slot in the range"),
                 ));
+            }
+            if bands.is_some() {
+                // A band narrower than the minimum would isolate a few readings per bill.
+                let slots: u64 = r.iter().map(|x| x.end - x.start).sum();
+                let period = spec.end_slot - spec.start_slot;
+                let need = (u64::from(limits.min_band_hours_per_week) * 12 * period)
+                    .div_ceil(7 * SLOTS_PER_DAY as u64);
+                if slots < need {
+                    return Err(refuse(
+                        "band-width",
+                        Code::FailedPrecondition,
+                        format!(
+                            "band {index} covers {slots} five-minute slots of the period; this keyshare releases bands of at least {} hours per week ({need} slots here)",
+                            limits.min_band_hours_per_week
+                        ),
+                    ));
+                }
             }
             psm_core::linear::release::check_noise(
                 self.party.scheme,
                 release.cohorts[*cohort].len(),
                 &r,
             )
-            .map_err(|e| refuse("noise-bound", Code::InvalidArgument, e))?;
+            .map_err(|e| refuse("noise-bound", Code::InvalidArgument, e.detail()))?;
             output_hashes.push(psm_core::linear::release::output_hash(
                 spec,
                 &cohort_hashes[*cohort],
@@ -550,6 +586,16 @@ impl LinearState {
         for o in &output_hashes {
             h.update(o);
         }
+        let ledger_ids = private_members
+            .iter()
+            .map(|members| {
+                let mut h = blake3::Hasher::new();
+                h.update(b"psm/v2/ledger-cohort");
+                h.update(&spec.epoch.to_le_bytes());
+                h.update(&psm_core::linear::release::cohort_hash(members));
+                *h.finalize().as_bytes()
+            })
+            .collect();
         Ok(Admitted {
             release,
             runs,
@@ -557,6 +603,8 @@ impl LinearState {
             cohort_hashes,
             release_hash: *h.finalize().as_bytes(),
             headend_encrypted: headend,
+            private_members,
+            ledger_ids,
         })
     }
 
@@ -571,14 +619,18 @@ impl LinearState {
     /// the same range, at most `max_reissues` times, with a reason); an aggregate output over
     /// slots that an earlier output covered must have the same cohort or one differing by at
     /// least `min_cohort` meters. With `record`, also writes the release durably.
-    async fn ledger(
-        &self,
-        a: &Admitted,
-        min_cohort: usize,
-        max_reissues: u32,
-        record: bool,
-    ) -> Result<(), Refusal> {
+    async fn ledger(&self, a: &Admitted, limits: Limits, record: bool) -> Result<(), Refusal> {
         let _g = self.ledger_lock.lock().await;
+        tokio::task::block_in_place(|| self.ledger_locked(a, limits, record))?;
+        if record {
+            self.db.flush_async().await.map_err(store)?;
+        }
+        Ok(())
+    }
+
+    /// [`Self::ledger`]'s sled work, under the ledger lock (blocking).
+    fn ledger_locked(&self, a: &Admitted, limits: Limits, record: bool) -> Result<(), Refusal> {
+        let max_reissues = limits.max_reissues;
         let spec = &a.release.spec;
         let ch = spec.channel.tag();
         match spec.kind {
@@ -588,7 +640,7 @@ impl LinearState {
                 let mut exact: Option<(Vec<u8>, u32, Vec<[u8; 32]>)> = None;
                 for kv in self.bills.scan_prefix(&prefix) {
                     let (k, v) = kv.map_err(store)?;
-                    if k.len() != prefix.len() + 8 || v.len() < 12 || (v.len() - 12) % 32 != 0 {
+                    if k.len() != prefix.len() + 8 || v.len() < 44 || (v.len() - 44) % 32 != 0 {
                         return Err(store("corrupt bill record"));
                     }
                     let (start, end) = (u64_at(&k, prefix.len()), u64_at(&v, 0));
@@ -611,7 +663,19 @@ impl LinearState {
                     }
                     let mut r = [0u8; 4];
                     r.copy_from_slice(&v[8..12]);
-                    let hashes = v[12..]
+                    if v[12..44] != spec.program_hash[..]
+                        && !v[44..].chunks_exact(32).any(|c| c == a.release_hash)
+                    {
+                        return Err(refuse(
+                            "one-bill-per-period",
+                            Code::FailedPrecondition,
+                            format!(
+                                "meter {meter} ({}) was billed for this period under another tariff; a re-issue uses the same tariff (their difference would isolate the readings between the two band layouts)",
+                                spec.channel.name()
+                            ),
+                        ));
+                    }
+                    let hashes = v[44..]
                         .chunks_exact(32)
                         .map(|c| {
                             let mut h = [0u8; 32];
@@ -656,6 +720,7 @@ impl LinearState {
                     hashes.push(a.release_hash);
                     let mut v = spec.end_slot.to_be_bytes().to_vec();
                     v.extend_from_slice(&reissues.to_be_bytes());
+                    v.extend_from_slice(&spec.program_hash);
                     for h in &hashes {
                         v.extend_from_slice(h);
                     }
@@ -663,78 +728,80 @@ impl LinearState {
                 }
             }
             _ => {
-                let mut memo: BTreeMap<([u8; 32], [u8; 32]), usize> = BTreeMap::new();
-                let mut loaded: BTreeMap<[u8; 32], Vec<String>> = BTreeMap::new();
+                // Over overlapping slots, the released meter-encrypted cohorts (per epoch) must be
+                // equal or disjoint: then every linear combination of released sums is a sum
+                // over whole released cohorts, each at least k meters. (Pairwise "differ by k"
+                // is not enough: R1 − R2 + R3 can isolate one meter.)
+                let mut lo_all = u64::MAX;
+                let mut hi_all = 0u64;
+                for r in &a.runs {
+                    lo_all = lo_all.min(r[0].start);
+                    hi_all = hi_all.max(r[r.len() - 1].end);
+                }
+                let mut from = vec![ch];
+                from.extend_from_slice(&lo_all.saturating_sub(SLOTS_PER_DAY as u64).to_be_bytes());
+                let mut to = vec![ch];
+                to.extend_from_slice(&hi_all.to_be_bytes());
+                let mut earlier: Vec<(u64, u64, [u8; 32])> = Vec::new();
+                for kv in self.outputs.range(from..to) {
+                    let (k, _) = kv.map_err(store)?;
+                    if k.len() != 49 {
+                        return Err(store("corrupt output record"));
+                    }
+                    let (elo, ehi) = (u64_at(&k, 1), u64_at(&k, 9));
+                    if ehi <= lo_all || elo >= hi_all {
+                        continue;
+                    }
+                    let mut theirs = [0u8; 32];
+                    theirs.copy_from_slice(&k[17..49]);
+                    earlier.push((elo, ehi, theirs));
+                }
+                let mut verdict: BTreeMap<([u8; 32], [u8; 32]), bool> = BTreeMap::new();
                 for (o, (_, cohort)) in a.release.outputs.iter().enumerate() {
-                    let mine = a.cohort_hashes[*cohort];
+                    let mine = a.ledger_ids[*cohort];
                     let (lo, hi) = (a.runs[o][0].start, a.runs[o][a.runs[o].len() - 1].end);
-                    let mut from = vec![ch];
-                    from.extend_from_slice(&lo.saturating_sub(SLOTS_PER_DAY as u64).to_be_bytes());
-                    let mut to = vec![ch];
-                    to.extend_from_slice(&hi.to_be_bytes());
-                    for kv in self.outputs.range(from..to) {
-                        let (k, _) = kv.map_err(store)?;
-                        if k.len() != 49 {
-                            return Err(store("corrupt output record"));
-                        }
-                        let (elo, ehi) = (u64_at(&k, 1), u64_at(&k, 9));
-                        if ehi <= lo || elo >= hi {
+                    for (elo, ehi, theirs) in &earlier {
+                        if *ehi <= lo || *elo >= hi || *theirs == mine {
                             continue;
                         }
-                        let mut theirs = [0u8; 32];
-                        theirs.copy_from_slice(&k[17..49]);
-                        if theirs == mine {
-                            continue;
-                        }
-                        let diff = match memo.get(&(mine, theirs)) {
+                        let disjoint = match verdict.get(&(mine, *theirs)) {
                             Some(d) => *d,
                             None => {
-                                if !loaded.contains_key(&theirs) {
-                                    let v = self
-                                        .cohorts
-                                        .get(theirs)
-                                        .map_err(store)?
-                                        .ok_or_else(|| store("a released cohort is missing"))?;
-                                    let members = String::from_utf8_lossy(&v)
-                                        .split('\n')
-                                        .map(str::to_owned)
-                                        .collect();
-                                    loaded.insert(theirs, members);
-                                }
-                                let a_ids: Vec<&str> = a.release.cohorts[*cohort]
+                                let v = self
+                                    .cohorts
+                                    .get(theirs)
+                                    .map_err(store)?
+                                    .ok_or_else(|| store("a released cohort is missing"))?;
+                                let text = String::from_utf8_lossy(&v);
+                                let other: HashSet<&str> = text.split('\n').collect();
+                                let d = !a.private_members[*cohort]
                                     .iter()
-                                    .map(String::as_str)
-                                    .collect();
-                                let b_ids: Vec<&str> = loaded
-                                    .get(&theirs)
-                                    .map(|v| v.iter().map(String::as_str).collect())
-                                    .unwrap_or_default();
-                                let d = sym_diff(&a_ids, &b_ids);
-                                memo.insert((mine, theirs), d);
+                                    .any(|m| other.contains(m.as_str()));
+                                verdict.insert((mine, *theirs), d);
                                 d
                             }
                         };
-                        if diff < min_cohort {
+                        if !disjoint {
                             return Err(refuse(
                                 "differencing",
                                 Code::FailedPrecondition,
                                 format!(
-                                    "the cohort of {} meters for {} .. {} differs by {diff} from a cohort released for {} .. {}; releases over the same slots must have the same cohort or differ by at least {min_cohort} meters",
-                                    a.release.cohorts[*cohort].len(),
+                                    "the cohort of {} meter-encrypted meters for {} .. {} overlaps, without being equal to it, a cohort released for {} .. {} (same channel, or another epoch); releases over the same slots must have equal or disjoint cohorts",
+                                    a.private_members[*cohort].len(),
                                     slot_time(lo),
                                     slot_time(hi),
-                                    slot_time(elo),
-                                    slot_time(ehi)
+                                    slot_time(*elo),
+                                    slot_time(*ehi)
                                 ),
                             ));
                         }
                     }
                 }
                 if record {
-                    for (c, h) in a.cohort_hashes.iter().enumerate() {
-                        if !self.cohorts.contains_key(h).map_err(store)? {
+                    for (c, id) in a.ledger_ids.iter().enumerate() {
+                        if !self.cohorts.contains_key(id).map_err(store)? {
                             self.cohorts
-                                .insert(h, a.release.cohorts[c].join("\n").as_bytes())
+                                .insert(id, a.private_members[c].join("\n").as_bytes())
                                 .map_err(store)?;
                         }
                     }
@@ -743,36 +810,23 @@ impl LinearState {
                         let mut k = vec![ch];
                         k.extend_from_slice(&lo.to_be_bytes());
                         k.extend_from_slice(&hi.to_be_bytes());
-                        k.extend_from_slice(&a.cohort_hashes[*cohort]);
+                        k.extend_from_slice(&a.ledger_ids[*cohort]);
                         self.outputs.insert(k, &[][..]).map_err(store)?;
                     }
                 }
             }
         }
-        if record {
-            self.db.flush_async().await.map_err(store)?;
-        }
         Ok(())
     }
 
     /// Checks the stateful rules without recording (an early refusal before costly work).
-    pub async fn precheck(
-        &self,
-        a: &Admitted,
-        min_cohort: usize,
-        max_reissues: u32,
-    ) -> Result<(), Refusal> {
-        self.ledger(a, min_cohort, max_reissues, false).await
+    pub async fn precheck(&self, a: &Admitted, limits: Limits) -> Result<(), Refusal> {
+        self.ledger(a, limits, false).await
     }
 
     /// Checks the stateful rules again and records the release durably.
-    pub async fn record(
-        &self,
-        a: &Admitted,
-        min_cohort: usize,
-        max_reissues: u32,
-    ) -> Result<(), Refusal> {
-        self.ledger(a, min_cohort, max_reissues, true).await
+    pub async fn record(&self, a: &Admitted, limits: Limits) -> Result<(), Refusal> {
+        self.ledger(a, limits, true).await
     }
 
     /// The members of `a` without an accepted enrollment for its epoch here.
@@ -929,6 +983,15 @@ mod tests {
     use psm_proto::v1::{AggregateProgram, Cohort, LinearRelease, ReleaseOutput, TimeRange};
 
     const DAY: i64 = 20_500;
+
+    fn limits(min_cohort: usize) -> Limits {
+        Limits {
+            min_cohort,
+            max_reissues: 1,
+            min_bill_days: 1,
+            min_band_hours_per_week: 4,
+        }
+    }
 
     struct Fixture {
         _dir: tempfile::TempDir,
@@ -1093,7 +1156,7 @@ mod tests {
             reissue_reason: String::new(),
         })
         .unwrap();
-        let adm = f.state.admit(one, 1, |_| true).unwrap();
+        let adm = f.state.admit(one, limits(1), |_| true).unwrap();
         let c = f.state.contributions(&adm).unwrap();
         let held = f.scheme.held_by(0);
         assert_eq!(c.iter().map(|(u, _)| *u).collect::<Vec<_>>(), held);
@@ -1111,32 +1174,123 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn head_end_members_do_not_hide_a_difference() {
+        let mut reg = String::new();
+        for i in 0..6 {
+            reg.push_str(&format!(
+                "[[meters]]\nid = \"m{i}\"\nencryption = \"meter\"\n"
+            ));
+        }
+        for i in 0..4 {
+            reg.push_str(&format!(
+                "[[meters]]\nid = \"h{i}\"\nencryption = \"headend\"\n"
+            ));
+        }
+        let f = fixture(&reg);
+        // {m0..m4} ∪ {h0..h3}, then {m0..m5}: the head-end meters' readings are known to the
+        // utility, so the difference that matters is m5 alone.
+        let first = f
+            .state
+            .admit(
+                aggregate(&["h0", "h1", "h2", "h3", "m0", "m1", "m2", "m3", "m4"], ""),
+                limits(5),
+                |_| true,
+            )
+            .unwrap();
+        assert_eq!(first.headend_encrypted, ["h0", "h1", "h2", "h3"]);
+        f.state.record(&first, limits(5)).await.unwrap();
+        let probe = f
+            .state
+            .admit(
+                aggregate(&["m0", "m1", "m2", "m3", "m4", "m5"], ""),
+                limits(5),
+                |_| true,
+            )
+            .unwrap();
+        assert_eq!(
+            f.state
+                .precheck(&probe, limits(5))
+                .await
+                .err()
+                .map(|r| r.rule),
+            Some("differencing")
+        );
+        // The same meter-encrypted members without the head-end ones: no new information.
+        let same = f
+            .state
+            .admit(
+                aggregate(&["m0", "m1", "m2", "m3", "m4"], ""),
+                limits(5),
+                |_| true,
+            )
+            .unwrap();
+        f.state.record(&same, limits(5)).await.unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_enrollment_with_repeated_seeds_is_refused() {
+        let f = fixture("development_allow_all = true\n");
+        let mut seeds = MeterSeeds::generate(f.scheme, 1);
+        seeds.seeds[2] = seeds.seeds[1].clone(); // both held by party 0
+        let mut e = enroll("twin", &seeds, f.scheme, &f.keys).unwrap();
+        e.seq = 1;
+        let r = f.state.decide_batch(vec![e], 1, &f.audit).await.unwrap();
+        assert_eq!(
+            r,
+            SyncReport {
+                accepted: 0,
+                refused: 1
+            }
+        );
+        assert!(!f.state.is_enrolled("twin", 1).unwrap());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn ledger_refuses_differencing_and_overlapping_bills() {
         let f = fixture("development_allow_all = true\n");
         let ten: Vec<String> = (0..10).map(|i| format!("m{i}")).collect();
         let ids: Vec<&str> = ten.iter().map(String::as_str).collect();
         let first = f
             .state
-            .admit(aggregate(&ids[..5], "a"), 5, |_| true)
+            .admit(aggregate(&ids[..5], "a"), limits(5), |_| true)
             .unwrap();
-        f.state.record(&first, 5, 1).await.unwrap();
+        f.state.record(&first, limits(5)).await.unwrap();
         // The same cohort again: allowed.
         let again = f
             .state
-            .admit(aggregate(&ids[..5], "b"), 5, |_| true)
+            .admit(aggregate(&ids[..5], "b"), limits(5), |_| true)
             .unwrap();
-        f.state.record(&again, 5, 1).await.unwrap();
-        // One meter more over the same slots: refused; five more: allowed.
+        f.state.record(&again, limits(5)).await.unwrap();
+        // One meter more over the same slots: refused (R1 − R2 + R3 combinations are why
+        // cohorts over the same slots must be equal or disjoint); a disjoint five: allowed; all
+        // ten (a superset of both): refused.
         let six = f
             .state
-            .admit(aggregate(&ids[..6], "c"), 5, |_| true)
+            .admit(aggregate(&ids[..6], "c"), limits(5), |_| true)
             .unwrap();
-        let e = f.state.precheck(&six, 5, 1).await.unwrap_err();
+        let e = f.state.precheck(&six, limits(5)).await.unwrap_err();
         assert_eq!(e.rule, "differencing");
-        let all = f.state.admit(aggregate(&ids, "d"), 5, |_| true).unwrap();
-        f.state.record(&all, 5, 1).await.unwrap();
+        let other = f
+            .state
+            .admit(aggregate(&ids[5..], "d"), limits(5), |_| true)
+            .unwrap();
+        f.state.record(&other, limits(5)).await.unwrap();
+        let all = f
+            .state
+            .admit(aggregate(&ids, "d"), limits(5), |_| true)
+            .unwrap();
+        assert_eq!(
+            f.state
+                .precheck(&all, limits(5))
+                .await
+                .err()
+                .map(|r| r.rule),
+            Some("differencing")
+        );
         // k-anonymity counts registered meter-encrypted members.
-        let four = f.state.admit(aggregate(&ids[..4], "e"), 5, |_| true);
+        let four = f
+            .state
+            .admit(aggregate(&ids[..4], "e"), limits(5), |_| true);
         assert_eq!(four.err().map(|r| r.rule), Some("k-anonymity"));
 
         // Bills: one meter, never overlapping; a re-issue covers exactly the same period.
@@ -1159,10 +1313,10 @@ mod tests {
                 ..Default::default()
             }
         };
-        let bill = |name: &str, days: i64, reason: &str| {
+        let bill_in = |name: &str, days: i64, reason: &str, epoch: u32| {
             release_from_proto(&LinearRelease {
                 kind: ComputationKind::Bill as i32,
-                epoch: 1,
+                epoch,
                 channel: psm_proto::v1::Channel::Import as i32,
                 program: tariff(name).encode_to_vec(),
                 range: Some(TimeRange {
@@ -1180,32 +1334,82 @@ mod tests {
             })
             .unwrap()
         };
+        let bill = |name: &str, days: i64, reason: &str| bill_in(name, days, reason, 1);
         let rule = |r: Result<(), Refusal>| r.err().map_or("allowed", |r| r.rule);
-        let b = f.state.admit(bill("t1", 28, ""), 5, |_| true).unwrap();
-        assert_eq!(rule(f.state.record(&b, 5, 1).await), "allowed");
-        assert_eq!(rule(f.state.record(&b, 5, 1).await), "allowed", "a repeat");
-        let shorter = f.state.admit(bill("t1", 27, "fix"), 5, |_| true).unwrap();
-        assert_eq!(
-            rule(f.state.record(&shorter, 5, 1).await),
-            "one-bill-per-period"
-        );
-        let other = f.state.admit(bill("t2", 28, ""), 5, |_| true).unwrap();
-        assert_eq!(
-            rule(f.state.record(&other, 5, 1).await),
-            "one-bill-per-period"
-        );
-        let reissue = f
+        let b = f
             .state
-            .admit(bill("t2", 28, "meter replaced"), 5, |_| true)
+            .admit(bill("t1", 28, ""), limits(5), |_| true)
             .unwrap();
-        assert_eq!(rule(f.state.record(&reissue, 5, 1).await), "allowed");
-        let twice = f.state.admit(bill("t3", 28, "again"), 5, |_| true).unwrap();
+        assert_eq!(rule(f.state.record(&b, limits(5)).await), "allowed");
         assert_eq!(
-            rule(f.state.record(&twice, 5, 1).await),
+            rule(f.state.record(&b, limits(5)).await),
+            "allowed",
+            "a repeat"
+        );
+        let shorter = f
+            .state
+            .admit(bill("t1", 27, "fix"), limits(5), |_| true)
+            .unwrap();
+        assert_eq!(
+            rule(f.state.record(&shorter, limits(5)).await),
             "one-bill-per-period"
         );
+        // Another tariff over exactly the same period: refused, with or without a reason (the
+        // two band layouts would difference into the readings between their edges).
+        let other = f
+            .state
+            .admit(bill("t2", 28, ""), limits(5), |_| true)
+            .unwrap();
+        assert_eq!(
+            rule(f.state.record(&other, limits(5)).await),
+            "one-bill-per-period"
+        );
+        let other = f
+            .state
+            .admit(bill("t2", 28, "new tariff"), limits(5), |_| true)
+            .unwrap();
+        assert_eq!(
+            rule(f.state.record(&other, limits(5)).await),
+            "one-bill-per-period"
+        );
+        // A correction (new epoch) under the same tariff: without a reason refused, with one
+        // allowed once, a second re-issue refused.
+        let fix = f
+            .state
+            .admit(bill_in("t1", 28, "", 2), limits(5), |_| true)
+            .unwrap();
+        assert_eq!(
+            rule(f.state.record(&fix, limits(5)).await),
+            "one-bill-per-period"
+        );
+        let fix = f
+            .state
+            .admit(bill_in("t1", 28, "meter replaced", 2), limits(5), |_| true)
+            .unwrap();
+        assert_eq!(rule(f.state.record(&fix, limits(5)).await), "allowed");
+        let again = f
+            .state
+            .admit(bill_in("t1", 28, "again", 3), limits(5), |_| true)
+            .unwrap();
+        assert_eq!(
+            rule(f.state.record(&again, limits(5)).await),
+            "one-bill-per-period"
+        );
+        // Periods shorter than min_bill_days, and bands narrower than the minimum, are refused.
+        let strict = Limits {
+            min_bill_days: 28,
+            ..limits(5)
+        };
+        let short = f.state.admit(bill("t1", 27, ""), strict, |_| true);
+        assert_eq!(short.err().map(|r| r.rule), Some("bill-period"));
+        let narrow = Limits {
+            min_band_hours_per_week: 7 * 23,
+            ..limits(5)
+        };
+        let n = f.state.admit(bill("t1", 28, ""), narrow, |_| true);
+        assert_eq!(n.err().map(|r| r.rule), Some("band-width"));
         // Not allowed tariffs are refused before anything else.
-        let denied = f.state.admit(bill("t4", 28, ""), 5, |_| false);
+        let denied = f.state.admit(bill("t4", 28, ""), limits(5), |_| false);
         assert_eq!(denied.err().map(|r| r.rule), Some("allowed-program"));
     }
 }

@@ -72,6 +72,10 @@ pub struct PolicyConfig {
     pub reexecute_tfhe_sample_percent: u8,
     /// How many times a bill for one (meter, channel, period) may be re-issued (with a reason).
     pub max_reissues: u32,
+    /// Shortest linear-track bill, days (short bills would release a few readings each).
+    pub min_bill_days: u32,
+    /// Narrowest tariff band a bill may release, in hours per week averaged over the period.
+    pub min_band_hours_per_week: u32,
 }
 
 impl Default for PolicyConfig {
@@ -84,6 +88,8 @@ impl Default for PolicyConfig {
             reexecute_tfhe: ReexecMode::Always,
             reexecute_tfhe_sample_percent: 10,
             max_reissues: 1,
+            min_bill_days: 28,
+            min_band_hours_per_week: 4,
         }
     }
 }
@@ -96,6 +102,9 @@ impl PolicyConfig {
         }
         if self.rate_limit_per_minute == 0 {
             return Err("[keyshare.policy] rate_limit_per_minute must be at least 1".into());
+        }
+        if self.min_bill_days == 0 || self.min_bill_days > 62 {
+            return Err("[keyshare.policy] min_bill_days is 1..=62".into());
         }
         if self.reexecute_tfhe_sample_percent > 100 {
             return Err("[keyshare.policy] reexecute_tfhe_sample_percent is 0..=100".into());
@@ -111,6 +120,16 @@ impl PolicyConfig {
                     })
             })
             .collect()
+    }
+
+    /// The numbers linear-track releases are judged by.
+    pub fn linear_limits(&self) -> crate::linear::Limits {
+        crate::linear::Limits {
+            min_cohort: self.min_cohort,
+            max_reissues: self.max_reissues,
+            min_bill_days: self.min_bill_days,
+            min_band_hours_per_week: self.min_band_hours_per_week,
+        }
     }
 
     /// Whether a tfhe-track request with this hash is re-executed.

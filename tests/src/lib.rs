@@ -216,9 +216,11 @@ impl Drop for Proc {
 }
 
 /// The policy the test system's keyshares run with unless a test says otherwise: the default
-/// cohort minimum, any tariff allowed, tfhe-track requests not re-executed (each keyshare would
-/// load the server key and repeat every tfhe evaluation: tests that want it say so).
-pub const TEST_POLICY: &str = "allow_any_program = true\nreexecute_tfhe = \"off\"\n";
+/// cohort minimum, any tariff allowed, bills of a day or more (tests bill short periods; the
+/// default minimum is 28 days), tfhe-track requests not re-executed (each keyshare would load
+/// the server key and repeat every tfhe evaluation: tests that want it say so).
+pub const TEST_POLICY: &str =
+    "allow_any_program = true\nmin_bill_days = 1\nreexecute_tfhe = \"off\"\n";
 
 /// The registry the test keyshares use unless a test says otherwise: any meter id counts as
 /// registered and meter-encrypted (development mode; tests of the registry pass their own).

@@ -42,9 +42,10 @@ pub const FLOOD_LOG2: u32 = 70;
 pub const MAX_WEIGHT: i64 = 1 << 20;
 /// Largest effective cohort of one output.
 pub const MAX_COHORT: usize = 1_000_000;
-/// Largest reading of one interval, Wh (100 MWh): sums of the largest releases stay far inside
-/// the 47 bits of magnitude the encoding holds.
-pub const MAX_READING_WH: i64 = 100_000_000;
+/// Largest reading of one interval and channel, Wh (100 kWh: 400 kW over 15 minutes). Releases
+/// whose worst-case sum could exceed the 47 bits of magnitude the encoding holds are refused
+/// ([`release::check_noise`]).
+pub const MAX_READING_WH: i64 = 100_000;
 
 /// Encoding of linear-track plaintexts.
 pub const ENCODING: Encoding = Encoding {
@@ -106,6 +107,19 @@ pub enum LinearError {
     Envelope(String),
     #[error("enrollment: {0}")]
     Enrollment(String),
+}
+
+impl LinearError {
+    /// The reason without the rule name (callers that prefix the rule themselves).
+    pub fn detail(&self) -> &str {
+        match self {
+            LinearError::Release(m)
+            | LinearError::NoiseBound(m)
+            | LinearError::Reading(m)
+            | LinearError::Envelope(m)
+            | LinearError::Enrollment(m) => m,
+        }
+    }
 }
 
 /// Wrapping inner product over Z_2^128.

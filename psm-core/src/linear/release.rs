@@ -25,6 +25,10 @@ pub const MAX_BILL_DAYS: i64 = 62;
 pub const MAX_AGGREGATE_DAYS: i64 = 31;
 /// Most members over all cohorts of one release.
 pub const MAX_RELEASE_MEMBERS: usize = 2 * MAX_COHORT;
+/// Most outputs of one release (31 days of 15-minute buckets).
+pub const MAX_OUTPUTS: usize = 3_000;
+/// Most distinct cohorts of one release (each costs a keyshare a cohort key per share).
+pub const MAX_COHORTS: usize = 256;
 
 /// The program of a release.
 #[derive(Debug, Clone)]
@@ -198,8 +202,17 @@ pub fn release_from_proto(r: &LinearRelease) -> Result<Release, LinearError> {
         program,
         program_hash,
     };
-    if r.cohorts.is_empty() {
-        return Err(bad("a release names at least one cohort"));
+    if r.cohorts.is_empty() || r.cohorts.len() > MAX_COHORTS {
+        return Err(bad(format!(
+            "a release names 1..={MAX_COHORTS} distinct cohorts, not {}",
+            r.cohorts.len()
+        )));
+    }
+    if r.outputs.len() > MAX_OUTPUTS {
+        return Err(bad(format!(
+            "{} outputs in one release; the limit is {MAX_OUTPUTS}",
+            r.outputs.len()
+        )));
     }
     let mut total = 0usize;
     let mut cohorts = Vec::with_capacity(r.cohorts.len());
@@ -301,7 +314,9 @@ pub fn output_hash(spec: &ReleaseSpec, cohort: &[u8; 32], runs: &[SlotRun]) -> [
 }
 
 /// Checks that the sum of `cohort` members' bodies over `runs` decrypts correctly after
-/// flooding: C(n, t−1)·2^70 + |C|·Σ|w_τ|·2^30 < Δ/2, exactly, and that weights are bounded.
+/// flooding: C(n, t−1)·2^70 + |C|·Σ|w_τ|·2^30 < Δ/2, exactly; that weights are bounded; and that
+/// the largest possible message |C|·Σ|w_τ|·MAX_READING_WH fits the 47 bits of magnitude, so no
+/// sum wraps.
 pub fn check_noise(scheme: Scheme, cohort: usize, runs: &[SlotRun]) -> Result<(), LinearError> {
     let nb = |m: String| LinearError::NoiseBound(m);
     if cohort == 0 || cohort > MAX_COHORT {
@@ -318,6 +333,16 @@ pub fn check_noise(scheme: Scheme, cohort: usize, runs: &[SlotRun]) -> Result<()
         .checked_mul(weight_sum)
         .and_then(|x| x.checked_mul(1u128 << READING_NOISE_LOG2))
         .and_then(|x| x.checked_add((scheme.share_count() as u128) << FLOOD_LOG2));
+    let message = (cohort as u128)
+        .checked_mul(weight_sum)
+        .and_then(|x| x.checked_mul(super::MAX_READING_WH as u128));
+    if !message.is_some_and(|m| m < 1u128 << (127 - DELTA_LOG2)) {
+        return Err(nb(format!(
+            "{cohort} members × total weight {weight_sum} of readings up to {} Wh could exceed the encoding's ±2^{} Wh",
+            super::MAX_READING_WH,
+            127 - DELTA_LOG2
+        )));
+    }
     match total {
         Some(t) if t < 1u128 << (DELTA_LOG2 - 1) => Ok(()),
         _ => Err(nb(format!(
@@ -457,19 +482,20 @@ mod tests {
             }]
         };
         check_noise(s, MAX_COHORT, &day(1)).unwrap();
-        // A 62-day bill with the largest weight.
+        // A 62-day bill with weight 2^10; the largest weight on a day.
         check_noise(
             s,
             1,
             &[SlotRun {
                 start: 0,
                 end: 62 * 288,
-                weight: MAX_WEIGHT,
+                weight: 1 << 10,
             }],
         )
         .unwrap();
+        check_noise(s, 1, &day(MAX_WEIGHT)).unwrap();
         assert!(check_noise(s, 1, &day(MAX_WEIGHT + 1)).is_err());
-        // 2^49.9 weighted member-slots reach the bound (2^79.9 of noise); 2^47.9 do not.
+        // Messages that could wrap are refused: a million meters over 5 days of slots.
         let span = |end: u64| {
             [SlotRun {
                 start: 0,
@@ -477,8 +503,20 @@ mod tests {
                 weight: 1,
             }]
         };
-        assert!(check_noise(s, MAX_COHORT, &span(1 << 30)).is_err());
-        check_noise(s, MAX_COHORT, &span(1 << 28)).unwrap();
+        let e = check_noise(s, MAX_COHORT, &span(5 * 288)).unwrap_err();
+        assert!(e.to_string().contains("encoding"), "{e}");
+        // The noise bound binds before the message bound for weights near 2^20 on long ranges.
+        let e = check_noise(
+            s,
+            1,
+            &[SlotRun {
+                start: 0,
+                end: 1 << 30,
+                weight: MAX_WEIGHT,
+            }],
+        )
+        .unwrap_err();
+        assert!(!e.to_string().is_empty());
         // Seven parties (35 shares) still fit a day of a million meters.
         check_noise(Scheme::new(7, 4).unwrap(), MAX_COHORT, &day(1)).unwrap();
     }
