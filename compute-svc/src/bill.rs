@@ -1,33 +1,34 @@
-//! Bill: one meter's net energy per time-of-use band over a billing period, summed from the
-//! encrypted interval readings, threshold-decrypted (only the band totals), and priced.
+//! Bill: one meter's energy per time-of-use band over a billing period. Each band's bodies are
+//! summed per channel (import; export when the meter reports it), the keyshares release only the
+//! band totals (deriving the bands' slots from the tariff themselves), and the totals are priced.
+//! Demand charges and tiers come from the tfhe track's daily registers.
 
 use prost::Message;
-use psm_core::aggregate::max_summands;
-use psm_core::linear::LINEAR_ENCODING;
-use psm_core::program::BillEvaluator;
-use psm_core::readings::{parse_day, validate_meter_id, DAY_SECONDS};
+use psm_core::linear::release::{release_from_proto, MAX_BILL_DAYS};
+use psm_core::linear::{Channel, SLOT_SECONDS};
+use psm_core::readings::{validate_meter_id, DAY_SECONDS};
 use psm_core::tariff::{demand_line, price, tier_line, Tariff, Tier};
 use psm_core::tfhe_program::bill_registers;
+use psm_core::wire::LinearBatch;
 use psm_proto::v1::{
-    BillLine, BillRequest, BillResponse, ComputationKind, InputRef, QuorumReport, TimeRange,
+    BillLine, BillRequest, BillResponse, Cohort, ComputationKind, InputRef, LinearRelease,
+    QuorumReport, ReleaseOutput, TimeRange,
 };
-use tonic::transport::Channel;
+use tonic::transport::Channel as GrpcChannel;
 use tonic::Status;
 
-use crate::aggregate::merge_report;
-use crate::decrypt::{manifest, ThresholdDecryptor};
-use crate::inputs::{check_idempotency_key, checked_words, next, stream_linear, whole_days};
+use crate::decrypt::{manifest, merge_report, ThresholdDecryptor};
+use crate::inputs::{
+    check_epoch, check_idempotency_key, check_range, checked_linear, covering_days, format_utc,
+    next, stream_linear,
+};
 use crate::jobs::JobHandle;
 use crate::tfhe::{expand_all, TfheEngine};
 
-/// Longest billing period, days.
-pub const MAX_BILL_DAYS: i64 = 62;
-
 /// What a Bill needs besides the request.
 pub struct Biller<'a> {
-    pub ingest: Channel,
+    pub ingest: GrpcChannel,
     pub decryptor: &'a ThresholdDecryptor,
-    pub linear_key_id: &'a str,
     pub tfhe: &'a TfheEngine,
     pub job: &'a JobHandle,
 }
@@ -49,90 +50,192 @@ pub fn tariff_from_proto(t: &psm_proto::v1::Tariff) -> Result<(Tariff, i64, Vec<
     Ok((tariff, t.demand_rate_per_kw_milli, tiers))
 }
 
+/// The bands of a period: the band of every slot (as the keyshares derive it) and the tariff's
+/// band names, for summing one channel's intervals per band.
+pub struct Bands<'a> {
+    pub meter: &'a str,
+    pub epoch: u32,
+    pub start_slot: u64,
+    /// Band index of slot `start_slot + k`.
+    pub slot_bands: &'a [usize],
+    pub names: Vec<&'a str>,
+}
+
+impl Bands<'_> {
+    fn end_slot(&self) -> u64 {
+        self.start_slot + self.slot_bands.len() as u64
+    }
+
+    /// The wrapping body sum per band of one channel's batches. Every slot of the period must be
+    /// covered by exactly one interval that lies inside the period and inside one band.
+    pub fn sums(&self, channel: Channel, batches: &[LinearBatch]) -> Result<Vec<u128>, Status> {
+        let (start, end) = (self.start_slot, self.end_slot());
+        let at = |slot: u64| format_utc(slot as i64 * SLOT_SECONDS);
+        let ch = channel.name();
+        let meter = self.meter;
+        let mut covered = vec![false; self.slot_bands.len()];
+        let mut sums = vec![0u128; self.names.len()];
+        for b in batches {
+            let spi = b.slots_per_interval;
+            for (s, body) in b.intervals() {
+                let e = s + spi;
+                if e <= start || s >= end {
+                    continue;
+                }
+                if s < start || e > end {
+                    let edge = if s < start { start } else { end };
+                    return Err(Status::failed_precondition(format!(
+                        "meter {meter}'s {ch} interval {}..{} straddles the period's {} at {}: a bill's period must start and end on the meter's interval boundaries ({} minutes)",
+                        at(s),
+                        at(e),
+                        if s < start { "start" } else { "end" },
+                        at(edge),
+                        spi * 5
+                    )));
+                }
+                let first = (s - start) as usize;
+                let slots = &mut covered[first..first + spi as usize];
+                if let Some(k) = slots.iter().position(|c| *c) {
+                    return Err(Status::internal(format!(
+                        "stored {ch} batches of meter {meter} overlap at {} (ingest refuses overlapping batches: the store is inconsistent)",
+                        at(s + k as u64)
+                    )));
+                }
+                slots.fill(true);
+                let band = self.slot_bands[first];
+                if let Some(other) = self.slot_bands[first..first + spi as usize]
+                    .iter()
+                    .find(|x| **x != band)
+                {
+                    return Err(Status::failed_precondition(format!(
+                        "meter {meter}'s {ch} interval {}..{} spans tariff bands {:?} and {:?}: one reading cannot be split between bands; bill it on a tariff whose band edges fall on its interval boundaries",
+                        at(s),
+                        at(e),
+                        self.names.get(band).unwrap_or(&"?"),
+                        self.names.get(*other).unwrap_or(&"?")
+                    )));
+                }
+                if let Some(acc) = sums.get_mut(band) {
+                    *acc = acc.wrapping_add(body);
+                }
+            }
+        }
+        if let Some(k) = covered.iter().position(|c| !c) {
+            return Err(Status::failed_precondition(format!(
+                "meter {meter} has no {ch} reading under epoch {} covering {}: a bill needs every 5-minute slot of its period covered",
+                self.epoch,
+                at(start + k as u64)
+            )));
+        }
+        Ok(sums)
+    }
+}
+
 impl Biller<'_> {
     pub async fn run(&self, req: BillRequest) -> Result<BillResponse, Status> {
         check_idempotency_key(&req.idempotency_key)?;
         validate_meter_id(&req.meter_id).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let epoch = check_epoch(req.epoch)?;
         let proto_tariff = req
             .tariff
             .clone()
             .ok_or_else(|| Status::invalid_argument("a tariff is required"))?;
         let (tariff, demand_rate, tiers) = tariff_from_proto(&proto_tariff)?;
-        let (first_day, days) = whole_days(req.period.as_ref(), MAX_BILL_DAYS)?;
-        let period = TimeRange {
-            start_unix: first_day * DAY_SECONDS,
-            end_unix: (first_day + days) * DAY_SECONDS,
-        };
-        let max_sum = max_summands(self.decryptor.scheme());
+        let period = check_range(
+            req.period.as_ref(),
+            SLOT_SECONDS,
+            MAX_BILL_DAYS * DAY_SECONDS,
+            "period",
+        )?;
+        let registers = demand_rate > 0 || !tiers.is_empty();
+        if registers && (period.start_unix % DAY_SECONDS != 0 || period.end_unix % DAY_SECONDS != 0)
+        {
+            return Err(Status::invalid_argument(
+                "this tariff has a demand charge or tiers, which are computed from the meter's daily registers: its billing period must be whole UTC days (00:00 UTC to 00:00 UTC)",
+            ));
+        }
         let program = proto_tariff.encode_to_vec();
+
+        // The release, and from it the band of every slot exactly as the keyshares derive it.
+        let mut release = LinearRelease {
+            kind: ComputationKind::Bill as i32,
+            epoch,
+            channel: Channel::Import.to_proto() as i32,
+            program: program.clone(),
+            range: Some(period),
+            cohorts: vec![Cohort {
+                meter_ids: vec![req.meter_id.clone()],
+            }],
+            outputs: (0..tariff.bands.len() as u32)
+                .map(|index| ReleaseOutput { index, cohort: 0 })
+                .collect(),
+            reissue_reason: req.reissue_reason.clone(),
+        };
+        let spec = release_from_proto(&release)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?
+            .spec;
+        let slot_bands = spec.slot_outputs();
+        let mut in_period = vec![false; tariff.bands.len()];
+        for b in &slot_bands {
+            if let Some(x) = in_period.get_mut(*b) {
+                *x = true;
+            }
+        }
+        let outputs: Vec<usize> = (0..tariff.bands.len()).filter(|b| in_period[*b]).collect();
+        release.outputs = outputs
+            .iter()
+            .map(|b| ReleaseOutput {
+                index: *b as u32,
+                cohort: 0,
+            })
+            .collect();
+
         self.job.step("summing interval readings per band", 5);
+        let (import, export) = self.batches(&req.meter_id, epoch, &period).await?;
+        let bands = Bands {
+            meter: &req.meter_id,
+            epoch,
+            start_slot: spec.start_slot,
+            slot_bands: &slot_bands,
+            names: tariff.bands.iter().map(|b| b.name.as_str()).collect(),
+        };
+        let import_sums = bands.sums(Channel::Import, &import)?;
+        let export_sums = if export.is_empty() {
+            None
+        } else {
+            Some(bands.sums(Channel::Export, &export)?)
+        };
 
-        let mut stream =
-            stream_linear(self.ingest.clone(), vec![req.meter_id.clone()], period).await?;
-        let mut eval = BillEvaluator::new(&tariff, max_sum);
-        let mut inputs = Vec::new();
-        let mut seen_days = std::collections::BTreeSet::new();
-        while let Some(b) = next(&mut stream).await? {
-            let day =
-                parse_day(&b.day).map_err(|e| Status::internal(format!("ingest returned {e}")))?;
-            if b.meter_id != req.meter_id
-                || day < first_day
-                || day >= first_day + days
-                || !seen_days.insert(day)
-            {
-                continue;
-            }
-            let words = checked_words(&b, self.linear_key_id)?;
-            eval.add_day(day, b.interval_seconds, b.count as usize, words);
-            inputs.push(InputRef {
-                meter_id: b.meter_id,
-                day: b.day,
-                track: b.track,
-                ciphertext_hash: b.ciphertext_hash,
-            });
-        }
-        for d in first_day..first_day + days {
-            if !seen_days.contains(&d) {
-                return Err(Status::failed_precondition(format!(
-                    "meter {} has no readings for {}; a bill needs every day of its period",
-                    req.meter_id,
-                    psm_core::readings::format_day(d)
-                )));
-            }
-        }
-
-        // One decryption of every band total (several pieces per band when a band holds more
-        // intervals than one decryption may).
-        let (sums, batch, noise) = eval.finish();
-        let manifest = manifest(
-            ComputationKind::Bill,
-            program.clone(),
-            inputs,
-            first_day,
-            days,
-            &req.reissue_reason,
-        );
-        self.job.step("decrypting band totals", 20);
-        let out = self
-            .decryptor
-            .decrypt(
-                self.linear_key_id,
-                &batch,
-                LINEAR_ENCODING,
-                noise,
-                manifest,
+        self.job.step("releasing band totals", 15);
+        let mut report = QuorumReport::default();
+        let import_wh = self
+            .release(
+                &release,
+                Channel::Import,
+                &outputs,
+                &import_sums,
                 &req.idempotency_key,
+                &mut report,
             )
-            .await
-            .map_err(|e| e.to_status())?;
-        let mut band_wh = vec![0i64; tariff.bands.len()];
-        for (s, v) in sums.iter().zip(out.values) {
-            band_wh[s.band] +=
-                i64::try_from(v).map_err(|_| Status::internal("band total out of range"))?;
-        }
-        let mut report = Default::default();
-        merge_report(&mut report, out.report);
-        let extra = if demand_rate > 0 || !tiers.is_empty() {
+            .await?;
+        let export_wh = match &export_sums {
+            Some(sums) => {
+                self.release(
+                    &release,
+                    Channel::Export,
+                    &outputs,
+                    sums,
+                    &format!("{}/export", req.idempotency_key),
+                    &mut report,
+                )
+                .await?
+            }
+            None => Vec::new(),
+        };
+
+        let extra = if registers {
+            let first_day = period.start_unix / DAY_SECONDS;
+            let days = (period.end_unix - period.start_unix) / DAY_SECONDS;
             let (lines, r) = self
                 .registers_part(&req, first_day, days, demand_rate, &tiers, program)
                 .await?;
@@ -141,7 +244,8 @@ impl Biller<'_> {
         } else {
             Vec::new()
         };
-        let bill = price(&tariff, &band_wh, days, extra);
+        let started_days = tariff.started_days(period.start_unix, period.end_unix);
+        let bill = price(&tariff, &import_wh, &export_wh, started_days, extra);
         Ok(BillResponse {
             meter_id: req.meter_id,
             period: Some(period),
@@ -161,6 +265,82 @@ impl Biller<'_> {
             currency: tariff.currency,
             quorum: Some(report),
         })
+    }
+
+    /// The meter's checked batches of `epoch` overlapping the period: (import, export).
+    async fn batches(
+        &self,
+        meter: &str,
+        epoch: u32,
+        period: &TimeRange,
+    ) -> Result<(Vec<LinearBatch>, Vec<LinearBatch>), Status> {
+        let (start, end) = (
+            (period.start_unix / SLOT_SECONDS) as u64,
+            (period.end_unix / SLOT_SECONDS) as u64,
+        );
+        let mut stream = stream_linear(
+            self.ingest.clone(),
+            vec![meter.to_owned()],
+            covering_days(period.start_unix, period.end_unix),
+        )
+        .await?;
+        let (mut import, mut export) = (Vec::new(), Vec::new());
+        while let Some(b) = next(&mut stream).await? {
+            if b.meter_id != meter || b.epoch != epoch {
+                continue;
+            }
+            let lb = checked_linear(&b)?;
+            if lb.end_slot() <= start || lb.first_slot >= end {
+                continue;
+            }
+            match lb.channel {
+                Channel::Import => import.push(lb),
+                Channel::Export => export.push(lb),
+            }
+        }
+        Ok((import, export))
+    }
+
+    /// Releases one channel's band totals; returns Wh per band of the tariff (0 for bands
+    /// without a slot in the period).
+    async fn release(
+        &self,
+        template: &LinearRelease,
+        channel: Channel,
+        outputs: &[usize],
+        band_sums: &[u128],
+        idempotency_key: &str,
+        report: &mut QuorumReport,
+    ) -> Result<Vec<i64>, Status> {
+        let mut release = template.clone();
+        release.channel = channel.to_proto() as i32;
+        let sums: Vec<u128> = outputs.iter().map(|b| band_sums[*b]).collect();
+        let out = self
+            .decryptor
+            .release(release, &sums, idempotency_key)
+            .await
+            .map_err(|e| e.to_status())?;
+        merge_report(report, out.report);
+        if out.values.len() != outputs.len() {
+            return Err(Status::internal(format!(
+                "{} values released for {} bands",
+                out.values.len(),
+                outputs.len()
+            )));
+        }
+        let mut wh = vec![0i64; band_sums.len()];
+        for (b, v) in outputs.iter().zip(out.values) {
+            wh[*b] = i64::try_from(v)
+                .ok()
+                .filter(|v| *v >= 0)
+                .ok_or_else(|| {
+                    Status::internal(format!(
+                        "the released {} total of band {b} is {v} Wh: the stored readings are not what a meter encrypts",
+                        channel.name()
+                    ))
+                })?;
+        }
+        Ok(wh)
     }
 
     /// The tfhe track's part of a bill: the demand charge (maximum of the daily peaks, as a
@@ -224,5 +404,108 @@ impl Biller<'_> {
             lines.push(tier_line(it.next().unwrap_or_default(), tiers.len()));
         }
         Ok((lines, out.report))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const D0: u64 = 20_000 * 288;
+
+    fn batch(channel: Channel, first: u64, spi: u64, n: usize) -> LinearBatch {
+        LinearBatch {
+            meter_id: "m".into(),
+            day: 20_000,
+            epoch: 1,
+            channel,
+            interval_seconds: (spi * 300) as u32,
+            first_slot: first,
+            slots_per_interval: spi,
+            bodies: (0..n as u128).map(|i| 1 << i.min(100)).collect(),
+        }
+    }
+
+    /// Two bands: slots before 06:00 are band 0, the rest band 1 (a day from D0).
+    fn bands(slot_bands: &[usize]) -> Bands<'_> {
+        Bands {
+            meter: "m",
+            epoch: 1,
+            start_slot: D0,
+            slot_bands,
+            names: vec!["night", "day"],
+        }
+    }
+
+    #[test]
+    fn bands_sum_intervals_and_require_full_coverage() {
+        let sb: Vec<usize> = (0..288).map(|s| usize::from(s >= 72)).collect();
+        let b = bands(&sb);
+        // Hourly: 6 intervals at night, 18 by day.
+        let sums = b
+            .sums(Channel::Import, &[batch(Channel::Import, D0, 12, 24)])
+            .unwrap();
+        assert_eq!(sums[0], (0..6).map(|i| 1u128 << i).sum::<u128>());
+        assert_eq!(sums[1], (6..24).map(|i| 1u128 << i).sum::<u128>());
+        // Two batches of different lengths tiling the day.
+        let sums = b
+            .sums(
+                Channel::Import,
+                &[
+                    batch(Channel::Import, D0, 3, 24),
+                    batch(Channel::Import, D0 + 72, 1, 216),
+                ],
+            )
+            .unwrap();
+        assert_eq!(sums[0], (0..24).map(|i| 1u128 << i).sum::<u128>());
+        // A missing interval names the first uncovered time.
+        let e = b
+            .sums(Channel::Import, &[batch(Channel::Import, D0, 3, 95)])
+            .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::FailedPrecondition);
+        assert!(e.message().contains("T23:45Z"), "{}", e.message());
+        assert!(e.message().contains("import"), "{}", e.message());
+    }
+
+    #[test]
+    fn intervals_across_bands_or_edges_are_refused() {
+        // A band edge at 06:30: hourly readings cannot be split.
+        let sb: Vec<usize> = (0..288).map(|s| usize::from(s >= 78)).collect();
+        let e = bands(&sb)
+            .sums(Channel::Export, &[batch(Channel::Export, D0, 12, 24)])
+            .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::FailedPrecondition);
+        assert!(
+            e.message()
+                .contains("spans tariff bands \"night\" and \"day\""),
+            "{}",
+            e.message()
+        );
+        // A period starting at 00:15 cuts the first hourly interval.
+        let sb = vec![0usize; 285];
+        let p = Bands {
+            start_slot: D0 + 3,
+            ..bands(&sb)
+        };
+        let e = p
+            .sums(Channel::Import, &[batch(Channel::Import, D0, 12, 24)])
+            .unwrap_err();
+        assert!(
+            e.message().contains("straddles the period's start"),
+            "{}",
+            e.message()
+        );
+        // Overlapping stored batches are a store error.
+        let sb = vec![0usize; 288];
+        let e = bands(&sb)
+            .sums(
+                Channel::Import,
+                &[
+                    batch(Channel::Import, D0, 3, 96),
+                    batch(Channel::Import, D0 + 3, 3, 1),
+                ],
+            )
+            .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::Internal);
     }
 }

@@ -1,6 +1,8 @@
 //! Request checks and stored-input handling shared by the computations.
 
+use psm_core::linear::envelope::MAX_EPOCH;
 use psm_core::readings::DAY_SECONDS;
+use psm_core::wire::LinearBatch;
 use psm_proto::v1::{ReadingBatch, TimeRange, Track};
 use tonic::transport::Channel;
 use tonic::Status;
@@ -79,10 +81,136 @@ pub async fn stream_linear(
 /// The next batch of a stream, mapping transport errors.
 pub use psm_net::client::next_reading as next;
 
-/// The compact-list words of a stored batch, checked ([`psm_core::wire::linear_words`]).
-pub fn checked_words(b: &ReadingBatch, linear_key_id: &str) -> Result<Vec<u128>, Status> {
-    psm_core::wire::linear_words(b, linear_key_id).map_err(|e| match e.field {
-        "key" => Status::failed_precondition(e.to_string()),
-        _ => Status::internal(format!("stored batch {e}")),
+/// A stored linear-track batch, checked ([`psm_core::wire::linear_batch`]): ingest checked it
+/// on the way in, so one that fails now is store corruption, not the caller's mistake.
+pub fn checked_linear(b: &ReadingBatch) -> Result<LinearBatch, Status> {
+    psm_core::wire::linear_batch(b).map_err(|e| {
+        Status::internal(format!(
+            "stored batch of meter {:?} for {:?}: {e}",
+            b.meter_id, b.day
+        ))
     })
+}
+
+/// A request's key epoch: required (the meters' readings are under one), at most
+/// [`MAX_EPOCH`].
+pub fn check_epoch(epoch: u32) -> Result<u32, Status> {
+    match epoch {
+        0 => Err(Status::invalid_argument(
+            "epoch is required: the key epoch (>= 1) the meters' readings are under",
+        )),
+        e if e > MAX_EPOCH => Err(Status::invalid_argument(format!(
+            "epoch {e} is outside 1..={MAX_EPOCH}"
+        ))),
+        e => Ok(e),
+    }
+}
+
+/// Earliest instant a range may start: 2000-01-01T00:00Z (stored days are 2000..=2199).
+pub const EARLIEST_UNIX: i64 = 946_684_800;
+/// Latest instant a range may end: 2200-01-01T00:00Z.
+pub const LATEST_UNIX: i64 = 7_258_118_400;
+
+/// A request's time range: present, start and end multiples of `align` seconds (UTC), end after
+/// start, at most `max_seconds` long, within the years stored days can have. `what` names the
+/// field in messages ("range", "period").
+pub fn check_range(
+    range: Option<&TimeRange>,
+    align: i64,
+    max_seconds: i64,
+    what: &str,
+) -> Result<TimeRange, Status> {
+    let r = range.ok_or_else(|| Status::invalid_argument(format!("a {what} is required")))?;
+    if r.start_unix % align != 0 || r.end_unix % align != 0 || r.end_unix <= r.start_unix {
+        return Err(Status::invalid_argument(format!(
+            "the {what} must start and end on multiples of {align} s (UTC) and end after it starts"
+        )));
+    }
+    if r.start_unix < EARLIEST_UNIX || r.end_unix > LATEST_UNIX {
+        return Err(Status::invalid_argument(format!(
+            "the {what} must lie within 2000-01-01..2200-01-01 (UTC)"
+        )));
+    }
+    if r.end_unix - r.start_unix > max_seconds {
+        return Err(Status::invalid_argument(format!(
+            "the {what} spans {} s; the limit is {max_seconds} s ({} days)",
+            r.end_unix - r.start_unix,
+            max_seconds / DAY_SECONDS
+        )));
+    }
+    Ok(*r)
+}
+
+/// The whole UTC days overlapping [start, end): what to stream from ingest, which keys its
+/// batches by day.
+pub fn covering_days(start_unix: i64, end_unix: i64) -> TimeRange {
+    TimeRange {
+        start_unix: start_unix.div_euclid(DAY_SECONDS) * DAY_SECONDS,
+        end_unix: (end_unix + DAY_SECONDS - 1).div_euclid(DAY_SECONDS) * DAY_SECONDS,
+    }
+}
+
+/// An instant as an ISO 8601 UTC time, for messages ("2026-03-29T01:15Z").
+pub fn format_utc(unix: i64) -> String {
+    let day = unix.div_euclid(DAY_SECONDS);
+    let secs = unix.rem_euclid(DAY_SECONDS);
+    format!(
+        "{}T{:02}:{:02}Z",
+        psm_core::readings::format_day(day),
+        secs / 3600,
+        secs % 3600 / 60
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn epochs_days_and_times() {
+        assert_eq!(
+            check_epoch(0).unwrap_err().message(),
+            "epoch is required: the key epoch (>= 1) the meters' readings are under"
+        );
+        assert!(check_epoch(MAX_EPOCH + 1).is_err());
+        assert_eq!(check_epoch(3).unwrap(), 3);
+        let d = 20_000 * DAY_SECONDS;
+        assert_eq!(
+            covering_days(d + 300, d + DAY_SECONDS + 600),
+            TimeRange {
+                start_unix: d,
+                end_unix: d + 2 * DAY_SECONDS
+            }
+        );
+        assert_eq!(
+            covering_days(d, d + DAY_SECONDS),
+            TimeRange {
+                start_unix: d,
+                end_unix: d + DAY_SECONDS
+            }
+        );
+        assert_eq!(format_utc(1_774_747_800), "2026-03-29T01:30Z");
+        assert_eq!(
+            psm_core::readings::parse_day("2000-01-01").unwrap() * DAY_SECONDS,
+            EARLIEST_UNIX
+        );
+        assert_eq!(
+            (psm_core::readings::parse_day("2199-12-31").unwrap() + 1) * DAY_SECONDS,
+            LATEST_UNIX
+        );
+        let r = |s: i64, e: i64| TimeRange {
+            start_unix: s,
+            end_unix: e,
+        };
+        assert!(check_range(Some(&r(d, d + 900)), 900, DAY_SECONDS, "range").is_ok());
+        assert!(check_range(Some(&r(d + 300, d + 900)), 900, DAY_SECONDS, "range").is_err());
+        assert!(check_range(Some(&r(d, d)), 300, DAY_SECONDS, "range").is_err());
+        assert!(check_range(Some(&r(d, d + 2 * DAY_SECONDS)), 300, DAY_SECONDS, "range").is_err());
+        assert!(check_range(Some(&r(-DAY_SECONDS, 0)), 300, DAY_SECONDS, "range").is_err());
+        assert!(check_range(Some(&r(i64::MAX - 7, i64::MAX)), 1, DAY_SECONDS, "range").is_err());
+        assert!(check_range(None, 300, DAY_SECONDS, "period")
+            .unwrap_err()
+            .message()
+            .contains("period"));
+    }
 }

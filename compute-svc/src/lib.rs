@@ -1,5 +1,6 @@
-//! compute-svc: evaluates bills and analytics homomorphically and has only the results
-//! threshold-decrypted by a quorum of keyshares. The binary is a thin wrapper over [`run`].
+//! compute-svc: sums meters' encrypted readings (linear track: bills, aggregates) or evaluates
+//! programs on tfhe ciphertexts (demand charges, tiers, analytics), and has only the results
+//! released by a quorum of keyshares. The binary is a thin wrapper over [`run`].
 
 pub mod aggregate;
 pub mod analytics;
@@ -40,11 +41,9 @@ pub struct ComputeSection {
     /// The keyshares to ask for partial decryptions.
     #[serde(default)]
     pub keyshares: Vec<decrypt::KeyshareEndpoint>,
-    /// Smallest cohort an aggregate is released for (default 5).
+    /// Smallest cohort an aggregate is released for (default 5); also the smallest effective
+    /// cohort of one output interval (smaller ones are withheld).
     pub min_cohort: Option<usize>,
-    /// Most meters summed into one decrypted shard (default: as many as the flooding
-    /// invariants allow).
-    pub max_shard_meters: Option<usize>,
     /// Expanded tfhe-track meter-days kept in memory for reuse (~0.5 MB each; default 512).
     pub expanded_cache_meter_days: Option<usize>,
     /// How long to wait for a keyshare's answer, seconds (default 600: keyshares that
@@ -59,9 +58,7 @@ pub const DEFAULT_MIN_COHORT: usize = 5;
 pub struct Engine {
     ingest: tonic::transport::Channel,
     decryptor: decrypt::ThresholdDecryptor,
-    linear_key_id: String,
     min_cohort: usize,
-    max_shard_meters: usize,
     tfhe: tfhe::TfheEngine,
 }
 
@@ -95,9 +92,7 @@ impl Engine {
         Ok(Some(Engine {
             ingest,
             decryptor,
-            linear_key_id: manifest.linear_key_id,
-            min_cohort: c.min_cohort.unwrap_or(DEFAULT_MIN_COHORT),
-            max_shard_meters: c.max_shard_meters.unwrap_or(usize::MAX).max(1),
+            min_cohort: c.min_cohort.unwrap_or(DEFAULT_MIN_COHORT).max(1),
             tfhe: tfhe::TfheEngine::new(
                 public_dir.clone(),
                 manifest.tfhe_key_id.clone(),
@@ -152,7 +147,6 @@ impl Compute for ComputeService {
         let biller = bill::Biller {
             ingest: e.ingest.clone(),
             decryptor: &e.decryptor,
-            linear_key_id: &e.linear_key_id,
             tfhe: &e.tfhe,
             job: &job,
         };
@@ -170,9 +164,7 @@ impl Compute for ComputeService {
         let agg = aggregate::Aggregator {
             ingest: e.ingest.clone(),
             decryptor: &e.decryptor,
-            linear_key_id: &e.linear_key_id,
             min_cohort: e.min_cohort,
-            max_shard_meters: e.max_shard_meters,
             job: &job,
         };
         finish(&job, agg.run(req).await)

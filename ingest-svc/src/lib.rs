@@ -1,16 +1,17 @@
-//! ingest-svc: accepts encrypted reading batches from meters and head-ends, stores them durably
-//! and idempotently, and serves them to compute and keyshares. The binary is a thin wrapper over
-//! [`run`].
+//! ingest-svc: accepts encrypted reading batches and linear-track key enrollments from meters
+//! and head-ends, stores them durably and idempotently, and serves readings to compute and
+//! keyshares and enrollments to keyshares. It never opens an envelope or reads a reading; on the
+//! linear track it enforces that each (meter, epoch, channel, slot) is encrypted once, ever, and
+//! only under an enrolled epoch. The binary is a thin wrapper over [`run`].
 
 pub mod store;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use psm_core::readings::{
-    check_linear_shape, format_day, parse_day, validate_meter_id, DAY_SECONDS,
-};
+use psm_core::readings::{format_day, parse_day, validate_meter_id, DAY_SECONDS};
+use psm_core::threshold::Scheme;
 use psm_net::auth::caller;
 use psm_net::Role;
 use psm_proto::v1::Track;
@@ -22,8 +23,9 @@ use psm_core::ceremony::{CeremonyError, PublicBundle};
 use psm_net::config::{ServerSettings, DEFAULT_MAX_RESPONSE_BYTES};
 use psm_proto::v1::ingest_server::{Ingest, IngestServer};
 use psm_proto::v1::{
-    GetPublicParamsRequest, PublicParamsChunk, ReadingBatch, StreamReadingsRequest,
-    SubmitReadingsRequest, SubmitReadingsResponse,
+    EnrollRequest, EnrollResponse, Enrollment, GetPublicParamsRequest, PublicParamsChunk,
+    ReadingBatch, StreamEnrollmentsRequest, StreamReadingsRequest, SubmitReadingsRequest,
+    SubmitReadingsResponse,
 };
 use serde::Deserialize;
 use tokio::sync::mpsc;
@@ -38,20 +40,25 @@ pub const DEFAULT_LISTEN: &str = "127.0.0.1:7401";
 #[serde(deny_unknown_fields)]
 pub struct IngestSection {
     /// Public bundle directory from `psm ceremony` (`<out>/public`), served by GetPublicParams;
-    /// its manifest names the key ids submissions must use.
+    /// its manifest names the tfhe key id tfhe-track submissions must use and the keyshares'
+    /// scheme and names that enrollments are checked against.
     pub public_dir: Option<PathBuf>,
-    /// Meters each head-end may submit for: head-end certificate name → meter ids, where an id
-    /// ending in `*` matches every id with that prefix (`"meter-*"`).
+    /// Meters each head-end may submit and enroll for: head-end certificate name → meter ids,
+    /// where an id ending in `*` matches every id with that prefix (`"meter-*"`).
     #[serde(default)]
     pub headends: HashMap<String, Vec<String>>,
 }
 
 /// Most batches in one SubmitReadings request.
 pub const MAX_BATCHES_PER_REQUEST: usize = 1_000;
-/// Most meters named in one StreamReadings request.
+/// Most enrollments in one Enroll request.
+pub const MAX_ENROLLMENTS_PER_REQUEST: usize = 1_000;
+/// Most meters named in one StreamReadings or StreamEnrollments request.
 pub const MAX_METERS_PER_STREAM: usize = 100_000;
 /// Longest time range of one StreamReadings request, days.
 pub const MAX_STREAM_DAYS: i64 = 400;
+/// Enrollments StreamEnrollments reads from the store at a time (bounds its memory).
+pub const ENROLLMENT_PAGE: usize = 1_000;
 
 /// Size of one GetPublicParams chunk: well under the 4 MiB default limit of gRPC clients.
 pub const CHUNK_BYTES: usize = 2 << 20;
@@ -67,25 +74,73 @@ pub struct IngestService {
     headends: HashMap<String, Vec<String>>,
 }
 
+/// The one mapping of store failures to gRPC statuses.
 fn store_status(e: StoreError) -> Status {
     match e {
-        StoreError::Conflict { .. } => Status::already_exists(format!(
-            "{e}; nothing from this request was stored (a meter-day is immutable once stored)"
-        )),
-        StoreError::Backend(m) => {
+        StoreError::Conflict { .. } => {
+            Status::already_exists(format!("{e}; nothing from this request was stored"))
+        }
+        StoreError::EnrollmentConflict { .. } => {
+            Status::already_exists(format!("{e}; nothing from this request was stored"))
+        }
+        StoreError::Invalid(m) => {
+            Status::invalid_argument(format!("{m}; nothing from this request was stored"))
+        }
+        StoreError::Format(m) | StoreError::Backend(m) => {
             tracing::error!(error = %m, "reading store failed");
             Status::unavailable("the reading store is unavailable; nothing was stored, retry later")
         }
     }
 }
 
+fn join_error(e: tokio::task::JoinError) -> Status {
+    Status::internal(format!("store task failed: {e}"))
+}
+
 fn valid_idempotency_key(k: &str) -> bool {
     (1..=128).contains(&k.len()) && k.bytes().all(|b| b.is_ascii_graphic())
 }
 
+fn check_idempotency_key(k: &str) -> Result<(), Status> {
+    if valid_idempotency_key(k) {
+        Ok(())
+    } else {
+        Err(Status::invalid_argument(
+            "idempotency_key must be 1..=128 printable ASCII characters",
+        ))
+    }
+}
+
+/// Whether two enrollments are the same, ignoring `seq` (which callers do not set).
+fn same_enrollment(a: &Enrollment, b: &Enrollment) -> bool {
+    a.meter_id == b.meter_id
+        && a.epoch == b.epoch
+        && a.parties == b.parties
+        && a.threshold == b.threshold
+        && a.commitments == b.commitments
+        && a.envelopes == b.envelopes
+}
+
+/// One linear batch of a request, for the checks across batches.
+struct Covered<'a> {
+    index: usize,
+    batch: &'a ReadingBatch,
+    first_slot: u64,
+    end_slot: u64,
+}
+
+/// Whether two batches of one (meter, epoch, channel) are the same batch.
+fn same_batch(a: &ReadingBatch, b: &ReadingBatch) -> bool {
+    a.first_interval == b.first_interval
+        && a.interval_seconds == b.interval_seconds
+        && a.count == b.count
+        && a.ciphertext == b.ciphertext
+}
+
 impl IngestService {
     /// A service over `store`, serving the public bundle in `public_dir` if given (without one
-    /// it cannot check key ids and refuses submissions).
+    /// it cannot check tfhe key ids and proofs or the scheme of enrollments, and refuses
+    /// tfhe-track batches and enrollments).
     pub fn new(
         public_dir: Option<&Path>,
         store: Arc<dyn ReadingStore>,
@@ -96,7 +151,13 @@ impl IngestService {
             .transpose()?
             .map(Arc::new);
         if let Some(b) = &bundle {
-            tracing::info!(dir = %b.dir.display(), tfhe_key = %b.manifest.tfhe_key_id, linear_key = %b.manifest.linear_key_id, "serving public key material");
+            tracing::info!(
+                dir = %b.dir.display(),
+                tfhe_key = %b.manifest.tfhe_key_id,
+                parties = b.manifest.parties,
+                threshold = b.manifest.threshold,
+                "serving public key material"
+            );
         }
         let verifier = match &bundle {
             Some(b) => Some(Arc::new(b.register_verifier()?)),
@@ -112,8 +173,8 @@ impl IngestService {
         })
     }
 
-    /// Whether the caller may submit for `meter_id`: a meter for itself, a head-end for the
-    /// meters on its list.
+    /// Whether the caller may submit or enroll for `meter_id`: a meter for itself, a head-end
+    /// for the meters on its list.
     fn may_submit(&self, who: &psm_net::SpiffeId, meter_id: &str) -> bool {
         match who.role {
             Role::Meter => who.name == meter_id,
@@ -167,13 +228,14 @@ impl IngestService {
         Ok(())
     }
 
-    /// Every check on a submission, before anything touches storage.
-    fn validate(&self, who: &psm_net::SpiffeId, req: &SubmitReadingsRequest) -> Result<(), Status> {
-        if !valid_idempotency_key(&req.idempotency_key) {
-            return Err(Status::invalid_argument(
-                "idempotency_key must be 1..=128 printable ASCII characters",
-            ));
-        }
+    /// Every check on a submission that needs no storage. Returns the (meter, epoch) pairs of
+    /// the linear batches with the first batch naming each, which must be enrolled.
+    fn validate(
+        &self,
+        who: &psm_net::SpiffeId,
+        req: &SubmitReadingsRequest,
+    ) -> Result<BTreeMap<(String, u32), usize>, Status> {
+        check_idempotency_key(&req.idempotency_key)?;
         if req.batches.is_empty() {
             return Err(Status::invalid_argument("the request holds no batches"));
         }
@@ -183,12 +245,11 @@ impl IngestService {
                 req.batches.len()
             )));
         }
-        let bundle = self.bundle.as_ref().ok_or_else(|| {
-            Status::failed_precondition(
-                "this ingest has no key manifest (start it with --public-dir); nothing was stored",
-            )
-        })?;
-        let mut seen = BTreeMap::new();
+        let mut epochs = BTreeMap::new();
+        let mut tfhe_days = BTreeMap::new();
+        // (meter, epoch, channel) → the request's batches for it.
+        let mut linear: BTreeMap<(&str, u32, psm_core::linear::Channel), Vec<Covered>> =
+            BTreeMap::new();
         for (i, b) in req.batches.iter().enumerate() {
             let bad = |m: String| {
                 Status::invalid_argument(format!(
@@ -203,24 +264,45 @@ impl IngestService {
                     b.meter_id
                 )));
             }
-            parse_day(&b.day).map_err(|e| bad(e.to_string()))?;
-            let key_id = b
-                .key
-                .as_ref()
-                .map(|k| k.key_id.as_str())
-                .unwrap_or_default();
             match b.track() {
                 Track::Linear => {
-                    if key_id != bundle.manifest.linear_key_id {
-                        return Err(bad(format!(
-                            "key id {key_id:?} is not this deployment's linear key {:?}",
-                            bundle.manifest.linear_key_id
-                        )));
+                    let lb = psm_core::wire::linear_batch(b).map_err(|e| bad(e.to_string()))?;
+                    let group = linear
+                        .entry((&b.meter_id, lb.epoch, lb.channel))
+                        .or_default();
+                    for prev in group.iter() {
+                        if prev.first_slot < lb.end_slot()
+                            && lb.first_slot < prev.end_slot
+                            && !same_batch(prev.batch, b)
+                        {
+                            return Err(bad(format!(
+                                "it covers slots of batch {} (epoch {} channel {}) with other bodies; a slot is encrypted once, ever",
+                                prev.index,
+                                lb.epoch,
+                                lb.channel.name()
+                            )));
+                        }
                     }
-                    check_linear_shape(b.interval_seconds, b.count, b.ciphertext.len())
-                        .map_err(|e| bad(e.to_string()))?;
+                    group.push(Covered {
+                        index: i,
+                        batch: b,
+                        first_slot: lb.first_slot,
+                        end_slot: lb.end_slot(),
+                    });
+                    epochs.entry((b.meter_id.clone(), lb.epoch)).or_insert(i);
                 }
                 Track::Tfhe => {
+                    let bundle = self.bundle.as_ref().ok_or_else(|| {
+                        Status::failed_precondition(
+                            "this ingest has no key manifest (start it with --public-dir), so it cannot take tfhe-track batches; nothing was stored",
+                        )
+                    })?;
+                    parse_day(&b.day).map_err(|e| bad(e.to_string()))?;
+                    let key_id = b
+                        .key
+                        .as_ref()
+                        .map(|k| k.key_id.as_str())
+                        .unwrap_or_default();
                     if key_id != bundle.manifest.tfhe_key_id {
                         return Err(bad(format!(
                             "key id {key_id:?} is not this deployment's tfhe key {:?}",
@@ -238,22 +320,104 @@ impl IngestService {
                             b.ciphertext.len()
                         )));
                     }
+                    if blake3::hash(&b.ciphertext).as_bytes().as_slice()
+                        != b.ciphertext_hash.as_slice()
+                    {
+                        return Err(bad("ciphertext_hash is not the BLAKE3 hash of the ciphertext (truncated or corrupted?)".into()));
+                    }
+                    if let Some(prev) =
+                        tfhe_days.insert((b.meter_id.as_str(), b.day.as_str()), &b.ciphertext_hash)
+                    {
+                        if *prev != b.ciphertext_hash {
+                            return Err(bad(
+                                "the request holds two different tfhe-track batches for this meter-day"
+                                    .into(),
+                            ));
+                        }
+                    }
                 }
                 Track::Unspecified => {
                     return Err(bad("track must be TRACK_LINEAR or TRACK_TFHE".into()))
                 }
             }
-            if blake3::hash(&b.ciphertext).as_bytes().as_slice() != b.ciphertext_hash.as_slice() {
-                return Err(bad("ciphertext_hash is not the BLAKE3 hash of the ciphertext (truncated or corrupted?)".into()));
+        }
+        Ok(epochs)
+    }
+
+    /// Refuses a submission with a linear batch under an epoch its meter has not enrolled.
+    async fn check_enrolled(&self, epochs: BTreeMap<(String, u32), usize>) -> Result<(), Status> {
+        if epochs.is_empty() {
+            return Ok(());
+        }
+        let store = self.store.clone();
+        let missing = tokio::task::spawn_blocking(move || {
+            for ((meter, epoch), i) in epochs {
+                if !store.is_enrolled(&meter, epoch)? {
+                    return Ok(Some((meter, epoch, i)));
+                }
             }
-            if let Some(prev) = seen.insert(
-                (b.meter_id.as_str(), b.day.as_str(), b.track),
-                &b.ciphertext_hash,
-            ) {
-                if *prev != b.ciphertext_hash {
-                    return Err(bad(
-                        "the request holds two different batches for this meter-day".into(),
-                    ));
+            Ok::<_, StoreError>(None)
+        })
+        .await
+        .map_err(join_error)?
+        .map_err(store_status)?;
+        match missing {
+            Some((meter, epoch, i)) => Err(Status::failed_precondition(format!(
+                "batch {i}: meter {meter} has not enrolled key epoch {epoch}; enroll it first with Ingest.Enroll; nothing was stored"
+            ))),
+            None => Ok(()),
+        }
+    }
+
+    /// Every check on an enrollment request that needs no storage.
+    fn validate_enrollments(
+        &self,
+        who: &psm_net::SpiffeId,
+        req: &EnrollRequest,
+    ) -> Result<(), Status> {
+        check_idempotency_key(&req.idempotency_key)?;
+        if req.enrollments.is_empty() {
+            return Err(Status::invalid_argument("the request holds no enrollments"));
+        }
+        if req.enrollments.len() > MAX_ENROLLMENTS_PER_REQUEST {
+            return Err(Status::resource_exhausted(format!(
+                "{} enrollments in one request; the limit is {MAX_ENROLLMENTS_PER_REQUEST}",
+                req.enrollments.len()
+            )));
+        }
+        let bundle = self.bundle.as_ref().ok_or_else(|| {
+            Status::failed_precondition(
+                "this ingest has no key manifest (start it with --public-dir), so it cannot check enrollments against the keyshares' scheme; nothing was stored",
+            )
+        })?;
+        let manifest = &bundle.manifest;
+        let scheme = Scheme::new(manifest.parties, manifest.threshold).map_err(|e| {
+            Status::failed_precondition(format!(
+                "the key manifest's scheme is unusable: {e}; nothing was stored"
+            ))
+        })?;
+        let mut seen: BTreeMap<(&str, u32), (usize, &Enrollment)> = BTreeMap::new();
+        for (i, e) in req.enrollments.iter().enumerate() {
+            let bad = |m: String| {
+                Status::invalid_argument(format!(
+                    "enrollment {i} (meter {} epoch {}): {m}; nothing was stored",
+                    e.meter_id, e.epoch
+                ))
+            };
+            validate_meter_id(&e.meter_id).map_err(|x| bad(x.to_string()))?;
+            if !self.may_submit(who, &e.meter_id) {
+                return Err(Status::permission_denied(format!(
+                    "{who} may not enroll meter {:?} (enrollment {i}); nothing was stored",
+                    e.meter_id
+                )));
+            }
+            psm_core::linear::envelope::check_shape(e, scheme, &manifest.party_names)
+                .map_err(|x| bad(x.to_string()))?;
+            if let Some((j, prev)) = seen.insert((e.meter_id.as_str(), e.epoch), (i, e)) {
+                if !same_enrollment(prev, e) {
+                    return Err(bad(format!(
+                        "enrollment {j} of this request enrolls the same meter and epoch with other seeds"
+                    )));
                 }
             }
         }
@@ -332,6 +496,7 @@ async fn stream_file(
 
 type ChunkStream = tokio_stream::wrappers::ReceiverStream<Result<PublicParamsChunk, Status>>;
 type BatchStream = tokio_stream::wrappers::ReceiverStream<Result<ReadingBatch, Status>>;
+type EnrollmentStream = tokio_stream::wrappers::ReceiverStream<Result<Enrollment, Status>>;
 
 #[tonic::async_trait]
 impl Ingest for IngestService {
@@ -341,19 +506,90 @@ impl Ingest for IngestService {
     ) -> Result<Response<SubmitReadingsResponse>, Status> {
         let who = caller(&request)?.clone();
         let req = request.into_inner();
-        self.validate(&who, &req)?;
+        let epochs = self.validate(&who, &req)?;
+        self.check_enrolled(epochs).await?;
         self.verify_proofs(&req).await?;
         let store = self.store.clone();
         let batches = req.batches;
         let outcome = tokio::task::spawn_blocking(move || store.put_all(&batches))
             .await
-            .map_err(|e| Status::internal(format!("store task failed: {e}")))?
+            .map_err(join_error)?
             .map_err(store_status)?;
         tracing::info!(caller = %who, key = %req.idempotency_key, stored = outcome.stored, duplicates = outcome.duplicates, "readings stored durably");
         Ok(Response::new(SubmitReadingsResponse {
             stored: outcome.stored,
             duplicates: outcome.duplicates,
         }))
+    }
+
+    async fn enroll(
+        &self,
+        request: Request<EnrollRequest>,
+    ) -> Result<Response<EnrollResponse>, Status> {
+        let who = caller(&request)?.clone();
+        let req = request.into_inner();
+        self.validate_enrollments(&who, &req)?;
+        let store = self.store.clone();
+        let enrollments = req.enrollments;
+        let outcome = tokio::task::spawn_blocking(move || store.put_enrollments(&enrollments))
+            .await
+            .map_err(join_error)?
+            .map_err(store_status)?;
+        tracing::info!(caller = %who, key = %req.idempotency_key, stored = outcome.stored, duplicates = outcome.duplicates, "enrollments stored durably");
+        Ok(Response::new(EnrollResponse {
+            stored: outcome.stored,
+            duplicates: outcome.duplicates,
+        }))
+    }
+
+    type StreamEnrollmentsStream = EnrollmentStream;
+
+    async fn stream_enrollments(
+        &self,
+        request: Request<StreamEnrollmentsRequest>,
+    ) -> Result<Response<Self::StreamEnrollmentsStream>, Status> {
+        let who = caller(&request)?.clone();
+        let req = request.into_inner();
+        if req.meter_ids.len() > MAX_METERS_PER_STREAM {
+            return Err(Status::resource_exhausted(format!(
+                "{} meters in one request; the limit is {MAX_METERS_PER_STREAM}",
+                req.meter_ids.len()
+            )));
+        }
+        for m in &req.meter_ids {
+            validate_meter_id(m).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        }
+        let meters: Option<BTreeSet<String>> =
+            (!req.meter_ids.is_empty()).then(|| req.meter_ids.into_iter().collect());
+        tracing::info!(caller = %who, after_seq = req.after_seq, meters = meters.as_ref().map_or(0, |m| m.len()), "streaming enrollments");
+        let store = self.store.clone();
+        let (tx, rx) = mpsc::channel(16);
+        let mut after = req.after_seq;
+        tokio::task::spawn_blocking(move || loop {
+            if tx.is_closed() {
+                return; // the caller went away
+            }
+            let page = match store.enrollments_after(after, meters.as_ref(), ENROLLMENT_PAGE) {
+                Ok(p) => p,
+                Err(e) => {
+                    let _ = tx.blocking_send(Err(store_status(e)));
+                    return;
+                }
+            };
+            let last_page = page.len() < ENROLLMENT_PAGE;
+            for e in page {
+                after = e.seq;
+                if tx.blocking_send(Ok(e)).is_err() {
+                    return; // the caller went away
+                }
+            }
+            if last_page {
+                return;
+            }
+        });
+        Ok(Response::new(tokio_stream::wrappers::ReceiverStream::new(
+            rx,
+        )))
     }
 
     type StreamReadingsStream = BatchStream;
@@ -507,4 +743,339 @@ pub async fn run(settings: ServerSettings, svc: IngestService) -> Result<(), psm
         &[psm_proto::service_names::INGEST],
     )
     .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::SledStore;
+    use psm_core::linear::envelope::{enroll, generate_keypair};
+    use psm_core::linear::key::MeterSeeds;
+    use psm_core::linear::Channel;
+    use tokio_stream::StreamExt;
+    use tonic::Code;
+
+    const DAY: i64 = 20_454; // 2026-01-01
+
+    fn names() -> Vec<String> {
+        (1..=3).map(|i| format!("keyshare-{i}")).collect()
+    }
+
+    fn service(dir: &Path) -> IngestService {
+        let manifest = psm_core::keys::Manifest {
+            version: 2,
+            tfhe_key_id: "tfhe-test".into(),
+            parties: 3,
+            threshold: 2,
+            party_names: names(),
+            items: vec![],
+        };
+        IngestService {
+            bundle: Some(Arc::new(PublicBundle {
+                dir: dir.to_owned(),
+                manifest,
+                manifest_hash: String::new(),
+            })),
+            verifier: None,
+            verify_permits: Arc::new(tokio::sync::Semaphore::new(2)),
+            store: Arc::new(SledStore::open(&dir.join("store")).unwrap()),
+            headends: HashMap::from([("headend-1".to_string(), vec!["meter-*".to_string()])]),
+        }
+    }
+
+    fn req<T>(role: Role, name: &str, msg: T) -> Request<T> {
+        let mut r = Request::new(msg);
+        r.extensions_mut().insert(psm_net::auth::Caller(
+            psm_net::SpiffeId::new("psm.test", role, name).unwrap(),
+        ));
+        r
+    }
+
+    struct Keys(Vec<(String, Vec<u8>)>);
+
+    impl Keys {
+        fn new() -> Self {
+            Keys(
+                names()
+                    .into_iter()
+                    .map(|n| (n, generate_keypair().1))
+                    .collect(),
+            )
+        }
+
+        fn enrollment(&self, meter: &str, epoch: u32) -> Enrollment {
+            let scheme = Scheme::new(3, 2).unwrap();
+            enroll(meter, &MeterSeeds::generate(scheme, epoch), scheme, &self.0).unwrap()
+        }
+    }
+
+    async fn enroll_as(
+        svc: &IngestService,
+        who: (Role, &str),
+        enrollments: Vec<Enrollment>,
+    ) -> Result<(u32, u32), Status> {
+        let r = svc
+            .enroll(req(
+                who.0,
+                who.1,
+                EnrollRequest {
+                    idempotency_key: "e-1".into(),
+                    enrollments,
+                },
+            ))
+            .await?
+            .into_inner();
+        Ok((r.stored, r.duplicates))
+    }
+
+    async fn submit(svc: &IngestService, batches: Vec<ReadingBatch>) -> Result<(u32, u32), Status> {
+        let r = svc
+            .submit_readings(req(
+                Role::Headend,
+                "headend-1",
+                SubmitReadingsRequest {
+                    idempotency_key: "s-1".into(),
+                    batches,
+                },
+            ))
+            .await?
+            .into_inner();
+        Ok((r.stored, r.duplicates))
+    }
+
+    fn lin(meter: &str, ch: Channel, interval: u32, first: u32, n: usize, v: u128) -> ReadingBatch {
+        let bodies: Vec<u128> = (0..n as u128).map(|i| v << 64 | i).collect();
+        psm_core::wire::linear_batch_to_proto(meter, DAY, 1, ch, interval, first, &bodies)
+    }
+
+    fn code(r: Result<(u32, u32), Status>, want: Code) -> String {
+        match r {
+            Err(e) if e.code() == want => e.message().to_owned(),
+            other => panic!("expected {want:?}, got {other:?}"),
+        }
+    }
+
+    fn stored(svc: &IngestService, meter: &str) -> Vec<ReadingBatch> {
+        svc.store.scan(meter, "2026-01-01", "2026-01-01").unwrap()
+    }
+
+    #[tokio::test]
+    async fn enrollments_are_checked_and_stored_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let svc = service(dir.path());
+        let keys = Keys::new();
+        let he = (Role::Headend, "headend-1");
+        let e1 = keys.enrollment("meter-1", 1);
+        assert_eq!(enroll_as(&svc, he, vec![e1.clone()]).await.unwrap(), (1, 0));
+        assert_eq!(enroll_as(&svc, he, vec![e1.clone()]).await.unwrap(), (0, 1));
+        // A meter enrolls itself; not another meter.
+        let own = keys.enrollment("meter-2", 1);
+        assert_eq!(
+            enroll_as(&svc, (Role::Meter, "meter-2"), vec![own.clone()])
+                .await
+                .unwrap(),
+            (1, 0)
+        );
+        let m = code(
+            enroll_as(
+                &svc,
+                (Role::Meter, "meter-2"),
+                vec![keys.enrollment("meter-3", 1)],
+            )
+            .await,
+            Code::PermissionDenied,
+        );
+        assert!(m.contains("meter-3"), "{m}");
+        code(
+            enroll_as(
+                &svc,
+                (Role::Headend, "headend-2"),
+                vec![keys.enrollment("meter-3", 1)],
+            )
+            .await,
+            Code::PermissionDenied,
+        );
+        // Other seeds for an enrolled (meter, epoch): ALREADY_EXISTS, nothing of the request
+        // stored.
+        let m = code(
+            enroll_as(
+                &svc,
+                he,
+                vec![keys.enrollment("meter-3", 1), keys.enrollment("meter-1", 1)],
+            )
+            .await,
+            Code::AlreadyExists,
+        );
+        assert!(
+            m.contains("meter-1") && m.contains("epoch 1") && m.contains("rotation"),
+            "{m}"
+        );
+        assert!(!svc.store.is_enrolled("meter-3", 1).unwrap());
+        // Malformed enrollments: INVALID_ARGUMENT.
+        let mut missing = keys.enrollment("meter-3", 1);
+        missing.envelopes.pop();
+        let mut scheme = keys.enrollment("meter-3", 1);
+        scheme.parties = 4;
+        let mut epoch0 = keys.enrollment("meter-3", 1);
+        epoch0.epoch = 0;
+        for (what, e) in [("missing", missing), ("scheme", scheme), ("epoch", epoch0)] {
+            let m = code(
+                enroll_as(&svc, he, vec![keys.enrollment("meter-4", 1), e]).await,
+                Code::InvalidArgument,
+            );
+            assert!(m.contains("enrollment 1"), "{what}: {m}");
+        }
+        let m = code(
+            enroll_as(
+                &svc,
+                he,
+                vec![keys.enrollment("meter-4", 1), keys.enrollment("meter-4", 1)],
+            )
+            .await,
+            Code::InvalidArgument,
+        );
+        assert!(m.contains("other seeds"), "{m}");
+        code(enroll_as(&svc, he, vec![]).await, Code::InvalidArgument);
+        let m = code(
+            enroll_as(&svc, he, vec![e1.clone(); MAX_ENROLLMENTS_PER_REQUEST + 1]).await,
+            Code::ResourceExhausted,
+        );
+        assert!(m.contains("1000"), "{m}");
+        assert!(!svc.store.is_enrolled("meter-4", 1).unwrap());
+
+        // StreamEnrollments: store order, after_seq paging, meter filter.
+        let e3 = keys.enrollment("meter-3", 1);
+        assert_eq!(enroll_as(&svc, he, vec![e3.clone()]).await.unwrap(), (1, 0));
+        let stream = |after_seq, meter_ids: Vec<String>| {
+            let svc = &svc;
+            async move {
+                let s = svc
+                    .stream_enrollments(req(
+                        Role::Keyshare,
+                        "keyshare-1",
+                        StreamEnrollmentsRequest {
+                            meter_ids,
+                            after_seq,
+                        },
+                    ))
+                    .await?
+                    .into_inner();
+                s.collect::<Result<Vec<_>, _>>().await
+            }
+        };
+        let all = stream(0, vec![]).await.unwrap();
+        let got: Vec<(u64, &str)> = all.iter().map(|e| (e.seq, e.meter_id.as_str())).collect();
+        assert_eq!(got, [(1, "meter-1"), (2, "meter-2"), (3, "meter-3")]);
+        assert!(same_enrollment(&all[0], &e1) && same_enrollment(&all[2], &e3));
+        let later = stream(1, vec![]).await.unwrap();
+        assert_eq!(later.iter().map(|e| e.seq).collect::<Vec<_>>(), [2, 3]);
+        let some = stream(0, vec!["meter-3".into(), "meter-9".into()])
+            .await
+            .unwrap();
+        assert_eq!(some.iter().map(|e| e.seq).collect::<Vec<_>>(), [3]);
+        let e = stream(0, vec!["bad id".into()]).await.unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument);
+    }
+
+    #[tokio::test]
+    async fn linear_slots_are_encrypted_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let svc = service(dir.path());
+        let keys = Keys::new();
+        let full = lin("meter-1", Channel::Import, 900, 0, 96, 1);
+        // Not enrolled yet.
+        let m = code(
+            submit(&svc, vec![full.clone()]).await,
+            Code::FailedPrecondition,
+        );
+        assert!(
+            m.contains("meter-1") && m.contains("epoch 1") && m.contains("Ingest.Enroll"),
+            "{m}"
+        );
+        enroll_as(
+            &svc,
+            (Role::Headend, "headend-1"),
+            vec![keys.enrollment("meter-1", 1), keys.enrollment("meter-2", 1)],
+        )
+        .await
+        .unwrap();
+        // Another epoch is not enrolled.
+        let mut epoch2 = lin("meter-1", Channel::Export, 900, 0, 4, 9);
+        epoch2.epoch = 2;
+        let m = code(submit(&svc, vec![epoch2]).await, Code::FailedPrecondition);
+        assert!(m.contains("epoch 2"), "{m}");
+
+        // A partial day, then the rest; the full day over it is refused.
+        let morning = lin("meter-2", Channel::Import, 900, 0, 40, 2);
+        let afternoon = lin("meter-2", Channel::Import, 900, 40, 56, 3);
+        assert_eq!(submit(&svc, vec![morning.clone()]).await.unwrap(), (1, 0));
+        let m = code(
+            submit(&svc, vec![lin("meter-2", Channel::Import, 900, 0, 96, 4)]).await,
+            Code::AlreadyExists,
+        );
+        assert!(m.contains("meter-2") && m.contains("2026-01-01"), "{m}");
+        assert!(
+            m.contains("epoch 1 channel import") && m.contains("00:00–10:00"),
+            "{m}"
+        );
+        assert_eq!(submit(&svc, vec![afternoon.clone()]).await.unwrap(), (1, 0));
+        // The identical retry is a duplicate; a re-encryption of the same intervals is refused.
+        assert_eq!(submit(&svc, vec![morning.clone()]).await.unwrap(), (0, 1));
+        code(
+            submit(&svc, vec![lin("meter-2", Channel::Import, 900, 0, 40, 5)]).await,
+            Code::AlreadyExists,
+        );
+        assert_eq!(stored(&svc, "meter-2"), [morning, afternoon]);
+
+        // Two overlapping batches in one request: INVALID_ARGUMENT, nothing stored.
+        let m = code(
+            submit(
+                &svc,
+                vec![full.clone(), lin("meter-1", Channel::Import, 3600, 5, 1, 6)],
+            )
+            .await,
+            Code::InvalidArgument,
+        );
+        assert!(m.contains("batch 1") && m.contains("batch 0"), "{m}");
+        // The same batch twice is fine; another channel is another key.
+        let export = lin("meter-1", Channel::Export, 300, 0, 288, 7);
+        assert_eq!(
+            submit(&svc, vec![full.clone(), full.clone(), export.clone()])
+                .await
+                .unwrap(),
+            (2, 1)
+        );
+        // Malformed input.
+        let mut day = lin("meter-1", Channel::Import, 900, 0, 4, 8);
+        day.day = "2026-01-+1".into();
+        let mut key = lin("meter-1", Channel::Import, 900, 0, 4, 8);
+        key.key = Some(psm_proto::v1::KeyRef {
+            key_id: "linear-1".into(),
+        });
+        let mut hash = lin("meter-1", Channel::Import, 900, 0, 4, 8);
+        hash.ciphertext[3] ^= 1;
+        let mut channel = lin("meter-1", Channel::Import, 900, 0, 4, 8);
+        channel.channel = 0;
+        let mut count = lin("meter-1", Channel::Import, 900, 90, 7, 8);
+        count.count = 7;
+        for (what, b, needle) in [
+            ("day", day, "day"),
+            ("key", key, "key"),
+            ("hash", hash, "ciphertext_hash"),
+            ("channel", channel, "channel"),
+            ("past the day", count, "count"),
+        ] {
+            let m = code(submit(&svc, vec![b]).await, Code::InvalidArgument);
+            assert!(
+                m.contains(needle) && m.contains("nothing was stored"),
+                "{what}: {m}"
+            );
+        }
+        let m = code(
+            submit(&svc, vec![lin("other-1", Channel::Import, 900, 0, 4, 8)]).await,
+            Code::PermissionDenied,
+        );
+        assert!(m.contains("other-1"), "{m}");
+        assert_eq!(stored(&svc, "meter-1"), [full, export]);
+    }
 }

@@ -2,7 +2,8 @@
 
 use clap::Parser;
 
-/// Ingest service: accepts encrypted meter readings over mutual TLS and stores them durably.
+/// Ingest service: accepts encrypted meter readings and linear-track key enrollments over mutual
+/// TLS and stores them durably.
 #[derive(Parser)]
 #[command(name = "ingest-svc", version)]
 struct Cli {

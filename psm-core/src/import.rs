@@ -1,5 +1,7 @@
 //! Importing real meter data: Green Button (NAESB ESPI Atom/XML) and a plain CSV of
-//! (meter id, timestamp, Wh), turned into complete UTC meter-days ready to encrypt.
+//! (meter id, timestamp, Wh), turned into UTC meter-days ready to encrypt: complete days, and
+//! the runs of consecutive intervals of incomplete ones (a linear-track batch may cover part of
+//! a day).
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -26,21 +28,51 @@ pub struct MeterSeries {
     pub readings: Vec<(i64, i64)>,
 }
 
-/// A complete UTC meter-day.
+/// Consecutive intervals of one UTC meter-day: a whole day, or one run of an incomplete day.
+/// One linear-track batch per channel carries it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MeterDay {
     pub meter_id: String,
     /// Days since 1970-01-01.
     pub day: i64,
     pub interval_seconds: u32,
+    /// Index within the UTC day of the first interval (0 for a complete day).
+    pub first_interval: u32,
+    /// Wh per interval, from `first_interval` on.
     pub values: Vec<i64>,
 }
 
-/// A day that was not complete: (meter id, day number, readings present).
-pub type PartialDay = (String, i64, usize);
+impl MeterDay {
+    /// Intervals of `interval_seconds` in a UTC day.
+    pub fn intervals_per_day(&self) -> usize {
+        (DAY_SECONDS / i64::from(self.interval_seconds.max(1))) as usize
+    }
 
-/// Splits series into complete UTC days; incomplete days (at the edges of an export) are
-/// returned separately as (meter, day, readings present) so the caller can report them.
+    /// Whether it covers the whole UTC day.
+    pub fn is_complete(&self) -> bool {
+        self.first_interval == 0 && self.values.len() == self.intervals_per_day()
+    }
+}
+
+/// An incomplete UTC meter-day (at the edges of an export, or with gaps): its maximal runs of
+/// consecutive intervals, in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PartialDay {
+    pub meter_id: String,
+    /// Days since 1970-01-01.
+    pub day: i64,
+    pub runs: Vec<MeterDay>,
+}
+
+impl PartialDay {
+    /// Readings present.
+    pub fn readings(&self) -> usize {
+        self.runs.iter().map(|r| r.values.len()).sum()
+    }
+}
+
+/// Splits series into UTC days: complete days, and incomplete days (at the edges of an export,
+/// or with gaps) as runs of consecutive intervals, so the caller can report and submit both.
 pub fn to_days(series: &[MeterSeries]) -> Result<(Vec<MeterDay>, Vec<PartialDay>), ImportError> {
     let mut days = Vec::new();
     let mut partial = Vec::new();
@@ -52,7 +84,7 @@ pub fn to_days(series: &[MeterSeries]) -> Result<(Vec<MeterDay>, Vec<PartialDay>
             )));
         }
         let per_day = (DAY_SECONDS / i64::from(s.interval_seconds)) as usize;
-        let mut by_day: BTreeMap<i64, BTreeMap<usize, i64>> = BTreeMap::new();
+        let mut by_day: BTreeMap<i64, BTreeMap<u32, i64>> = BTreeMap::new();
         for (start, wh) in &s.readings {
             if start % i64::from(s.interval_seconds) != 0 {
                 return Err(err(format!(
@@ -61,7 +93,7 @@ pub fn to_days(series: &[MeterSeries]) -> Result<(Vec<MeterDay>, Vec<PartialDay>
                 )));
             }
             let day = start.div_euclid(DAY_SECONDS);
-            let slot = (start.rem_euclid(DAY_SECONDS) / i64::from(s.interval_seconds)) as usize;
+            let slot = (start.rem_euclid(DAY_SECONDS) / i64::from(s.interval_seconds)) as u32;
             if by_day
                 .entry(day)
                 .or_default()
@@ -75,16 +107,31 @@ pub fn to_days(series: &[MeterSeries]) -> Result<(Vec<MeterDay>, Vec<PartialDay>
             }
         }
         for (day, slots) in by_day {
+            let run = |first_interval: u32, values: Vec<i64>| MeterDay {
+                meter_id: s.meter_id.clone(),
+                day,
+                interval_seconds: s.interval_seconds,
+                first_interval,
+                values,
+            };
             if slots.len() == per_day {
-                days.push(MeterDay {
-                    meter_id: s.meter_id.clone(),
-                    day,
-                    interval_seconds: s.interval_seconds,
-                    values: slots.into_values().collect(),
-                });
-            } else {
-                partial.push((s.meter_id.clone(), day, slots.len()));
+                days.push(run(0, slots.into_values().collect()));
+                continue;
             }
+            let mut runs: Vec<MeterDay> = Vec::new();
+            for (i, v) in slots {
+                match runs.last_mut() {
+                    Some(r) if r.first_interval as usize + r.values.len() == i as usize => {
+                        r.values.push(v)
+                    }
+                    _ => runs.push(run(i, vec![v])),
+                }
+            }
+            partial.push(PartialDay {
+                meter_id: s.meter_id.clone(),
+                day,
+                runs,
+            });
         }
     }
     Ok((days, partial))
@@ -351,14 +398,14 @@ fn sort_and_interval(readings: &mut [(i64, i64)], meter_id: &str) -> Result<u32,
         .filter(|i| INTERVALS.contains(i))
         .ok_or_else(|| {
             err(format!(
-                "{meter_id}: readings are {interval} s apart; expected 900, 1800 or 3600"
+                "{meter_id}: readings are {interval} s apart; expected one of {INTERVALS:?}"
             ))
         })
 }
 
 /// Parses `meter_id,timestamp,wh` lines (a header line is skipped; timestamps are Unix seconds
 /// or RFC 3339 with an offset). The interval length of each meter is the spacing of its
-/// readings and must be 900, 1800 or 3600 s.
+/// readings and must be one of [`INTERVALS`] (300, 900, 1800 or 3600 s).
 pub fn parse_plain_csv(text: &str) -> Result<Vec<MeterSeries>, ImportError> {
     let mut by_meter: BTreeMap<String, Vec<(i64, i64)>> = BTreeMap::new();
     for (n, line) in text.lines().enumerate() {
@@ -537,9 +584,14 @@ mod tests {
         assert_eq!(s.readings[0], (1_330_578_000, 324)); // 2012-03-01 05:00 UTC, 324 Wh
         let (days, partial) = to_days(&series).unwrap();
         assert!(!days.is_empty());
-        assert!(days.iter().all(|d| d.values.len() == 96));
+        assert!(days.iter().all(|d| d.values.len() == 96 && d.is_complete()));
+        assert!(partial
+            .iter()
+            .flat_map(|p| &p.runs)
+            .all(|r| !r.is_complete()
+                && r.first_interval as usize + r.values.len() <= r.intervals_per_day()));
         let total: usize = days.iter().map(|d| d.values.len()).sum::<usize>()
-            + partial.iter().map(|p| p.2).sum::<usize>();
+            + partial.iter().map(PartialDay::readings).sum::<usize>();
         assert_eq!(
             total, 1340,
             "every reading is in a full or a reported partial day"
@@ -572,11 +624,35 @@ mod tests {
         let (days, partial) = to_days(&s).unwrap();
         assert_eq!(days.len(), 1);
         assert_eq!(days[0].values[11], 1);
-        assert_eq!(partial, vec![("m-2".to_string(), 20_418, 2)]);
+        assert_eq!(
+            partial,
+            vec![PartialDay {
+                meter_id: "m-2".into(),
+                day: 20_418,
+                runs: vec![MeterDay {
+                    meter_id: "m-2".into(),
+                    day: 20_418,
+                    interval_seconds: 3600,
+                    first_interval: 0,
+                    values: vec![5, 6],
+                }],
+            }]
+        );
         assert!(
             parse_plain_csv("m-1,0,1\nm-1,600,2\n").is_err(),
             "10-minute spacing"
         );
+        // A day with a gap: two runs, each starting where its readings do.
+        let gappy = parse_plain_csv("m-3,0,1\nm-3,3600,2\nm-3,10800,3\nm-3,14400,4\n").unwrap();
+        let (days, partial) = to_days(&gappy).unwrap();
+        assert!(days.is_empty());
+        let runs: Vec<(u32, Vec<i64>)> = partial[0]
+            .runs
+            .iter()
+            .map(|r| (r.first_interval, r.values.clone()))
+            .collect();
+        assert_eq!(runs, vec![(0, vec![1, 2]), (3, vec![3, 4])]);
+        assert_eq!(partial[0].readings(), 4);
         assert!(parse_plain_csv("m 1,0,1\n").is_err());
         assert!(parse_plain_csv("m-1,0,1.5\n").is_err());
         assert!(parse_green_button("<feed><entry>", "gb").is_err());

@@ -1,6 +1,7 @@
 //! A deterministic load model for simulated meters: households with a daily and weekly shape,
 //! seasonal level, appliance spikes and (for some) rooftop solar that exports at midday; small
-//! businesses with a weekday opening-hours plateau. Values are net Wh per interval (export < 0).
+//! businesses with a weekday opening-hours plateau. Values are net Wh per interval (export < 0);
+//! a meter reports max(v, 0) on its import channel and max(−v, 0) on its export channel.
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -63,7 +64,8 @@ fn household_shape(hour: f64, weekend: bool) -> f64 {
 }
 
 impl SimMeter {
-    /// Net Wh per interval for UTC day `day` (days since 1970-01-01), `interval_seconds` long.
+    /// Net Wh per interval for UTC day `day` (days since 1970-01-01), `interval_seconds` long
+    /// (any of [`crate::linear::INTERVALS`]).
     pub fn day(&self, day: i64, interval_seconds: u32) -> Vec<i64> {
         let mut rng =
             StdRng::seed_from_u64(self.seed ^ (day as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
@@ -115,6 +117,7 @@ mod tests {
         let t = town(30, 2, 42);
         assert_eq!(t.len(), 32);
         assert_eq!(t[0].day(20_500, 900), town(30, 2, 42)[0].day(20_500, 900));
+        assert_eq!(t[0].day(20_500, 300).len(), 288, "5-minute intervals");
         let mut exported = false;
         for m in &t {
             for d in 20_450..20_457 {

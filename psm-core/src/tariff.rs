@@ -1,8 +1,9 @@
 //! Time-of-use tariffs and the itemized bill computed from decrypted per-band totals.
 //!
-//! Intervals are placed in bands by the local weekday and hour (in the tariff's IANA time zone)
-//! of the interval's start, so days with 23 or 25 local hours are handled by construction.
-//! Money is in integer minor units; prices are milli-minor units per kWh.
+//! Every 5-minute slot is placed in a band by the local weekday and hour (in the tariff's IANA
+//! time zone) of its start, so days with 23 or 25 local hours are handled by construction; a
+//! bill needs each of the meter's intervals to fall in one band. Money is in integer minor
+//! units; prices are milli-minor units per kWh.
 
 use std::str::FromStr;
 
@@ -110,6 +111,21 @@ impl Tariff {
             currency: currency.to_owned(),
             grid,
         })
+    }
+
+    /// Local days (in the tariff's time zone) that [start, end) touches: what a standing
+    /// charge per started day is charged for. A week from local midnight to local midnight is 7
+    /// days even when a daylight-saving change makes it 167 or 169 hours long.
+    pub fn started_days(&self, start_unix: i64, end_unix: i64) -> i64 {
+        if end_unix <= start_unix {
+            return 0;
+        }
+        let date = |u: i64| self.tz.timestamp_opt(u, 0).single().map(|d| d.date_naive());
+        match (date(start_unix), date(end_unix - 1)) {
+            (Some(a), Some(b)) => (b - a).num_days() + 1,
+            // Unreachable for whole-second UTC instants in chrono's range.
+            _ => (end_unix - start_unix + 86_399) / 86_400,
+        }
     }
 
     /// The band of the interval starting at `unix` (UTC seconds).
@@ -223,28 +239,41 @@ pub struct Bill {
     pub total: i64,
 }
 
-/// Prices per-band net totals: a band with net import is charged at its import price, a band
-/// with net export credited at its export price (net metering per band). Each line is rounded
-/// half away from zero; VAT applies to a positive subtotal only (export credits carry none).
-/// `extra` lines (demand charge, tiered charge) are added before the subtotal.
-pub fn price(t: &Tariff, band_wh: &[i64], days: i64, extra: Vec<Line>) -> Bill {
-    let mut lines: Vec<Line> = t
-        .bands
-        .iter()
-        .zip(band_wh)
-        .map(|(b, wh)| {
-            let (kind, p) = if *wh >= 0 {
-                ("import", b.import_price_milli)
-            } else {
-                ("export", b.export_price_milli)
-            };
-            Line {
-                description: format!("{} {kind}", b.name),
-                energy_wh: *wh,
-                amount: div_round(i128::from(*wh) * i128::from(p), 1_000_000) as i64,
-            }
-        })
-        .collect();
+/// Prices per-band totals, each line rounded half away from zero: an import line per band at
+/// its import price (`import_wh[i]`, 0 where missing) and, per band with export
+/// (`export_wh[i]` > 0; empty when the meter exports nothing), an export line of negative energy
+/// credited at the band's export price. Import and export are billed separately, never netted:
+/// they are separate registers with separate prices. The standing charge is per started day
+/// (`days`, from [`Tariff::started_days`]); VAT applies to a positive subtotal only
+/// (export credits carry none). `extra` lines (demand charge, tiered charge) are added before
+/// the subtotal.
+pub fn price(
+    t: &Tariff,
+    import_wh: &[i64],
+    export_wh: &[i64],
+    days: i64,
+    extra: Vec<Line>,
+) -> Bill {
+    let mut lines: Vec<Line> = Vec::new();
+    for (i, b) in t.bands.iter().enumerate() {
+        let wh = import_wh.get(i).copied().unwrap_or(0);
+        lines.push(Line {
+            description: format!("{} import", b.name),
+            energy_wh: wh,
+            amount: div_round(i128::from(wh) * i128::from(b.import_price_milli), 1_000_000) as i64,
+        });
+        let out = export_wh.get(i).copied().unwrap_or(0);
+        if out > 0 {
+            lines.push(Line {
+                description: format!("{} export", b.name),
+                energy_wh: -out,
+                amount: div_round(
+                    -i128::from(out) * i128::from(b.export_price_milli),
+                    1_000_000,
+                ) as i64,
+            });
+        }
+    }
     lines.extend(extra);
     let standing_charge = t.standing_charge_per_day * days;
     let subtotal = lines.iter().map(|l| l.amount).sum::<i64>() + standing_charge;
@@ -346,6 +375,36 @@ mod tests {
     }
 
     #[test]
+    fn started_days_are_local_days() {
+        let t = Tariff::new(
+            "t",
+            "Europe/London",
+            vec![band("all", 0x7F, 0, 24, 1, 1)],
+            0,
+            0,
+            "GBP",
+        )
+        .unwrap();
+        // 2026-03-23 00:00 GMT to 2026-03-30 00:00 BST: 167 hours, 7 local days.
+        assert_eq!(t.started_days(1_774_224_000, 1_774_825_200), 7);
+        // 2026-10-19 00:00 BST to 2026-10-26 00:00 GMT: 169 hours, 7 local days.
+        assert_eq!(t.started_days(1_792_364_400, 1_792_972_800), 7);
+        // A started day counts: 00:00 to 00:05 the next day is 2.
+        assert_eq!(t.started_days(1_774_224_000, 1_774_224_000 + 86_700), 2);
+        assert_eq!(t.started_days(1_774_224_000, 1_774_224_000), 0);
+        let utc = Tariff::new(
+            "t",
+            "UTC",
+            vec![band("all", 0x7F, 0, 24, 1, 1)],
+            0,
+            0,
+            "EUR",
+        )
+        .unwrap();
+        assert_eq!(utc.started_days(0, 30 * 86_400), 30);
+    }
+
+    #[test]
     fn pricing_rounds_and_credits() {
         let t = Tariff::new(
             "t",
@@ -360,15 +419,38 @@ mod tests {
             "EUR",
         )
         .unwrap();
-        let b = price(&t, &[10_000, -2_500, 1], 30, Vec::new());
-        assert_eq!(b.lines[0].amount, 305); // 10 kWh × 30.5
-        assert_eq!(b.lines[1].amount, -10); // 2.5 kWh exported × 4.0
-        assert_eq!(b.lines[1].description, "night export");
-        assert_eq!(b.lines[2].amount, 0);
+        // Import in every band; export in the night band only.
+        let b = price(&t, &[10_000, 2_000, 1], &[0, 2_500, 0], 30, Vec::new());
+        let lines: Vec<(&str, i64, i64)> = b
+            .lines
+            .iter()
+            .map(|l| (l.description.as_str(), l.energy_wh, l.amount))
+            .collect();
+        assert_eq!(
+            lines,
+            vec![
+                ("day import", 10_000, 305),   // 10 kWh × 30.5
+                ("night import", 2_000, 24),   // 2 kWh × 12.0
+                ("night export", -2_500, -10), // 2.5 kWh × 4.0, credited
+                ("late import", 1, 0),
+            ]
+        );
         assert_eq!(b.standing_charge, 1_350);
-        assert_eq!(b.subtotal, 305 - 10 + 1_350);
-        assert_eq!(b.vat, 82); // 5 % of 1,645 = 82.25
-        assert_eq!(b.total, 1_645 + 82);
+        assert_eq!(b.subtotal, 305 + 24 - 10 + 1_350);
+        assert_eq!(b.vat, 83); // 5 % of 1,669 = 83.45
+        assert_eq!(b.total, 1_669 + 83);
+        // No export register: import lines only; a credit larger than the charges carries no
+        // VAT.
+        let b = price(&t, &[0, 0, 0], &[], 1, Vec::new());
+        assert_eq!(b.lines.len(), 3);
+        assert_eq!(b.total, 45 + 2);
+        let b = price(&t, &[0, 0, 0], &[1_000_000, 0, 0], 1, Vec::new());
+        assert_eq!(b.lines[1].amount, -15_000);
+        assert_eq!((b.subtotal, b.vat, b.total), (45 - 15_000, 0, 45 - 15_000));
+        // Halves round away from zero on credits too.
+        let b = price(&t, &[], &[100, 0, 0], 0, Vec::new());
+        assert_eq!(b.lines[0].amount, 0);
+        assert_eq!(b.lines[1].amount, -2); // 0.1 kWh × 15.0 = 1.5 → −2
         assert_eq!(div_round(-5, 2), -3);
         assert_eq!(div_round(5, 2), 3);
     }

@@ -1,4 +1,5 @@
-//! `psm ceremony`: the trusted-dealer key ceremony (see docs/operator-guide.md).
+//! `psm ceremony`: the trusted-dealer key ceremony for the tfhe track (see
+//! docs/operator-guide.md). The linear track has no dealt key: meters enroll their own.
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -43,18 +44,20 @@ pub fn run(args: CeremonyArgs) -> anyhow::Result<()> {
     let start = Instant::now();
     let mut progress = |step: &str| println!("[{:>5.1}s] {step}", start.elapsed().as_secs_f64());
     let material = generate(&mut progress)?;
-    progress("splitting the secrets and writing the share files and public bundle");
+    progress("splitting the secret and writing the share files and public bundle");
     let out = write_bundle(&material, scheme, &names, &args.out)
         .with_context(|| format!("writing the key set to {}", args.out.display()))?;
-    drop(material); // zeroizes both secrets
+    drop(material); // zeroizes the secret
     self_check(&out, &mut progress)
         .context("the new key set failed its self-check; do not use it")?;
     println!(
-        "Key set ready ({}-of-{}): tfhe key {}, linear key {}",
+        "Key set ready ({}-of-{}): tfhe key {}",
         scheme.threshold(),
         scheme.parties(),
-        out.manifest.tfhe_key_id,
-        out.manifest.linear_key_id
+        out.manifest.tfhe_key_id
+    );
+    println!(
+        "  (the linear track needs no dealt key: each meter makes its own and enrolls it with the keyshares)"
     );
     println!("  public bundle: {}", out.public_dir.display());
     for f in &out.share_files {

@@ -12,6 +12,11 @@ use psm_net::pki::DevPki;
 use psm_net::tls::TlsPaths;
 use psm_net::Role;
 
+/// The simulated town's random seed and first day (a Monday), and the meters' key epoch.
+const SIM_SEED: u64 = 1;
+const SIM_START: &str = "2026-01-05";
+const EPOCH: u32 = 1;
+
 #[derive(clap::Args)]
 pub struct DemoArgs {
     /// Directory for the dev PKI, service state and logs; reused by the next run.
@@ -102,6 +107,40 @@ fn sibling_binary(name: &str) -> anyhow::Result<PathBuf> {
     Ok(path)
 }
 
+/// A path as a TOML string.
+fn toml_path(path: &Path) -> anyhow::Result<String> {
+    let p = path
+        .to_str()
+        .with_context(|| format!("{} is not valid UTF-8", path.display()))?;
+    Ok(toml::Value::String(p.to_owned()).to_string())
+}
+
+/// A keyshare's meter registry: every simulated meter, encrypting its own readings.
+fn registry_toml(meters: &[psm_core::simulate::SimMeter]) -> anyhow::Result<String> {
+    #[derive(serde::Serialize)]
+    struct Entry<'a> {
+        id: &'a str,
+        encryption: &'static str,
+    }
+    #[derive(serde::Serialize)]
+    struct Registry<'a> {
+        meters: Vec<Entry<'a>>,
+    }
+    let r = Registry {
+        meters: meters
+            .iter()
+            .map(|m| Entry {
+                id: &m.id,
+                encryption: "meter",
+            })
+            .collect(),
+    };
+    Ok(format!(
+        "# The meters this keyshare serves (written by psm demo): all encrypt their own readings.\n{}",
+        toml::to_string(&r).context("writing the meter registry")?
+    ))
+}
+
 fn log_tail(path: &Path) -> String {
     let text = fs::read_to_string(path).unwrap_or_default();
     let lines: Vec<&str> = text.lines().collect();
@@ -173,6 +212,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         port: port(2)?,
     });
 
+    let meters = psm_core::simulate::town(args.households, args.businesses, SIM_SEED);
     let mut children = Children(Vec::new());
     for s in &services {
         let bin = sibling_binary(s.binary)?;
@@ -182,18 +222,24 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
             .with_context(|| format!("creating {}", log_path.display()))?;
         let mut cmd = Command::new(&bin);
         if s.role == Role::Keyshare {
-            // Each regulator's policy: re-execute linear computations against ingest, cohorts
-            // of at least 5, only the demo tariffs may be billed. tfhe-track re-execution is off
-            // here: on a small machine three keyshares repeating every demand charge would
-            // triple its cost (production keeps the default, "always").
+            // Each regulator's policy: the meters it serves (its registry: the simulated town),
+            // enrollments fetched from ingest (the public bundle names the parties they are
+            // sealed to), cohorts of at least 5, only the demo tariffs may be billed. tfhe-track re-execution is off here: on a small machine three
+            // keyshares repeating every demand charge would triple its cost (production keeps
+            // the default, "always").
+            let registry = data.join(format!("{}-registry.toml", s.name));
+            fs::write(&registry, registry_toml(&meters)?)
+                .with_context(|| format!("writing {}", registry.display()))?;
             let cfg = data.join(format!("{}.toml", s.name));
             let homes = blake3::hash(&demo_tariff().encode_to_vec());
             let shops = blake3::hash(&demo_business_tariff().encode_to_vec());
             fs::write(
                 &cfg,
                 format!(
-                    "[keyshare]\ningest_url = \"https://127.0.0.1:{}\"\n[keyshare.policy]\nmin_cohort = 5\nallowed_programs = [\"{}\", \"{}\"]\nreexecute_tfhe = \"off\"\n",
+                    "[keyshare]\ningest_url = \"https://127.0.0.1:{}\"\npublic_dir = {}\nregistry = {}\n[keyshare.policy]\nmin_cohort = 5\nallowed_programs = [\"{}\", \"{}\"]\nreexecute_tfhe = \"off\"\n",
                     port(1)?,
+                    toml_path(&keys_dir.join("public"))?,
+                    toml_path(&registry)?,
                     homes.to_hex(),
                     shops.to_hex()
                 ),
@@ -220,8 +266,8 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
             let cfg = data.join("compute.toml");
             let public = keys_dir.join("public");
             let mut text = format!(
-                "[compute]\npublic_dir = {:?}\ningest_url = \"https://127.0.0.1:{}\"\nmin_cohort = 5\n",
-                public.display().to_string(),
+                "[compute]\npublic_dir = {}\ningest_url = \"https://127.0.0.1:{}\"\nmin_cohort = 5\n",
+                toml_path(&public)?,
                 port(1)?
             );
             for i in 1..=3u16 {
@@ -290,7 +336,21 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         );
     }
     println!("All 5 services are up and healthy.");
-    rt.block_on(town_demo(&args, &pki, b))?;
+    // Each keyshare publishes its enrollment key at start; meters seal their seeds to them.
+    let mut enrollment_keys = Vec::new();
+    for s in services.iter().filter(|s| s.role == Role::Keyshare) {
+        let path = data.join(&s.name).join("enrollment.pub");
+        if !path.exists() {
+            let tail = log_tail(&logs.join(format!("{}.log", s.name)));
+            bail!(
+                "{} is serving but has not published {}\n--- last log lines ---\n{tail}",
+                s.name,
+                path.display()
+            );
+        }
+        enrollment_keys.push(path);
+    }
+    rt.block_on(town_demo(&args, &pki, b, enrollment_keys))?;
     if args.check {
         println!("Stopping (--check).");
         children.terminate();
@@ -320,9 +380,14 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
 }
 
 /// Simulates the town, ingests it, and shows the feeder's load and the keyshares' audit logs.
-async fn town_demo(args: &DemoArgs, pki: &DevPki, base: u16) -> anyhow::Result<()> {
+async fn town_demo(
+    args: &DemoArgs,
+    pki: &DevPki,
+    base: u16,
+    enrollment_keys: Vec<PathBuf>,
+) -> anyhow::Result<()> {
     use psm_proto::v1::compute_client::ComputeClient;
-    use psm_proto::v1::{AggregateRequest, TimeRange};
+    use psm_proto::v1::{AggregateRequest, Channel, TimeRange};
 
     let tls_of = |role: Role, name: &str| {
         let (cert, key) = pki.paths(role, name);
@@ -335,16 +400,21 @@ async fn town_demo(args: &DemoArgs, pki: &DevPki, base: u16) -> anyhow::Result<(
     let url = |off: u16| format!("https://127.0.0.1:{}", base + off);
     let opts = ClientOptions::default();
     println!(
-        "\nSimulating {} households and {} businesses for {} days; encrypting and submitting as headend-1:",
+        "\nSimulating {} households and {} businesses for {} days; each meter enrolls its own keys (epoch {EPOCH}) with the keyshares, then its readings are encrypted and submitted through headend-1:",
         args.households, args.businesses, args.days
     );
     let sim = crate::meter::SimulateArgs {
         meters: args.households,
         businesses: args.businesses,
         days: args.days,
-        start: "2026-01-05".into(),
-        seed: 1,
+        start: SIM_START.into(),
+        seed: SIM_SEED,
         interval: 900,
+        keys: crate::meter::MeterKeyArgs {
+            epoch: EPOCH,
+            enrollment_keys,
+            meter_keys: args.data_dir.join("meter-keys"),
+        },
         client: crate::client_args::ClientArgs {
             endpoint: url(1),
             server_name: "ingest".into(),
@@ -355,8 +425,8 @@ async fn town_demo(args: &DemoArgs, pki: &DevPki, base: u16) -> anyhow::Result<(
             tls_ca: None,
         },
     };
-    // Encryption is randomized, so a second submission of the same meter-days would be new bytes
-    // (refused as ALREADY_EXISTS): remember what this data directory already holds.
+    // Each slot is encrypted once per epoch (a second encryption would be new bytes, kept out
+    // as ALREADY_EXISTS): remember what this data directory already holds.
     let marker = args.data_dir.join(format!(
         "simulated-{}-{}-{}-{}.done",
         sim.start, args.days, args.households, args.businesses
@@ -397,6 +467,8 @@ async fn town_demo(args: &DemoArgs, pki: &DevPki, base: u16) -> anyhow::Result<(
                 end_unix: start + i64::from(args.days) * 86_400,
             }),
             granularity_seconds: 3600,
+            epoch: EPOCH,
+            channel: Channel::Import as i32,
         })
         .await;
     let agg = match agg {
@@ -404,10 +476,13 @@ async fn town_demo(args: &DemoArgs, pki: &DevPki, base: u16) -> anyhow::Result<(
         // The same data directory, another town: the keyshares refuse to release a feeder that
         // differs from an earlier released one by a few meters.
         Err(e) if e.code() == tonic::Code::FailedPrecondition => {
-            println!(
-                "\nFeeder load: refused by the keyshares ({})\n  An earlier run in this data directory released the feeder with a different set of meters; a fresh --data-dir starts over.",
-                keyshare_reason(e.message())
-            );
+            let why = keyshare_reason(e.message());
+            let hint = if why.starts_with("differencing") {
+                "\n  An earlier run in this data directory released the feeder with a different set of meters; a fresh --data-dir starts over."
+            } else {
+                ""
+            };
+            println!("\nFeeder load: refused by the keyshares ({why}){hint}");
             None
         }
         Err(e) => return Err(anyhow::anyhow!("feeder aggregate: {}", e.message())),
@@ -415,7 +490,7 @@ async fn town_demo(args: &DemoArgs, pki: &DevPki, base: u16) -> anyhow::Result<(
     if let Some(agg) = agg {
         let used = agg.quorum.map(|q| q.used.join(", ")).unwrap_or_default();
         println!(
-            "\nFeeder load, {} meters, mean kW by hour of day (UTC), decrypted in {:.1} s by {used} (only the sums; no reading was decrypted):",
+            "\nFeeder load, {} meters, mean kW imported by hour of day (UTC), released in {:.1} s by {used} (only the sums; no reading was decrypted):",
             agg.cohort_size,
             t.elapsed().as_secs_f64()
         );
@@ -425,21 +500,11 @@ async fn town_demo(args: &DemoArgs, pki: &DevPki, base: u16) -> anyhow::Result<(
             by_hour[i % 24] += wh;
         }
         let days = i64::from(args.days.max(1));
-        let max = by_hour
-            .iter()
-            .map(|v| v.abs() / days)
-            .max()
-            .unwrap_or(1)
-            .max(1);
+        let max = by_hour.iter().map(|v| v / days).max().unwrap_or(1).max(1);
         for (h, total) in by_hour.iter().enumerate() {
             let kw = *total as f64 / days as f64 / 1000.0;
-            let len = ((total.abs() / days) * 50 / max) as usize;
-            let bar = if *total >= 0 {
-                "█".repeat(len)
-            } else {
-                "░".repeat(len)
-            };
-            println!("  {h:02}:00 {kw:>8.1} kW {bar}");
+            let len = ((total / days).max(0) * 50 / max) as usize;
+            println!("  {h:02}:00 {kw:>8.1} kW {}", "█".repeat(len));
         }
         let day_totals: Vec<String> = agg
             .energy_wh
@@ -447,6 +512,16 @@ async fn town_demo(args: &DemoArgs, pki: &DevPki, base: u16) -> anyhow::Result<(
             .map(|d| format!("{:.0}", d.iter().sum::<i64>() as f64 / 1000.0))
             .collect();
         println!("  daily totals (kWh): {}", day_totals.join(", "));
+        println!(
+            "  {}",
+            cohort_summary(&agg.interval_cohort_size, agg.cohort_size)
+        );
+        if !agg.headend_encrypted.is_empty() {
+            println!(
+                "  encrypted by a head-end (plaintext to the utility): {}",
+                agg.headend_encrypted.join(", ")
+            );
+        }
 
         // An analyst tries to learn one household's load by differencing: the feeder without it.
         if let Some((left_out, rest)) = cohort.split_last() {
@@ -459,6 +534,8 @@ async fn town_demo(args: &DemoArgs, pki: &DevPki, base: u16) -> anyhow::Result<(
                         end_unix: start + 86_400,
                     }),
                     granularity_seconds: 3600,
+                    epoch: EPOCH,
+                    channel: Channel::Import as i32,
                 })
                 .await;
             match probe {
@@ -476,11 +553,14 @@ async fn town_demo(args: &DemoArgs, pki: &DevPki, base: u16) -> anyhow::Result<(
             }
         }
     }
-    // Bills: per-band totals summed on ciphertexts, only the totals decrypted.
+    // Bills: per-band import and export totals summed on ciphertexts, only the totals released.
     let tariff = demo_tariff();
+    let band_names: Vec<&str> = tariff.bands.iter().map(|b| b.name.as_str()).collect();
     println!(
-        "\nBills, {} days, tariff {:?} (kWh per band; peak/day/evening/weekend/night; £ incl. 5% VAT):",
-        args.days, tariff.name
+        "\nBills, {} days, tariff {:?} (kWh imported per band: {}; kWh exported, credited per band; £ incl. 5% VAT):",
+        args.days,
+        tariff.name,
+        band_names.join("/")
     );
     let t = std::time::Instant::now();
     let households: Vec<_> = meters
@@ -498,19 +578,20 @@ async fn town_demo(args: &DemoArgs, pki: &DevPki, base: u16) -> anyhow::Result<(
                 }),
                 tariff: Some(tariff.clone()),
                 reissue_reason: String::new(),
+                epoch: EPOCH,
             })
             .await
             .with_context(|| format!("bill for {}", m.id))?
             .into_inner();
-        let bands: Vec<String> = b
-            .lines
+        let bands: Vec<String> = band_names
             .iter()
-            .map(|l| format!("{:>6.1}", l.energy_wh as f64 / 1000.0))
+            .map(|band| format!("{:>6.1}", band_import_wh(&b.lines, band) as f64 / 1000.0))
             .collect();
         println!(
-            "  {:<11} {}  standing £{:>5.2}  total £{:>7.2}",
+            "  {:<11} {}  export {:>5.1}  standing £{:>5.2}  total £{:>7.2}",
             m.id,
             bands.join(" "),
+            export_wh(&b.lines) as f64 / 1000.0,
             b.standing_charge as f64 / 100.0,
             b.total as f64 / 100.0
         );
@@ -546,6 +627,7 @@ async fn town_demo(args: &DemoArgs, pki: &DevPki, base: u16) -> anyhow::Result<(
             }),
             tariff: Some(business_tariff.clone()),
             reissue_reason: String::new(),
+            epoch: EPOCH,
         };
         let mut c = compute.clone();
         let running = tokio::spawn(async move { c.bill(request).await });
@@ -560,7 +642,12 @@ async fn town_demo(args: &DemoArgs, pki: &DevPki, base: u16) -> anyhow::Result<(
             .find(|l| l.description.starts_with("demand charge"))
             .map(|l| format!("{} £{:.2}", l.description, l.amount as f64 / 100.0))
             .unwrap_or_default();
-        let energy: i64 = b.lines.iter().map(|l| l.energy_wh).sum();
+        let energy: i64 = b
+            .lines
+            .iter()
+            .filter(|l| !is_export(l))
+            .map(|l| l.energy_wh)
+            .sum();
         println!(
             "  {:<11} {:>7.1} kWh  {demand}  total £{:>8.2}  ({:.0} s)",
             m.id,
@@ -615,11 +702,71 @@ async fn town_demo(args: &DemoArgs, pki: &DevPki, base: u16) -> anyhow::Result<(
 /// The first keyshare's reason in a compute refusal ("differencing: ..."), without the quorum
 /// preamble.
 fn keyshare_reason(message: &str) -> &str {
-    message
-        .split("FailedPrecondition: ")
-        .nth(1)
-        .and_then(|m| m.split(';').next())
-        .unwrap_or(message)
+    const RULES: [&str; 5] = [
+        "differencing:",
+        "k-anonymity:",
+        "one-bill-per-period:",
+        "enrollment:",
+        "allowed-program:",
+    ];
+    let from = RULES
+        .iter()
+        .filter_map(|r| message.find(r))
+        .min()
+        .or_else(|| message.find("FailedPrecondition: ").map(|i| i + 20));
+    match from {
+        Some(i) => message[i..].split(';').next().unwrap_or(message).trim_end(),
+        None => message,
+    }
+}
+
+/// Whether a bill line credits exported energy.
+fn is_export(l: &psm_proto::v1::BillLine) -> bool {
+    l.energy_wh < 0 || l.description.contains("export")
+}
+
+/// Imported Wh of a bill's lines for tariff band `band`.
+fn band_import_wh(lines: &[psm_proto::v1::BillLine], band: &str) -> i64 {
+    lines
+        .iter()
+        .filter(|l| !is_export(l))
+        .filter(|l| l.description == band || l.description.starts_with(&format!("{band} ")))
+        .map(|l| l.energy_wh)
+        .sum()
+}
+
+/// Exported Wh of a bill (export lines carry negative energy).
+fn export_wh(lines: &[psm_proto::v1::BillLine]) -> i64 {
+    lines
+        .iter()
+        .filter(|l| is_export(l))
+        .map(|l| l.energy_wh.abs())
+        .sum()
+}
+
+/// One line on the outputs' effective cohorts: the members whose readings cover each interval.
+fn cohort_summary(sizes: &[u32], requested: u32) -> String {
+    let withheld = sizes.iter().filter(|s| **s == 0).count();
+    let released: Vec<u32> = sizes.iter().copied().filter(|s| *s > 0).collect();
+    let (min, max) = (
+        released.iter().min().copied().unwrap_or(0),
+        released.iter().max().copied().unwrap_or(0),
+    );
+    let mut line = if released.is_empty() {
+        "effective cohort: no hour released".to_string()
+    } else if min == max && min == requested {
+        format!("effective cohort: all {requested} meters in every hour")
+    } else if min == max {
+        format!("effective cohort: {min} of {requested} meters in every released hour")
+    } else {
+        format!("effective cohort: {min} to {max} of {requested} meters per released hour")
+    };
+    if withheld > 0 {
+        line.push_str(&format!(
+            "; {withheld} hours withheld (too few meters with readings)"
+        ));
+    }
+    line
 }
 
 /// Shows a running job's progress (WatchJob) on one terminal line until it is done.

@@ -28,15 +28,17 @@ enum Command {
         #[command(subcommand)]
         command: PkiCommand,
     },
-    /// Trusted-dealer key ceremony: tfhe and linear keys, split into one share file per
-    /// keyshare, public bundle, self-check.
+    /// Trusted-dealer key ceremony for the tfhe track: its key set, the squash secret split
+    /// into one share file per keyshare, public bundle, self-check. (The linear track needs
+    /// none: meters make their own keys and enroll them.)
     Ceremony(ceremony::CeremonyArgs),
     /// A keyshare's audit log: show it as a table or verify its hash chain.
     Audit {
         #[command(subcommand)]
         command: audit::AuditCommand,
     },
-    /// Simulated meters: generate a town's load and submit it to ingest.
+    /// Meters: simulate a town or import real readings; enroll each meter's own keys, then
+    /// submit its encrypted readings to ingest.
     Meter {
         #[command(subcommand)]
         command: meter::MeterCommand,

@@ -1,34 +1,74 @@
-//! `psm meter simulate`: a simulated town's meters, encrypted under the linear key fetched from
-//! ingest, submitted as a head-end.
+//! `psm meter simulate` / `psm meter import`: meters' readings encrypted on the linear track
+//! under each meter's own key, submitted as a head-end.
+//!
+//! Per meter and key epoch the tool keeps the meter's seeds in `--meter-keys`
+//! (`<meter>.e<epoch>.seeds`, secret, mode 0600; made once, before anything is sent), enrolls them
+//! through ingest (the seeds sealed to the keyshares' published enrollment keys), then sends one
+//! body per interval and channel: import = max(v, 0), export = max(−v, 0).
 
+use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
+use prost::Message;
 use psm_core::import::{
     is_green_button_csv, parse_green_button, parse_green_button_csv, parse_plain_csv, to_days,
     MeterDay,
 };
 use psm_core::keys::Manifest;
-use psm_core::lwe::{words_to_le_bytes, LweBatch};
+use psm_core::linear::encrypt::IntervalMasks;
+use psm_core::linear::envelope::{self, PublishedKey};
+use psm_core::linear::key::{MeterKey, MeterSeeds};
+use psm_core::linear::{Channel as LinearChannel, INTERVALS, SLOTS_PER_DAY, SLOT_SECONDS};
 use psm_core::readings::{format_day, parse_day};
 use psm_core::simulate::{town, SimMeter};
+use psm_core::threshold::Scheme;
 use psm_proto::v1::ingest_client::IngestClient;
-use psm_proto::v1::{GetPublicParamsRequest, KeyRef, ReadingBatch, SubmitReadingsRequest, Track};
+use psm_proto::v1::{
+    EnrollRequest, Enrollment, GetPublicParamsRequest, KeyRef, ReadingBatch, SubmitReadingsRequest,
+    Track,
+};
 use rayon::prelude::*;
 use tonic::transport::Channel;
 
 use crate::client_args::ClientArgs;
 
+/// Largest number of batches in one SubmitReadings request (ingest's limit is 1,000).
+const BATCHES_PER_REQUEST: usize = 1_000;
+/// Largest number of enrollments in one Enroll request (ingest's limit).
+const ENROLLMENTS_PER_REQUEST: usize = 1_000;
+/// Meters whose keys are held in memory at once (two 64 KiB keys each); the day's interval masks
+/// are derived once per such group.
+const METERS_PER_PASS: usize = 1_024;
+
 #[derive(clap::Subcommand)]
 pub enum MeterCommand {
     /// Import real readings — Green Button ESPI XML (one meter per usage point), a utility's
-    /// Green Button CSV export, or a plain CSV of meter_id,timestamp,wh — and submit every
-    /// complete UTC day as a head-end.
+    /// Green Button CSV export, or a plain CSV of meter_id,timestamp,wh — and submit them as a
+    /// head-end: complete UTC days, and the runs of consecutive intervals of incomplete ones.
     Import(ImportArgs),
-    /// Simulate a town's meters and submit their readings to ingest as a head-end. Encryption
-    /// is randomized: submitting the same meter-days twice is refused (ALREADY_EXISTS), so use
-    /// another --start or fresh meters for more data.
+    /// Simulate a town's meters and submit their readings to ingest as a head-end. A slot is
+    /// encrypted once per key epoch: meter-days already stored are kept as they are, so use
+    /// another --start, fresh meters or a new --epoch for more data.
     Simulate(SimulateArgs),
+}
+
+/// Where meters' keys come from and go to.
+#[derive(clap::Args, Clone)]
+pub struct MeterKeyArgs {
+    /// The meters' key epoch (>= 1). Every slot is encrypted once per epoch; a new epoch is a
+    /// key rotation (new seeds, enrolled again).
+    #[arg(long, default_value_t = 1)]
+    pub epoch: u32,
+    /// A keyshare's published enrollment key (the `enrollment.pub` in its data directory); give
+    /// one per keyshare.
+    #[arg(long = "enrollment-key", value_name = "FILE")]
+    pub enrollment_keys: Vec<PathBuf>,
+    /// Directory of the meters' seed files, `<meter>.e<epoch>.seeds` (secret, mode 0600): made
+    /// on first use, reused after. A meter whose seeds are lost needs a new --epoch.
+    #[arg(long, default_value = "psm-data/meter-keys")]
+    pub meter_keys: PathBuf,
 }
 
 #[derive(clap::Args)]
@@ -48,9 +88,11 @@ pub struct SimulateArgs {
     /// Random seed: the same seed gives the same town and readings.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
-    /// Interval length in seconds: 900, 1800 or 3600.
+    /// Interval length in seconds: 300, 900, 1800 or 3600.
     #[arg(long, default_value_t = 900)]
     pub interval: u32,
+    #[command(flatten)]
+    pub keys: MeterKeyArgs,
     #[command(flatten)]
     pub client: ClientArgs,
 }
@@ -73,6 +115,8 @@ pub struct ImportArgs {
     /// Prefix of meter ids made from Green Button usage points (<prefix>-<customer>-<point>).
     #[arg(long, default_value = "gb")]
     pub prefix: String,
+    #[command(flatten)]
+    pub keys: MeterKeyArgs,
     #[command(flatten)]
     pub client: ClientArgs,
 }
@@ -106,15 +150,16 @@ async fn fetch_manifest(ch: Channel) -> anyhow::Result<Manifest> {
     )?)?)
 }
 
-/// What a submission did with its meter-days.
+/// What a submission did with its batches (one per meter-day, or run of a day, and channel;
+/// registers count one per meter-day).
 #[derive(Debug, Default, Clone, Copy)]
 pub struct Counts {
     /// Newly stored.
     pub stored: u32,
     /// Already stored with the same bytes (a retry).
     pub duplicates: u32,
-    /// Already stored with other bytes — an earlier run encrypted the same meter-day
-    /// (encryption is randomized) — and kept as stored.
+    /// Already stored with other bytes — an earlier run encrypted the same slots (encryption
+    /// is randomized) — and kept as stored.
     pub kept: u32,
 }
 
@@ -130,7 +175,7 @@ impl std::fmt::Display for Counts {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "{} meter-days stored, {} were already there",
+            "{} batches stored, {} were already there",
             self.stored, self.duplicates
         )?;
         if self.kept > 0 {
@@ -144,20 +189,35 @@ impl std::fmt::Display for Counts {
     }
 }
 
-/// Submits one request. When ingest refuses it because a meter-day in it is already stored
-/// with other bytes (resuming an interrupted import, or rerunning a simulation: encryption is
-/// randomized), submits the batches one by one and keeps what is stored.
+/// A short content hash for idempotency keys.
+fn content_key(parts: impl IntoIterator<Item = impl AsRef<[u8]>>) -> String {
+    let mut h = blake3::Hasher::new();
+    for p in parts {
+        let p = p.as_ref();
+        h.update(&(p.len() as u64).to_le_bytes());
+        h.update(p);
+    }
+    h.finalize().to_hex()[..24].to_owned()
+}
+
+/// Submits one request. When ingest refuses it because a batch in it overlaps slots already
+/// stored with other bytes (resuming an interrupted import, or rerunning a simulation:
+/// encryption is randomized), submits the batches one by one and keeps what is stored.
 async fn submit_chunk(
     client: &mut IngestClient<Channel>,
-    key: &str,
+    key_prefix: &str,
     batches: Vec<ReadingBatch>,
 ) -> anyhow::Result<Counts> {
+    let key = format!(
+        "{key_prefix}-{}",
+        content_key(batches.iter().map(|b| &b.ciphertext_hash))
+    );
     let request = |k: String, batches: Vec<ReadingBatch>| SubmitReadingsRequest {
         idempotency_key: k,
         batches,
     };
     match client
-        .submit_readings(request(key.to_owned(), batches.clone()))
+        .submit_readings(request(key.clone(), batches.clone()))
         .await
     {
         Ok(r) => {
@@ -209,6 +269,9 @@ fn progress(done: usize, total: usize) {
 
 /// Simulates a town and submits it.
 pub async fn simulate_and_submit(ch: Channel, a: &SimulateArgs) -> anyhow::Result<Submitted> {
+    if !INTERVALS.contains(&a.interval) {
+        bail!("--interval {}: expected one of {INTERVALS:?}", a.interval);
+    }
     let first_day = parse_day(&a.start)?;
     let meters = town(a.meters, a.businesses, a.seed);
     let days: Vec<MeterDay> = meters
@@ -218,11 +281,18 @@ pub async fn simulate_and_submit(ch: Channel, a: &SimulateArgs) -> anyhow::Resul
                 meter_id: m.id.clone(),
                 day: first_day + d,
                 interval_seconds: a.interval,
+                first_interval: 0,
                 values: m.day(first_day + d, a.interval),
             })
         })
         .collect();
-    let mut counts = submit_days(ch.clone(), &days, &format!("sim-{}-{}", a.seed, a.start)).await?;
+    let mut counts = submit_days(
+        ch.clone(),
+        &a.keys,
+        &days,
+        &format!("sim-{}-{}", a.seed, a.start),
+    )
+    .await?;
     // Businesses also send their registers (peak demand, daily total) on the tfhe track, for
     // demand charges and tiered tariffs.
     let business_days: Vec<MeterDay> = days
@@ -244,44 +314,329 @@ pub async fn simulate_and_submit(ch: Channel, a: &SimulateArgs) -> anyhow::Resul
     Ok(Submitted { meters, counts })
 }
 
-/// Encrypts meter-days under the linear key fetched from ingest (all cores) and submits them
-/// in requests of at most 100, with a progress bar.
+/// The keyshares' enrollment keys, (party name, key) in the manifest's party order: one file
+/// per party, none for a party the deployment does not have.
+fn enrollment_keys(
+    files: &[PathBuf],
+    manifest: &Manifest,
+) -> anyhow::Result<Vec<(String, Vec<u8>)>> {
+    let parties = manifest.party_names.join(", ");
+    if files.is_empty() {
+        bail!(
+            "no --enrollment-key given: pass the enrollment.pub of every keyshare ({parties}), one --enrollment-key FILE each (a keyshare writes it into its data directory at start)"
+        );
+    }
+    let mut published = Vec::new();
+    for f in files {
+        let k = PublishedKey::read(f)?;
+        if !manifest.party_names.contains(&k.party) {
+            bail!(
+                "{}: keyshare {:?} is not a party of this deployment (its parties are {parties})",
+                f.display(),
+                k.party
+            );
+        }
+        published.push(k);
+    }
+    envelope::keys_in_party_order(&published, &manifest.party_names)
+        .map_err(|e| anyhow::anyhow!("{e}: pass one --enrollment-key per keyshare ({parties})"))
+}
+
+fn seeds_path(dir: &Path, meter: &str, epoch: u32) -> PathBuf {
+    dir.join(format!("{meter}.e{epoch}.seeds"))
+}
+
+fn enrollment_path(dir: &Path, meter: &str, epoch: u32) -> PathBuf {
+    dir.join(format!("{meter}.e{epoch}.enrollment"))
+}
+
+/// A meter's seeds for `epoch`: read from `dir`, or made and written there first.
+fn load_or_create_seeds(
+    dir: &Path,
+    meter: &str,
+    epoch: u32,
+    scheme: Scheme,
+) -> anyhow::Result<MeterSeeds> {
+    let path = seeds_path(dir, meter, epoch);
+    if path.exists() {
+        let s = MeterSeeds::read(&path)
+            .with_context(|| format!("reading the seeds of {meter} for epoch {epoch}"))?;
+        if s.epoch != epoch {
+            bail!(
+                "{} holds seeds for epoch {}, not {epoch}; it was renamed or overwritten",
+                path.display(),
+                s.epoch
+            );
+        }
+        if s.seeds.len() != scheme.share_count() {
+            bail!(
+                "{} holds {} seeds; this deployment's {}-of-{} scheme needs {}: they were made for another deployment (use a new --epoch or another --meter-keys directory)",
+                path.display(),
+                s.seeds.len(),
+                scheme.threshold(),
+                scheme.parties(),
+                scheme.share_count()
+            );
+        }
+        return Ok(s);
+    }
+    let s = MeterSeeds::generate(scheme, epoch);
+    s.write(&path)
+        .with_context(|| format!("writing the seeds of {meter}"))?;
+    Ok(s)
+}
+
+/// A meter's enrollment: the one sealed earlier for these seeds and keys (kept in `dir`, so a
+/// retry sends the same bytes — sealing is randomized), or a new one, written before it is sent.
+fn load_or_seal_enrollment(
+    dir: &Path,
+    meter: &str,
+    seeds: &MeterSeeds,
+    scheme: Scheme,
+    manifest: &Manifest,
+    keys: &[(String, Vec<u8>)],
+) -> anyhow::Result<Enrollment> {
+    let path = enrollment_path(dir, meter, seeds.epoch);
+    let fingerprint = content_key(keys.iter().flat_map(|(n, k)| [n.as_bytes(), k.as_slice()]));
+    let commitments: Vec<Vec<u8>> = seeds
+        .commitments(meter)
+        .into_iter()
+        .map(|c| c.to_vec())
+        .collect();
+    if let Ok(bytes) = std::fs::read(&path) {
+        let cached = bytes
+            .strip_prefix(fingerprint.as_bytes())
+            .and_then(|rest| Enrollment::decode(rest).ok())
+            .filter(|e| {
+                e.meter_id == meter
+                    && e.epoch == seeds.epoch
+                    && e.commitments == commitments
+                    && envelope::check_shape(e, scheme, &manifest.party_names).is_ok()
+            });
+        if let Some(e) = cached {
+            return Ok(e);
+        }
+    }
+    let e = envelope::enroll(meter, seeds, scheme, keys)
+        .with_context(|| format!("sealing the seeds of {meter}"))?;
+    let mut bytes = fingerprint.into_bytes();
+    bytes.extend_from_slice(&e.encode_to_vec());
+    psm_core::keys::write_atomic(&path, &bytes, 0o600)
+        .with_context(|| format!("writing the enrollment of {meter}"))?;
+    Ok(e)
+}
+
+/// Creates the seeds directory, readable by its owner only.
+fn create_key_dir(dir: &Path) -> anyhow::Result<()> {
+    let mut b = std::fs::DirBuilder::new();
+    b.recursive(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        b.mode(0o700);
+    }
+    b.create(dir)
+        .with_context(|| format!("creating the meter key directory {}", dir.display()))
+}
+
+/// Enrolls every meter (requests of at most 1,000). Ingest answers ALREADY_EXISTS when it holds
+/// another enrollment for a meter and epoch: the local seeds are not the enrolled ones.
+async fn enroll_all(
+    client: &mut IngestClient<Channel>,
+    enrollments: Vec<Enrollment>,
+    k: &MeterKeyArgs,
+    key_prefix: &str,
+) -> anyhow::Result<(u32, u32)> {
+    let (mut stored, mut duplicates) = (0, 0);
+    for chunk in enrollments.chunks(ENROLLMENTS_PER_REQUEST) {
+        let key = format!(
+            "{key_prefix}-enroll-{}",
+            content_key(chunk.iter().map(|e| e.encode_to_vec()))
+        );
+        match client
+            .enroll(EnrollRequest {
+                idempotency_key: key,
+                enrollments: chunk.to_vec(),
+            })
+            .await
+        {
+            Ok(r) => {
+                let r = r.into_inner();
+                stored += r.stored;
+                duplicates += r.duplicates;
+            }
+            Err(s) if s.code() == tonic::Code::AlreadyExists => bail!(
+                "ingest already holds a different enrollment under epoch {} than the seeds in {} ({}): those seeds were replaced or lost since the meter enrolled, and readings under epoch {} can no longer be encrypted for it — enroll new seeds under a new --epoch",
+                k.epoch,
+                k.meter_keys.display(),
+                s.message(),
+                k.epoch
+            ),
+            Err(s) => bail!("enrolling meters: {}", s.message()),
+        }
+    }
+    Ok((stored, duplicates))
+}
+
+/// A meter's keys for the run: import, and export if it exports anything.
+struct Keys {
+    import: MeterKey,
+    export: Option<MeterKey>,
+}
+
+/// Encrypts one meter-day (or run of a day) against the day's masks: an import batch, and an
+/// export batch when the meter exports.
+fn encrypt_day(
+    d: &MeterDay,
+    keys: &Keys,
+    masks: &IntervalMasks,
+    epoch: u32,
+) -> anyhow::Result<Vec<ReadingBatch>> {
+    let context = || format!("{} {}", d.meter_id, format_day(d.day));
+    let offset = d.first_interval as usize;
+    let mut out = Vec::with_capacity(2);
+    let import: Vec<i64> = d.values.iter().map(|v| (*v).max(0)).collect();
+    let bodies = masks
+        .encrypt(&keys.import, offset, &import)
+        .with_context(context)?;
+    out.push(psm_core::wire::linear_batch_to_proto(
+        &d.meter_id,
+        d.day,
+        epoch,
+        LinearChannel::Import,
+        d.interval_seconds,
+        d.first_interval,
+        &bodies,
+    ));
+    if let Some(export_key) = &keys.export {
+        let export: Vec<i64> = d.values.iter().map(|v| v.saturating_neg().max(0)).collect();
+        let bodies = masks
+            .encrypt(export_key, offset, &export)
+            .with_context(context)?;
+        out.push(psm_core::wire::linear_batch_to_proto(
+            &d.meter_id,
+            d.day,
+            epoch,
+            LinearChannel::Export,
+            d.interval_seconds,
+            d.first_interval,
+            &bodies,
+        ));
+    }
+    Ok(out)
+}
+
+/// Enrolls the meters of `days` (seeds made on first use) and submits their readings, encrypted
+/// on all cores, in requests of at most 1,000 batches, with a progress bar. Import is
+/// max(v, 0), export max(−v, 0); a meter with any negative value sends export batches for all
+/// its days.
 pub async fn submit_days(
     ch: Channel,
+    k: &MeterKeyArgs,
     days: &[MeterDay],
     key_prefix: &str,
 ) -> anyhow::Result<Counts> {
+    if k.epoch == 0 || k.epoch > envelope::MAX_EPOCH {
+        bail!("--epoch {}: expected 1..={}", k.epoch, envelope::MAX_EPOCH);
+    }
     let manifest = fetch_manifest(ch.clone()).await?;
-    let lpk: psm_core::linear::LinearPublicKey =
-        bincode_deserialize(&fetch_item(ch.clone(), "linear_public_key").await?)?;
-    let mut client = IngestClient::new(ch);
-    let mut counts = Counts::default();
-    progress(0, days.len());
-    for (n, chunk) in days.chunks(100).enumerate() {
-        let batches: Vec<ReadingBatch> = chunk
+    let scheme = Scheme::new(manifest.parties, manifest.threshold)
+        .context("the manifest from ingest names an impossible scheme")?;
+    let keys = enrollment_keys(&k.enrollment_keys, &manifest)?;
+
+    // Meters in order of first appearance, and whether each exports anywhere in its series.
+    let mut meters: Vec<&str> = Vec::new();
+    let mut index: HashMap<&str, usize> = HashMap::new();
+    let mut exports: Vec<bool> = Vec::new();
+    for d in days {
+        let i = *index.entry(d.meter_id.as_str()).or_insert_with(|| {
+            meters.push(d.meter_id.as_str());
+            exports.push(false);
+            meters.len() - 1
+        });
+        exports[i] |= d.values.iter().any(|v| *v < 0);
+    }
+
+    // Seeds first (written before anything leaves this machine), then enrollments.
+    create_key_dir(&k.meter_keys)?;
+    let seeds: Vec<MeterSeeds> = tokio::task::block_in_place(|| {
+        meters
             .par_iter()
-            .map(|d| {
-                let LweBatch::Compact { words, .. } = psm_core::linear::encrypt(&lpk, &d.values)
-                else {
-                    unreachable!("linear::encrypt makes compact lists")
-                };
-                let ciphertext = words_to_le_bytes(&words);
-                ReadingBatch {
-                    meter_id: d.meter_id.clone(),
-                    day: format_day(d.day),
-                    track: Track::Linear as i32,
-                    key: Some(KeyRef {
-                        key_id: manifest.linear_key_id.clone(),
-                    }),
-                    interval_seconds: d.interval_seconds,
-                    count: d.values.len() as u32,
-                    ciphertext_hash: blake3::hash(&ciphertext).as_bytes().to_vec(),
-                    ciphertext,
-                }
-            })
-            .collect();
-        counts += submit_chunk(&mut client, &format!("{key_prefix}-{n}"), batches).await?;
-        progress((n * 100 + chunk.len()).min(days.len()), days.len());
+            .map(|m| load_or_create_seeds(&k.meter_keys, m, k.epoch, scheme))
+            .collect::<anyhow::Result<_>>()
+    })?;
+    let enrollments: Vec<Enrollment> = tokio::task::block_in_place(|| {
+        meters
+            .par_iter()
+            .zip(&seeds)
+            .map(|(m, s)| load_or_seal_enrollment(&k.meter_keys, m, s, scheme, &manifest, &keys))
+            .collect::<anyhow::Result<_>>()
+    })?;
+    let mut client = IngestClient::new(ch);
+    let (new, again) = enroll_all(&mut client, enrollments, k, key_prefix).await?;
+    eprintln!(
+        "  {} meters enrolled for epoch {} ({new} new, {again} already enrolled)",
+        meters.len(),
+        k.epoch
+    );
+
+    let mut counts = Counts::default();
+    let mut done = 0;
+    progress(0, days.len());
+    let all: Vec<usize> = (0..meters.len()).collect();
+    for pass in all.chunks(METERS_PER_PASS) {
+        let meter_keys: HashMap<usize, Keys> = tokio::task::block_in_place(|| {
+            pass.par_iter()
+                .map(|&i| {
+                    let export = exports[i].then(|| seeds[i].key(LinearChannel::Export));
+                    (
+                        i,
+                        Keys {
+                            import: seeds[i].key(LinearChannel::Import),
+                            export,
+                        },
+                    )
+                })
+                .collect()
+        });
+        // This pass's meter-days by (day, interval length): one set of masks for each.
+        let mut groups: BTreeMap<(i64, u32), Vec<(&MeterDay, &Keys)>> = BTreeMap::new();
+        for d in days {
+            if let Some(keys) = meter_keys.get(&index[d.meter_id.as_str()]) {
+                groups
+                    .entry((d.day, d.interval_seconds))
+                    .or_default()
+                    .push((d, keys));
+            }
+        }
+        for ((day, interval_seconds), group) in groups {
+            if !INTERVALS.contains(&interval_seconds) {
+                bail!("interval {interval_seconds} s: expected one of {INTERVALS:?}");
+            }
+            let slots_per_interval = u64::from(interval_seconds) / SLOT_SECONDS as u64;
+            let per_day = (SLOTS_PER_DAY as u64 / slots_per_interval) as usize;
+            let first_slot = u64::try_from(day)
+                .ok()
+                .and_then(|d| d.checked_mul(SLOTS_PER_DAY as u64))
+                .with_context(|| format!("day {day} is before 1970"))?;
+            let masks = tokio::task::block_in_place(|| {
+                IntervalMasks::new(k.epoch, first_slot, slots_per_interval, per_day)
+            });
+            for chunk in group.chunks(BATCHES_PER_REQUEST / 2) {
+                let batches: Vec<ReadingBatch> = tokio::task::block_in_place(|| {
+                    chunk
+                        .par_iter()
+                        .map(|(d, keys)| encrypt_day(d, keys, &masks, k.epoch))
+                        .collect::<anyhow::Result<Vec<_>>>()
+                })?
+                .into_iter()
+                .flatten()
+                .collect();
+                counts += submit_chunk(&mut client, key_prefix, batches).await?;
+                done += chunk.len();
+                progress(done, days.len());
+            }
+        }
     }
     eprintln!();
     Ok(counts)
@@ -340,19 +695,16 @@ pub async fn submit_registers(
                         count: psm_core::registers::REGISTER_COUNT,
                         ciphertext_hash: blake3::hash(&list).as_bytes().to_vec(),
                         ciphertext: list,
+                        ..Default::default()
                     })
                 })
                 .collect::<Result<Vec<_>, psm_core::registers::RegisterError>>()
         })?;
-        counts += submit_chunk(&mut client, &format!("{key_prefix}-{n}"), batches).await?;
+        counts += submit_chunk(&mut client, key_prefix, batches).await?;
         progress((n * 50 + chunk.len()).min(days.len()), days.len());
     }
     eprintln!();
     Ok(counts)
-}
-
-fn bincode_deserialize<T: serde::de::DeserializeOwned>(b: &[u8]) -> anyhow::Result<T> {
-    bincode::deserialize(b).context("decoding the linear public key")
 }
 
 pub fn run(cmd: MeterCommand) -> anyhow::Result<()> {
@@ -386,23 +738,29 @@ pub fn run(cmd: MeterCommand) -> anyhow::Result<()> {
                 }
                 _ => parse_plain_csv(&text)?,
             };
-            let (days, partial) = to_days(&series)?;
-            for (m, d, n) in &partial {
+            let (complete, partial) = to_days(&series)?;
+            for p in &partial {
                 eprintln!(
-                    "  skipping {m} {}: {n} readings, not a complete UTC day",
-                    format_day(*d)
+                    "  {} {}: {} readings, an incomplete UTC day (sent as {} run{} of consecutive intervals)",
+                    p.meter_id,
+                    format_day(p.day),
+                    p.readings(),
+                    p.runs.len(),
+                    if p.runs.len() == 1 { "" } else { "s" }
                 );
             }
+            let complete_days = complete.len();
+            let mut days = complete;
+            days.extend(partial.iter().flat_map(|p| p.runs.iter().cloned()));
             if days.is_empty() {
-                bail!("{} holds no complete UTC day", a.file.display());
+                bail!("{} holds no readings", a.file.display());
             }
             let ch = a.client.channel("headend/headend-1")?;
             let key = format!("import-{}", blake3::hash(text.as_bytes()).to_hex());
-            let counts = rt.block_on(submit_days(ch, &days, &key[..40]))?;
+            let counts = rt.block_on(submit_days(ch, &a.keys, &days, &key[..40]))?;
             println!(
-                "{} meters, {} complete meter-days: {counts}; {} incomplete days skipped",
+                "{} meters, {complete_days} complete and {} incomplete meter-days: {counts}",
                 series.len(),
-                days.len(),
                 partial.len()
             );
         }

@@ -26,17 +26,20 @@ fn ceremony_writes_shares_and_bundle_and_self_checks() {
     assert!(stdout.contains("self-check: tfhe track"), "{stdout}");
     assert!(stdout.contains("Key set ready (2-of-3)"), "{stdout}");
     let manifest = std::fs::read_to_string(out.join("public/manifest.toml")).unwrap();
-    for item in ["server_key", "tfhe_public_key", "crs", "linear_public_key"] {
+    for item in ["server_key", "tfhe_public_key", "crs"] {
         assert!(
             manifest.contains(&format!("name = \"{item}\"")),
             "{manifest}"
         );
     }
+    // The linear track has no dealt key: nothing of it in the bundle or the output.
+    assert!(!manifest.contains("linear"), "{manifest}");
+    assert!(!stdout.contains("linear key"), "{stdout}");
     for p in 1..=3 {
         let share = out.join(format!("shares/keyshare-{p}.share"));
         let file = psm_core::keys::ShareFile::read(&share).unwrap();
         assert_eq!(file.party_index, p);
-        assert_eq!(file.keys.len(), 2);
+        assert_eq!(file.keys.len(), 1, "the tfhe key only");
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;

@@ -1,25 +1,20 @@
-//! Threshold decryption latency, 2-of-3: through three keyshare-svc processes over loopback
-//! mTLS (all three asked, result once a quorum agreed) against the same partial decryptions and
-//! combine done in-process, in the same run.
+//! Threshold decryption latency, 2-of-3, of the tfhe track: a squashed FheUint64 through three
+//! keyshare-svc processes over loopback mTLS (all three asked, result once a quorum agreed)
+//! against the same partial decryptions and combine done in-process, in the same run.
+//!
+//! The linear track has no dealt key and no partial decryptions any more: its releases
+//! (Keyshare.Release) are measured by `cargo bench -p psm-e2e --bench linear`.
 //!
 //! Run: cargo build --release --bins && cargo bench -p psm-e2e --bench threshold
 
 use std::time::{Duration, Instant};
 
-use prost::Message;
 use psm_core::ceremony::{decrypt_via_files, PublicBundle};
 use psm_core::keys::ShareFile;
-use psm_core::linear::LINEAR_ENCODING;
 use psm_core::lwe::{Encoding, LweBatch, SQUASHED_BLOCK};
-use psm_core::program::{add_lists, aggregate_output};
 use psm_core::squashed::uint_batch;
 use psm_e2e::TestPki;
-use psm_net::Role;
-use psm_proto::v1::ingest_client::IngestClient;
-use psm_proto::v1::{
-    AggregateProgram, ComputationKind, ComputationManifest, InputRef, ReadingBatch,
-    SubmitReadingsRequest, TimeRange, Track,
-};
+use psm_proto::v1::{ComputationKind, ComputationManifest, InputRef, TimeRange, Track};
 use tfhe::prelude::*;
 use tfhe::{CompactCiphertextList, FheUint64};
 
@@ -62,55 +57,8 @@ async fn main() {
     })
     .await
     .unwrap();
-    // Ten meters' days of 15-minute readings, stored at ingest, summed as an aggregate: the
-    // keyshares re-execute the sum from ingest before answering.
-    let ingest = psm_e2e::start_ingest(&pki, &keys).await;
-    let lpk = bundle.linear_public_key().unwrap();
-    let kid = keys.manifest.linear_key_id.clone();
-    let stored: Vec<ReadingBatch> = (0..10)
-        .map(|m| {
-            let values: Vec<i64> = (0..96).map(|i| i * 7 - 300 + m).collect();
-            psm_e2e::linear_batch(&lpk, &kid, &format!("meter-{m}"), DAY, 900, &values)
-        })
-        .collect();
-    IngestClient::new(pki.channel(ingest.port, "ingest", Role::Headend, "headend-1"))
-        .submit_readings(SubmitReadingsRequest {
-            idempotency_key: "bench".into(),
-            batches: stored.clone(),
-        })
-        .await
-        .unwrap();
-    let lists: Vec<Vec<u128>> = stored
-        .iter()
-        .map(|b| psm_core::lwe::words_from_le_bytes(&b.ciphertext).unwrap())
-        .collect();
-    let (linear, _) = aggregate_output(add_lists(&lists), lists.len(), 1);
     let d0 = psm_core::readings::parse_day(DAY).unwrap() * 86_400;
-    let range = TimeRange {
-        start_unix: d0,
-        end_unix: d0 + 86_400,
-    };
-    let program = AggregateProgram {
-        granularity_seconds: 900,
-    }
-    .encode_to_vec();
-    let aggregate = ComputationManifest {
-        kind: ComputationKind::Aggregate as i32,
-        program_hash: blake3::hash(&program).as_bytes().to_vec(),
-        program,
-        inputs: stored
-            .iter()
-            .map(|b| InputRef {
-                meter_id: b.meter_id.clone(),
-                day: b.day.clone(),
-                track: Track::Linear as i32,
-                ciphertext_hash: b.ciphertext_hash.clone(),
-            })
-            .collect(),
-        range: Some(range),
-        ..Default::default()
-    };
-    // The squashed value as a tfhe-track bill (not re-executed: this build cannot).
+    // The squashed value as a tfhe-track bill (not re-executed: reexecute_tfhe is off).
     let tariff = b"bench tariff".to_vec();
     let bill = ComputationManifest {
         kind: ComputationKind::Bill as i32,
@@ -122,58 +70,42 @@ async fn main() {
             track: Track::Tfhe as i32,
             ciphertext_hash: vec![1; 32],
         }],
-        range: Some(range),
+        range: Some(TimeRange {
+            start_unix: d0,
+            end_unix: d0 + 86_400,
+        }),
         ..Default::default()
     };
 
     let policy =
         "allow_any_program = true\nreexecute_tfhe = \"off\"\nrate_limit_per_minute = 100000\n";
-    let procs = psm_e2e::start_keyshares(&pki, &keys, Some(&ingest), policy).await;
+    let procs = psm_e2e::start_keyshares(&pki, &keys, None, policy).await;
     let dec = psm_e2e::decryptor(&pki, &keys, &procs, Duration::from_millis(300));
 
-    let cases: [(&str, &str, &LweBatch, Encoding, u32, &ComputationManifest); 2] = [
-        (
-            "squashed FheUint64 (16 blocks)",
-            &keys.manifest.tfhe_key_id,
-            &squashed,
-            SQUASHED_BLOCK,
-            70,
-            &bill,
-        ),
-        (
-            "aggregate of 10 meter-days, 96 linear ciphertexts (keyshares re-execute it from ingest)",
-            &keys.manifest.linear_key_id,
-            &linear,
-            LINEAR_ENCODING,
-            44,
-            &aggregate,
-        ),
-    ];
+    let key_id = &keys.manifest.tfhe_key_id;
     println!("| batch | in-process median / p90 (ms) | 3 keyshares over mTLS median / p90 (ms) |");
     println!("|---|---|---|");
-    for (label, key_id, batch, enc, noise, manifest) in cases {
-        let want = in_process(&shares, key_id, batch, enc);
-        let mut local = Vec::new();
-        for _ in 0..ITERS {
-            let t = Instant::now();
-            let got = in_process(&shares, key_id, batch, enc);
-            local.push(t.elapsed());
-            assert_eq!(got, want);
-        }
-        let mut remote = Vec::new();
-        for i in 0..ITERS {
-            let m = manifest.clone();
-            let t = Instant::now();
-            let out = dec
-                .decrypt(key_id, batch, enc, noise, m, &format!("bench-{i}"))
-                .await
-                .unwrap();
-            remote.push(t.elapsed());
-            assert_eq!(out.values, want);
-            assert_eq!(out.report.used.len(), 2);
-        }
-        let (lm, lp) = stats(local);
-        let (rm, rp) = stats(remote);
-        println!("| {label} | {lm:.2} / {lp:.2} | {rm:.2} / {rp:.2} |");
+    let want = in_process(&shares, key_id, &squashed, SQUASHED_BLOCK);
+    let mut local = Vec::new();
+    for _ in 0..ITERS {
+        let t = Instant::now();
+        let got = in_process(&shares, key_id, &squashed, SQUASHED_BLOCK);
+        local.push(t.elapsed());
+        assert_eq!(got, want);
     }
+    let mut remote = Vec::new();
+    for i in 0..ITERS {
+        let m = bill.clone();
+        let t = Instant::now();
+        let out = dec
+            .decrypt(key_id, &squashed, SQUASHED_BLOCK, 70, m, &format!("bench-{i}"))
+            .await
+            .unwrap();
+        remote.push(t.elapsed());
+        assert_eq!(out.values, want);
+        assert_eq!(out.report.used.len(), 2);
+    }
+    let (lm, lp) = stats(local);
+    let (rm, rp) = stats(remote);
+    println!("| squashed FheUint64 (16 blocks) | {lm:.2} / {lp:.2} | {rm:.2} / {rp:.2} |");
 }

@@ -1,12 +1,85 @@
-//! `psm meter import` of the Green Button samples into a running system; the imported readings
-//! bill to the sums of the file's values.
+//! `psm meter import` of the Green Button samples into a running system: each meter's seeds are
+//! made and enrolled with the keyshares first, complete and incomplete UTC days are submitted,
+//! and the imported readings bill to the sums of the file's values.
 
-use psm_e2e::{System, TestPki};
+use std::path::{Path, PathBuf};
+use std::process::Output;
+
+use psm_e2e::{Proc, System, TestPki};
 use psm_net::Role;
 use psm_proto::v1::compute_client::ComputeClient;
-use psm_proto::v1::{BillRequest, Tariff, TariffBand, TimeRange};
+use psm_proto::v1::{BillRequest, BillResponse, Tariff, TariffBand, TimeRange};
 
 const SAMPLES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../testdata/greenbutton");
+
+/// `psm meter import` against the system's ingest as headend-1, with the enrollment keys of
+/// `keyshares` and meter seeds under the test's directory.
+fn import(pki: &TestPki, sys: &System, keyshares: &[Proc], extra: &[&str]) -> Output {
+    let mut cmd = std::process::Command::new(psm_e2e::bin("psm"));
+    cmd.args(["meter", "import", "--server-name", "ingest", "--endpoint"])
+        .arg(format!("https://127.0.0.1:{}", sys.ingest.port))
+        .arg("--pki")
+        .arg(pki.dir.path())
+        .arg("--meter-keys")
+        .arg(pki.dir.path().join("meter-keys"));
+    for k in keyshares {
+        cmd.arg("--enrollment-key").arg(enrollment_pub(pki, k));
+    }
+    cmd.args(extra).output().unwrap()
+}
+
+/// Where a test keyshare publishes its enrollment key (its data directory).
+fn enrollment_pub(pki: &TestPki, k: &Proc) -> PathBuf {
+    pki.dir
+        .path()
+        .join(format!("{}-data", k.name))
+        .join("enrollment.pub")
+}
+
+fn text(out: &Output) -> (String, String) {
+    (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn flat(time_zone: &str, currency: &str) -> Tariff {
+    Tariff {
+        name: "flat".into(),
+        time_zone: time_zone.into(),
+        bands: vec![TariffBand {
+            name: "all".into(),
+            weekday_mask: 0x7F,
+            start_hour: 0,
+            end_hour: 24,
+            import_price_milli: 10_000,
+            export_price_milli: 0,
+        }],
+        currency: currency.into(),
+        ..Default::default()
+    }
+}
+
+/// (imported, exported) Wh of a bill: import lines are positive, export lines negative.
+fn billed(b: &BillResponse) -> (i64, i64) {
+    let import = b
+        .lines
+        .iter()
+        .filter(|l| l.energy_wh > 0)
+        .map(|l| l.energy_wh)
+        .sum();
+    let export = b
+        .lines
+        .iter()
+        .filter(|l| l.energy_wh < 0)
+        .map(|l| -l.energy_wh)
+        .sum();
+    (import, export)
+}
+
+fn file_path(p: &Path) -> &str {
+    p.to_str().expect("utf-8 path")
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn green_button_import_then_bill() {
@@ -14,37 +87,65 @@ async fn green_button_import_then_bill() {
     let keys = psm_e2e::keys::key_set(3, 2);
     let sys = System::start(&pki, &keys, "").await;
     let file = format!("{SAMPLES}/15minLP_15Days.xml");
-    let out = tokio::task::spawn_blocking({
-        let (port, dir) = (sys.ingest.port, pki.dir.path().to_owned());
-        let file = file.clone();
-        move || {
-            std::process::Command::new(psm_e2e::bin("psm"))
-                .args([
-                    "meter",
-                    "import",
-                    &file,
-                    "--server-name",
-                    "ingest",
-                    "--endpoint",
-                ])
-                .arg(format!("https://127.0.0.1:{port}"))
-                .arg("--pki")
-                .arg(dir)
-                .output()
-                .unwrap()
-        }
-    })
-    .await
-    .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    let series =
+        psm_core::import::parse_green_button(&std::fs::read_to_string(&file).unwrap(), "gb")
+            .unwrap();
+    let (days, partial) = psm_core::import::to_days(&series).unwrap();
+    assert_eq!(days.len(), 13);
+    assert!(!partial.is_empty(), "the sample starts and ends mid-day");
+    let runs: Vec<&psm_core::import::MeterDay> = days
+        .iter()
+        .chain(partial.iter().flat_map(|p| &p.runs))
+        .collect();
+    // One import batch per day or run, and an export batch too when the meter exports at all.
+    let exports = runs.iter().any(|r| r.values.iter().any(|v| *v < 0));
+    let batches = runs.len() * if exports { 2 } else { 1 };
+
+    let out = tokio::task::block_in_place(|| import(&pki, &sys, &sys.keyshares, &[&file]));
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stdout}{stderr}");
     assert!(
-        out.status.success(),
-        "{stdout}{}",
-        String::from_utf8_lossy(&out.stderr)
+        stdout.contains(&format!(
+            "1 meters, 13 complete and {} incomplete meter-days: {batches} batches stored, 0 were already there",
+            partial.len()
+        )),
+        "{stdout}"
     );
     assert!(
-        stdout.contains("1 meters, 13 complete meter-days: 13 meter-days stored"),
+        stderr.contains("1 meters enrolled for epoch 1 (1 new, 0 already enrolled)"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("an incomplete UTC day"), "{stderr}");
+    // The meter's seeds were kept, readable by their owner only.
+    let seeds = pki.dir.path().join("meter-keys/gb-9b6c7063-01.e1.seeds");
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&seeds).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "{}", seeds.display());
+    }
+    let before = std::fs::read(&seeds).unwrap();
+
+    // Importing the same file again: the seeds and the enrollment are reused, and every slot
+    // stays as it was first stored (a slot is encrypted once per epoch).
+    let out = tokio::task::block_in_place(|| import(&pki, &sys, &sys.keyshares, &[&file]));
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stdout}{stderr}");
+    assert!(
+        stdout.contains(&format!(
+            "0 batches stored, 0 were already there, {batches} kept as stored by an earlier run"
+        )),
         "{stdout}"
+    );
+    assert!(stderr.contains("(0 new, 1 already enrolled)"), "{stderr}");
+    assert_eq!(std::fs::read(&seeds).unwrap(), before, "seeds rewritten");
+
+    // Without every keyshare's enrollment key nothing is sent.
+    let out = tokio::task::block_in_place(|| import(&pki, &sys, &sys.keyshares[..2], &[&file]));
+    let (stdout, stderr) = text(&out);
+    assert!(!out.status.success(), "{stdout}");
+    assert!(
+        stderr.contains("no enrollment key for keyshare keyshare-3"),
+        "{stderr}"
     );
 
     // A utility's Green Button CSV export: one UTC day of hourly kWh for a meter named on the
@@ -58,43 +159,35 @@ async fn green_button_import_then_bill() {
     }
     let csv_path = pki.dir.path().join("usage.csv");
     std::fs::write(&csv_path, csv).unwrap();
-    let out = std::process::Command::new(psm_e2e::bin("psm"))
-        .args([
-            "meter",
-            "import",
-            "--meter",
-            "home-9",
-            "--time-zone",
-            "UTC",
-            "--server-name",
-            "ingest",
-        ])
-        .arg(&csv_path)
-        .arg("--endpoint")
-        .arg(format!("https://127.0.0.1:{}", sys.ingest.port))
-        .arg("--pki")
-        .arg(pki.dir.path())
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    let out = tokio::task::block_in_place(|| {
+        import(
+            &pki,
+            &sys,
+            &sys.keyshares,
+            &[
+                "--meter",
+                "home-9",
+                "--time-zone",
+                "UTC",
+                file_path(&csv_path),
+            ],
+        )
+    });
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stdout}{stderr}");
     assert!(
-        out.status.success(),
-        "{stdout}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        stdout.contains("1 meters, 1 complete meter-days: 1 meter-days stored"),
+        stdout.contains(
+            "1 meters, 1 complete and 0 incomplete meter-days: 1 batches stored, 0 were already there"
+        ),
         "{stdout}"
     );
 
     // Bill one imported UTC day with a flat tariff: the energy is the sum of that day's values.
-    let series =
-        psm_core::import::parse_green_button(&std::fs::read_to_string(&file).unwrap(), "gb")
-            .unwrap();
-    let (days, _) = psm_core::import::to_days(&series).unwrap();
     let day = &days[0];
     let mut op =
         ComputeClient::new(pki.channel(sys.compute.port, "compute", Role::Operator, "billing"));
+    let imported = |v: &[i64]| v.iter().map(|x| (*x).max(0)).sum::<i64>();
+    let exported = |v: &[i64]| v.iter().map(|x| (-*x).max(0)).sum::<i64>();
     let bill = op
         .bill(BillRequest {
             idempotency_key: "gb-1".into(),
@@ -103,24 +196,38 @@ async fn green_button_import_then_bill() {
                 start_unix: day.day * 86_400,
                 end_unix: (day.day + 1) * 86_400,
             }),
-            tariff: Some(Tariff {
-                name: "flat".into(),
-                time_zone: "America/New_York".into(),
-                bands: vec![TariffBand {
-                    name: "all".into(),
-                    weekday_mask: 0x7F,
-                    start_hour: 0,
-                    end_hour: 24,
-                    import_price_milli: 10_000,
-                    export_price_milli: 0,
-                }],
-                currency: "USD".into(),
-                ..Default::default()
-            }),
+            tariff: Some(flat("America/New_York", "USD")),
             reissue_reason: String::new(),
+            epoch: 1,
         })
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(bill.lines[0].energy_wh, day.values.iter().sum::<i64>());
+    assert_eq!(
+        billed(&bill),
+        (imported(&day.values), exported(&day.values))
+    );
+
+    // An incomplete day was submitted too: its run bills to the sum of its values.
+    let run = &partial[0].runs[0];
+    let start = run.day * 86_400 + i64::from(run.first_interval) * i64::from(run.interval_seconds);
+    let bill = op
+        .bill(BillRequest {
+            idempotency_key: "gb-partial".into(),
+            meter_id: run.meter_id.clone(),
+            period: Some(TimeRange {
+                start_unix: start,
+                end_unix: start + run.values.len() as i64 * i64::from(run.interval_seconds),
+            }),
+            tariff: Some(flat("America/New_York", "USD")),
+            reissue_reason: String::new(),
+            epoch: 1,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        billed(&bill),
+        (imported(&run.values), exported(&run.values))
+    );
 }

@@ -1,23 +1,33 @@
-//! The keyshares' policy gate end to end: each rule refuses exactly its bad case and allows the
-//! good neighbour; a single meter's reading passed off as an aggregate is caught by
-//! re-execution; every decision is in the audit log, which `psm audit show` prints and verifies.
+//! The keyshares' policy gate end to end, through compute: meters enroll and submit through
+//! ingest, the operator asks compute for aggregates and bills, and each rule the keyshares apply
+//! to linear releases refuses exactly its case and allows its neighbour — k-anonymity,
+//! differencing, one bill per period (with at most one re-issue), allowed programs (a tariff
+//! allowed after a restart with its hash added: the ledger survives the restart) and the rate
+//! limit. compute passes the keyshares' status code and reasons through, and each keyshare's
+//! reason starts with its rule's name. Every decision is in the audit log, which verifies.
+
+use std::future::Future;
+use std::time::Duration;
 
 use prost::Message;
-use psm_e2e::{linear_batch, System, TestPki};
+use psm_core::linear::Channel;
+use psm_e2e::{enroll, enrollment_keys, submit, System, TestMeter, TestPki};
 use psm_net::Role;
 use psm_proto::v1::compute_client::ComputeClient;
-use psm_proto::v1::ingest_client::IngestClient;
 use psm_proto::v1::keyshare_client::KeyshareClient;
 use psm_proto::v1::{
-    AggregateProgram, AggregateRequest, BillRequest, ComputationKind, ComputationManifest,
-    InputRef, KeyRef, PartialDecryptRequest, ReadingBatch, SubmitReadingsRequest, Tariff,
-    TariffBand, TimeRange, Track,
+    AggregateRequest, BillRequest, BillResponse, ReleaseRequest, Tariff, TariffBand, TimeRange,
 };
+use tonic::transport::Channel as GrpcChannel;
 use tonic::{Code, Status};
 
 const D1: &str = "2026-02-02";
 const D2: &str = "2026-02-03";
-const RATE: usize = 30;
+const EPOCH: u32 = 1;
+/// The keyshares' cohort minimum (compute's is 1: the keyshares decide).
+const MIN: usize = 5;
+/// Requests per minute per caller at each keyshare.
+const RATE: usize = 40;
 
 fn day(d: &str) -> i64 {
     psm_core::readings::parse_day(d).unwrap() * 86_400
@@ -30,18 +40,22 @@ fn range(first: &str, days: i64) -> TimeRange {
     }
 }
 
-fn flat_tariff(name: &str, price: i64) -> Tariff {
+fn band(name: &str, start_hour: u32, end_hour: u32, price: i64) -> TariffBand {
+    TariffBand {
+        name: name.into(),
+        weekday_mask: 0x7F,
+        start_hour,
+        end_hour,
+        import_price_milli: price,
+        export_price_milli: price / 2,
+    }
+}
+
+fn tariff(name: &str, bands: Vec<TariffBand>) -> Tariff {
     Tariff {
         name: name.into(),
         time_zone: "UTC".into(),
-        bands: vec![TariffBand {
-            name: "all".into(),
-            weekday_mask: 0x7F,
-            start_hour: 0,
-            end_hour: 24,
-            import_price_milli: price,
-            export_price_milli: price / 2,
-        }],
+        bands,
         standing_charge_per_day: 40,
         vat_basis_points: 500,
         currency: "EUR".into(),
@@ -49,237 +63,334 @@ fn flat_tariff(name: &str, price: i64) -> Tariff {
     }
 }
 
+/// What keyshares allow a tariff by: BLAKE3 of its encoding, hex.
 fn hash_hex(t: &Tariff) -> String {
     blake3::hash(&t.encode_to_vec()).to_hex().to_string()
 }
 
-fn refused(r: Result<tonic::Response<impl Sized>, Status>, code: Code, rule: &str) {
+fn policy(allowed: &[&Tariff]) -> String {
+    let list: Vec<String> = allowed
+        .iter()
+        .map(|t| format!("{:?}", hash_hex(t)))
+        .collect();
+    format!(
+        "min_cohort = {MIN}\nallowed_programs = [{}]\nrate_limit_per_minute = {RATE}\nmax_reissues = 1\nreexecute_tfhe = \"off\"\n",
+        list.join(", ")
+    )
+}
+
+/// A refusal by the keyshares, passed through by compute: `code`, and the keyshares' reasons
+/// (each "<Code>: <rule>: ...") in the message.
+fn refused(r: Result<tonic::Response<impl Sized>, Status>, code: Code, rule: &str) -> Status {
     let e = r
         .err()
         .unwrap_or_else(|| panic!("expected a {rule} refusal"));
     assert_eq!(e.code(), code, "{rule}: {}", e.message());
-    assert!(e.message().contains(rule), "{rule}: {}", e.message());
+    let from_keyshare = format!("{code:?}: {rule}: ");
+    assert!(
+        e.message().contains(&from_keyshare),
+        "expected a keyshare reason starting with {rule:?}: {}",
+        e.message()
+    );
+    e
+}
+
+/// Keyshares pick up enrollments from ingest on their own schedule: retry a request refused for
+/// "enrollment" for a while.
+async fn settled<T, Fut>(mut call: impl FnMut() -> Fut) -> Result<T, Status>
+where
+    Fut: Future<Output = Result<tonic::Response<T>, Status>>,
+{
+    for _ in 0..40 {
+        match call().await {
+            Err(e)
+                if e.code() == Code::FailedPrecondition && e.message().contains("enrollment") =>
+            {
+                tokio::time::sleep(Duration::from_millis(250)).await
+            }
+            r => return r.map(tonic::Response::into_inner),
+        }
+    }
+    call().await.map(tonic::Response::into_inner)
+}
+
+/// Meter `m`'s reading of 15-minute interval `i` of each day, Wh.
+fn value(m: usize, i: usize) -> i64 {
+    (m + 10 * i) as i64
+}
+
+/// The plaintext bill of meter `m` on a UTC tariff over `days` whole days: every 15-minute
+/// interval's Wh in the band of its hour.
+fn reference(t: &Tariff, m: usize, days: i64) -> psm_core::tariff::Bill {
+    let mut import = vec![0i64; t.bands.len()];
+    for _ in 0..days {
+        for i in 0..96 {
+            let hour = (i / 4) as u32;
+            let b = t
+                .bands
+                .iter()
+                .position(|b| (b.start_hour..b.end_hour).contains(&hour))
+                .unwrap();
+            import[b] += value(m, i);
+        }
+    }
+    let core = psm_core::wire::tariff_from_proto(t).unwrap();
+    psm_core::tariff::price(&core, &import, &[], days, Vec::new())
+}
+
+fn check_bill(resp: &BillResponse, want: &psm_core::tariff::Bill, what: &str) {
+    let got: Vec<(&str, i64, i64)> = resp
+        .lines
+        .iter()
+        .map(|l| (l.description.as_str(), l.energy_wh, l.amount))
+        .collect();
+    let expected: Vec<(&str, i64, i64)> = want
+        .lines
+        .iter()
+        .map(|l| (l.description.as_str(), l.energy_wh, l.amount))
+        .collect();
+    assert_eq!(got, expected, "{what}");
+    assert_eq!(resp.total, want.total, "{what}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_rule_refuses_its_case_and_allows_its_neighbour() {
     let pki = TestPki::new("psm.test");
     let keys = psm_e2e::keys::key_set(3, 2);
-    let (t1, t2, t3) = (
-        flat_tariff("standard", 30_000),
-        flat_tariff("unapproved", 90_000),
-        flat_tariff("green", 28_000),
+    // Tariffs with different band layouts: a bill on another layout releases other sums.
+    let standard = tariff("standard", vec![band("all", 0, 24, 30_000)]);
+    let green = tariff(
+        "green",
+        vec![band("night", 0, 7, 12_000), band("day", 7, 24, 28_000)],
     );
-    let policy = format!(
-        "min_cohort = 5\nallowed_programs = [\"{}\", \"{}\"]\nrate_limit_per_minute = {RATE}\nreexecute_tfhe = \"off\"\n",
-        hash_hex(&t1),
-        hash_hex(&t3)
+    let evening = tariff(
+        "evening",
+        vec![
+            band("daytime", 0, 17, 25_000),
+            band("evening", 17, 24, 35_000),
+        ],
     );
+    let unapproved = tariff("unapproved", vec![band("all", 0, 24, 90_000)]);
+    let approved = [&standard, &green, &evening];
     // Compute itself would release cohorts of 1: the keyshares decide.
-    let sys = System::start_with_policy(&pki, &keys, "min_cohort = 1", &policy).await;
-    let lpk = psm_core::ceremony::PublicBundle::open(&keys.public_dir)
-        .unwrap()
-        .linear_public_key()
-        .unwrap();
-    let kid = keys.manifest.linear_key_id.clone();
+    let sys = System::start_with_policy(&pki, &keys, "min_cohort = 1", &policy(&approved)).await;
+    let ekeys = enrollment_keys(&pki, &sys.keyshares).await;
 
-    // 12 meters, two days of 15-minute readings: meter i reads i + 10·interval Wh.
-    let meters: Vec<String> = (0..12).map(|i| format!("m-{i:02}")).collect();
-    let value = |m: usize, i: usize| (m + 10 * i) as i64;
-    let mut stored: Vec<ReadingBatch> = Vec::new();
+    // 12 meters enroll, then report two days of 15-minute readings: meter m reads m + 10·i Wh
+    // in interval i.
+    let meters: Vec<TestMeter> = (0..12)
+        .map(|m| TestMeter::new(&format!("m-{m:02}"), EPOCH))
+        .collect();
+    let refs: Vec<&TestMeter> = meters.iter().collect();
+    assert_eq!(
+        enroll(&pki, &sys.ingest, &refs, &ekeys)
+            .await
+            .unwrap()
+            .stored,
+        12
+    );
+    let mut batches = Vec::new();
     for (mi, m) in meters.iter().enumerate() {
+        let values: Vec<i64> = (0..96).map(|i| value(mi, i)).collect();
         for d in [D1, D2] {
-            let values: Vec<i64> = (0..96).map(|i| value(mi, i)).collect();
-            stored.push(linear_batch(&lpk, &kid, m, d, 900, &values));
+            let n = psm_core::readings::parse_day(d).unwrap();
+            batches.push(m.batch(n, Channel::Import, 900, 0, &values));
         }
     }
-    IngestClient::new(pki.channel(sys.ingest.port, "ingest", Role::Headend, "headend-1"))
-        .submit_readings(SubmitReadingsRequest {
-            idempotency_key: "load".into(),
-            batches: stored.clone(),
-        })
-        .await
-        .unwrap();
-    let mut op =
-        ComputeClient::new(pki.channel(sys.compute.port, "compute", Role::Operator, "billing"));
-    let agg = |n: usize, first: &str| AggregateRequest {
-        idempotency_key: format!("agg-{n}-{first}"),
-        meter_ids: meters[..n].to_vec(),
+    assert_eq!(submit(&pki, &sys.ingest, batches).await.unwrap().stored, 24);
+    let ids: Vec<String> = meters.iter().map(|m| m.id.clone()).collect();
+    let operator = |sys: &System| {
+        ComputeClient::new(pki.channel(sys.compute.port, "compute", Role::Operator, "billing"))
+    };
+    let mut op = operator(&sys);
+    let agg = |n: usize, first: &str, key: &str| AggregateRequest {
+        idempotency_key: format!("agg-{n}-{first}-{key}"),
+        meter_ids: ids[..n].to_vec(),
         range: Some(range(first, 1)),
         granularity_seconds: 3600,
+        epoch: EPOCH,
+        channel: psm_proto::v1::Channel::Import as i32,
     };
-
-    // k-anonymity: 4 meters refused, 5 released (and correct).
-    refused(
-        op.aggregate(agg(4, D1)).await,
-        Code::FailedPrecondition,
-        "k-anonymity",
-    );
-    let five = op.aggregate(agg(5, D1)).await.unwrap().into_inner();
-    let want: Vec<i64> = (0..24)
-        .map(|h| {
-            (0..5)
-                .flat_map(|m| (4 * h..4 * h + 4).map(move |i| value(m, i)))
-                .sum()
-        })
-        .collect();
-    assert_eq!(five.energy_wh, want);
-
-    // Differencing: 6 meters on the same day differ from the 5 by one meter; 10 differ by 5.
-    // The 6 on the other day overlap no release.
-    refused(
-        op.aggregate(agg(6, D1)).await,
-        Code::FailedPrecondition,
-        "differencing",
-    );
-    op.aggregate(agg(10, D1)).await.unwrap();
-    op.aggregate(agg(6, D2)).await.unwrap();
-    // The same release again is not new information.
-    op.aggregate(agg(5, D1)).await.unwrap();
-
-    // Bills: one per (meter, period) unless re-issued with a reason; an identical repeat is the
-    // same release; adjacent periods are separate bills; only allowed tariffs.
     let bill = |meter: &str, t: &Tariff, first: &str, days: i64, reason: &str| BillRequest {
         idempotency_key: format!("bill-{meter}-{}-{first}-{days}-{}", t.name, reason.len()),
         meter_id: meter.into(),
         period: Some(range(first, days)),
         tariff: Some(t.clone()),
         reissue_reason: reason.into(),
+        epoch: EPOCH,
     };
-    let first = op
-        .bill(bill("m-00", &t1, D1, 2, ""))
-        .await
-        .unwrap()
-        .into_inner();
-    let again = op
-        .bill(bill("m-00", &t1, D1, 2, ""))
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(first.total, again.total);
-    refused(
-        op.bill(bill("m-00", &t3, D1, 2, "")).await,
-        Code::FailedPrecondition,
-        "one-bill-per-period",
-    );
-    refused(
-        op.bill(bill("m-00", &t1, D2, 1, "")).await,
-        Code::FailedPrecondition,
-        "one-bill-per-period",
-    );
-    op.bill(bill(
-        "m-00",
-        &t3,
-        D1,
-        2,
-        "customer moved to the green tariff",
-    ))
-    .await
-    .unwrap();
-    op.bill(bill("m-01", &t1, D1, 1, "")).await.unwrap();
-    op.bill(bill("m-01", &t1, D2, 1, "")).await.unwrap();
-    refused(
-        op.bill(bill("m-02", &t2, D1, 2, "")).await,
-        Code::PermissionDenied,
-        "allowed-program",
-    );
-    op.bill(bill("m-02", &t1, D1, 2, "")).await.unwrap();
 
-    // A compute node passing one meter's stored reading off as the 5-meter aggregate: the
-    // manifest names the released cohort, but re-execution gives a different output.
-    let mut ks1 = KeyshareClient::new(pki.channel(
-        sys.keyshares[0].port,
-        "keyshare-1",
-        Role::Compute,
-        "compute",
-    ));
-    let m06 = stored
-        .iter()
-        .find(|b| b.meter_id == "m-06" && b.day == D1)
-        .unwrap();
-    let words = psm_core::lwe::words_from_le_bytes(&m06.ciphertext).unwrap();
-    let lone = psm_core::lwe::LweBatch::Compact {
-        dimension: psm_core::linear::LINEAR_DIMENSION,
-        count: 96,
-        words,
-    };
-    let program = AggregateProgram {
-        granularity_seconds: 900,
-    }
-    .encode_to_vec();
-    let input = |b: &ReadingBatch| InputRef {
-        meter_id: b.meter_id.clone(),
-        day: b.day.clone(),
-        track: Track::Linear as i32,
-        ciphertext_hash: b.ciphertext_hash.clone(),
-    };
-    let cohort_inputs: Vec<InputRef> = stored
-        .iter()
-        .filter(|b| b.day == D1 && meters[..5].contains(&b.meter_id))
-        .map(input)
-        .collect();
-    let request = |inputs: Vec<InputRef>| PartialDecryptRequest {
-        idempotency_key: "forged".into(),
-        key: Some(KeyRef {
-            key_id: kid.clone(),
-        }),
-        batch: Some(psm_core::wire::batch_to_proto(
-            &lone,
-            psm_core::linear::LINEAR_ENCODING,
-            43,
-        )),
-        manifest: Some(ComputationManifest {
-            kind: ComputationKind::Aggregate as i32,
-            program_hash: blake3::hash(&program).as_bytes().to_vec(),
-            program: program.clone(),
-            inputs,
-            output_hash: lone.hash().to_vec(),
-            range: Some(range(D1, 1)),
-            reissue_reason: String::new(),
-        }),
-    };
+    // k-anonymity: 4 meters refused, 5 released (and exact).
     refused(
-        ks1.partial_decrypt(request(cohort_inputs.clone())).await,
-        Code::FailedPrecondition,
-        "re-execution",
-    );
-    refused(
-        ks1.partial_decrypt(request(vec![input(m06)])).await,
+        op.aggregate(agg(MIN - 1, D1, "a")).await,
         Code::FailedPrecondition,
         "k-anonymity",
     );
-    let mut tampered = cohort_inputs.clone();
-    tampered[0].ciphertext_hash = m06.ciphertext_hash.clone();
-    let e = ks1.partial_decrypt(request(tampered)).await.unwrap_err();
-    assert_eq!(e.code(), Code::FailedPrecondition);
-    assert!(
-        e.message().contains("does not match the reading stored"),
-        "{}",
-        e.message()
+    let five = settled(|| {
+        let mut op = op.clone();
+        let req = agg(MIN, D1, "a");
+        async move { op.aggregate(req).await }
+    })
+    .await
+    .unwrap();
+    let want: Vec<i64> = (0..24)
+        .map(|h| {
+            (0..MIN)
+                .flat_map(|m| (4 * h..4 * h + 4).map(move |i| value(m, i)))
+                .sum()
+        })
+        .collect();
+    assert_eq!(five.energy_wh, want);
+    assert_eq!(five.interval_cohort_size, vec![MIN as u32; 24]);
+
+    // Differencing: 6 meters on the same day differ from the 5 by one meter (refused); 10
+    // differ by 5 (allowed); the same 5 again is no new information (allowed); 6 on the other
+    // day overlap no release (allowed).
+    refused(
+        op.aggregate(agg(MIN + 1, D1, "a")).await,
+        Code::FailedPrecondition,
+        "differencing",
+    );
+    op.aggregate(agg(2 * MIN, D1, "a")).await.unwrap();
+    let again = op
+        .aggregate(agg(MIN, D1, "again"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(again.energy_wh, want);
+    op.aggregate(agg(MIN + 1, D2, "a")).await.unwrap();
+
+    // One bill per (meter, period): an identical repeat is the same release; an overlapping bill
+    // is refused; the same period on another tariff needs a reason, and is re-issued at most once.
+    let first = settled(|| {
+        let mut op = op.clone();
+        let req = bill("m-00", &standard, D1, 2, "");
+        async move { op.bill(req).await }
+    })
+    .await
+    .unwrap();
+    check_bill(&first, &reference(&standard, 0, 2), "first bill");
+    let repeat = op
+        .bill(bill("m-00", &standard, D1, 2, ""))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(repeat.lines, first.lines);
+    assert_eq!(repeat.total, first.total);
+    refused(
+        op.bill(bill("m-00", &standard, D2, 1, "")).await,
+        Code::FailedPrecondition,
+        "one-bill-per-period",
+    );
+    refused(
+        op.bill(bill("m-00", &green, D1, 2, "")).await,
+        Code::FailedPrecondition,
+        "one-bill-per-period",
+    );
+    let reissued = op
+        .bill(bill(
+            "m-00",
+            &green,
+            D1,
+            2,
+            "customer moved to the green tariff",
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    check_bill(&reissued, &reference(&green, 0, 2), "re-issued bill");
+    let e = refused(
+        op.bill(bill("m-00", &evening, D1, 2, "and again")).await,
+        Code::FailedPrecondition,
+        "one-bill-per-period",
+    );
+    assert!(e.message().contains("re-issued 1 time"), "{}", e.message());
+    // Adjacent periods are separate bills.
+    settled(|| {
+        let mut op = op.clone();
+        let req = bill("m-01", &standard, D1, 1, "");
+        async move { op.bill(req).await }
+    })
+    .await
+    .unwrap();
+    op.bill(bill("m-01", &standard, D2, 1, "")).await.unwrap();
+
+    // Allowed programs: a tariff whose hash is not listed.
+    refused(
+        op.bill(bill("m-02", &unapproved, D1, 1, "")).await,
+        Code::PermissionDenied,
+        "allowed-program",
     );
 
-    // Rate limit per caller: a second compute identity floods keyshare-1 with empty requests;
-    // the first RATE are judged (malformed), then it is throttled. The main compute is not.
-    let mut flood = KeyshareClient::new(pki.channel(
+    // The regulator adds its hash: the whole system restarts with the new policy and keeps its
+    // state (readings, enrollments, the keyshares' ledgers and audit logs).
+    drop(op);
+    drop(sys);
+    let sys = System::start_with_policy(
+        &pki,
+        &keys,
+        "min_cohort = 1",
+        &policy(&[&standard, &green, &evening, &unapproved]),
+    )
+    .await;
+    let mut op = operator(&sys);
+    let allowed = settled(|| {
+        let mut op = op.clone();
+        let req = bill("m-02", &unapproved, D1, 1, "");
+        async move { op.bill(req).await }
+    })
+    .await
+    .unwrap();
+    check_bill(
+        &allowed,
+        &reference(&unapproved, 2, 1),
+        "newly allowed tariff",
+    );
+    // The differencing ledger survived the restart.
+    refused(
+        op.aggregate(agg(MIN + 1, D1, "b")).await,
+        Code::FailedPrecondition,
+        "differencing",
+    );
+
+    // Rate limit per caller: compute asks again and again (the same, allowed release) until the
+    // keyshares throttle it.
+    let mut throttled = None;
+    for i in 0..3 * RATE {
+        match op.aggregate(agg(MIN, D1, &format!("flood-{i}"))).await {
+            Ok(r) => assert_eq!(r.into_inner().energy_wh, want),
+            Err(e) => {
+                refused(
+                    Err::<tonic::Response<()>, _>(e),
+                    Code::ResourceExhausted,
+                    "rate-limit",
+                );
+                throttled = Some(i);
+                break;
+            }
+        }
+    }
+    let i = throttled.expect("compute was never throttled");
+    assert!(
+        i + 4 >= RATE,
+        "throttled after {i} requests; the limit is {RATE} a minute"
+    );
+    // Another caller is not: its (malformed) request is judged, not throttled.
+    let mut other: KeyshareClient<GrpcChannel> = KeyshareClient::new(pki.channel(
         sys.keyshares[0].port,
         "keyshare-1",
         Role::Compute,
         "compute-2",
     ));
-    let empty = PartialDecryptRequest {
-        idempotency_key: "empty".into(),
-        ..Default::default()
-    };
-    for i in 0..RATE {
-        let e = flood.partial_decrypt(empty.clone()).await.unwrap_err();
-        assert_eq!(e.code(), Code::NotFound, "request {i}: {}", e.message());
-    }
-    refused(
-        flood.partial_decrypt(empty.clone()).await,
-        Code::ResourceExhausted,
-        "rate-limit",
-    );
-    op.aggregate(agg(5, D1)).await.unwrap();
+    let e = other
+        .release(ReleaseRequest {
+            idempotency_key: "other".into(),
+            release: None,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{}", e.message());
+    assert!(e.message().starts_with("release: "), "{}", e.message());
 
     // The audit log names every rule that decided, and its chain verifies.
     let out = std::process::Command::new(psm_e2e::bin("psm"))
@@ -300,9 +411,9 @@ async fn every_rule_refuses_its_case_and_allows_its_neighbour() {
         "differencing",
         "one-bill-per-period",
         "allowed-program",
-        "re-execution",
         "rate-limit",
-        "known-key",
+        "release",
+        "enrollment",
         "allowed",
     ] {
         assert!(text.contains(rule), "{rule} missing from\n{text}");

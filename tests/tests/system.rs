@@ -1,25 +1,30 @@
-//! The whole system as separate processes: a billing cycle that survives a keyshare killed in
-//! the middle of it (2-of-3), ingest killed with SIGKILL during a stream of submissions and
-//! restarted with every acknowledged batch intact, and a meter certificate refused on Bill and
-//! PartialDecrypt.
+//! The whole system as separate processes: a billing cycle of enrolled meters that survives a
+//! keyshare killed in the middle of it (2-of-3), ingest killed with SIGKILL during a stream of
+//! submissions and restarted with every acknowledged batch intact, and a meter certificate
+//! refused on Bill, Release and PartialDecrypt.
 
 use std::time::Duration;
 
-use psm_e2e::{linear_batch, System, TestPki};
+use psm_core::linear::Channel;
+use psm_e2e::{System, TestMeter, TestPki};
 use psm_net::Role;
 use psm_proto::v1::compute_client::ComputeClient;
 use psm_proto::v1::ingest_client::IngestClient;
 use psm_proto::v1::keyshare_client::KeyshareClient;
 use psm_proto::v1::{
-    AggregateRequest, BillRequest, PartialDecryptRequest, StreamReadingsRequest,
+    AggregateRequest, BillRequest, PartialDecryptRequest, ReleaseRequest, StreamReadingsRequest,
     SubmitReadingsRequest, Tariff, TariffBand, TimeRange, Track,
 };
 use tonic::Code;
 
 const D1: &str = "2026-03-02";
 
+fn day1() -> i64 {
+    psm_core::readings::parse_day(D1).unwrap()
+}
+
 fn range(days: i64) -> TimeRange {
-    let d = psm_core::readings::parse_day(D1).unwrap() * 86_400;
+    let d = day1() * 86_400;
     TimeRange {
         start_unix: d,
         end_unix: d + days * 86_400,
@@ -50,28 +55,25 @@ async fn billing_cycle_survives_a_keyshare_killed_mid_run() {
     let pki = TestPki::new("psm.test");
     let keys = psm_e2e::keys::key_set(3, 2);
     let mut sys = System::start(&pki, &keys, "").await;
-    let lpk = psm_core::ceremony::PublicBundle::open(&keys.public_dir)
-        .unwrap()
-        .linear_public_key()
-        .unwrap();
-    let kid = keys.manifest.linear_key_id.clone();
-    let meters: Vec<String> = (0..6).map(|i| format!("home-{i}")).collect();
-    let mut batches = Vec::new();
-    for (m, id) in meters.iter().enumerate() {
-        for d in 0..2 {
-            let day =
-                psm_core::readings::format_day(psm_core::readings::parse_day(D1).unwrap() + d);
-            let values: Vec<i64> = (0..96).map(|i| (m as i64 + 1) * 10 + i % 7).collect();
-            batches.push(linear_batch(&lpk, &kid, id, &day, 900, &values));
-        }
-    }
-    IngestClient::new(pki.channel(sys.ingest.port, "ingest", Role::Headend, "headend-1"))
-        .submit_readings(SubmitReadingsRequest {
-            idempotency_key: "cycle".into(),
-            batches,
-        })
+    // Six meters enroll their own keys (epoch 1) with the keyshares, then send two days each.
+    let homes: Vec<TestMeter> = (0..6)
+        .map(|i| TestMeter::new(&format!("home-{i}"), 1))
+        .collect();
+    let meters: Vec<String> = homes.iter().map(|m| m.id.clone()).collect();
+    let ekeys = psm_e2e::enrollment_keys(&pki, &sys.keyshares).await;
+    let enrolled = psm_e2e::enroll(&pki, &sys.ingest, &homes.iter().collect::<Vec<_>>(), &ekeys)
         .await
         .unwrap();
+    assert_eq!(enrolled.stored, 6);
+    let mut batches = Vec::new();
+    for (m, home) in homes.iter().enumerate() {
+        for d in 0..2 {
+            let values: Vec<i64> = (0..96).map(|i| (m as i64 + 1) * 10 + i % 7).collect();
+            batches.push(home.batch(day1() + d, Channel::Import, 900, 0, &values));
+        }
+    }
+    let r = psm_e2e::submit(&pki, &sys.ingest, batches).await.unwrap();
+    assert_eq!(r.stored, 12);
     let mut op =
         ComputeClient::new(pki.channel(sys.compute.port, "compute", Role::Operator, "billing"));
     let bill = |m: usize| BillRequest {
@@ -80,13 +82,19 @@ async fn billing_cycle_survives_a_keyshare_killed_mid_run() {
         period: Some(range(2)),
         tariff: Some(tariff()),
         reissue_reason: String::new(),
+        epoch: 1,
+    };
+    // Energy on a bill: its import lines (the meters export nothing).
+    let billed = |b: &psm_proto::v1::BillResponse| -> i64 {
+        assert!(b.lines.iter().all(|l| l.energy_wh >= 0), "{:?}", b.lines);
+        b.lines.iter().map(|l| l.energy_wh).sum()
     };
     // Plaintext: 192 readings of (m+1)·10 + i mod 7 Wh.
     let energy = |m: usize| -> i64 { (0..192).map(|i| (m as i64 + 1) * 10 + (i % 96) % 7).sum() };
 
     for m in 0..3 {
         let b = op.bill(bill(m)).await.unwrap().into_inner();
-        assert_eq!(b.lines[0].energy_wh, energy(m));
+        assert_eq!(billed(&b), energy(m));
     }
     // keyshare-2 dies in the middle of the cycle; the other two carry it.
     let mut dead = sys.keyshares.remove(1);
@@ -94,7 +102,7 @@ async fn billing_cycle_survives_a_keyshare_killed_mid_run() {
         .expect("keyshare-2 killed");
     for (m, id) in meters.iter().enumerate().skip(3) {
         let b = op.bill(bill(m)).await.unwrap().into_inner();
-        assert_eq!(b.lines[0].energy_wh, energy(m), "{id}");
+        assert_eq!(billed(&b), energy(m), "{id}");
         assert_eq!(b.total, (energy(m) * 25 + 500) / 1000 + 100);
         let q = b.quorum.unwrap();
         assert_eq!(q.used, ["keyshare-1", "keyshare-3"]);
@@ -106,6 +114,8 @@ async fn billing_cycle_survives_a_keyshare_killed_mid_run() {
             meter_ids: meters.clone(),
             range: Some(range(2)),
             granularity_seconds: 86_400,
+            epoch: 1,
+            channel: psm_proto::v1::Channel::Import as i32,
         })
         .await
         .unwrap()
@@ -114,8 +124,10 @@ async fn billing_cycle_survives_a_keyshare_killed_mid_run() {
         agg.energy_wh.iter().sum::<i64>(),
         (0..6).map(energy).sum::<i64>()
     );
+    assert_eq!(agg.interval_cohort_size, [6, 6]);
+    assert!(agg.headend_encrypted.is_empty(), "{agg:?}");
 
-    // A meter certificate may call neither Bill nor PartialDecrypt.
+    // A meter certificate may call neither Bill, Release nor PartialDecrypt.
     let mut meter =
         ComputeClient::new(pki.channel(sys.compute.port, "compute", Role::Meter, "home-0"));
     let e = meter.bill(bill(0)).await.unwrap_err();
@@ -133,6 +145,12 @@ async fn billing_cycle_survives_a_keyshare_killed_mid_run() {
         .unwrap_err();
     assert_eq!(e.code(), Code::PermissionDenied);
     assert!(e.message().contains("compute"), "{}", e.message());
+    let e = meter_ks
+        .release(ReleaseRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied);
+    assert!(e.message().contains("compute"), "{}", e.message());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -140,16 +158,28 @@ async fn ingest_killed_during_submissions_keeps_every_acknowledged_batch() {
     let pki = TestPki::new("psm.test");
     let keys = psm_e2e::keys::key_set(3, 2);
     let mut ingest = psm_e2e::start_ingest(&pki, &keys).await;
-    let lpk = psm_core::ceremony::PublicBundle::open(&keys.public_dir)
-        .unwrap()
-        .linear_public_key()
+    // 40 meters enroll (ingest checks an enrollment's shape only, so keys made here for the
+    // deployment's party names stand in for the keyshares'), then 40 meter-days are submitted
+    // one request each by a head-end, as fast as ingest acknowledges.
+    let ekeys: Vec<(String, Vec<u8>)> = keys
+        .manifest
+        .party_names
+        .iter()
+        .map(|n| (n.clone(), psm_core::linear::envelope::generate_keypair().1))
+        .collect();
+    let meters: Vec<TestMeter> = (0..40)
+        .map(|m| TestMeter::new(&format!("meter-{m:02}"), 1))
+        .collect();
+    let enrolled = psm_e2e::enroll(&pki, &ingest, &meters.iter().collect::<Vec<_>>(), &ekeys)
+        .await
         .unwrap();
-    let kid = keys.manifest.linear_key_id.clone();
-    // 40 meter-days, submitted one request each by a head-end, as fast as ingest acknowledges.
-    let batches: Vec<_> = (0..40)
-        .map(|m| {
+    assert_eq!(enrolled.stored, 40);
+    let batches: Vec<_> = meters
+        .iter()
+        .zip(0i64..)
+        .map(|(meter, m)| {
             let values: Vec<i64> = (0..24).map(|i| m * 100 + i).collect();
-            linear_batch(&lpk, &kid, &format!("meter-{m:02}"), D1, 3600, &values)
+            meter.batch(day1(), Channel::Import, 3600, 0, &values)
         })
         .collect();
     let channel = pki.channel(ingest.port, "ingest", Role::Headend, "headend-1");

@@ -2,15 +2,18 @@
 //! metadata, another CRS and a truncated list are refused and nothing is stored); demand charges,
 //! tiered charges and a histogram computed on ciphertexts by compute-svc, decrypted through the
 //! keyshares, equal to the plaintext reference for random and edge inputs; progress via
-//! WatchJob.
+//! WatchJob. Bills also release the linear track's band totals, so the billed meters enroll and
+//! report (zero) interval readings too.
 
+use std::future::Future;
 use std::time::Duration;
 
 use psm_core::ceremony::PublicBundle;
+use psm_core::linear::Channel;
 use psm_core::registers::{prove, Registers};
 use psm_core::tariff::{demand_line, tier_line, tiers};
 use psm_core::tfhe_program::{band_counts_clear, tiered_cost_clear};
-use psm_e2e::{linear_batch, System, TestPki};
+use psm_e2e::{enroll, enrollment_keys, System, TestMeter, TestPki};
 use psm_net::Role;
 use psm_proto::v1::compute_client::ComputeClient;
 use psm_proto::v1::ingest_client::IngestClient;
@@ -19,9 +22,11 @@ use psm_proto::v1::{
     SubmitReadingsRequest, Tariff, TariffBand, TariffTier, TimeRange, Track, WatchJobRequest,
 };
 use rand::{Rng, SeedableRng};
-use tonic::Code;
+use tonic::{Code, Status};
 
 const D0: &str = "2026-04-06";
+/// The linear-track key epoch of the billed meters.
+const EPOCH: u32 = 1;
 /// tfhe evaluations take tens of seconds, more when the tests share the cores.
 const LONG: Duration = Duration::from_secs(900);
 
@@ -37,6 +42,35 @@ fn range(days: i64) -> TimeRange {
     }
 }
 
+fn day_number(offset: i64) -> i64 {
+    psm_core::readings::parse_day(D0).unwrap() + offset
+}
+
+/// A day of hourly zero readings on the linear track (what a bill's energy lines are computed
+/// from), encrypted by the meter's own key.
+fn zero_day(m: &TestMeter, offset: i64) -> ReadingBatch {
+    m.batch(day_number(offset), Channel::Import, 3600, 0, &[0; 24])
+}
+
+/// Keyshares pick up enrollments from ingest on their own schedule: retry a request refused for
+/// "enrollment" for a while.
+async fn settled<T, Fut>(mut call: impl FnMut() -> Fut) -> Result<T, Status>
+where
+    Fut: Future<Output = Result<tonic::Response<T>, Status>>,
+{
+    for _ in 0..40 {
+        match call().await {
+            Err(e)
+                if e.code() == Code::FailedPrecondition && e.message().contains("enrollment") =>
+            {
+                tokio::time::sleep(Duration::from_millis(250)).await
+            }
+            r => return r.map(tonic::Response::into_inner),
+        }
+    }
+    call().await.map(tonic::Response::into_inner)
+}
+
 fn register_batch(key_id: &str, meter: &str, day: &str, list: Vec<u8>) -> ReadingBatch {
     ReadingBatch {
         meter_id: meter.into(),
@@ -49,6 +83,7 @@ fn register_batch(key_id: &str, meter: &str, day: &str, list: Vec<u8>) -> Readin
         count: 2,
         ciphertext_hash: blake3::hash(&list).as_bytes().to_vec(),
         ciphertext: list,
+        ..Default::default()
     }
 }
 
@@ -175,11 +210,7 @@ async fn demand_tiers_and_histogram_match_plaintext() {
     let keys = psm_e2e::keys::key_set(3, 2);
     let sys = System::start(&pki, &keys, "").await;
     let bundle = PublicBundle::open(&keys.public_dir).unwrap();
-    let lpk = bundle.linear_public_key().unwrap();
-    let (lid, tid) = (
-        keys.manifest.linear_key_id.clone(),
-        keys.manifest.tfhe_key_id.clone(),
-    );
+    let tid = keys.manifest.tfhe_key_id.clone();
     let mut rng = rand::rngs::StdRng::seed_from_u64(5);
     // shop-1: three random days; shop-2: one day at the maximum; shop-3: two days with equal
     // peaks and zero energy; home-1..6: one day each for the histogram (one exactly on an edge).
@@ -238,10 +269,16 @@ async fn demand_tiers_and_histogram_match_plaintext() {
     })
     .await
     .unwrap();
-    // Bills also need the linear track's interval readings (zero here).
-    for (m, days) in &plan {
+    // Bills also need the linear track's interval readings (zero here): each meter enrolls its
+    // own keys first, and keeps them for the whole test.
+    let meters: Vec<TestMeter> = plan.iter().map(|(m, _)| TestMeter::new(m, EPOCH)).collect();
+    let ekeys = enrollment_keys(&pki, &sys.keyshares).await;
+    let refs: Vec<&TestMeter> = meters.iter().collect();
+    let enrolled = enroll(&pki, &sys.ingest, &refs, &ekeys).await.unwrap();
+    assert_eq!(enrolled.stored as usize, plan.len());
+    for (m, (_, days)) in meters.iter().zip(&plan) {
         for d in 0..days.len() {
-            batches.push(linear_batch(&lpk, &lid, m, &day(d as i64), 3600, &[0; 24]));
+            batches.push(zero_day(m, d as i64));
         }
     }
     IngestClient::new(pki.channel(sys.ingest.port, "ingest", Role::Headend, "headend-1"))
@@ -268,17 +305,21 @@ async fn demand_tiers_and_histogram_match_plaintext() {
         ("shop-3", &demand_only),
     ] {
         let regs = &plan.iter().find(|p| p.0 == meter).unwrap().1;
-        let resp = op
-            .bill(BillRequest {
-                idempotency_key: format!("bill-{meter}"),
-                meter_id: meter.into(),
-                period: Some(range(regs.len() as i64)),
-                tariff: Some(tariff.clone()),
-                reissue_reason: String::new(),
-            })
-            .await
-            .unwrap_or_else(|e| panic!("{meter}: {e:?}"))
-            .into_inner();
+        let req = BillRequest {
+            idempotency_key: format!("bill-{meter}"),
+            meter_id: meter.into(),
+            period: Some(range(regs.len() as i64)),
+            tariff: Some(tariff.clone()),
+            reissue_reason: String::new(),
+            epoch: EPOCH,
+        };
+        let resp = settled(|| {
+            let mut op = op.clone();
+            let req = req.clone();
+            async move { op.bill(req).await }
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{meter}: {e:?}"));
         let peak = regs.iter().map(|r| u64::from(r.peak_w)).max().unwrap();
         let want = demand_line(peak, tariff.demand_rate_per_kw_milli);
         let got = resp
@@ -379,9 +420,17 @@ async fn keyshares_re_execute_tfhe_programs() {
     )
     .await;
     let bundle = PublicBundle::open(&keys.public_dir).unwrap();
-    let lpk = bundle.linear_public_key().unwrap();
     let (cpk, crs) = (bundle.compact_public_key().unwrap(), bundle.crs().unwrap());
     let tid = keys.manifest.tfhe_key_id.clone();
+    let shop = TestMeter::new("shop-9", EPOCH);
+    let ekeys = enrollment_keys(&pki, &sys.keyshares).await;
+    assert_eq!(
+        enroll(&pki, &sys.ingest, &[&shop], &ekeys)
+            .await
+            .unwrap()
+            .stored,
+        1
+    );
     let r = Registers {
         peak_w: 23_456,
         total_wh: 120_000,
@@ -396,40 +445,35 @@ async fn keyshares_re_execute_tfhe_programs() {
     IngestClient::new(pki.channel(sys.ingest.port, "ingest", Role::Headend, "headend-1"))
         .submit_readings(SubmitReadingsRequest {
             idempotency_key: "load".into(),
-            batches: vec![
-                registers.clone(),
-                linear_batch(
-                    &lpk,
-                    &keys.manifest.linear_key_id,
-                    "shop-9",
-                    &day(0),
-                    3600,
-                    &[0; 24],
-                ),
-            ],
+            batches: vec![registers.clone(), zero_day(&shop, 0)],
         })
         .await
         .unwrap();
 
     // An honest bill: every keyshare repeats the evaluation and gets the same ciphertexts.
     let tariff = flat("demand", 10_000, &[]);
-    let bill = ComputeClient::new(pki.channel_with_timeout(
+    let op = ComputeClient::new(pki.channel_with_timeout(
         sys.compute.port,
         "compute",
         Role::Operator,
         "billing",
         LONG,
-    ))
-    .bill(BillRequest {
+    ));
+    let req = BillRequest {
         idempotency_key: "honest".into(),
         meter_id: "shop-9".into(),
         period: Some(range(1)),
         tariff: Some(tariff.clone()),
         reissue_reason: String::new(),
+        epoch: EPOCH,
+    };
+    let bill = settled(|| {
+        let mut op = op.clone();
+        let req = req.clone();
+        async move { op.bill(req).await }
     })
     .await
-    .unwrap()
-    .into_inner();
+    .unwrap();
     let want = demand_line(23_456, 10_000);
     assert!(
         bill.lines

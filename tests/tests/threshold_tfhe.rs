@@ -1,9 +1,9 @@
-//! Squashed tfhe-rs ciphertexts (FheUint8/32/64, FheBool) and linear-track sums decrypt through
-//! any t of n share files written by the ceremony code, and not through t−1.
+//! Squashed tfhe-rs ciphertexts (FheUint8/32/64, FheBool) decrypt through any t of n share files
+//! written by the ceremony code, and not through t−1. (The linear track has no dealt key: its
+//! releases are tested in psm-core/tests/threshold.rs and through the keyshares.)
 
 use psm_core::ceremony::{decrypt_via_files, CeremonyError, PublicBundle};
 use psm_core::keys::ShareFile;
-use psm_core::linear::LINEAR_ENCODING;
 use psm_core::lwe::{LweBatch, SQUASHED_BLOCK};
 use psm_core::squashed::{bool_batch, recompose, uint_batch};
 use psm_core::threshold::ThresholdError;
@@ -23,25 +23,18 @@ fn decrypt(
     who: &[usize],
     key_id: &str,
     batch: &LweBatch,
-    linear: bool,
 ) -> Result<Vec<i128>, CeremonyError> {
-    let enc = if linear {
-        LINEAR_ENCODING
-    } else {
-        SQUASHED_BLOCK
-    };
     let chosen: Vec<&ShareFile> = who.iter().map(|p| &shares[*p]).collect();
-    decrypt_via_files(&chosen, key_id, batch, enc)
+    decrypt_via_files(&chosen, key_id, batch, SQUASHED_BLOCK)
 }
 
 #[test]
-fn squashed_integers_and_bools_and_linear_sums_through_any_quorum() {
+fn squashed_integers_and_bools_through_any_quorum() {
     // One server key for all schemes: the shares differ, the keys do not.
     let first = psm_e2e::keys::key_set(3, 2);
     let bundle = PublicBundle::open(&first.public_dir).unwrap();
     tfhe::set_server_key(bundle.compressed_server_key().unwrap().decompress());
     let cpk = bundle.compact_public_key().unwrap();
-    let lpk = bundle.linear_public_key().unwrap();
 
     let list = CompactCiphertextList::builder(&cpk)
         .push(0xA5u8)
@@ -79,32 +72,6 @@ fn squashed_integers_and_bools_and_linear_sums_through_any_quorum() {
         "an FheUint64 squashes to 16 packed blocks"
     );
 
-    // Linear track: 20 meters × 96 signed readings, summed word-wise.
-    let mut expected = vec![0i128; 96];
-    let mut acc: Option<Vec<u128>> = None;
-    for m in 0..20i64 {
-        let readings: Vec<i64> = (0..96).map(|i| (m * 37 + i * 11) % 900 - 150).collect();
-        for (e, r) in expected.iter_mut().zip(&readings) {
-            *e += i128::from(*r);
-        }
-        let LweBatch::Compact { words, .. } = psm_core::linear::encrypt(&lpk, &readings) else {
-            unreachable!()
-        };
-        acc = Some(match acc {
-            None => words,
-            Some(a) => a
-                .iter()
-                .zip(&words)
-                .map(|(x, y)| x.wrapping_add(*y))
-                .collect(),
-        });
-    }
-    let linear = LweBatch::Compact {
-        dimension: 4096,
-        count: 96,
-        words: acc.unwrap(),
-    };
-
     for (n, t) in [(3, 2), (3, 3), (5, 3)] {
         let out = psm_e2e::keys::key_set(n, t);
         let shares: Vec<ShareFile> = out
@@ -113,10 +80,18 @@ fn squashed_integers_and_bools_and_linear_sums_through_any_quorum() {
             .map(|p| ShareFile::read(p).unwrap())
             .collect();
         let tfhe_id = &out.manifest.tfhe_key_id;
-        let lin_id = &out.manifest.linear_key_id;
+        for s in &shares {
+            let held: Vec<&str> = s.keys.iter().map(|k| k.key_id.as_str()).collect();
+            assert_eq!(
+                held,
+                vec![tfhe_id.as_str()],
+                "{}: only the tfhe key is dealt",
+                s.party
+            );
+        }
         for who in subsets(n, t) {
             for (batch, bits, want) in &cases {
-                let blocks = decrypt(&shares, &who, tfhe_id, batch, false).unwrap();
+                let blocks = decrypt(&shares, &who, tfhe_id, batch).unwrap();
                 let got = if *bits == 1 {
                     u128::from(blocks[0] != 0)
                 } else {
@@ -124,14 +99,9 @@ fn squashed_integers_and_bools_and_linear_sums_through_any_quorum() {
                 };
                 assert_eq!(got, *want, "{t}-of-{n} {who:?} FheUint{bits}");
             }
-            assert_eq!(
-                decrypt(&shares, &who, lin_id, &linear, true).unwrap(),
-                expected,
-                "{t}-of-{n} {who:?} linear"
-            );
         }
         for who in subsets(n, t - 1) {
-            let err = decrypt(&shares, &who, tfhe_id, &cases[2].0, false).unwrap_err();
+            let err = decrypt(&shares, &who, tfhe_id, &cases[2].0).unwrap_err();
             assert!(
                 matches!(err, CeremonyError::Threshold(ThresholdError::NoQuorum(_))),
                 "{t}-of-{n} {who:?}: {err}"
