@@ -553,6 +553,7 @@ async fn main() {
     let all: Vec<&TestMeter> = agg.iter().chain(&billed).collect();
 
     // Enrollment (one-off): seal here on every core, send, wait for every keyshare to decide.
+    eprintln!("enrolling {} meters", all.len());
     let base = audit_lens(&pki, &sys.keyshares).await;
     let t = Instant::now();
     let enrollments: Vec<psm_proto::v1::Enrollment> =
@@ -593,8 +594,11 @@ async fn main() {
     let sync_t = t.elapsed();
 
     // Readings (one-off): encrypt and submit.
+    eprintln!("enrollments decided by all keyshares after {}; encrypting and submitting", fmt_d(sync_t));
     let t = Instant::now();
     let masks: Vec<IntervalMasks> = (0..BILL_DAYS).map(|d| day_masks(FIRST_DAY + d)).collect();
+    let e2e_masks_t = t.elapsed();
+    let t = Instant::now();
     let a_ids: Vec<&str> = agg.iter().map(|m| m.id.as_str()).collect();
     let a_seeds: Vec<&MeterSeeds> = agg.iter().map(|m| &m.seeds).collect();
     let (agg_batches, _, _) = encrypt_all(&a_ids, &a_seeds, &masks[..1], FIRST_DAY, &agg_values);
@@ -688,6 +692,7 @@ async fn main() {
     drop((share_keys, party_masks, parsed, agg_batches));
 
     // Aggregate through the system.
+    eprintln!("aggregating");
     let op = ComputeClient::new(pki.channel_with_timeout(
         sys.compute.port,
         "compute",
@@ -752,6 +757,11 @@ async fn main() {
         "sync every 2 s".into(),
     ]);
     e2e.row(&[
+        format!("one-off: interval masks of the {BILL_DAYS} days used below (all cores)"),
+        fmt_d(e2e_masks_t),
+        String::new(),
+    ]);
+    e2e.row(&[
         format!("one-off: encrypt the day of the {} meters (all cores)", fmt_n(agg_meters as f64)),
         fmt_d(agg_enc_t),
         String::new(),
@@ -804,6 +814,7 @@ async fn main() {
     e2e.print();
 
     // Bills.
+    eprintln!("billing");
     let tariff = two_band_tariff();
     let core_tariff = psm_core::wire::tariff_from_proto(&tariff).expect("tariff");
     let t = Instant::now();

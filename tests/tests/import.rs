@@ -183,51 +183,61 @@ async fn green_button_import_then_bill() {
     );
 
     // Bill one imported UTC day with a flat tariff: the energy is the sum of that day's values.
-    let day = &days[0];
     let mut op =
         ComputeClient::new(pki.channel(sys.compute.port, "compute", Role::Operator, "billing"));
     let imported = |v: &[i64]| v.iter().map(|x| (*x).max(0)).sum::<i64>();
     let exported = |v: &[i64]| v.iter().map(|x| (-*x).max(0)).sum::<i64>();
-    let bill = op
-        .bill(BillRequest {
-            idempotency_key: "gb-1".into(),
-            meter_id: day.meter_id.clone(),
-            period: Some(TimeRange {
-                start_unix: day.day * 86_400,
-                end_unix: (day.day + 1) * 86_400,
-            }),
-            tariff: Some(flat("America/New_York", "USD")),
-            reissue_reason: String::new(),
-            epoch: 1,
-        })
+    let bill = |key: &str, meter: &str, start_unix: i64, end_unix: i64| BillRequest {
+        idempotency_key: key.into(),
+        meter_id: meter.into(),
+        period: Some(TimeRange {
+            start_unix,
+            end_unix,
+        }),
+        tariff: Some(flat("America/New_York", "USD")),
+        reissue_reason: String::new(),
+        epoch: 1,
+    };
+    let day = &days[1];
+    let b = op
+        .bill(bill(
+            "gb-1",
+            &day.meter_id,
+            day.day * 86_400,
+            (day.day + 1) * 86_400,
+        ))
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(
-        billed(&bill),
-        (imported(&day.values), exported(&day.values))
-    );
+    assert_eq!(billed(&b), (imported(&day.values), exported(&day.values)));
 
-    // An incomplete day was submitted too: its run bills to the sum of its values.
+    // The incomplete first day was submitted too: from its first reading through the next
+    // (complete) day, the bill is the sum of both days' values.
     let run = &partial[0].runs[0];
+    assert_eq!(partial[0].runs.len(), 1);
+    assert_eq!(
+        run.first_interval as usize + run.values.len(),
+        run.intervals_per_day(),
+        "the sample's first day runs to midnight"
+    );
+    let next = &days[0];
+    assert_eq!(next.day, run.day + 1);
     let start = run.day * 86_400 + i64::from(run.first_interval) * i64::from(run.interval_seconds);
-    let bill = op
-        .bill(BillRequest {
-            idempotency_key: "gb-partial".into(),
-            meter_id: run.meter_id.clone(),
-            period: Some(TimeRange {
-                start_unix: start,
-                end_unix: start + run.values.len() as i64 * i64::from(run.interval_seconds),
-            }),
-            tariff: Some(flat("America/New_York", "USD")),
-            reissue_reason: String::new(),
-            epoch: 1,
-        })
+    let b = op
+        .bill(bill(
+            "gb-partial",
+            &run.meter_id,
+            start,
+            (next.day + 1) * 86_400,
+        ))
         .await
         .unwrap()
         .into_inner();
     assert_eq!(
-        billed(&bill),
-        (imported(&run.values), exported(&run.values))
+        billed(&b),
+        (
+            imported(&run.values) + imported(&next.values),
+            exported(&run.values) + exported(&next.values)
+        )
     );
 }

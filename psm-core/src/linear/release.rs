@@ -336,7 +336,7 @@ pub fn check_noise(scheme: Scheme, cohort: usize, runs: &[SlotRun]) -> Result<()
     let message = (cohort as u128)
         .checked_mul(weight_sum)
         .and_then(|x| x.checked_mul(super::MAX_READING_WH as u128));
-    if !message.is_some_and(|m| m < 1u128 << (127 - DELTA_LOG2)) {
+    if message.is_none_or(|m| m >= 1u128 << (127 - DELTA_LOG2)) {
         return Err(nb(format!(
             "{cohort} members × total weight {weight_sum} of readings up to {} Wh could exceed the encoding's ±2^{} Wh",
             super::MAX_READING_WH,
