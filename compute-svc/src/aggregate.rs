@@ -8,8 +8,9 @@
 use std::collections::HashMap;
 
 use prost::Message;
-use psm_core::linear::release::MAX_AGGREGATE_DAYS;
-use psm_core::linear::release::MAX_RELEASE_MEMBERS;
+use psm_core::linear::release::{
+    MAX_AGGREGATE_DAYS, MAX_COHORTS, MAX_OUTPUTS, MAX_RELEASE_MEMBERS,
+};
 use psm_core::linear::{Channel, SLOT_SECONDS};
 use psm_core::readings::DAY_SECONDS;
 use psm_core::wire::LinearBatch;
@@ -80,6 +81,17 @@ struct Shard {
     members: Vec<u32>,
     /// Batches used per meter.
     batches: Vec<u32>,
+}
+
+/// Why the buckets' effective cohorts cannot go into one release.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PlanError {
+    #[error("more than {0} distinct effective cohorts")]
+    Cohorts(usize),
+    #[error(
+        "{0}+ member entries over the distinct effective cohorts (at most {MAX_RELEASE_MEMBERS})"
+    )]
+    Members(usize),
 }
 
 /// One bucket's place in the result.
@@ -310,9 +322,15 @@ impl Accumulator {
     /// Which buckets are released (effective cohort of at least `min_cohort`) and with which
     /// cohort. Identical cohorts are listed once: meters that completed every bucket are in
     /// every cohort, so buckets are told apart only by which of the other meters they hold.
-    /// Refuses (with the number of members it would take) when the distinct cohorts together
-    /// exceed `max_members`.
-    pub fn plan(&self, min_cohort: usize, max_members: usize) -> Result<Plan, usize> {
+    /// Refuses when the distinct cohorts exceed what one release may name: more than
+    /// [`MAX_COHORTS`], or more than `max_members` members over all of them.
+    pub fn plan(&self, min_cohort: usize, max_members: usize) -> Result<Plan, PlanError> {
+        self.plan_within(min_cohort, (MAX_COHORTS, max_members))
+    }
+
+    /// [`Accumulator::plan`] with both limits given (most cohorts, most members).
+    fn plan_within(&self, min_cohort: usize, limits: (usize, usize)) -> Result<Plan, PlanError> {
+        let (max_cohorts, max_members) = limits;
         let full: Vec<bool> = self.shards.iter().flat_map(Shard::full).collect();
         let meters = full.len();
         let mut members = vec![0u32; self.buckets];
@@ -347,7 +365,10 @@ impl Accumulator {
                     .collect();
                 total += list.len();
                 if total > max_members {
-                    return Err(total);
+                    return Err(PlanError::Members(total));
+                }
+                if cohorts.len() == max_cohorts {
+                    return Err(PlanError::Cohorts(max_cohorts));
                 }
                 cohorts.push(list);
             }
@@ -379,6 +400,12 @@ impl Aggregator<'_> {
             MAX_AGGREGATE_DAYS * DAY_SECONDS,
             "range",
         )?;
+        let intervals = (range.end_unix - range.start_unix) / g;
+        if intervals > MAX_OUTPUTS as i64 {
+            return Err(Status::invalid_argument(format!(
+                "{intervals} output intervals of {g} s; one aggregate releases at most {MAX_OUTPUTS}: use a coarser granularity or a shorter range"
+            )));
+        }
         let cohort = check_cohort(&req.meter_ids, self.min_cohort, MAX_COHORT, "aggregates")?;
         let meters: Vec<&str> = cohort.iter().copied().collect();
         let (start_slot, end_slot) = (
@@ -433,11 +460,13 @@ impl Aggregator<'_> {
             }
         }
 
-        let plan = acc.plan(self.min_cohort, MAX_RELEASE_MEMBERS).map_err(|n| {
-            Status::failed_precondition(format!(
-                "the output intervals' effective cohorts differ so much that listing them would take {n}+ member entries (at most {MAX_RELEASE_MEMBERS}): the meters' readings have gaps in different intervals; ask for a range they report completely or a shorter one"
-            ))
-        })?;
+        let plan = acc
+            .plan(self.min_cohort, MAX_RELEASE_MEMBERS)
+            .map_err(|e| {
+                Status::failed_precondition(format!(
+                    "the output intervals' effective cohorts cannot be listed in one release ({e}): the meters' readings have gaps in many different intervals; ask for a range they report completely, or a shorter one"
+                ))
+            })?;
         if plan.outputs.is_empty() {
             let best = plan.members.iter().copied().max().unwrap_or(0);
             let with_data = (0..meters.len()).filter(|m| acc.batches(*m) > 0).count();
@@ -655,7 +684,14 @@ mod tests {
         }
         let plan = acc.plan(7, usize::MAX).unwrap();
         assert_eq!(plan.cohorts.len(), 8);
-        assert_eq!(acc.plan(7, 50).unwrap_err(), 56);
+        assert_eq!(
+            acc.plan_within(7, (usize::MAX, 50)).unwrap_err(),
+            PlanError::Members(56)
+        );
+        assert_eq!(
+            acc.plan_within(7, (5, usize::MAX)).unwrap_err(),
+            PlanError::Cohorts(5)
+        );
     }
 
     #[test]

@@ -150,14 +150,6 @@ fn failures(f: &[psm_net::quorum::Failure]) -> Vec<PartyFault> {
         .collect()
 }
 
-/// A noise-bound error's message without its rule prefix (it is re-wrapped with context).
-fn strip_rule(e: &LinearError) -> String {
-    match e {
-        LinearError::NoiseBound(m) => m.clone(),
-        other => other.to_string(),
-    }
-}
-
 /// The slots and weights of the outputs `indices` (strictly ascending), as the keyshares derive
 /// them; a bill's bands are placed once for the whole range rather than once per band.
 fn runs_of(spec: &ReleaseSpec, indices: &[usize]) -> Vec<Vec<SlotRun>> {
@@ -335,9 +327,8 @@ impl ThresholdDecryptor {
         let indices: Vec<usize> = checked.outputs.iter().map(|(i, _)| *i).collect();
         for ((index, cohort), runs) in checked.outputs.iter().zip(runs_of(&checked.spec, &indices))
         {
-            check_noise(self.scheme, checked.cohorts[*cohort].len(), &runs).map_err(|e| {
-                LinearError::NoiseBound(format!("output {index}: {}", strip_rule(&e)))
-            })?;
+            check_noise(self.scheme, checked.cohorts[*cohort].len(), &runs)
+                .map_err(|e| LinearError::NoiseBound(format!("output {index}: {}", e.detail())))?;
         }
         let request = ReleaseRequest {
             idempotency_key: idempotency_key.to_owned(),

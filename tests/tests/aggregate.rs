@@ -207,7 +207,8 @@ async fn aggregates_equal_plaintext_references() {
     // Day 2, quarter-hours: gap-0 misses 02:30-02:45 and 20:00-21:00, gap-1 misses 10:00-11:00
     // and 20:00-21:00 (so hour 20 has two members, below the minimum), gap-2 reports its day in
     // three batches (split inside hours 7 and 20).
-    let (g0, g1) = ([10, 80, 81, 82, 83], [40, 41, 42, 43, 80, 81, 82, 83]);
+    let g0: [u32; 5] = [10, 80, 81, 82, 83];
+    let g1: [u32; 8] = [40, 41, 42, 43, 80, 81, 82, 83];
     clear.day(&gap[0], 900, d0 + 2, Channel::Import, &g0, &[], &mut rng);
     clear.day(&gap[1], 900, d0 + 2, Channel::Import, &g1, &[], &mut rng);
     clear.day(
