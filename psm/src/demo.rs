@@ -224,7 +224,8 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         if s.role == Role::Keyshare {
             // Each regulator's policy: the meters it serves (its registry: the simulated town),
             // enrollments fetched from ingest (the public bundle names the parties they are
-            // sealed to), cohorts of at least 5, only the demo tariffs may be billed. tfhe-track re-execution is off here: on a small machine three
+            // sealed to), cohorts of at least 5, only the demo tariffs may be billed, bills as
+            // short as a day (the demo bills its few simulated days; the default is 28). tfhe-track re-execution is off here: on a small machine three
             // keyshares repeating every demand charge would triple its cost (production keeps
             // the default, "always").
             let registry = data.join(format!("{}-registry.toml", s.name));
@@ -236,7 +237,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
             fs::write(
                 &cfg,
                 format!(
-                    "[keyshare]\ningest_url = \"https://127.0.0.1:{}\"\npublic_dir = {}\nregistry = {}\n[keyshare.policy]\nmin_cohort = 5\nallowed_programs = [\"{}\", \"{}\"]\nreexecute_tfhe = \"off\"\n",
+                    "[keyshare]\ningest_url = \"https://127.0.0.1:{}\"\npublic_dir = {}\nregistry = {}\n[keyshare.policy]\nmin_cohort = 5\nmin_bill_days = 1\nallowed_programs = [\"{}\", \"{}\"]\nreexecute_tfhe = \"off\"\n",
                     port(1)?,
                     toml_path(&keys_dir.join("public"))?,
                     toml_path(&registry)?,

@@ -344,7 +344,8 @@ async fn aggregates_equal_plaintext_references() {
     let resp = op
         .aggregate(request("one-down", &mix_ids, export, day(1), day(2), 3600))
         .await
-        .unwrap_or_else(|e| panic!("one keyshare down: {e:?}"));
+        .unwrap_or_else(|e| panic!("one keyshare down: {e:?}"))
+        .into_inner();
     let want = clear.reference(&mix_ids, Channel::Export, day(1), day(2), 3600);
     check(&resp, &want, 8, day(1), 3600, "one keyshare down");
     let mut used = resp.quorum.unwrap().used;
