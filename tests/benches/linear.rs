@@ -13,7 +13,7 @@
 //! Sized by environment variables (defaults in brackets): PSM_BENCH_ENC_METERS [1000] and
 //! PSM_BENCH_ENC_DAYS [10] (encryption), PSM_BENCH_METERS [1000] (aggregate cohort),
 //! PSM_BENCH_BILLS [100] and PSM_BENCH_BILL_CONCURRENCY [8] (bill throughput), PSM_BENCH_WARM
-//! [5] (warm repetitions).
+//! [5] (warm repetitions); PSM_BENCH_LOGS=<dir> copies the services' logs there at the end.
 //!
 //! Run: cargo bench -p psm-e2e --bench linear
 
@@ -33,8 +33,8 @@ use psm_proto::v1::compute_client::ComputeClient;
 use psm_proto::v1::ingest_client::IngestClient;
 use psm_proto::v1::keyshare_client::KeyshareClient;
 use psm_proto::v1::{
-    AggregateRequest, BillRequest, EnrollRequest, ReadingBatch, StatusRequest, Tariff,
-    TariffBand, TimeRange,
+    AggregateRequest, BillRequest, EnrollRequest, ReadingBatch, StatusRequest, Tariff, TariffBand,
+    TimeRange,
 };
 use rand::RngCore;
 use rayon::prelude::*;
@@ -91,6 +91,13 @@ fn fmt_n(x: f64) -> String {
     format!("{sign}{out}")
 }
 
+/// /proc/loadavg's first three fields (other work on the machine skews every figure).
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|_| "unknown".into())
+}
+
 fn median(mut v: Vec<Duration>) -> Duration {
     v.sort();
     v[v.len() / 2]
@@ -134,9 +141,9 @@ impl Table {
         let w: Vec<usize> = (0..n).map(width).collect();
         let line = |cells: &[String]| {
             let mut s = String::from("|");
-            for i in 0..n {
+            for (i, wi) in w.iter().enumerate() {
                 let c = cells.get(i).map_or("", String::as_str);
-                let pad = w[i] - c.chars().count();
+                let pad = wi - c.chars().count();
                 s.push(' ');
                 s.push_str(c);
                 s.push_str(&" ".repeat(pad));
@@ -161,7 +168,10 @@ impl Table {
 /// Import readings of a simulated household (the simulator reports net energy; solar export
 /// goes on the other channel, so import is its positive part).
 fn import_day(sim: &psm_core::simulate::SimMeter, day: i64) -> Vec<i64> {
-    sim.day(day, INTERVAL).into_iter().map(|v| v.max(0)).collect()
+    sim.day(day, INTERVAL)
+        .into_iter()
+        .map(|v| v.max(0))
+        .collect()
 }
 
 fn day_masks(day: i64) -> IntervalMasks {
@@ -335,12 +345,19 @@ async fn main() {
     let bills = env("PSM_BENCH_BILLS", 100);
     let concurrency = env("PSM_BENCH_BILL_CONCURRENCY", 8).max(1);
     let warm_reps = env("PSM_BENCH_WARM", 5).max(1);
-    assert!(agg_meters >= 5, "PSM_BENCH_METERS must be at least the cohort minimum (5)");
+    assert!(
+        agg_meters >= 5,
+        "PSM_BENCH_METERS must be at least the cohort minimum (5)"
+    );
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     println!(
         "command: PSM_BENCH_ENC_METERS={enc_meters} PSM_BENCH_ENC_DAYS={enc_days} PSM_BENCH_METERS={agg_meters} PSM_BENCH_BILLS={bills} PSM_BENCH_BILL_CONCURRENCY={concurrency} PSM_BENCH_WARM={warm_reps} cargo bench -p psm-e2e --bench linear"
     );
-    println!("machine: {cores} cores (std::thread::available_parallelism); rayon threads: {}", rayon::current_num_threads());
+    println!(
+        "machine: {cores} cores (std::thread::available_parallelism); rayon threads: {}",
+        rayon::current_num_threads()
+    );
+    println!("load average at start: {}", loadavg());
     let scheme = Scheme::new(3, 2).expect("2-of-3");
 
     // ---------------------------------------------------------------- 2. head-end encryption
@@ -348,7 +365,11 @@ async fn main() {
     let enc_sims = psm_core::simulate::town(enc_meters, 0, 11);
     let enc_values: Vec<Vec<Vec<i64>>> = enc_sims
         .par_iter()
-        .map(|s| (0..enc_days as i64).map(|d| import_day(s, FIRST_DAY + d)).collect())
+        .map(|s| {
+            (0..enc_days as i64)
+                .map(|d| import_day(s, FIRST_DAY + d))
+                .collect()
+        })
         .collect();
     let enc_seeds: Vec<MeterSeeds> = (0..enc_meters)
         .map(|_| MeterSeeds::generate(scheme, EPOCH))
@@ -357,7 +378,9 @@ async fn main() {
     eprintln!("encryption inputs prepared in {}", fmt_d(t.elapsed()));
 
     let t_all = Instant::now();
-    let masks: Vec<IntervalMasks> = (0..enc_days as i64).map(|d| day_masks(FIRST_DAY + d)).collect();
+    let masks: Vec<IntervalMasks> = (0..enc_days as i64)
+        .map(|d| day_masks(FIRST_DAY + d))
+        .collect();
     let masks_t = t_all.elapsed();
     let ids: Vec<&str> = enc_ids.iter().map(String::as_str).collect();
     let seeds: Vec<&MeterSeeds> = enc_seeds.iter().collect();
@@ -390,14 +413,20 @@ async fn main() {
         format!("{:.1}×", ct_bytes as f64 / plain_bytes as f64),
     ]);
     storage.row(&[
-        format!("linear track: whole ReadingBatch, protobuf-encoded (meter id {:?})", one.meter_id),
+        format!(
+            "linear track: whole ReadingBatch, protobuf-encoded (meter id {:?})",
+            one.meter_id
+        ),
         fmt_n(encoded as f64),
         format!("{:.1}×", encoded as f64 / plain_bytes as f64),
     ]);
     storage.row(&[
         "previous track (BENCHMARKS.md): compact list, 4,192 u128 words".into(),
         fmt_n(PREVIOUS_METER_DAY_BYTES as f64),
-        format!("{:.1}×", PREVIOUS_METER_DAY_BYTES as f64 / plain_bytes as f64),
+        format!(
+            "{:.1}×",
+            PREVIOUS_METER_DAY_BYTES as f64 / plain_bytes as f64
+        ),
     ]);
     storage.row(&[
         "baseline: plaintext, 96 × 8-byte readings".into(),
@@ -413,7 +442,9 @@ async fn main() {
         &["step", "time", "meter-days/s"],
     );
     enc.row(&[
-        format!("interval masks of the {enc_days} days (96 × 3 slot masks each, shared by all meters)"),
+        format!(
+            "interval masks of the {enc_days} days (96 × 3 slot masks each, shared by all meters)"
+        ),
         fmt_d(masks_t),
         String::new(),
     ]);
@@ -460,7 +491,10 @@ async fn main() {
         std::hint::black_box(&k);
         let gb = n as f64 * 65_536.0 / 1e9;
         ks.row(&[
-            format!("cohort key share of {} seeds (cohort_share_key, all cores)", fmt_n(n as f64)),
+            format!(
+                "cohort key share of {} seeds (cohort_share_key, all cores)",
+                fmt_n(n as f64)
+            ),
             fmt_d(d),
             format!("{:.2} GB/s of PRG output", gb / d.as_secs_f64()),
         ]);
@@ -476,7 +510,10 @@ async fn main() {
         let pd = t.elapsed();
         std::hint::black_box(sums);
         ks.row(&[
-            format!("baseline: plaintext 96-bucket sum of {} meter-days", fmt_n(n as f64)),
+            format!(
+                "baseline: plaintext 96-bucket sum of {} meter-days",
+                fmt_n(n as f64)
+            ),
             fmt_d(pd),
             String::new(),
         ]);
@@ -496,7 +533,8 @@ async fn main() {
     let mask_par = t.elapsed();
     assert_eq!(day_masks_seq, day_masks_par);
     ks.row(&[
-        "mask sums of a day's 96 buckets, one mask_sum per bucket in turn (as keyshare-svc does)".into(),
+        "mask sums of a day's 96 buckets, one mask_sum per bucket in turn (as keyshare-svc does)"
+            .into(),
         fmt_d(mask_seq),
         "288 slot masks, 18 MB of XOF".into(),
     ]);
@@ -505,13 +543,21 @@ async fn main() {
         fmt_d(mask_par),
         String::new(),
     ]);
-    let key_a = cohort_share_key(&random_seeds(64).iter().collect::<Vec<_>>(), Channel::Import);
-    let key_b = cohort_share_key(&random_seeds(64).iter().collect::<Vec<_>>(), Channel::Import);
+    let key_a = cohort_share_key(
+        &random_seeds(64).iter().collect::<Vec<_>>(),
+        Channel::Import,
+    );
+    let key_b = cohort_share_key(
+        &random_seeds(64).iter().collect::<Vec<_>>(),
+        Channel::Import,
+    );
     let t = Instant::now();
     let mut acc = 0u128;
     for _ in 0..10 {
         for m in &day_masks_seq {
-            acc = acc.wrapping_add(dot(m, &key_a.0)).wrapping_add(dot(m, &key_b.0));
+            acc = acc
+                .wrapping_add(dot(m, &key_a.0))
+                .wrapping_add(dot(m, &key_b.0));
         }
     }
     let dots = t.elapsed() / 10;
@@ -547,7 +593,11 @@ async fn main() {
         .collect();
     let bill_values: Vec<Vec<Vec<i64>>> = sims[agg_meters..]
         .par_iter()
-        .map(|s| (0..BILL_DAYS).map(|d| import_day(s, FIRST_DAY + d)).collect())
+        .map(|s| {
+            (0..BILL_DAYS)
+                .map(|d| import_day(s, FIRST_DAY + d))
+                .collect()
+        })
         .collect();
     eprintln!("e2e inputs prepared in {}", fmt_d(t.elapsed()));
     let all: Vec<&TestMeter> = agg.iter().chain(&billed).collect();
@@ -582,7 +632,11 @@ async fn main() {
     let t = Instant::now();
     loop {
         let now = audit_lens(&pki, &sys.keyshares).await;
-        if now.iter().zip(&base).all(|(n, b)| *n >= b + all.len() as u64) {
+        if now
+            .iter()
+            .zip(&base)
+            .all(|(n, b)| *n >= b + all.len() as u64)
+        {
             break;
         }
         assert!(
@@ -594,7 +648,10 @@ async fn main() {
     let sync_t = t.elapsed();
 
     // Readings (one-off): encrypt and submit.
-    eprintln!("enrollments decided by all keyshares after {}; encrypting and submitting", fmt_d(sync_t));
+    eprintln!(
+        "enrollments decided by all keyshares after {}; encrypting and submitting",
+        fmt_d(sync_t)
+    );
     let t = Instant::now();
     let masks: Vec<IntervalMasks> = (0..BILL_DAYS).map(|d| day_masks(FIRST_DAY + d)).collect();
     let e2e_masks_t = t.elapsed();
@@ -617,13 +674,14 @@ async fn main() {
         .expect("submit aggregate day");
     let agg_submit_t = t.elapsed();
     assert_eq!(r.stored as usize, agg_meters);
-    let disk_after = dir_bytes(&ingest_dir);
     let t = Instant::now();
     let r = psm_e2e::submit(&pki, &sys.ingest, bill_batches)
         .await
         .expect("submit bill months");
     let bill_submit_t = t.elapsed();
     assert_eq!(r.stored as usize, bill_meters * BILL_DAYS as usize);
+    let disk_after = dir_bytes(&ingest_dir);
+    let stored_days = agg_meters + bill_meters * BILL_DAYS as usize;
 
     // Baselines in this process: the plaintext sum, compute's own summation, and the release's
     // cryptography as one keyshare computes it (no network, no policy, no ledger).
@@ -683,7 +741,9 @@ async fn main() {
     }
     let party_dots_t = t.elapsed();
     // The third share (held by the other parties) completes an in-process decryption.
-    let missing: Vec<usize> = (0..scheme.share_count()).filter(|u| !held.contains(u)).collect();
+    let missing: Vec<usize> = (0..scheme.share_count())
+        .filter(|u| !held.contains(u))
+        .collect();
     for u in missing {
         let refs: Vec<&Seed> = agg.iter().map(|m| &m.seeds.seeds[u]).collect();
         let k = cohort_share_key(&refs, Channel::Import);
@@ -696,7 +756,10 @@ async fn main() {
         .zip(&party_d)
         .map(|(s, d)| ENCODING.decode(s.wrapping_sub(*d)) as i64)
         .collect();
-    assert_eq!(in_process, want, "in-process decryption equals the plaintext sum");
+    assert_eq!(
+        in_process, want,
+        "in-process decryption equals the plaintext sum"
+    );
     drop((share_keys, party_masks, agg_batches));
 
     // Aggregate through the system.
@@ -723,9 +786,17 @@ async fn main() {
     };
     let request_bytes = agg_req("agg-cold").encoded_len();
     let t = Instant::now();
-    let cold = op.clone().aggregate(agg_req("agg-cold")).await.expect("cold aggregate").into_inner();
+    let cold = op
+        .clone()
+        .aggregate(agg_req("agg-cold"))
+        .await
+        .expect("cold aggregate")
+        .into_inner();
     let cold_t = t.elapsed();
-    assert_eq!(cold.energy_wh, want, "cold aggregate equals the plaintext sum");
+    assert_eq!(
+        cold.energy_wh, want,
+        "cold aggregate equals the plaintext sum"
+    );
     let used = cold.quorum.as_ref().map_or(0, |q| q.used.len());
     let mut warm = Vec::new();
     for i in 0..warm_reps {
@@ -741,6 +812,38 @@ async fn main() {
     }
     let warm_min = *warm.iter().min().unwrap();
     let warm_med = median(warm);
+    // The keyshares' part alone: the same release asked for directly with compute's
+    // certificate (ThresholdDecryptor, as compute-svc does), from the body sums computed above.
+    let dec = psm_e2e::decryptor(&pki, &keys, &sys.keyshares, Duration::from_millis(300));
+    let release = psm_proto::v1::LinearRelease {
+        kind: psm_proto::v1::ComputationKind::Aggregate as i32,
+        epoch: EPOCH,
+        channel: psm_proto::v1::Channel::Import as i32,
+        program: psm_proto::v1::AggregateProgram {
+            granularity_seconds: INTERVAL,
+        }
+        .encode_to_vec(),
+        range: agg_req("").range,
+        cohorts: vec![psm_proto::v1::Cohort {
+            meter_ids: agg.iter().map(|m| m.id.clone()).collect(),
+        }],
+        outputs: (0..PER_DAY as u32)
+            .map(|index| psm_proto::v1::ReleaseOutput { index, cohort: 0 })
+            .collect(),
+        reissue_reason: String::new(),
+    };
+    let mut direct = Vec::new();
+    for i in 0..warm_reps {
+        let t = Instant::now();
+        let r = dec
+            .release(release.clone(), &sums, &format!("direct-release-{i}"))
+            .await
+            .expect("direct release");
+        direct.push(t.elapsed());
+        let got: Vec<i64> = r.values.iter().map(|v| *v as i64).collect();
+        assert_eq!(got, want, "a direct release equals the plaintext sum");
+    }
+    let direct_med = median(direct);
 
     let mut e2e = Table::new(
         &format!(
@@ -750,14 +853,23 @@ async fn main() {
         &["step", "time", "note"],
     );
     e2e.row(&[
-        format!("one-off: seal {} enrollments in the bench process (all cores)", fmt_n(all.len() as f64)),
+        format!(
+            "one-off: seal {} enrollments in the bench process (all cores)",
+            fmt_n(all.len() as f64)
+        ),
         fmt_d(seal_t),
-        format!("{} B per enrollment (3 seeds × 2 holders, X-Wing)", fmt_n(enrollment_bytes as f64)),
+        format!(
+            "{} B per enrollment (3 seeds × 2 holders, X-Wing)",
+            fmt_n(enrollment_bytes as f64)
+        ),
     ]);
     e2e.row(&[
         "one-off: Ingest.Enroll, requests of 500".into(),
         fmt_d(enroll_rpc_t),
-        format!("{} meters/s", fmt_n(all.len() as f64 / enroll_rpc_t.as_secs_f64())),
+        format!(
+            "{} meters/s",
+            fmt_n(all.len() as f64 / enroll_rpc_t.as_secs_f64())
+        ),
     ]);
     e2e.row(&[
         "one-off: until all 3 keyshares fetched, opened, stored and audited them".into(),
@@ -770,28 +882,54 @@ async fn main() {
         String::new(),
     ]);
     e2e.row(&[
-        format!("one-off: encrypt the day of the {} meters (all cores)", fmt_n(agg_meters as f64)),
+        format!(
+            "one-off: encrypt the day of the {} meters (all cores)",
+            fmt_n(agg_meters as f64)
+        ),
         fmt_d(agg_enc_t),
         String::new(),
     ]);
     e2e.row(&[
-        format!("one-off: SubmitReadings of {} meter-days, requests of 1,000", fmt_n(agg_meters as f64)),
+        format!(
+            "one-off: SubmitReadings of {} meter-days, requests of 1,000",
+            fmt_n(agg_meters as f64)
+        ),
         fmt_d(agg_submit_t),
         format!(
-            "{} meter-days/s; ingest store grew {} B per meter-day",
-            fmt_n(agg_meters as f64 / agg_submit_t.as_secs_f64()),
-            fmt_n(disk_after.saturating_sub(disk_before) as f64 / agg_meters as f64)
+            "{} meter-days/s",
+            fmt_n(agg_meters as f64 / agg_submit_t.as_secs_f64())
+        ),
+    ]);
+    e2e.row(&[
+        format!(
+            "ingest's data directory (sled) grew by {} B per meter-day stored",
+            fmt_n(disk_after.saturating_sub(disk_before) as f64 / stored_days as f64)
+        ),
+        String::new(),
+        format!(
+            "{} → {} bytes over {} meter-days (aggregate and bill readings; sled allocates in segments)",
+            fmt_n(disk_before as f64),
+            fmt_n(disk_after as f64),
+            fmt_n(stored_days as f64)
         ),
     ]);
     e2e.row(&[
         "Aggregate, cold (first request: keyshares build cohort keys and mask sums)".into(),
         fmt_d(cold_t),
-        format!("request {} B; {used} keyshares' answers combined", fmt_n(request_bytes as f64)),
+        format!(
+            "request {} B; {used} keyshares' answers combined",
+            fmt_n(request_bytes as f64)
+        ),
     ]);
     e2e.row(&[
         format!("Aggregate, warm (same cohort, new idempotency key), median of {warm_reps}"),
         fmt_d(warm_med),
         format!("min {}", fmt_d(warm_min)),
+    ]);
+    e2e.row(&[
+        format!("of which the keyshares: the same release asked for directly (Keyshare.Release via ThresholdDecryptor, 3 keyshares), warm, median of {warm_reps}"),
+        fmt_d(direct_med),
+        "the rest of a warm Aggregate is compute streaming and checking the batches from ingest".into(),
     ]);
     e2e.row(&[
         "in-process: compute's arithmetic (check every batch, add bodies into 96 buckets, all cores)".into(),
@@ -826,7 +964,10 @@ async fn main() {
     let tariff = two_band_tariff();
     let core_tariff = psm_core::wire::tariff_from_proto(&tariff).expect("tariff");
     let t = Instant::now();
-    let plain_totals: Vec<i64> = bill_values.iter().map(|m| plain_bill(&core_tariff, m)).collect();
+    let plain_totals: Vec<i64> = bill_values
+        .iter()
+        .map(|m| plain_bill(&core_tariff, m))
+        .collect();
     let plain_bills_t = t.elapsed();
     let t = Instant::now();
     let first = op
@@ -836,13 +977,20 @@ async fn main() {
         .expect("cold bill")
         .into_inner();
     let bill_cold_t = t.elapsed();
-    assert_eq!(first.total, plain_totals[0], "bill equals the plaintext bill");
+    assert_eq!(
+        first.total, plain_totals[0],
+        "bill equals the plaintext bill"
+    );
     let mut warm_bills = Vec::new();
     for i in 1..=WARM_BILLS {
         let t = Instant::now();
         let b = op
             .clone()
-            .bill(bill_request(&format!("bill-warm-{i}"), &billed[i].id, &tariff))
+            .bill(bill_request(
+                &format!("bill-warm-{i}"),
+                &billed[i].id,
+                &tariff,
+            ))
             .await
             .expect("warm bill")
             .into_inner();
@@ -875,17 +1023,24 @@ async fn main() {
         &["step", "time", "note"],
     );
     bt.row(&[
-        format!("one-off: encrypt {} meter-months (all cores)", fmt_n(bill_meters as f64)),
+        format!(
+            "one-off: encrypt {} meter-months (all cores)",
+            fmt_n(bill_meters as f64)
+        ),
         fmt_d(bill_enc_t),
         String::new(),
     ]);
     bt.row(&[
-        format!("one-off: SubmitReadings of {} meter-days", fmt_n((bill_meters as i64 * BILL_DAYS) as f64)),
+        format!(
+            "one-off: SubmitReadings of {} meter-days",
+            fmt_n((bill_meters as i64 * BILL_DAYS) as f64)
+        ),
         fmt_d(bill_submit_t),
         String::new(),
     ]);
     bt.row(&[
-        "meter-month bill, cold (first bill of this period: keyshares derive the bands' mask sums)".into(),
+        "meter-month bill, cold (first bill of this period: keyshares derive the bands' mask sums)"
+            .into(),
         fmt_d(bill_cold_t),
         String::new(),
     ]);
@@ -905,7 +1060,10 @@ async fn main() {
         ),
     ]);
     bt.row(&[
-        format!("baseline: price the same {} meter-months from clear readings in-process", fmt_n(bill_meters as f64)),
+        format!(
+            "baseline: price the same {} meter-months from clear readings in-process",
+            fmt_n(bill_meters as f64)
+        ),
         fmt_d(plain_bills_t),
         format!(
             "{} per bill; {} bills/s",
@@ -915,6 +1073,13 @@ async fn main() {
     ]);
 
     bt.print();
+    println!("\nload average at end: {}", loadavg());
+    if let Ok(dir) = std::env::var("PSM_BENCH_LOGS") {
+        std::fs::create_dir_all(&dir).expect("log dir");
+        for p in sys.keyshares.iter().chain([&sys.ingest, &sys.compute]) {
+            std::fs::write(format!("{dir}/{}.log", p.name), p.log_text()).expect("copy log");
+        }
+    }
     println!(
         "\ncommand: PSM_BENCH_ENC_METERS={enc_meters} PSM_BENCH_ENC_DAYS={enc_days} PSM_BENCH_METERS={agg_meters} PSM_BENCH_BILLS={bills} PSM_BENCH_BILL_CONCURRENCY={concurrency} PSM_BENCH_WARM={warm_reps} cargo bench -p psm-e2e --bench linear"
     );

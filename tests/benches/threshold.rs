@@ -98,7 +98,14 @@ async fn main() {
         let m = bill.clone();
         let t = Instant::now();
         let out = dec
-            .decrypt(key_id, &squashed, SQUASHED_BLOCK, 70, m, &format!("bench-{i}"))
+            .decrypt(
+                key_id,
+                &squashed,
+                SQUASHED_BLOCK,
+                70,
+                m,
+                &format!("bench-{i}"),
+            )
             .await
             .unwrap();
         remote.push(t.elapsed());
