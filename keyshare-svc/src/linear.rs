@@ -44,6 +44,9 @@ fn store(e: impl std::fmt::Display) -> Refusal {
     )
 }
 
+/// The seeds an enrollment gave this keyshare, or why it gave none.
+type Opened = Result<Vec<(usize, Seed)>, String>;
+
 /// Who this keyshare is in the scheme.
 pub struct Party {
     pub scheme: Scheme,
@@ -292,7 +295,7 @@ impl LinearState {
         audit: &AuditLog,
     ) -> Result<SyncReport, Refusal> {
         // Opening envelopes is CPU work: on the blocking pool, all cores.
-        let opened: Vec<(Enrollment, Result<Vec<(usize, Seed)>, String>)> = {
+        let opened: Vec<(Enrollment, Opened)> = {
             let party = &self.party;
             tokio::task::block_in_place(|| {
                 use rayon::prelude::*;

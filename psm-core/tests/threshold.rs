@@ -592,8 +592,8 @@ fn cohorts_get_independent_flooding_and_repeats_are_identical() {
     let removed = vec!["meter-05".to_string()];
     let less: Vec<String> = all[..5].to_vec();
     let outputs = [(4, 0), (9, 0)];
-    let ra = release_from_proto(&hourly(&[all.clone()], &outputs)).unwrap();
-    let rb = release_from_proto(&hourly(&[less.clone()], &outputs)).unwrap();
+    let ra = release_from_proto(&hourly(std::slice::from_ref(&all), &outputs)).unwrap();
+    let rb = release_from_proto(&hourly(std::slice::from_ref(&less), &outputs)).unwrap();
     let (da, db) = (derive(scheme, &ra), derive(scheme, &rb));
     assert_eq!(da.masks, db.masks, "the same slots and weights");
     for o in 0..outputs.len() {
@@ -602,17 +602,17 @@ fn cohorts_get_independent_flooding_and_repeats_are_identical() {
             "the cohort is part of the flooding's input"
         );
     }
-    for p in 0..3 {
-        let a = answer(scheme, p, &fk[p], &ms, &ra, &da);
-        let b = answer(scheme, p, &fk[p], &ms, &rb, &db);
+    for (p, fkp) in fk.iter().enumerate() {
+        let a = answer(scheme, p, fkp, &ms, &ra, &da);
+        let b = answer(scheme, p, fkp, &ms, &rb, &db);
         for (sa, sb) in a.shares.iter().zip(&b.shares) {
             let u = sa.share_index;
             let common = share_key(&ms, &less, u, Channel::Import);
             let extra = share_key(&ms, &removed, u, Channel::Import);
             for o in 0..outputs.len() {
                 // The common members' part is flooded afresh in each release ...
-                let ca = contribution(&da.masks[o], &common.0, &fk[p], u, &da.hashes[o]);
-                let cb = contribution(&db.masks[o], &common.0, &fk[p], u, &db.hashes[o]);
+                let ca = contribution(&da.masks[o], &common.0, fkp, u, &da.hashes[o]);
+                let cb = contribution(&db.masks[o], &common.0, fkp, u, &db.hashes[o]);
                 assert_ne!(ca, cb, "party {p} share {u} output {o}");
                 // ... so differencing the two answers does not isolate the removed meter's share:
                 // what is left over is the difference of two independent floods.
@@ -620,8 +620,8 @@ fn cohorts_get_independent_flooding_and_repeats_are_identical() {
                 let residue = sa.values[o]
                     .wrapping_sub(sb.values[o])
                     .wrapping_sub(exposed) as i128;
-                let floods = flooding(&fk[p], u, &da.hashes[o]) as i128
-                    - flooding(&fk[p], u, &db.hashes[o]) as i128;
+                let floods = flooding(fkp, u, &da.hashes[o]) as i128
+                    - flooding(fkp, u, &db.hashes[o]) as i128;
                 assert_eq!(residue, floods);
                 assert!(
                     residue.unsigned_abs() > 1u128 << 40 && residue.unsigned_abs() < 1u128 << 71,
@@ -640,11 +640,11 @@ fn cohorts_get_independent_flooding_and_repeats_are_identical() {
     assert_eq!(out.values, want);
 
     // The same release again, validated and derived from scratch: identical answers.
-    let again = release_from_proto(&hourly(&[all.clone()], &outputs)).unwrap();
+    let again = release_from_proto(&hourly(std::slice::from_ref(&all), &outputs)).unwrap();
     let dagain = derive(scheme, &again);
-    for p in 0..3 {
-        let first = answer(scheme, p, &fk[p], &ms, &ra, &da);
-        let second = answer(scheme, p, &fk[p], &ms, &again, &dagain);
+    for (p, fkp) in fk.iter().enumerate() {
+        let first = answer(scheme, p, fkp, &ms, &ra, &da);
+        let second = answer(scheme, p, fkp, &ms, &again, &dagain);
         assert_eq!(first.shares, second.shares, "party {p}");
     }
     // An output's value does not depend on its position in the request: asking for hour 9 alone

@@ -342,7 +342,9 @@ pub fn open_enrollment(
 mod tests {
     use super::*;
 
-    fn parties() -> (Scheme, Vec<String>, Vec<(EnrollmentSecret, Vec<u8>)>) {
+    type KeyPairs = Vec<(EnrollmentSecret, Vec<u8>)>;
+
+    fn parties() -> (Scheme, Vec<String>, KeyPairs) {
         let s = Scheme::new(3, 2).unwrap();
         let names = vec!["ks-1".to_string(), "ks-2".into(), "ks-3".into()];
         let keys = (0..3).map(|_| generate_keypair()).collect();
@@ -361,8 +363,8 @@ mod tests {
         let e = enroll("m1", &seeds, s, &pubs).unwrap();
         check_shape(&e, s, &names).unwrap();
         assert_eq!(e.envelopes.len(), 6);
-        for p in 0..3 {
-            let got = open_enrollment(&e, s, &names, p, &keys[p].0).unwrap();
+        for (p, key) in keys.iter().enumerate() {
+            let got = open_enrollment(&e, s, &names, p, &key.0).unwrap();
             let idx: Vec<usize> = got.iter().map(|(u, _)| *u).collect();
             assert_eq!(idx, s.held_by(p));
             for (u, seed) in got {
