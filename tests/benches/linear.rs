@@ -15,7 +15,8 @@
 //! PSM_BENCH_BILLS [100] and PSM_BENCH_BILL_CONCURRENCY [8] (bill throughput), PSM_BENCH_WARM
 //! [5] (warm repetitions); PSM_BENCH_LOGS=<dir> copies the services' logs there at the end.
 //!
-//! Run: cargo bench -p psm-e2e --bench linear
+//! Run: cargo build --release --bins && cargo bench -p psm-e2e --bench linear (the services run
+//! from the release binaries next to the bench executable).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
