@@ -8,8 +8,7 @@ use std::time::Duration;
 
 use prost::Message;
 use psm_core::keys::Manifest;
-use psm_core::linear::mask::SlotRun;
-use psm_core::linear::release::{check_noise, release_from_proto, Program, ReleaseSpec};
+use psm_core::linear::release::{check_noise, release_from_proto};
 use psm_core::linear::LinearError;
 use psm_core::lwe::{words_from_le_bytes, Encoding, LweBatch};
 use psm_core::threshold::{
@@ -148,34 +147,6 @@ fn failures(f: &[psm_net::quorum::Failure]) -> Vec<PartyFault> {
             reason: f.reason.clone(),
         })
         .collect()
-}
-
-/// The slots and weights of the outputs `indices` (strictly ascending), as the keyshares derive
-/// them; a bill's bands are placed once for the whole range rather than once per band.
-fn runs_of(spec: &ReleaseSpec, indices: &[usize]) -> Vec<Vec<SlotRun>> {
-    match &spec.program {
-        Program::Aggregate { .. } => indices.iter().map(|i| spec.output_runs(*i)).collect(),
-        Program::Bill(_) => {
-            let mut per: Vec<Vec<SlotRun>> = vec![Vec::new(); spec.output_count()];
-            for (slot, band) in (spec.start_slot..).zip(spec.slot_outputs()) {
-                let Some(runs) = per.get_mut(band) else {
-                    continue;
-                };
-                match runs.last_mut() {
-                    Some(r) if r.end == slot => r.end = slot + 1,
-                    _ => runs.push(SlotRun {
-                        start: slot,
-                        end: slot + 1,
-                        weight: 1,
-                    }),
-                }
-            }
-            indices
-                .iter()
-                .map(|i| per.get_mut(*i).map(std::mem::take).unwrap_or_default())
-                .collect()
-        }
-    }
 }
 
 /// Asks the keyshares of one key set for partial decryptions and combines them.
@@ -325,8 +296,7 @@ impl ThresholdDecryptor {
             )));
         }
         let indices: Vec<usize> = checked.outputs.iter().map(|(i, _)| *i).collect();
-        for ((index, cohort), runs) in checked.outputs.iter().zip(runs_of(&checked.spec, &indices))
-        {
+        for ((index, cohort), runs) in checked.outputs.iter().zip(checked.spec.runs_of(&indices)) {
             check_noise(self.scheme, checked.cohorts[*cohort].len(), &runs)
                 .map_err(|e| LinearError::NoiseBound(format!("output {index}: {}", e.detail())))?;
         }
@@ -510,7 +480,7 @@ mod tests {
     use super::*;
     use psm_core::linear::encrypt::IntervalMasks;
     use psm_core::linear::key::{cohort_share_key, MeterSeeds};
-    use psm_core::linear::mask::mask_sum;
+    use psm_core::linear::mask::{mask_sum, SlotRun};
     use psm_core::linear::release::{cohort_hash, contribution, output_hash, Release};
     use psm_core::linear::Channel;
     use psm_core::lwe::words_to_le_bytes;
@@ -738,7 +708,7 @@ mod tests {
             },
         ];
         let spec = release_from_proto(&proto).unwrap().spec;
-        let runs = runs_of(&spec, &[0, 1, 2]);
+        let runs = spec.runs_of(&[0, 1, 2]);
         for (i, r) in runs.iter().enumerate() {
             assert_eq!(*r, spec.output_runs(i), "band {i}");
         }

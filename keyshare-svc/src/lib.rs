@@ -608,6 +608,52 @@ fn audit_failure(e: audit::AuditError) -> Status {
     Status::unavailable("the audit log cannot be written; no decision was released")
 }
 
+impl KeyshareService {
+    /// Records a decision in the audit log, then answers: an allowed answer leaves only after its
+    /// record is durable, and a refusal is recorded before it is returned.
+    async fn audited<T>(
+        &self,
+        who: &str,
+        request_hash: &[u8; 32],
+        what: &str,
+        outcome: Result<(T, String), Refusal>,
+        set_seq: impl FnOnce(&mut T, u64),
+    ) -> Result<Response<T>, Status> {
+        match outcome {
+            Ok((mut resp, reason)) => {
+                let seq = self
+                    .audit
+                    .append(Decision {
+                        caller: who,
+                        allow: true,
+                        rule: "allowed",
+                        reason: &reason,
+                        request_hash,
+                    })
+                    .await
+                    .map_err(audit_failure)?;
+                set_seq(&mut resp, seq);
+                tracing::info!(caller = %who, seq, %reason, "{what} allowed");
+                Ok(Response::new(resp))
+            }
+            Err(r) => {
+                self.audit
+                    .append(Decision {
+                        caller: who,
+                        allow: false,
+                        rule: r.rule,
+                        reason: r.status.message(),
+                        request_hash,
+                    })
+                    .await
+                    .map_err(audit_failure)?;
+                tracing::info!(caller = %who, rule = r.rule, reason = r.status.message(), "{what} refused");
+                Err(r.status)
+            }
+        }
+    }
+}
+
 /// Loads this keyshare's enrollment secret key, creating it (mode 0600) on first start, and
 /// (re)writes its published public key next to it as `enrollment.pub`.
 fn load_enrollment_key(
@@ -647,37 +693,11 @@ impl Keyshare for KeyshareService {
                 .unwrap_or_default(),
         )
         .as_bytes();
-        match self.decide_release(&who, &req).await {
-            Ok((mut resp, reason)) => {
-                resp.audit_seq = self
-                    .audit
-                    .append(Decision {
-                        caller: &who,
-                        allow: true,
-                        rule: "allowed",
-                        reason: &reason,
-                        request_hash: &hash,
-                    })
-                    .await
-                    .map_err(audit_failure)?;
-                tracing::info!(caller = %who, seq = resp.audit_seq, %reason, "linear release contributed");
-                Ok(Response::new(resp))
-            }
-            Err(r) => {
-                self.audit
-                    .append(Decision {
-                        caller: &who,
-                        allow: false,
-                        rule: r.rule,
-                        reason: r.status.message(),
-                        request_hash: &hash,
-                    })
-                    .await
-                    .map_err(audit_failure)?;
-                tracing::info!(caller = %who, rule = r.rule, reason = r.status.message(), "linear release refused");
-                Err(r.status)
-            }
-        }
+        let outcome = self.decide_release(&who, &req).await;
+        self.audited(&who, &hash, "linear release", outcome, |r, seq| {
+            r.audit_seq = seq
+        })
+        .await
     }
 
     async fn partial_decrypt(
@@ -687,38 +707,11 @@ impl Keyshare for KeyshareService {
         let who = caller(&request)?.to_string();
         let req = request.into_inner();
         let hash = request_hash(&req);
-        match self.decide(&who, &req, &hash).await {
-            Ok((mut resp, reason)) => {
-                // The partials leave only after the decision is durably recorded.
-                resp.audit_seq = self
-                    .audit
-                    .append(Decision {
-                        caller: &who,
-                        allow: true,
-                        rule: "allowed",
-                        reason: &reason,
-                        request_hash: &hash,
-                    })
-                    .await
-                    .map_err(audit_failure)?;
-                tracing::info!(caller = %who, seq = resp.audit_seq, %reason, "partial decryption released");
-                Ok(Response::new(resp))
-            }
-            Err(r) => {
-                self.audit
-                    .append(Decision {
-                        caller: &who,
-                        allow: false,
-                        rule: r.rule,
-                        reason: r.status.message(),
-                        request_hash: &hash,
-                    })
-                    .await
-                    .map_err(audit_failure)?;
-                tracing::info!(caller = %who, rule = r.rule, reason = r.status.message(), "partial decryption refused");
-                Err(r.status)
-            }
-        }
+        let outcome = self.decide(&who, &req, &hash).await;
+        self.audited(&who, &hash, "partial decryption", outcome, |r, seq| {
+            r.audit_seq = seq
+        })
+        .await
     }
 
     type GetAuditLogStream = tokio_stream::Iter<std::vec::IntoIter<Result<AuditRecord, Status>>>;

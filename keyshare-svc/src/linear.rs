@@ -514,39 +514,15 @@ impl LinearState {
         }
         headend.sort();
         headend.dedup();
-        let bands = match spec.kind {
-            ComputationKind::Bill => Some(spec.slot_outputs()),
-            _ => None,
-        };
         let cohort_hashes: Vec<[u8; 32]> = release
             .cohorts
             .iter()
             .map(|c| psm_core::linear::release::cohort_hash(c))
             .collect();
+        let indices: Vec<usize> = release.outputs.iter().map(|(i, _)| *i).collect();
         let mut runs = Vec::with_capacity(release.outputs.len());
         let mut output_hashes = Vec::with_capacity(release.outputs.len());
-        for (index, cohort) in &release.outputs {
-            let r = match &bands {
-                Some(bands) => {
-                    let mut r: Vec<SlotRun> = Vec::new();
-                    for (k, b) in bands.iter().enumerate() {
-                        if b != index {
-                            continue;
-                        }
-                        let s = spec.start_slot + k as u64;
-                        match r.last_mut() {
-                            Some(last) if last.end == s => last.end = s + 1,
-                            _ => r.push(SlotRun {
-                                start: s,
-                                end: s + 1,
-                                weight: 1,
-                            }),
-                        }
-                    }
-                    r
-                }
-                None => spec.output_runs(*index),
-            };
+        for ((index, cohort), r) in release.outputs.iter().zip(spec.runs_of(&indices)) {
             if r.is_empty() {
                 return Err(refuse(
                     "release",
@@ -554,7 +530,7 @@ impl LinearState {
                     format!("output {index} has no slot in the range"),
                 ));
             }
-            if bands.is_some() {
+            if spec.kind == ComputationKind::Bill {
                 // A band narrower than the minimum would isolate a few readings per bill.
                 let slots: u64 = r.iter().map(|x| x.end - x.start).sum();
                 let period = spec.end_slot - spec.start_slot;

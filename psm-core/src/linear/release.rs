@@ -80,31 +80,43 @@ impl ReleaseSpec {
 
     /// The slots and weights of output `index` (empty for a band with no slot in the range).
     pub fn output_runs(&self, index: usize) -> Vec<SlotRun> {
+        self.runs_of(&[index]).pop().unwrap_or_default()
+    }
+
+    /// The slots and weights of the outputs `indices`, in that order; a bill's bands are placed
+    /// once for the whole range rather than once per band.
+    pub fn runs_of(&self, indices: &[usize]) -> Vec<Vec<SlotRun>> {
         match &self.program {
-            Program::Aggregate { bucket_slots } => {
-                let start = self.start_slot + index as u64 * bucket_slots;
-                vec![SlotRun {
-                    start,
-                    end: start + bucket_slots,
-                    weight: 1,
-                }]
-            }
-            Program::Bill(t) => {
-                let mut runs: Vec<SlotRun> = Vec::new();
-                for s in self.start_slot..self.end_slot {
-                    if t.band_at(s as i64 * SLOT_SECONDS) != index {
+            Program::Aggregate { bucket_slots } => indices
+                .iter()
+                .map(|i| {
+                    let start = self.start_slot + *i as u64 * bucket_slots;
+                    vec![SlotRun {
+                        start,
+                        end: start + bucket_slots,
+                        weight: 1,
+                    }]
+                })
+                .collect(),
+            Program::Bill(_) => {
+                let mut per: Vec<Vec<SlotRun>> = vec![Vec::new(); self.output_count()];
+                for (slot, band) in (self.start_slot..).zip(self.slot_outputs()) {
+                    let Some(runs) = per.get_mut(band) else {
                         continue;
-                    }
+                    };
                     match runs.last_mut() {
-                        Some(r) if r.end == s => r.end = s + 1,
+                        Some(r) if r.end == slot => r.end = slot + 1,
                         _ => runs.push(SlotRun {
-                            start: s,
-                            end: s + 1,
+                            start: slot,
+                            end: slot + 1,
                             weight: 1,
                         }),
                     }
                 }
-                runs
+                indices
+                    .iter()
+                    .map(|i| per.get(*i).cloned().unwrap_or_default())
+                    .collect()
             }
         }
     }
