@@ -57,6 +57,14 @@ impl Analyst<'_> {
         }
         let (first_day, days) = whole_days(req.range.as_ref(), MAX_ANALYTICS_DAYS)?;
         let meters: Vec<String> = cohort.iter().map(|m| m.to_string()).collect();
+        if meters.len() * days as usize > psm_core::tfhe_program::MAX_TFHE_INPUTS {
+            return Err(Status::resource_exhausted(format!(
+                "{} meters × {days} days = {} meter-days; a histogram takes at most {} (every day's registers are expanded in memory): ask for fewer meters or a shorter range",
+                meters.len(),
+                meters.len() * days as usize,
+                psm_core::tfhe_program::MAX_TFHE_INPUTS
+            )));
+        }
 
         self.job.step("loading the tfhe server key", 2);
         let loaded = self.tfhe.loaded().await?;

@@ -207,7 +207,7 @@ impl Biller<'_> {
         };
 
         self.job.step("releasing band totals", 15);
-        let mut report = QuorumReport::default();
+        let mut report = crate::decrypt::empty_report();
         let import_wh = self
             .release(
                 &release,

@@ -121,8 +121,10 @@ pub struct Released {
 }
 
 /// Adds one decryption's quorum report to a request's (a request that needs several
-/// decryptions reports every party used and every fault once).
+/// decryptions reports every party used and every fault once, and is cross-checked only if every
+/// decryption was). Start from [`empty_report`].
 pub fn merge_report(into: &mut QuorumReport, r: QuorumReport) {
+    into.cross_checked &= r.cross_checked;
     for u in r.used {
         if !into.used.contains(&u) {
             into.used.push(u);
@@ -389,6 +391,14 @@ fn party_response(
     })
 }
 
+/// The report of a request before any decryption: nothing used, nothing unchecked.
+pub fn empty_report() -> QuorumReport {
+    QuorumReport {
+        cross_checked: true,
+        ..QuorumReport::default()
+    }
+}
+
 /// The quorum report: failures and malformed answers, parties the combiner excluded, and the
 /// parties whose contributions were used.
 fn report(
@@ -411,6 +421,7 @@ fn report(
     QuorumReport {
         used: combined.used.iter().map(|p| name(*p)).collect(),
         faults,
+        cross_checked: combined.cross_checked,
     }
 }
 

@@ -4,7 +4,7 @@
 use std::path::Path;
 
 use prost::Message;
-use psm_core::audit::{verify_chain, AuditEntry, GENESIS};
+use psm_core::audit::{bounded, verify_chain, AuditEntry, GENESIS, MAX_NAME_BYTES, MAX_REASON_BYTES};
 use psm_core::wire::{audit_from_proto, audit_to_proto};
 use psm_proto::v1::AuditRecord;
 use tokio::sync::Mutex;
@@ -81,16 +81,55 @@ impl AuditLog {
         Ok(log)
     }
 
-    /// Verifies the whole stored chain; returns the number of records.
-    pub fn verify(&self) -> Result<usize, String> {
-        let records = self.read(0, usize::MAX).map_err(|e| e.to_string())?;
-        let parsed: Vec<_> = records
-            .iter()
-            .map(audit_from_proto)
-            .collect::<Result<_, _>>()
-            .map_err(|e| e.to_string())?;
-        verify_chain(&parsed, GENESIS).map_err(|e| e.to_string())?;
-        Ok(parsed.len())
+    /// Verifies the whole stored chain, a chunk of records at a time (memory does not grow with
+    /// the log); returns the number of records.
+    pub fn verify(&self) -> Result<u64, String> {
+        const CHUNK: usize = 4096;
+        let (mut next, mut prev) = (0u64, GENESIS);
+        loop {
+            let records = self.read(next, CHUNK).map_err(|e| e.to_string())?;
+            let parsed: Vec<_> = records
+                .iter()
+                .map(audit_from_proto)
+                .collect::<Result<_, _>>()
+                .map_err(|e| e.to_string())?;
+            if let Some((first, _)) = parsed.first() {
+                if first.seq != next {
+                    return Err(format!(
+                        "audit record {next}: sequence gap: a record is missing or out of order"
+                    ));
+                }
+            }
+            prev = verify_chain(&parsed, prev).map_err(|e| e.to_string())?;
+            next += parsed.len() as u64;
+            if parsed.len() < CHUNK {
+                return Ok(next);
+            }
+        }
+    }
+
+    /// Records from `from_seq`, at most `limit`, read lazily as the receiver takes them (a
+    /// slow auditor holds a small buffer, not the whole range).
+    pub fn stream(
+        &self,
+        from_seq: u64,
+        limit: usize,
+    ) -> tokio_stream::wrappers::ReceiverStream<Result<AuditRecord, tonic::Status>> {
+        let (tx, rx) = tokio::sync::mpsc::channel(64);
+        let tree = self.tree.clone();
+        tokio::task::spawn_blocking(move || {
+            for kv in tree.range(from_seq.to_be_bytes()..).take(limit) {
+                let item = kv
+                    .map_err(AuditError::from)
+                    .and_then(|(_, v)| decode(&v))
+                    .map_err(|e| tonic::Status::internal(e.to_string()));
+                let stop = item.is_err();
+                if tx.blocking_send(item).is_err() || stop {
+                    return;
+                }
+            }
+        });
+        tokio_stream::wrappers::ReceiverStream::new(rx)
     }
 
     /// Appends a decision durably; returns its sequence number.
@@ -112,10 +151,10 @@ impl AuditLog {
             let entry = AuditEntry {
                 seq,
                 unix_time: now,
-                caller: d.caller.to_owned(),
+                caller: bounded(d.caller, MAX_NAME_BYTES),
                 decision: if d.allow { "allow" } else { "refuse" }.to_owned(),
-                rule: d.rule.to_owned(),
-                reason: d.reason.to_owned(),
+                rule: bounded(d.rule, MAX_NAME_BYTES),
+                reason: bounded(d.reason, MAX_REASON_BYTES),
                 request_hash: d.request_hash.to_vec(),
                 prev_hash: prev,
             };

@@ -48,8 +48,12 @@ pub const MAX_CIPHERTEXTS_PER_REQUEST: usize = 100_000;
 /// Most audit records in one GetAuditLog answer.
 pub const MAX_AUDIT_RECORDS: usize = 10_000;
 /// Requests re-executed and partially decrypted at once (each holds a batch in memory and uses
-/// all cores).
+/// all cores). A permit is held by the blocking work itself, so a cancelled request keeps its
+/// permit until its re-execution or decryption has actually stopped.
 const CONCURRENT_DECRYPTIONS: usize = 2;
+
+/// A work permit shared by a request's blocking tasks; released when the last of them ends.
+pub type WorkPermit = Arc<tokio::sync::OwnedSemaphorePermit>;
 
 /// The `[keyshare]` section of the config file.
 #[derive(Debug, Default, Deserialize)]
@@ -63,7 +67,8 @@ pub struct KeyshareSection {
     /// The name in ingest's certificate (default "ingest").
     pub ingest_server_name: Option<String>,
     /// The public key bundle (`<ceremony out>/public`): the server key and CRS for re-executing
-    /// tfhe-track programs (loaded on first use, ~1 GB). Needed unless reexecute_tfhe = "off".
+    /// tfhe-track programs (loaded on first use, ~1 GB). Without it, tfhe-track requests are
+    /// refused: they are decrypted only after re-execution.
     pub public_dir: Option<PathBuf>,
     /// This regulator's registry of the meters it serves (TOML: `[[meters]]` with `id` and
     /// `encryption = "meter" | "headend"`). Without one, every enrollment and linear release is
@@ -102,7 +107,7 @@ pub struct KeyshareService {
     me: SpiffeId,
     share: Arc<ShareFile>,
     audit: Arc<AuditLog>,
-    permits: Semaphore,
+    permits: Arc<Semaphore>,
     policy: PolicyConfig,
     allowed_programs: BTreeSet<[u8; 32]>,
     limiter: RateLimiter,
@@ -162,13 +167,13 @@ impl KeyshareService {
                 None
             }
         };
-        if policy.reexecute_tfhe != policy::ReexecMode::Off && section.public_dir.is_none() {
-            tracing::warn!("reexecute_tfhe is on but [keyshare] public_dir is not set: tfhe-track requests that must be re-executed will be refused");
+        if section.public_dir.is_none() {
+            tracing::warn!("[keyshare] public_dir is not set: tfhe-track requests cannot be re-executed and are refused");
         }
         if policy.allow_any_program {
             tracing::warn!("allow_any_program = true: any tariff or analytics query is allowed (development only)");
         }
-        tracing::info!(min_cohort = policy.min_cohort, allowed_programs = allowed_programs.len(), rate_limit_per_minute = policy.rate_limit_per_minute, reexecute_tfhe = ?policy.reexecute_tfhe, "policy loaded");
+        tracing::info!(min_cohort = policy.min_cohort, allowed_programs = allowed_programs.len(), rate_limit_per_minute = policy.rate_limit_per_minute, "policy loaded");
         let scheme = share
             .scheme()
             .map_err(|e| KeyshareError::Mismatch(e.to_string()))?;
@@ -226,7 +231,7 @@ impl KeyshareService {
             me,
             share: Arc::new(share),
             audit: Arc::new(audit),
-            permits: Semaphore::new(CONCURRENT_DECRYPTIONS),
+            permits: Arc::new(Semaphore::new(CONCURRENT_DECRYPTIONS)),
             limiter: RateLimiter::new(policy.rate_limit_per_minute),
             policy,
             allowed_programs,
@@ -297,11 +302,7 @@ impl KeyshareService {
         let limits = self.policy.linear_limits();
         let admitted = lin.admit(release, limits, allowed)?;
         lin.precheck(&admitted, limits).await?;
-        let _permit = self
-            .permits
-            .acquire()
-            .await
-            .map_err(|_| refuse("available", Code::Unavailable, "keyshare is shutting down"))?;
+        let permit = self.work_permit().await?;
         if !lin.missing_enrollments(&admitted)?.is_empty() {
             self.sync_enrollments().await?;
             let missing = lin.missing_enrollments(&admitted)?;
@@ -320,7 +321,10 @@ impl KeyshareService {
         }
         let admitted = Arc::new(admitted);
         let (state, a) = (lin.clone(), admitted.clone());
-        let shares = tokio::task::spawn_blocking(move || state.contributions(&a))
+        let shares = tokio::task::spawn_blocking(move || {
+            let _held = permit;
+            state.contributions(&a)
+        })
             .await
             .map_err(|e| {
                 refuse(
@@ -444,7 +448,7 @@ impl KeyshareService {
         }
         let (requested, stated_noise) =
             encoding_from_proto(pb.encoding.as_ref()).map_err(invalid)?;
-        let (encoding, floor) = enforced_encoding(key, requested).map_err(invalid)?;
+        let (encoding, noise) = enforced_encoding(key, requested, stated_noise).map_err(invalid)?;
 
         let manifest = req.manifest.as_ref().ok_or_else(|| {
             refuse(
@@ -462,47 +466,35 @@ impl KeyshareService {
                 "manifest output_hash does not match the ciphertexts to decrypt",
             ));
         }
-        let k = self.policy.min_cohort;
         let reissue = manifest.reissue_reason.as_str();
         self.releases
-            .precheck(&checked, k, request_hash, reissue)
+            .precheck(&checked, &self.policy, request_hash, reissue)
             .await?;
 
         // The heavy part — re-execution and partial decryption — runs for at most
         // CONCURRENT_DECRYPTIONS requests at a time.
-        let _permit = self
-            .permits
-            .acquire()
-            .await
-            .map_err(|_| refuse("available", Code::Unavailable, "keyshare is shutting down"))?;
-        // Re-execute: the output must be what the program gives on the stored inputs. Flood for
-        // the larger of the stated and the recomputed noise, never below the key's floor.
-        let noise = stated_noise.max(floor);
+        let permit = self.work_permit().await?;
+        // Re-execute, always: the output must be bit-identical to what the approved program
+        // gives on ingest's proof-checked inputs, or nothing is decrypted.
         let recomputed = match key.kind {
-            KeyKind::Tfhe if self.policy.reexecute_tfhe(request_hash) => {
-                Some(self.reexec.tfhe(manifest, &checked).await?)
-            }
-            KeyKind::Tfhe => None,
+            KeyKind::Tfhe => self.reexec.tfhe(manifest, &checked, permit.clone()).await?,
         };
-        let verified = match recomputed {
-            Some(r) if r.hash() != output_hash => {
-                return Err(refuse(
-                    "re-execution",
-                    Code::FailedPrecondition,
-                    format!(
-                        "the {} re-executed from the {} named stored input(s) does not match the ciphertexts to decrypt",
-                        kind_name(checked.kind),
-                        manifest.inputs.len()
-                    ),
-                ))
-            }
-            Some(_) => "re-executed",
-            None => "not re-executed (reexecute_tfhe policy)",
-        };
+        if recomputed.hash() != output_hash {
+            return Err(refuse(
+                "re-execution",
+                Code::FailedPrecondition,
+                format!(
+                    "the {} re-executed from the {} named stored input(s) does not match the ciphertexts to decrypt",
+                    kind_name(checked.kind),
+                    manifest.inputs.len()
+                ),
+            ));
+        }
 
         let share = self.share.clone();
         let key_id = key_id.to_owned();
         let partials = tokio::task::spawn_blocking(move || {
+            let _held = permit;
             let key = share
                 .key(&key_id)
                 .ok_or(ThresholdError::BadScheme("key vanished".into()))?;
@@ -528,7 +520,7 @@ impl KeyshareService {
         .map_err(invalid)?;
         // Record the release (re-checking the stateful rules atomically) before it leaves.
         self.releases
-            .admit(&checked, k, request_hash, reissue)
+            .admit(&checked, &self.policy, request_hash, reissue)
             .await?;
         let subject = match checked.kind {
             ComputationKind::Bill => format!("meter {}", checked.meters[0]),
@@ -539,7 +531,7 @@ impl KeyshareService {
             .map(|h| format!(", program {}", &hex::encode(h)[..16]))
             .unwrap_or_default();
         let mut reason = format!(
-            "{} for {subject}, {}{program}: {} input(s) {verified}; {} ciphertext(s) under {}",
+            "{} for {subject}, {}{program}: {} input(s) re-executed; {} ciphertext(s) under {}",
             kind_name(checked.kind),
             checked.days(),
             manifest.inputs.len(),
@@ -609,8 +601,20 @@ fn audit_failure(e: audit::AuditError) -> Status {
 }
 
 impl KeyshareService {
+    /// Waits for one of the CONCURRENT_DECRYPTIONS work permits.
+    async fn work_permit(&self) -> Result<WorkPermit, Refusal> {
+        self.permits
+            .clone()
+            .acquire_owned()
+            .await
+            .map(Arc::new)
+            .map_err(|_| refuse("available", Code::Unavailable, "keyshare is shutting down"))
+    }
+
     /// Records a decision in the audit log, then answers: an allowed answer leaves only after its
-    /// record is durable, and a refusal is recorded before it is returned.
+    /// record is durable, and a refusal is recorded before it is returned. Rate-limit refusals
+    /// are recorded at most once per caller per minute; the others are counted, and the count is
+    /// recorded with that caller's next record.
     async fn audited<T>(
         &self,
         who: &str,
@@ -619,34 +623,57 @@ impl KeyshareService {
         outcome: Result<(T, String), Refusal>,
         set_seq: impl FnOnce(&mut T, u64),
     ) -> Result<Response<T>, Status> {
+        let (allow, rule, mut reason) = match &outcome {
+            Ok((_, reason)) => (true, "allowed", reason.clone()),
+            Err(r) => (false, r.rule, r.status.message().to_owned()),
+        };
+        let unrecorded = if rule == "rate-limit" {
+            match self.limiter.refusal_to_record(who) {
+                Some(n) => n,
+                None => {
+                    tracing::debug!(caller = %who, "{what} refused by the rate limit (counted)");
+                    return Err(outcome.err().map_or_else(
+                        || Status::internal("rate-limit outcome"),
+                        |r| r.status,
+                    ));
+                }
+            }
+        } else {
+            self.limiter.take_unrecorded(who)
+        };
+        let summary = format!(
+            "{unrecorded} further request(s) from {who} were refused by the rate limit and not recorded one by one"
+        );
+        if rule == "rate-limit" && unrecorded > 0 {
+            reason.push_str(&format!("; {summary}"));
+        }
+        let decision = Decision {
+            caller: who,
+            allow,
+            rule,
+            reason: &reason,
+            request_hash,
+        };
+        let seq = if rule != "rate-limit" && unrecorded > 0 {
+            let tally = Decision {
+                caller: who,
+                allow: false,
+                rule: "rate-limit",
+                reason: &summary,
+                request_hash: &[],
+            };
+            self.audit.append_many(&[tally, decision]).await.map(|s| s + 1)
+        } else {
+            self.audit.append(decision).await
+        }
+        .map_err(audit_failure)?;
         match outcome {
             Ok((mut resp, reason)) => {
-                let seq = self
-                    .audit
-                    .append(Decision {
-                        caller: who,
-                        allow: true,
-                        rule: "allowed",
-                        reason: &reason,
-                        request_hash,
-                    })
-                    .await
-                    .map_err(audit_failure)?;
                 set_seq(&mut resp, seq);
                 tracing::info!(caller = %who, seq, %reason, "{what} allowed");
                 Ok(Response::new(resp))
             }
             Err(r) => {
-                self.audit
-                    .append(Decision {
-                        caller: who,
-                        allow: false,
-                        rule: r.rule,
-                        reason: r.status.message(),
-                        request_hash,
-                    })
-                    .await
-                    .map_err(audit_failure)?;
                 tracing::info!(caller = %who, rule = r.rule, reason = r.status.message(), "{what} refused");
                 Err(r.status)
             }
@@ -714,7 +741,7 @@ impl Keyshare for KeyshareService {
         .await
     }
 
-    type GetAuditLogStream = tokio_stream::Iter<std::vec::IntoIter<Result<AuditRecord, Status>>>;
+    type GetAuditLogStream = tokio_stream::wrappers::ReceiverStream<Result<AuditRecord, Status>>;
 
     async fn get_audit_log(
         &self,
@@ -725,13 +752,7 @@ impl Keyshare for KeyshareService {
             0 => MAX_AUDIT_RECORDS,
             n => n.min(MAX_AUDIT_RECORDS),
         };
-        let records = self
-            .audit
-            .read(r.from_seq, limit)
-            .map_err(|e| Status::internal(e.to_string()))?;
-        Ok(Response::new(tokio_stream::iter(
-            records.into_iter().map(Ok).collect::<Vec<_>>(),
-        )))
+        Ok(Response::new(self.audit.stream(r.from_seq, limit)))
     }
 
     async fn status(

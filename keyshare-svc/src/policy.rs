@@ -10,7 +10,7 @@ use std::time::Instant;
 use prost::Message;
 use psm_core::keys::KeyKind;
 use psm_core::readings::{format_day, parse_day, validate_meter_id, DAY_SECONDS};
-use psm_proto::v1::{AggregateProgram, ComputationKind, ComputationManifest, Track};
+use psm_proto::v1::{ComputationKind, ComputationManifest, Track};
 use serde::Deserialize;
 use tonic::Status;
 
@@ -18,6 +18,10 @@ use tonic::Status;
 pub const MAX_INPUTS: usize = 100_000;
 /// Longest range of one release, days (the longest billing period).
 pub const MAX_RELEASE_DAYS: i64 = 62;
+
+/// Callers whose rate-limit state is kept (certificates are issued by the PKI, so this is a
+/// bound against a misissuing CA, not a normal limit).
+const MAX_TRACKED_CALLERS: usize = 10_000;
 
 /// A refusal: the status returned and the rule recorded in the audit log.
 #[derive(Debug)]
@@ -42,16 +46,6 @@ fn malformed(msg: impl std::fmt::Display) -> Refusal {
     refuse("manifest", tonic::Code::InvalidArgument, msg)
 }
 
-/// When the keyshare re-executes a tfhe-track computation before answering.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum ReexecMode {
-    Always,
-    /// A deterministic sample of requests (by request hash), `reexecute_tfhe_sample_percent`.
-    Sampled,
-    Off,
-}
-
 /// The `[keyshare.policy]` section: this regulator's rules.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -66,10 +60,6 @@ pub struct PolicyConfig {
     pub allow_any_program: bool,
     /// PartialDecrypt requests per minute per caller.
     pub rate_limit_per_minute: u32,
-    /// Re-execution of tfhe-track computations. The linear track is always re-executed.
-    pub reexecute_tfhe: ReexecMode,
-    /// Share of tfhe-track requests re-executed when `reexecute_tfhe = "sampled"`, percent.
-    pub reexecute_tfhe_sample_percent: u8,
     /// How many times a bill for one (meter, channel, period) may be re-issued (with a reason).
     pub max_reissues: u32,
     /// Shortest linear-track bill, days (short bills would release a few readings each).
@@ -85,8 +75,6 @@ impl Default for PolicyConfig {
             allowed_programs: Vec::new(),
             allow_any_program: false,
             rate_limit_per_minute: 600,
-            reexecute_tfhe: ReexecMode::Always,
-            reexecute_tfhe_sample_percent: 10,
             max_reissues: 1,
             min_bill_days: 28,
             min_band_hours_per_week: 4,
@@ -105,9 +93,6 @@ impl PolicyConfig {
         }
         if self.min_bill_days == 0 || self.min_bill_days > 62 {
             return Err("[keyshare.policy] min_bill_days is 1..=62".into());
-        }
-        if self.reexecute_tfhe_sample_percent > 100 {
-            return Err("[keyshare.policy] reexecute_tfhe_sample_percent is 0..=100".into());
         }
         self.allowed_programs
             .iter()
@@ -131,32 +116,66 @@ impl PolicyConfig {
             min_band_hours_per_week: self.min_band_hours_per_week,
         }
     }
-
-    /// Whether a tfhe-track request with this hash is re-executed.
-    pub fn reexecute_tfhe(&self, request_hash: &[u8; 32]) -> bool {
-        match self.reexecute_tfhe {
-            ReexecMode::Always => true,
-            ReexecMode::Off => false,
-            ReexecMode::Sampled => {
-                u32::from(request_hash[0]) * 100
-                    < u32::from(self.reexecute_tfhe_sample_percent) * 256
-            }
-        }
-    }
 }
 
-/// Per-caller token buckets.
+/// Per-caller token buckets, and a tally of refusals not yet written to the audit log.
 pub struct RateLimiter {
     per_minute: f64,
     buckets: std::sync::Mutex<HashMap<String, (f64, Instant)>>,
+    /// caller → (refusals since its last rate-limit record, when that record was written).
+    unrecorded: std::sync::Mutex<HashMap<String, (u64, Instant)>>,
 }
+
+/// How often a caller's rate-limit refusals are written to the audit log at most; the ones in
+/// between are counted and summarized in the next record (a flood of refused requests must not
+/// become a flood of fsynced records).
+pub const RATE_LIMIT_RECORD_INTERVAL: std::time::Duration = std::time::Duration::from_secs(60);
 
 impl RateLimiter {
     pub fn new(per_minute: u32) -> Self {
         RateLimiter {
             per_minute: f64::from(per_minute),
             buckets: std::sync::Mutex::new(HashMap::new()),
+            unrecorded: std::sync::Mutex::new(HashMap::new()),
         }
+    }
+
+    /// A rate-limit refusal of `caller`: Some(refusals counted but not recorded since its last
+    /// record) when this one is to be recorded, None when it is only counted.
+    pub fn refusal_to_record(&self, caller: &str) -> Option<u64> {
+        let now = Instant::now();
+        let mut map = self
+            .unrecorded
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match map.get_mut(caller) {
+            Some((n, at)) if now.duration_since(*at) < RATE_LIMIT_RECORD_INTERVAL => {
+                *n += 1;
+                None
+            }
+            Some((n, at)) => {
+                let before = *n;
+                (*n, *at) = (0, now);
+                Some(before)
+            }
+            None => {
+                if map.len() >= MAX_TRACKED_CALLERS {
+                    map.clear();
+                }
+                map.insert(caller.to_owned(), (0, now));
+                Some(0)
+            }
+        }
+    }
+
+    /// Refusals of `caller` counted but not yet recorded (reset to 0): the next record about
+    /// that caller says how many.
+    pub fn take_unrecorded(&self, caller: &str) -> u64 {
+        let mut map = self
+            .unrecorded
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        map.get_mut(caller).map_or(0, |(n, _)| std::mem::take(n))
     }
 
     /// Takes one token for `caller` or refuses.
@@ -270,8 +289,21 @@ pub fn check_manifest(
     let track = match key_kind {
         KeyKind::Tfhe => Track::Tfhe,
     };
+    // Re-execution expands every input in memory: the same bound as compute's.
+    if m.inputs.len() > psm_core::tfhe_program::MAX_TFHE_INPUTS {
+        return Err(refuse(
+            "size-limit",
+            tonic::Code::ResourceExhausted,
+            format!(
+                "{} inputs; a tfhe-track program is re-executed on at most {}",
+                m.inputs.len(),
+                psm_core::tfhe_program::MAX_TFHE_INPUTS
+            ),
+        ));
+    }
     let mut seen = BTreeSet::new();
     let mut meters = BTreeSet::new();
+    let mut previous: Option<(&str, i64)> = None;
     for i in &m.inputs {
         validate_meter_id(&i.meter_id).map_err(malformed)?;
         let day = parse_day(&i.day).map_err(malformed)?;
@@ -301,6 +333,16 @@ pub fn check_manifest(
                 i.meter_id, i.day
             )));
         }
+        // Canonical order, (meter, day) ascending: one computation has one manifest, and
+        // re-execution groups by meter without trusting the order it was given.
+        let here = (i.meter_id.as_str(), day);
+        if previous.is_some_and(|p| p > here) {
+            return Err(malformed(format!(
+                "input {} {} is out of order: inputs are sorted by meter id, then day",
+                i.meter_id, i.day
+            )));
+        }
+        previous = Some(here);
         meters.insert(i.meter_id.clone());
     }
     let program_hash = if m.program.is_empty() && m.program_hash.is_empty() {
@@ -357,6 +399,16 @@ pub fn check_manifest(
                     ),
                 ));
             }
+            if end_day - first_day < i64::from(cfg.min_bill_days) {
+                return Err(precondition(
+                    "bill-period",
+                    format!(
+                        "the bill covers {} day(s); this keyshare releases bills of at least {} days (min_bill_days), since short bills release a few readings each",
+                        end_day - first_day,
+                        cfg.min_bill_days
+                    ),
+                ));
+            }
             program_allowed("bill")?;
         }
         ComputationKind::Aggregate | ComputationKind::Analytics => {
@@ -372,14 +424,36 @@ pub fn check_manifest(
             }
             if kind == ComputationKind::Analytics {
                 program_allowed("analytics")?;
-            } else {
-                let p = AggregateProgram::decode(m.program.as_slice())
-                    .map_err(|e| malformed(format!("aggregate program: {e}")))?;
-                if program_hash.is_none() || p.granularity_seconds == 0 {
-                    return Err(malformed(
-                        "an aggregate must carry its program (AggregateProgram)",
+                // Every meter on every day of the range, once: a histogram over a cohort whose
+                // members cover different days would difference into one meter's day.
+                let days = (end_day - first_day) as usize;
+                if seen.len() != checked.meters.len() * days {
+                    return Err(precondition(
+                        "analytics-shape",
+                        format!(
+                            "a histogram must use every day of {} for each of its {} meters exactly once; the inputs name {} meter-days, not {}",
+                            checked.days(),
+                            checked.meters.len(),
+                            seen.len(),
+                            checked.meters.len() * days
+                        ),
                     ));
                 }
+                let q = psm_proto::v1::AnalyticsRequest::decode(m.program.as_slice())
+                    .map_err(|e| malformed(format!("analytics program: {e}")))?;
+                if q.range.as_ref() != Some(range)
+                    || !q.meter_ids.is_empty()
+                    || !q.idempotency_key.is_empty()
+                {
+                    return Err(malformed(
+                        "the analytics program must state exactly the manifest's range and no cohort or idempotency key",
+                    ));
+                }
+            } else {
+                return Err(precondition(
+                    "manifest",
+                    "aggregates are linear-track releases (Keyshare.Release); no tfhe-track aggregate program exists",
+                ));
             }
         }
         ComputationKind::Unspecified => unreachable!("refused above"),
@@ -412,7 +486,7 @@ fn bill_prefix(meter: &str, track: Track) -> Vec<u8> {
     k
 }
 
-/// A bill release: prefix, first day, request hash → end day.
+/// A bill release: prefix, first day, request hash → end day, program (tariff) hash.
 fn bill_key(meter: &str, track: Track, first_day: i64, request_hash: &[u8; 32]) -> Vec<u8> {
     let mut k = bill_prefix(meter, track);
     k.extend_from_slice(&(first_day as u64).to_be_bytes());
@@ -440,7 +514,7 @@ impl Releases {
     fn check(
         &self,
         c: &Checked,
-        min_cohort: usize,
+        cfg: &PolicyConfig,
         request_hash: &[u8; 32],
         reissue_reason: &str,
     ) -> Result<(), Refusal> {
@@ -448,32 +522,62 @@ impl Releases {
             ComputationKind::Bill => {
                 let meter = &c.meters[0];
                 let prefix = bill_prefix(meter, c.track);
+                // Earlier bills overlapping this period, other than this very request.
+                let mut reissues = 0u32;
                 for kv in self.bills.scan_prefix(&prefix) {
                     let (k, v) = kv.map_err(store)?;
                     let first = day_at(&k, prefix.len());
                     let end = day_at(&v, 0);
-                    let same_request = k[prefix.len() + 8..] == request_hash[..];
-                    if first < c.end_day && end > c.first_day && !same_request {
-                        if reissue_reason.trim().is_empty() {
-                            let earlier = Checked {
-                                first_day: first,
-                                end_day: end,
-                                ..c.clone()
-                            };
-                            return Err(precondition(
-                                "one-bill-per-period",
-                                format!(
-                                    "meter {meter} was already billed for {}, which overlaps {}; re-issue with a stated reason",
-                                    earlier.days(),
-                                    c.days()
-                                ),
-                            ));
-                        }
-                        break;
+                    if k[prefix.len() + 8..] == request_hash[..]
+                        || first >= c.end_day
+                        || end <= c.first_day
+                    {
+                        continue;
                     }
+                    let earlier = Checked {
+                        first_day: first,
+                        end_day: end,
+                        ..c.clone()
+                    };
+                    if reissue_reason.trim().is_empty() {
+                        return Err(precondition(
+                            "one-bill-per-period",
+                            format!(
+                                "meter {meter} was already billed for {}, which overlaps {}; re-issue with a stated reason",
+                                earlier.days(),
+                                c.days()
+                            ),
+                        ));
+                    }
+                    // A re-issue repeats the same period under the same tariff: anything else
+                    // would difference into the readings where the two bills differ.
+                    let same_program = c.program_hash.is_some_and(|h| v.get(8..40) == Some(&h[..]));
+                    if (first, end) != (c.first_day, c.end_day) || !same_program {
+                        return Err(precondition(
+                            "one-bill-per-period",
+                            format!(
+                                "meter {meter} was billed for {} under tariff {}; a re-issue must cover exactly that period under the same tariff",
+                                earlier.days(),
+                                v.get(8..16).map(hex::encode).unwrap_or_else(|| "?".into())
+                            ),
+                        ));
+                    }
+                    reissues += 1;
+                }
+                if reissues > cfg.max_reissues {
+                    return Err(precondition(
+                        "one-bill-per-period",
+                        format!(
+                            "meter {meter}'s bill for {} was already re-issued {} time(s); this keyshare allows {} (max_reissues)",
+                            c.days(),
+                            reissues - 1,
+                            cfg.max_reissues
+                        ),
+                    ));
                 }
             }
             ComputationKind::Aggregate | ComputationKind::Analytics => {
+                let min_cohort = cfg.min_cohort;
                 let from = (c.first_day - MAX_RELEASE_DAYS).max(0) as u64;
                 let to = c.end_day as u64;
                 let mine: BTreeSet<&str> = c.meters.iter().map(String::as_str).collect();
@@ -482,23 +586,30 @@ impl Releases {
                     .range(from.to_be_bytes().to_vec()..to.to_be_bytes().to_vec())
                 {
                     let (k, v) = kv.map_err(store)?;
-                    let end = day_at(&k, 8);
+                    let (first, end) = (day_at(&k, 0), day_at(&k, 8));
                     if end <= c.first_day {
                         continue;
                     }
                     let theirs: BTreeSet<&str> =
                         std::str::from_utf8(&v).unwrap_or("").split('\n').collect();
-                    let diff = mine.symmetric_difference(&theirs).count();
+                    // Releases cover every (meter, day) of their range: the meters whose
+                    // (meter, day) pairs differ between the two are the symmetric difference of
+                    // the cohorts over the same range, and every member of either otherwise.
+                    let diff = if (first, end) == (c.first_day, c.end_day) {
+                        mine.symmetric_difference(&theirs).count()
+                    } else {
+                        mine.union(&theirs).count()
+                    };
                     if diff > 0 && diff < min_cohort {
                         let earlier = Checked {
-                            first_day: day_at(&k, 0),
+                            first_day: first,
                             end_day: end,
                             ..c.clone()
                         };
                         return Err(precondition(
                             "differencing",
                             format!(
-                                "this cohort of {} meters differs by {diff} from a cohort of {} released for {}; overlapping releases must differ by at least {min_cohort} meters",
+                                "this cohort of {} meters differs by {diff} meter(s) from a cohort of {} released for {}; overlapping releases must differ in the (meter, day) pairs of at least {min_cohort} meters",
                                 mine.len(),
                                 theirs.len(),
                                 earlier.days()
@@ -522,12 +633,12 @@ impl Releases {
     pub async fn precheck(
         &self,
         c: &Checked,
-        min_cohort: usize,
+        cfg: &PolicyConfig,
         request_hash: &[u8; 32],
         reissue_reason: &str,
     ) -> Result<(), Refusal> {
         let _g = self.lock.lock().await;
-        self.check(c, min_cohort, request_hash, reissue_reason)
+        self.check(c, cfg, request_hash, reissue_reason)
     }
 
     /// Checks the stateful rules again and records the release durably, atomically with respect
@@ -535,18 +646,21 @@ impl Releases {
     pub async fn admit(
         &self,
         c: &Checked,
-        min_cohort: usize,
+        cfg: &PolicyConfig,
         request_hash: &[u8; 32],
         reissue_reason: &str,
     ) -> Result<(), Refusal> {
         let _g = self.lock.lock().await;
-        self.check(c, min_cohort, request_hash, reissue_reason)?;
+        self.check(c, cfg, request_hash, reissue_reason)?;
         match c.kind {
             ComputationKind::Bill => {
+                // end day, program hash
+                let mut v = (c.end_day as u64).to_be_bytes().to_vec();
+                v.extend_from_slice(&c.program_hash.unwrap_or_default());
                 self.bills
                     .insert(
                         bill_key(&c.meters[0], c.track, c.first_day, request_hash),
-                        (c.end_day as u64).to_be_bytes().to_vec(),
+                        v,
                     )
                     .map_err(store)?;
             }
@@ -571,9 +685,17 @@ mod tests {
 
     const D: i64 = 20_000;
 
+    /// A manifest naming every day of `days` for each meter, in canonical order; its program
+    /// is a histogram query over exactly that range.
     fn manifest(kind: ComputationKind, meters: &[&str], days: i64) -> ComputationManifest {
-        let program = AggregateProgram {
-            granularity_seconds: 900,
+        let range = TimeRange {
+            start_unix: D * DAY_SECONDS,
+            end_unix: (D + days) * DAY_SECONDS,
+        };
+        let program = psm_proto::v1::AnalyticsRequest {
+            range: Some(range),
+            band_edges_wh: vec![0, 1000],
+            ..Default::default()
         }
         .encode_to_vec();
         ComputationManifest {
@@ -591,10 +713,7 @@ mod tests {
                     })
                 })
                 .collect(),
-            range: Some(TimeRange {
-                start_unix: D * DAY_SECONDS,
-                end_unix: (D + days) * DAY_SECONDS,
-            }),
+            range: Some(range),
             ..Default::default()
         }
     }
@@ -605,69 +724,129 @@ mod tests {
 
     #[test]
     fn manifests_are_checked_before_anything_else() {
-        let cfg = PolicyConfig::default();
-        let none = BTreeSet::new();
-        let check = |m: &ComputationManifest| rule(check_manifest(&cfg, &none, m, KeyKind::Tfhe));
+        let cfg = PolicyConfig {
+            min_bill_days: 1,
+            ..PolicyConfig::default()
+        };
         let five = ["a", "b", "c", "d", "e"];
+        let histogram = manifest(ComputationKind::Analytics, &five, 1);
+        let bill = manifest(ComputationKind::Bill, &["a"], 3);
+        let hash = |m: &ComputationManifest| -> [u8; 32] { m.program_hash.clone().try_into().unwrap() };
+        let allowed = BTreeSet::from([hash(&histogram), hash(&bill)]);
+        let check = |m: &ComputationManifest| rule(check_manifest(&cfg, &allowed, m, KeyKind::Tfhe));
+        assert_eq!(check(&histogram), "allowed");
         assert_eq!(
-            check(&manifest(ComputationKind::Aggregate, &five, 1)),
-            "allowed"
-        );
-        assert_eq!(
-            check(&manifest(ComputationKind::Aggregate, &five[..4], 1)),
+            check(&manifest(ComputationKind::Analytics, &five[..4], 1)),
             "k-anonymity"
         );
         assert_eq!(
             check(&manifest(ComputationKind::Unspecified, &five, 1)),
             "manifest-required"
         );
-        let mut twice = manifest(ComputationKind::Aggregate, &five, 1);
+        // Aggregates are linear-track releases, never tfhe-track decryptions.
+        assert_eq!(
+            check(&manifest(ComputationKind::Aggregate, &five, 1)),
+            "manifest"
+        );
+        let mut twice = histogram.clone();
         twice.inputs.push(twice.inputs[0].clone());
         assert_eq!(check(&twice), "manifest");
-        let mut wrong_track = manifest(ComputationKind::Aggregate, &five, 1);
+        let mut wrong_track = histogram.clone();
         wrong_track.inputs[0].track = Track::Linear as i32;
         assert_eq!(check(&wrong_track), "manifest");
-        let mut outside = manifest(ComputationKind::Aggregate, &five, 1);
+        let mut outside = histogram.clone();
         outside.inputs[0].day = format_day(D + 1);
         assert_eq!(check(&outside), "manifest");
-        let mut forged = manifest(ComputationKind::Aggregate, &five, 1);
+        let mut forged = histogram.clone();
         forged.program_hash[0] ^= 1;
         assert_eq!(check(&forged), "manifest");
+        // More inputs than re-execution may hold in memory.
+        let mut huge = histogram.clone();
+        huge.inputs = (0..=psm_core::tfhe_program::MAX_TFHE_INPUTS)
+            .map(|k| InputRef {
+                meter_id: format!("m{k:05}"),
+                ..histogram.inputs[0].clone()
+            })
+            .collect();
+        assert_eq!(check(&huge), "size-limit");
         // Bills: one meter, every day once, an allowed program.
-        let bill = manifest(ComputationKind::Bill, &["a"], 3);
-        assert_eq!(check(&bill), "allowed-program");
-        let h: [u8; 32] = bill.program_hash.clone().try_into().unwrap();
-        let allowed = BTreeSet::from([h]);
+        assert_eq!(check(&bill), "allowed");
+        let none = BTreeSet::new();
         assert_eq!(
-            rule(check_manifest(&cfg, &allowed, &bill, KeyKind::Tfhe)),
-            "allowed"
+            rule(check_manifest(&cfg, &none, &bill, KeyKind::Tfhe)),
+            "allowed-program"
         );
         let mut gap = bill.clone();
         gap.inputs.pop();
-        assert_eq!(
-            rule(check_manifest(&cfg, &allowed, &gap, KeyKind::Tfhe)),
-            "bill-shape"
-        );
+        assert_eq!(check(&gap), "bill-shape");
         let two = manifest(ComputationKind::Bill, &["a", "b"], 1);
-        assert_eq!(
-            rule(check_manifest(&cfg, &allowed, &two, KeyKind::Tfhe)),
-            "bill-shape"
-        );
+        assert_eq!(check(&two), "bill-shape");
+    }
+
+    #[test]
+    fn manifests_must_be_canonical_and_cover_their_range() {
+        let cfg = PolicyConfig {
+            min_bill_days: 28,
+            ..PolicyConfig::default()
+        };
+        let five = ["a", "b", "c", "d", "e"];
+        let query = |m: &mut ComputationManifest| {
+            m.kind = ComputationKind::Analytics as i32;
+            m.program = psm_proto::v1::AnalyticsRequest {
+                range: m.range,
+                band_edges_wh: vec![0, 1000],
+                ..Default::default()
+            }
+            .encode_to_vec();
+            m.program_hash = blake3::hash(&m.program).as_bytes().to_vec();
+        };
+        let open = PolicyConfig {
+            allow_any_program: true,
+            ..cfg.clone()
+        };
+        let none = BTreeSet::new();
+        let check = |m: &ComputationManifest| rule(check_manifest(&open, &none, m, KeyKind::Tfhe));
+        let mut histogram = manifest(ComputationKind::Analytics, &five, 3);
+        query(&mut histogram);
+        assert_eq!(check(&histogram), "allowed");
+        // The attack: the same five meters, one of them on one day only.
+        let mut partial = histogram.clone();
+        partial.inputs.retain(|i| i.meter_id != "e" || i.day == format_day(D));
+        assert_eq!(check(&partial), "analytics-shape");
+        // Inputs out of canonical order.
+        let mut shuffled = histogram.clone();
+        shuffled.inputs.swap(0, 1);
+        assert_eq!(check(&shuffled), "manifest");
+        // A program whose own range is not the manifest's.
+        let mut other_range = histogram.clone();
+        let mut wide = histogram.range.unwrap();
+        wide.end_unix += DAY_SECONDS;
+        other_range.program = psm_proto::v1::AnalyticsRequest {
+            range: Some(wide),
+            band_edges_wh: vec![0, 1000],
+            ..Default::default()
+        }
+        .encode_to_vec();
+        other_range.program_hash = blake3::hash(&other_range.program).as_bytes().to_vec();
+        assert_eq!(check(&other_range), "manifest");
+        // Bills shorter than min_bill_days: one-day bills for every day are refused.
+        let day_bill = manifest(ComputationKind::Bill, &["a"], 1);
+        assert_eq!(check(&day_bill), "bill-period");
+        assert_eq!(check(&manifest(ComputationKind::Bill, &["a"], 28)), "allowed");
     }
 
     #[tokio::test]
     async fn releases_remember_cohorts_and_bills_across_restarts() {
         let dir = tempfile::tempdir().unwrap();
         let cfg = PolicyConfig::default();
-        let none = BTreeSet::new();
-        let checked = |meters: &[&str], days: i64| {
-            check_manifest(
-                &cfg,
-                &none,
-                &manifest(ComputationKind::Aggregate, meters, days),
-                KeyKind::Tfhe,
-            )
-            .unwrap()
+        let c = &cfg;
+        let checked = |meters: &[&str], days: i64| Checked {
+            kind: ComputationKind::Analytics,
+            track: Track::Tfhe,
+            first_day: D,
+            end_day: D + days,
+            meters: meters.iter().map(|m| m.to_string()).collect(),
+            program_hash: Some([7; 32]),
         };
         let h = [1u8; 32];
         let ten: Vec<String> = (0..10).map(|i| format!("m{i}")).collect();
@@ -675,43 +854,63 @@ mod tests {
         {
             let r = Releases::open(dir.path()).unwrap();
             assert_eq!(
-                rule(r.admit(&checked(&refs[..5], 1), 5, &h, "").await),
+                rule(r.admit(&checked(&refs[..5], 1), c, &h, "").await),
                 "allowed"
             );
         }
         let r = Releases::open(dir.path()).unwrap();
-        // One more meter on an overlapping range: refused; five more: allowed.
+        // One more meter over the same range: their difference is that meter's day. Refused,
+        // also after a restart; five more: allowed.
         assert_eq!(
-            rule(r.admit(&checked(&refs[..6], 2), 5, &h, "").await),
+            rule(r.admit(&checked(&refs[..6], 1), c, &h, "").await),
             "differencing"
         );
         assert_eq!(
-            rule(r.admit(&checked(&refs, 1), 5, &h, "").await),
+            rule(r.admit(&checked(&refs, 1), c, &h, "").await),
+            "allowed"
+        );
+        // Over another range every member's (meter, day) pairs differ.
+        assert_eq!(
+            rule(r.admit(&checked(&refs[..6], 2), c, &h, "").await),
             "allowed"
         );
         // The same cohort again is no new information.
         assert_eq!(
-            rule(r.admit(&checked(&refs[..5], 1), 5, &h, "").await),
+            rule(r.admit(&checked(&refs[..5], 1), c, &h, "").await),
             "allowed"
         );
 
-        let bill = |days: i64| Checked {
+        let bill = |days: i64, tariff: u8| Checked {
             kind: ComputationKind::Bill,
             track: Track::Tfhe,
             first_day: D,
             end_day: D + days,
             meters: vec!["a".into()],
-            program_hash: None,
+            program_hash: Some([tariff; 32]),
         };
-        assert_eq!(rule(r.admit(&bill(3), 5, &[2; 32], "").await), "allowed");
-        assert_eq!(rule(r.admit(&bill(3), 5, &[2; 32], "").await), "allowed");
+        assert_eq!(rule(r.admit(&bill(30, 1), c, &[2; 32], "").await), "allowed");
+        assert_eq!(rule(r.admit(&bill(30, 1), c, &[2; 32], "").await), "allowed");
         assert_eq!(
-            rule(r.admit(&bill(2), 5, &[3; 32], "").await),
+            rule(r.admit(&bill(29, 1), c, &[3; 32], "").await),
+            "one-bill-per-period"
+        );
+        // A stated reason does not open another period, nor another tariff ...
+        assert_eq!(
+            rule(r.admit(&bill(29, 1), c, &[3; 32], "meter replaced").await),
             "one-bill-per-period"
         );
         assert_eq!(
-            rule(r.admit(&bill(2), 5, &[3; 32], "meter replaced").await),
+            rule(r.admit(&bill(30, 2), c, &[3; 32], "meter replaced").await),
+            "one-bill-per-period"
+        );
+        // ... it re-issues the same one, max_reissues (1) times.
+        assert_eq!(
+            rule(r.admit(&bill(30, 1), c, &[3; 32], "meter replaced").await),
             "allowed"
+        );
+        assert_eq!(
+            rule(r.admit(&bill(30, 1), c, &[4; 32], "again").await),
+            "one-bill-per-period"
         );
     }
 }

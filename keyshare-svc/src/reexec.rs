@@ -89,9 +89,14 @@ impl Reexecutor {
 
     /// Fetches a tfhe-track manifest's register lists, expands them and re-runs its program
     /// (a bill's demand and tier part, or a histogram) exactly as compute does.
-    pub async fn tfhe(&self, m: &ComputationManifest, c: &Checked) -> Result<LweBatch, Refusal> {
+    /// `permit` is held by the evaluation itself, which outlives a cancelled request.
+    pub async fn tfhe(
+        &self,
+        m: &ComputationManifest,
+        c: &Checked,
+        permit: crate::WorkPermit,
+    ) -> Result<LweBatch, Refusal> {
         let ingest = self.ingest()?;
-        let keys = self.load_tfhe().await?;
         let range = TimeRange {
             start_unix: c.first_day * DAY_SECONDS,
             end_unix: c.end_day * DAY_SECONDS,
@@ -131,10 +136,13 @@ impl Reexecutor {
             )));
         }
         let lists: Vec<Vec<u8>> = lists.into_iter().flatten().collect();
+        // The inputs are the stored bytes: only now is the server key worth loading.
+        let keys = self.load_tfhe().await?;
         let inputs = m.inputs.clone();
         let kind = c.kind;
         let program = m.program.clone();
         let parts = tokio::task::spawn_blocking(move || {
+            let _held = permit;
             use rayon::prelude::*;
             tfhe::set_server_key(keys.server_key.clone());
             let expanded = inputs
@@ -170,18 +178,14 @@ impl Reexecutor {
                     let q = psm_proto::v1::AnalyticsRequest::decode(program.as_slice()).map_err(
                         |e| refuse("manifest", Code::InvalidArgument, format!("query: {e}")),
                     )?;
-                    // Inputs are grouped by meter (compute sorts them by meter, then day).
-                    let mut per_meter: Vec<Vec<tfhe::FheUint32>> = Vec::new();
-                    let mut last: Option<&str> = None;
+                    // One group per meter id, whatever order the inputs came in (the manifest
+                    // check requires canonical order, and every day of the range per meter).
+                    let mut by_meter: std::collections::BTreeMap<&str, Vec<tfhe::FheUint32>> =
+                        std::collections::BTreeMap::new();
                     for (r, (_, total)) in inputs.iter().zip(expanded) {
-                        if last != Some(r.meter_id.as_str()) {
-                            per_meter.push(Vec::new());
-                            last = Some(r.meter_id.as_str());
-                        }
-                        if let Some(v) = per_meter.last_mut() {
-                            v.push(total);
-                        }
+                        by_meter.entry(r.meter_id.as_str()).or_default().push(total);
                     }
+                    let per_meter: Vec<Vec<tfhe::FheUint32>> = by_meter.into_values().collect();
                     psm_core::tfhe_program::histogram(per_meter, &q.band_edges_wh, &quiet)
                         .map_err(eval)
                 }

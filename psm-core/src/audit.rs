@@ -4,6 +4,25 @@
 /// Hash that precedes the first record.
 pub const GENESIS: [u8; 32] = [0u8; 32];
 
+/// Longest caller or rule a record holds, bytes.
+pub const MAX_NAME_BYTES: usize = 256;
+/// Longest reason a record holds, bytes.
+pub const MAX_REASON_BYTES: usize = 4096;
+
+/// `s` cut to at most `max` bytes on a character boundary, saying how much was cut: a record's
+/// size never depends on what a caller chose to send.
+pub fn bounded(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return s.to_owned();
+    }
+    let marker = format!(" [… {} bytes cut]", s.len());
+    let mut end = max.saturating_sub(marker.len());
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}{marker}", &s[..end])
+}
+
 /// One decision of a keyshare.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AuditEntry {
@@ -47,6 +66,18 @@ impl AuditEntry {
 pub struct ChainError {
     pub seq: u64,
     pub reason: String,
+}
+
+#[cfg(test)]
+mod bounded_tests {
+    #[test]
+    fn long_text_is_cut_on_a_character_boundary() {
+        assert_eq!(super::bounded("short", 10), "short");
+        let long = "é".repeat(5000);
+        let cut = super::bounded(&long, super::MAX_REASON_BYTES);
+        assert!(cut.len() <= super::MAX_REASON_BYTES, "{}", cut.len());
+        assert!(cut.ends_with("[… 10000 bytes cut]"), "{cut}");
+    }
 }
 
 /// Verifies records (each with its stored hash) in order. `start_prev` is the hash before the

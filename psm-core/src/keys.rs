@@ -55,8 +55,9 @@ pub struct KeyShare {
     pub kind: KeyKind,
     #[zeroize(skip)]
     pub lwe_dimension: usize,
-    /// Smallest noise bound (log2) the keyshare accepts for this key, whatever a request says:
-    /// 70 for squashed blocks.
+    /// The noise bound (log2) this key's ciphertexts are decrypted under, fixed by the ceremony
+    /// (70 for squashed blocks): requests stating another are refused, so a caller cannot buy a
+    /// fresh, independent flooding of the same ciphertext by restating its noise.
     #[zeroize(skip)]
     pub min_noise_log2: u32,
     /// (canonical share index, r_U words).
@@ -214,10 +215,12 @@ pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> Result<(), KeyFileEr
     Ok(())
 }
 
-/// Encoding and noise policy the keyshare applies to a key, whatever a request states.
+/// The encoding and noise bound a key is decrypted under: the key's own, fixed ones. A request
+/// stating anything else is refused rather than adjusted.
 pub fn enforced_encoding(
     key: &KeyShare,
     requested: Encoding,
+    stated_noise_log2: u32,
 ) -> Result<(Encoding, u32), ThresholdError> {
     match key.kind {
         KeyKind::Tfhe => {
@@ -225,6 +228,12 @@ pub fn enforced_encoding(
                 return Err(ThresholdError::BadEncoding(format!(
                     "key {} decrypts squashed tfhe blocks only (Δ = 2^123, 4 message bits, unsigned)",
                     key.key_id
+                )));
+            }
+            if stated_noise_log2 != key.min_noise_log2 {
+                return Err(ThresholdError::BadEncoding(format!(
+                    "key {} decrypts under noise bound 2^{} only; the request states 2^{stated_noise_log2}",
+                    key.key_id, key.min_noise_log2
                 )));
             }
             Ok((requested, key.min_noise_log2))

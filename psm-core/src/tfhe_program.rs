@@ -15,6 +15,11 @@ use crate::lwe::LweBatch;
 use crate::squashed::uint_batch;
 use crate::tariff::Tier;
 
+/// Most register inputs (meter-days) one tfhe-track program may take. Compute and the
+/// re-executing keyshares hold every input's expansion in memory at once (about 0.5 MB each), so
+/// both refuse more than this.
+pub const MAX_TFHE_INPUTS: usize = 10_000;
+
 /// Sets `key` as the tfhe server key on every thread of rayon's global pool and on this one
 /// (tfhe-rs keeps the key per thread). `ServerKey` clones share the key material.
 pub fn install_server_key(key: &ServerKey) {

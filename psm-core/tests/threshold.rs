@@ -105,7 +105,14 @@ fn any_t_decrypt_and_t_minus_1_cannot() {
             let out = combine(scheme, &batch, SQUASHED_BLOCK, 70, &resp).unwrap();
             assert_eq!(out.values, want, "{t}-of-{n} with parties {who:?}");
             assert!(out.faulty.is_empty());
+            // Exactly t responders: some share came from one party only.
+            assert!(!out.cross_checked, "{t}-of-{n} with parties {who:?}");
         }
+        let all: Vec<usize> = (0..n).collect();
+        let resp = respond(&parties, &fk, scheme, &all, &batch, SQUASHED_BLOCK, 70);
+        let out = combine(scheme, &batch, SQUASHED_BLOCK, 70, &resp).unwrap();
+        assert_eq!(out.values, want);
+        assert_eq!(out.cross_checked, n > t, "{t}-of-{n}, all answering");
         for who in subsets(n, t - 1) {
             let resp = respond(&parties, &fk, scheme, &who, &batch, SQUASHED_BLOCK, 70);
             let err = combine(scheme, &batch, SQUASHED_BLOCK, 70, &resp).unwrap_err();
@@ -176,19 +183,117 @@ fn tampered_partial_is_named_and_excluded() {
             assert_eq!(out.faulty[0].0, liar);
             assert!(!out.used.contains(&liar));
         }
-        // With exactly t answering, a liar whose shares others also hold is caught, but without
-        // it the quorum is short (5-of-3: NoQuorum); with two parties the disagreement cannot be
-        // attributed (3-of-2: Undecidable). Either way: refuse, never guess.
+        // With exactly t answering, the disagreement cannot be attributed: the liar's co-holders
+        // could be the t − 1 faulty ones. Refuse, never guess.
         let who: Vec<usize> = (0..t).collect();
         let mut resp = respond(&parties, &fk, scheme, &who, &batch, SQUASHED_BLOCK, 70);
         for s in &mut resp[0].shares {
             s.values[0] = s.values[0].wrapping_add(1u128 << 121);
         }
         let err = combine(scheme, &batch, SQUASHED_BLOCK, 70, &resp).unwrap_err();
-        if t == 2 {
-            assert!(matches!(err, ThresholdError::Undecidable(_)), "{err}");
-        } else {
-            assert!(matches!(err, ThresholdError::NoQuorum(_)), "{err}");
+        assert!(matches!(err, ThresholdError::Undecidable(_)), "{t}-of-{n}: {err}");
+    }
+}
+
+/// 3-of-5, all answering: two colluding parties (t − 1, inside the trust assumption) send the
+/// same wrong value for a share they hold with one honest party. Outvoting would exclude and
+/// name the honest holder and decrypt the lie; the combiner must refuse and name nobody.
+#[test]
+fn a_colluding_majority_on_one_share_cannot_outvote_its_honest_holder() {
+    let mut k = keys();
+    let msgs: Vec<u128> = (0..16).collect();
+    let batch = squashed_like(&mut k, &msgs);
+    let (n, t) = (5, 3);
+    let scheme = Scheme::new(n, t).unwrap();
+    let parties = split(k.sk.as_ref(), scheme, &mut rand::rngs::OsRng);
+    let fk = flood_keys(n);
+    let all: Vec<usize> = (0..n).collect();
+    for share in 0..scheme.share_count() {
+        let holders: Vec<usize> = (0..n).filter(|p| scheme.holds(*p, share)).collect();
+        assert_eq!(holders.len(), 3);
+        let (liars, honest) = ([holders[0], holders[1]], holders[2]);
+        let mut resp = respond(&parties, &fk, scheme, &all, &batch, SQUASHED_BLOCK, 70);
+        for l in liars {
+            for s in resp[l].shares.iter_mut().filter(|s| s.share_index == share) {
+                s.values[3] = s.values[3].wrapping_add(1u128 << 121);
+            }
+        }
+        let err = combine(scheme, &batch, SQUASHED_BLOCK, 70, &resp).unwrap_err();
+        match &err {
+            ThresholdError::Undecidable(m) => assert!(
+                m.contains(&format!("{honest}")),
+                "share {share}: the disagreement is reported, not blamed: {m}"
+            ),
+            other => panic!("share {share}: {other}"),
+        }
+    }
+    // One liar alone on every share it holds is outnumbered beyond doubt: named and excluded.
+    for liar in 0..n {
+        let mut resp = respond(&parties, &fk, scheme, &all, &batch, SQUASHED_BLOCK, 70);
+        for s in &mut resp[liar].shares {
+            s.values[3] = s.values[3].wrapping_add(1u128 << 121);
+        }
+        let out = combine(scheme, &batch, SQUASHED_BLOCK, 70, &resp).unwrap();
+        let named: Vec<usize> = out.faulty.iter().map(|(p, _)| *p).collect();
+        assert_eq!(named, [liar]);
+        assert_eq!(out.values, msgs.iter().map(|m| *m as i128).collect::<Vec<_>>());
+    }
+}
+
+/// A liar that shifts its shares only as far as the agreement window allows goes unnoticed; the
+/// correctness invariant counts that window, so the result still decrypts right.
+#[test]
+fn shifts_inside_the_agreement_window_still_decrypt_correctly() {
+    use psm_core::threshold::flood_log2_for;
+    let mut k = keys();
+    // Messages at the edges of the 4-bit space, where a shift could round to a neighbour.
+    let msgs: Vec<u128> = vec![0, 15, 7, 8, 1, 14];
+    let batch = squashed_like(&mut k, &msgs);
+    let want: Vec<i128> = msgs.iter().map(|m| *m as i128).collect();
+    let window = 1u128 << (flood_log2_for(70) + 1);
+    for (n, t) in [(3, 2), (5, 3)] {
+        let scheme = Scheme::new(n, t).unwrap();
+        let parties = split(k.sk.as_ref(), scheme, &mut rand::rngs::OsRng);
+        let fk = flood_keys(n);
+        let all: Vec<usize> = (0..n).collect();
+        for liar in 0..n {
+            for sign in [1i8, -1] {
+                let honest = respond(&parties, &fk, scheme, &all, &batch, SQUASHED_BLOCK, 70);
+                let mut resp = honest.clone();
+                // The largest shift that still agrees with every co-holder, per value.
+                for s in &mut resp[liar].shares {
+                    for (i, v) in s.values.iter_mut().enumerate() {
+                        let others: Vec<u128> = honest
+                            .iter()
+                            .filter(|r| r.party != liar)
+                            .flat_map(|r| r.shares.iter())
+                            .filter(|o| o.share_index == s.share_index)
+                            .map(|o| o.values[i])
+                            .collect();
+                        let room = others
+                            .iter()
+                            .map(|o| {
+                                let d = o.wrapping_sub(*v) as i128;
+                                if sign > 0 {
+                                    window as i128 + d
+                                } else {
+                                    window as i128 - d
+                                }
+                            })
+                            .min()
+                            .unwrap_or(0)
+                            .max(0) as u128;
+                        *v = if sign > 0 {
+                            v.wrapping_add(room)
+                        } else {
+                            v.wrapping_sub(room)
+                        };
+                    }
+                }
+                let out = combine(scheme, &batch, SQUASHED_BLOCK, 70, &resp).unwrap();
+                assert_eq!(out.values, want, "{t}-of-{n}, liar {liar}");
+                assert!(out.faulty.is_empty(), "inside the window nothing is noticed");
+            }
         }
     }
 }
@@ -501,6 +606,7 @@ fn linear_releases_combine_to_exact_sums_through_any_quorum() {
             assert_eq!(out.values, want, "{t}-of-{n} with parties {who:?}");
             assert!(out.faulty.is_empty(), "{:?}", out.faulty);
             assert_eq!(out.used, who, "each of exactly t parties is needed");
+            assert!(!out.cross_checked);
         }
         for who in subsets(n, t - 1) {
             let chosen: Vec<PartyResponse> = who.iter().map(|p| responses[*p].clone()).collect();

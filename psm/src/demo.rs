@@ -237,7 +237,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
             fs::write(
                 &cfg,
                 format!(
-                    "[keyshare]\ningest_url = \"https://127.0.0.1:{}\"\npublic_dir = {}\nregistry = {}\n[keyshare.policy]\nmin_cohort = 5\nmin_bill_days = 1\nallowed_programs = [\"{}\", \"{}\"]\nreexecute_tfhe = \"off\"\n",
+                    "[keyshare]\ningest_url = \"https://127.0.0.1:{}\"\npublic_dir = {}\nregistry = {}\n[keyshare.policy]\nmin_cohort = 5\nmin_bill_days = 1\nallowed_programs = [\"{}\", \"{}\"]\n",
                     port(1)?,
                     toml_path(&keys_dir.join("public"))?,
                     toml_path(&registry)?,
@@ -489,7 +489,17 @@ async fn town_demo(
         Err(e) => return Err(anyhow::anyhow!("feeder aggregate: {}", e.message())),
     };
     if let Some(agg) = agg {
-        let used = agg.quorum.map(|q| q.used.join(", ")).unwrap_or_default();
+        let used = agg.quorum.map_or_else(String::new, |q| {
+            format!(
+                "{}{}",
+                q.used.join(", "),
+                if q.cross_checked {
+                    ", cross-checked"
+                } else {
+                    ", not cross-checked (some share came from one keyshare only)"
+                }
+            )
+        });
         println!(
             "\nFeeder load, {} meters, mean kW imported by hour of day (UTC), released in {:.1} s by {used} (only the sums; no reading was decrypted):",
             agg.cohort_size,

@@ -17,8 +17,6 @@ use psm_core::tfhe_program::{
     band_counts_clear, bill_registers, concat, histogram, install_server_key, max_sequential,
     max_tree, sum_tree, tiered_cost, tiered_cost_clear,
 };
-use psm_e2e::TestPki;
-use psm_proto::v1::{ComputationKind, ComputationManifest, InputRef, TimeRange, Track};
 use rand::{Rng, SeedableRng};
 use rayon::prelude::*;
 use tfhe::{CompactCiphertextList, FheUint32};
@@ -244,73 +242,9 @@ async fn main() {
     assert_eq!(recompose(&local[..8], 32), u128::from(plain_max));
     assert_eq!(recompose(&local[8..], 64), plain_cost);
 
-    let pki = TestPki::new("psm.bench");
-    let policy = "allow_any_program = true\nreexecute_tfhe = \"off\"\nmin_cohort = 5\n";
-    let ks = psm_e2e::start_keyshares(&pki, &keys, None, policy).await;
-    let dec = psm_e2e::decryptor(&pki, &keys, &ks, Duration::from_millis(300));
-    let range = |days: i64| {
-        let d = psm_core::readings::parse_day("2026-01-01").unwrap() * 86_400;
-        TimeRange {
-            start_unix: d,
-            end_unix: d + days * 86_400,
-        }
-    };
-    let input = |m: &str, d: usize| InputRef {
-        meter_id: m.into(),
-        day: day(d),
-        track: Track::Tfhe as i32,
-        ciphertext_hash: vec![0; 32],
-    };
-    let program = b"bench tariff".to_vec();
-    let bill_manifest = ComputationManifest {
-        kind: ComputationKind::Bill as i32,
-        program_hash: blake3::hash(&program).as_bytes().to_vec(),
-        program: program.clone(),
-        inputs: (0..30).map(|d| input("shop-1", d)).collect(),
-        range: Some(range(30)),
-        ..Default::default()
-    };
-    let t = Instant::now();
-    let remote = dec
-        .decrypt(
-            &tid,
-            &bill_batch,
-            SQUASHED_BLOCK,
-            70,
-            bill_manifest,
-            "bench-bill",
-        )
-        .await
-        .unwrap();
-    let remote_t = t.elapsed();
-    assert_eq!(remote.values, local);
-    let hist_manifest = ComputationManifest {
-        kind: ComputationKind::Analytics as i32,
-        program_hash: blake3::hash(&program).as_bytes().to_vec(),
-        program,
-        inputs: (0..16).map(|i| input(&format!("home-{i}"), 0)).collect(),
-        range: Some(range(1)),
-        ..Default::default()
-    };
-    let t = Instant::now();
-    let counts = dec
-        .decrypt(
-            &tid,
-            &hist_batch,
-            SQUASHED_BLOCK,
-            70,
-            hist_manifest,
-            "bench-hist",
-        )
-        .await
-        .unwrap();
-    let hist_remote_t = t.elapsed();
-    let got: Vec<u32> = counts
-        .values
-        .chunks(4)
-        .map(|c| recompose(c, 16) as u32)
-        .collect();
-    assert_eq!(got, plain_counts);
+    // Through the keyshares every tfhe-track decryption is preceded by each keyshare's
+    // re-execution of the program on ingest's stored registers (the same evaluation again);
+    // tests/tests/tfhe_track.rs runs that path end to end.
     println!("\n| squash and threshold decryption (2-of-3) | time |");
     println!("|---|---|");
     println!(
@@ -321,12 +255,16 @@ async fn main() {
         "| decrypt those 24 blocks in-process (2 share files) | {:.3} s |",
         secs(local_t)
     );
+    let t = Instant::now();
+    let counts = decrypt_via_files(&shares[..2], &tid, &hist_batch, SQUASHED_BLOCK).unwrap();
+    let hist_t = t.elapsed();
+    let got: Vec<u32> = counts
+        .chunks(4)
+        .map(|c| recompose(c, 16) as u32)
+        .collect();
+    assert_eq!(got, plain_counts);
     println!(
-        "| decrypt those 24 blocks through 3 keyshares over mTLS | {:.3} s |",
-        secs(remote_t)
-    );
-    println!(
-        "| decrypt the histogram's 16 blocks through 3 keyshares | {:.3} s |",
-        secs(hist_remote_t)
+        "| decrypt the histogram's 16 blocks in-process (2 share files) | {:.3} s |",
+        secs(hist_t)
     );
 }

@@ -14,7 +14,7 @@ use prost::Message;
 use psm_core::ceremony::PublicBundle;
 use psm_core::linear::{Channel, ENCODING, FLOOD_LOG2};
 use psm_core::lwe::{words_from_le_bytes, SQUASHED_BLOCK};
-use psm_core::squashed::{recompose, uint_batch};
+use psm_core::squashed::uint_batch;
 use psm_core::threshold::{combine_bodies, PartyResponse, Scheme, SharePartial};
 use psm_core::wire::batch_to_proto;
 use psm_e2e::{enroll, enrollment_keys, Proc, TestMeter, TestPki};
@@ -40,11 +40,11 @@ fn day_number() -> i64 {
 }
 
 fn policy() -> String {
-    format!("min_cohort = {MIN}\nallow_any_program = true\nreexecute_tfhe = \"off\"\n")
+    format!("min_cohort = {MIN}\nallow_any_program = true\nmin_bill_days = 1\n")
 }
 
-/// A tfhe-track bill manifest for `meter` on DAY (its register readings are not stored: these
-/// keyshares do not re-execute tfhe-track requests).
+/// A tfhe-track bill manifest for `meter` on DAY naming an input ingest does not hold: what a
+/// compute node would send to have crafted ciphertexts decrypted.
 fn tfhe_bill(meter: &str) -> ComputationManifest {
     let program = b"tariff".to_vec();
     let d = day_number() * 86_400;
@@ -243,7 +243,10 @@ async fn decrypt_and_release_through_three_keyshares_and_audit() {
     // records below do not depend on timing; a dead one fails at once and does not hold it up.
     let decryptor = psm_e2e::decryptor(&pki, &keys, &ks, Duration::from_secs(20));
 
-    // tfhe track: a squashed FheUint64 (16 blocks). Nothing is enrolled yet, so the first audit
+    // tfhe track: a crafted squashed FheUint64 (16 blocks) sent as a bill's output. With
+    // re-execution switched off this was decrypted — and crafted masks (2^k·e_j) would have
+    // yielded a party's shares of the squash key. Re-execution is mandatory: the named input is
+    // not at ingest, so every keyshare refuses. Nothing is enrolled yet, so the first audit
     // records of keyshare-1 are exactly these decisions.
     let bundle = PublicBundle::open(&keys.public_dir).unwrap();
     let sk = bundle.compressed_server_key().unwrap().decompress();
@@ -263,7 +266,7 @@ async fn decrypt_and_release_through_three_keyshares_and_audit() {
     .unwrap();
     assert_eq!(squashed.len(), 16);
     let tfhe_id = keys.manifest.tfhe_key_id.clone();
-    let out = decryptor
+    let err = decryptor
         .decrypt(
             &tfhe_id,
             &squashed,
@@ -273,10 +276,10 @@ async fn decrypt_and_release_through_three_keyshares_and_audit() {
             "t-1",
         )
         .await
-        .unwrap();
-    assert_eq!(recompose(&out.values, 64), u128::from(value));
-    assert!(out.report.faults.is_empty(), "{:?}", out.report);
-    assert!(out.report.used.len() >= 2);
+        .unwrap_err()
+        .to_status();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert!(err.message().contains("re-execution"), "{}", err.message());
 
     // Status: the tfhe key only (the linear track has no dealt key) and the enrollment key.
     let mut client = as_compute(&pki, &ks[0]);
@@ -304,11 +307,10 @@ async fn decrypt_and_release_through_three_keyshares_and_audit() {
         psm_core::linear::envelope::PUBLIC_KEY_BYTES
     );
     assert_eq!(st.enrollment_public_key.len(), 1216, "an X-Wing public key");
-    assert_eq!(st.audit_len, 1, "one decryption so far");
+    assert_eq!(st.audit_len, 1, "one refusal so far");
     assert_eq!(st.audit_head.len(), 32);
 
-    // Direct PartialDecrypt as compute, exactly what the decryptor sent: the same bill, so the
-    // same release, and identical answers.
+    // Direct PartialDecrypt as compute, exactly what the decryptor sent: refused again.
     let mut bill = tfhe_bill("meter-1");
     bill.output_hash = squashed.hash().to_vec();
     let req = PartialDecryptRequest {
@@ -319,21 +321,22 @@ async fn decrypt_and_release_through_three_keyshares_and_audit() {
         batch: Some(batch_to_proto(&squashed, SQUASHED_BLOCK, 70)),
         manifest: Some(bill.clone()),
     };
-    let a = client
-        .partial_decrypt(req.clone())
-        .await
-        .unwrap()
-        .into_inner();
-    let b = client
-        .partial_decrypt(req.clone())
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(a.shares, b.shares);
-    assert_eq!((a.audit_seq, b.audit_seq), (1, 2));
-    let idx: Vec<u32> = a.shares.iter().map(|s| s.share_index).collect();
-    assert_eq!(idx, vec![1, 2]);
-    assert!(a.shares.iter().all(|s| s.partials.len() == 16 * 16));
+    let e = refused(
+        client.partial_decrypt(req.clone()).await,
+        Code::FailedPrecondition,
+        "re-execution",
+    );
+    assert!(e.message().contains("not stored at ingest"), "{}", e.message());
+    // Restating the noise bound (which once fed the flooding PRF) buys no fresh, independent
+    // flooding of the same ciphertext: the key's noise bound is fixed.
+    let mut restated = req.clone();
+    restated.batch = Some(batch_to_proto(&squashed, SQUASHED_BLOCK, 71));
+    let e = refused(
+        client.partial_decrypt(restated).await,
+        Code::InvalidArgument,
+        "well-formed",
+    );
+    assert!(e.message().contains("2^70 only"), "{}", e.message());
 
     // Refusals (audit records 3..=8).
     let mut no_kind = req.clone();
@@ -354,8 +357,7 @@ async fn decrypt_and_release_through_three_keyshares_and_audit() {
         "output-hash",
     );
     assert!(e.message().contains("output_hash"), "{}", e.message());
-    // Another meter's bill (no earlier bill to collide with) asking for a noise bound whose
-    // flooding would not decode.
+    // Another meter's bill asking for a noise bound whose flooding would not decode.
     let mut too_noisy = req.clone();
     too_noisy.batch = Some(batch_to_proto(&squashed, SQUASHED_BLOCK, 85));
     let mut other = tfhe_bill("meter-2");
@@ -364,9 +366,9 @@ async fn decrypt_and_release_through_three_keyshares_and_audit() {
     let e = refused(
         client.partial_decrypt(too_noisy).await,
         Code::InvalidArgument,
-        "flooding-invariant",
+        "well-formed",
     );
-    assert!(e.message().contains("invariant"), "{}", e.message());
+    assert!(e.message().contains("2^70 only"), "{}", e.message());
     let mut unknown = req.clone();
     unknown.key = Some(KeyRef {
         key_id: "tfhe-0000".into(),
@@ -536,27 +538,6 @@ async fn decrypt_and_release_through_three_keyshares_and_audit() {
     let mut dead = ks.remove(1);
     dead.signal_and_wait(libc::SIGKILL, Duration::from_secs(5))
         .expect("killed");
-    let out = decryptor
-        .decrypt(
-            &tfhe_id,
-            &squashed,
-            SQUASHED_BLOCK,
-            70,
-            tfhe_bill("meter-1"),
-            "t-3",
-        )
-        .await
-        .unwrap();
-    assert_eq!(recompose(&out.values, 64), u128::from(value));
-    assert_eq!(
-        out.report.used,
-        vec!["keyshare-1".to_string(), "keyshare-3".to_string()]
-    );
-    assert!(
-        out.report.faults.iter().any(|f| f.party == "keyshare-2"),
-        "{:?}",
-        out.report
-    );
     let released = decryptor
         .release(release.clone(), &bodies, "lin-3")
         .await
@@ -587,19 +568,15 @@ async fn decrypt_and_release_through_three_keyshares_and_audit() {
             .filter(|r| r.rule == rule && r.decision == decision)
             .count()
     };
-    // t-1, two repeats, t-3; two linear releases and their repeat through the decryptor.
-    assert_eq!(count("allowed", "allow"), 7, "{records:?}");
+    // Two linear releases and the repeat of one; nothing on the tfhe track.
+    assert_eq!(count("allowed", "allow"), 3, "{records:?}");
     assert_eq!(count("enrollment", "allow"), 4);
     assert_eq!(count("release", "refuse"), 3);
-    for rule in [
-        "manifest-required",
-        "output-hash",
-        "flooding-invariant",
-        "known-key",
-    ] {
+    for rule in ["manifest-required", "output-hash", "known-key"] {
         assert_eq!(count(rule, "refuse"), 1, "{rule}");
     }
-    assert_eq!(count("well-formed", "refuse"), 2);
+    assert_eq!(count("re-execution", "refuse"), 2);
+    assert_eq!(count("well-formed", "refuse"), 4);
     assert!(count("enrollment", "refuse") >= 1, "lin-x");
     let seqs: Vec<u64> = records.iter().map(|r| r.seq).collect();
     assert_eq!(seqs, (0..records.len() as u64).collect::<Vec<_>>());
@@ -629,8 +606,8 @@ async fn decrypt_and_release_through_three_keyshares_and_audit() {
             .map(|kv| AuditRecord::decode(kv.unwrap().1.as_ref()).unwrap())
             .find(|r| r.decision == "refuse")
             .expect("a refusal was recorded");
-        assert_eq!(rec.seq, 3, "a decryption and two repeats come first");
-        assert_eq!(rec.rule, "manifest-required");
+        assert_eq!(rec.seq, 0, "the crafted bill comes first");
+        assert_eq!(rec.rule, "re-execution");
         rec.decision = "allow".into();
         tree.insert(rec.seq.to_be_bytes(), rec.encode_to_vec())
             .unwrap();
@@ -658,7 +635,7 @@ async fn decrypt_and_release_through_three_keyshares_and_audit() {
     let broken = psm_audit_verify(&pki, k1.port);
     assert!(!broken.status.success());
     let stderr = String::from_utf8_lossy(&broken.stderr);
-    assert!(stderr.contains("audit record 3"), "{stderr}");
+    assert!(stderr.contains("audit record 0"), "{stderr}");
 }
 
 /// Each keyshare's own registry decides which meters exist and who encrypts for them.

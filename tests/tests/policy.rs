@@ -74,7 +74,7 @@ fn policy(allowed: &[&Tariff]) -> String {
         .map(|t| format!("{:?}", hash_hex(t)))
         .collect();
     format!(
-        "min_cohort = {MIN}\nallowed_programs = [{}]\nrate_limit_per_minute = {RATE}\nmax_reissues = 1\nmin_bill_days = 1\nreexecute_tfhe = \"off\"\n",
+        "min_cohort = {MIN}\nallowed_programs = [{}]\nrate_limit_per_minute = {RATE}\nmax_reissues = 1\nmin_bill_days = 1\n",
         list.join(", ")
     )
 }

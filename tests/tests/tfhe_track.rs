@@ -416,7 +416,7 @@ async fn keyshares_re_execute_tfhe_programs() {
         &pki,
         &keys,
         "",
-        "allow_any_program = true\nmin_bill_days = 1\nreexecute_tfhe = \"always\"\n",
+        "allow_any_program = true\nmin_bill_days = 1\n",
     )
     .await;
     let bundle = PublicBundle::open(&keys.public_dir).unwrap();

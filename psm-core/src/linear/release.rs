@@ -344,7 +344,13 @@ pub fn check_noise(scheme: Scheme, cohort: usize, runs: &[SlotRun]) -> Result<()
     let total = (cohort as u128)
         .checked_mul(weight_sum)
         .and_then(|x| x.checked_mul(1u128 << READING_NOISE_LOG2))
-        .and_then(|x| x.checked_add((scheme.share_count() as u128) << FLOOD_LOG2));
+        .and_then(|x| {
+            // Each used contribution errs by its flooding plus the combiner's agreement window.
+            x.checked_add(
+                (scheme.share_count() as u128 * crate::threshold::CONTRIBUTION_ERROR_FLOODS)
+                    << FLOOD_LOG2,
+            )
+        });
     let message = (cohort as u128)
         .checked_mul(weight_sum)
         .and_then(|x| x.checked_mul(super::MAX_READING_WH as u128));
@@ -358,7 +364,7 @@ pub fn check_noise(scheme: Scheme, cohort: usize, runs: &[SlotRun]) -> Result<()
     match total {
         Some(t) if t < 1u128 << (DELTA_LOG2 - 1) => Ok(()),
         _ => Err(nb(format!(
-            "{cohort} members × total weight {weight_sum} of reading noise 2^{READING_NOISE_LOG2} plus {} floods of 2^{FLOOD_LOG2} could reach Δ/2 = 2^{}",
+            "{cohort} members × total weight {weight_sum} of reading noise 2^{READING_NOISE_LOG2} plus {} contributions erring by up to 3·2^{FLOOD_LOG2} could reach Δ/2 = 2^{}",
             scheme.share_count(),
             DELTA_LOG2 - 1
         ))),

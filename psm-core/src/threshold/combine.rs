@@ -19,8 +19,12 @@ pub struct Combined {
     pub values: Vec<i128>,
     /// Parties whose contributions were used (sorted).
     pub used: Vec<usize>,
-    /// Parties excluded because their contributions disagreed with the others, with the reason.
+    /// Parties excluded because their contributions disagreed with more parties than could be
+    /// faulty, with the reason. Only proven faults are named.
     pub faulty: Vec<(usize, String)>,
+    /// Whether every share was contributed by at least two trusted parties that agreed. A result
+    /// combined from exactly t responders is not: a single faulty responder could have shifted it.
+    pub cross_checked: bool,
 }
 
 /// Two honest contributions for the same share differ only by their flooding: by less than
@@ -34,9 +38,10 @@ fn agree(a: &[u128], b: &[u128], flood_log2: u32) -> bool {
 }
 
 /// Combines the responses. Malformed responses (a share the party does not hold, a wrong
-/// length) are refused outright. When several parties contributed the same share, the party that
-/// disagrees with the most others is excluded and named, repeatedly, until the rest agree; if
-/// that cannot be decided (a tie), nothing is decrypted.
+/// length) are refused outright. Parties that contributed the same share are compared; a party
+/// is excluded and named only when it is provably faulty (it disagrees with more parties than
+/// t − 1 faulty ones could explain). Any other disagreement refuses the whole decryption: with a
+/// colluding majority on one share, outvoting would name the honest holder and use the lie.
 pub fn combine(
     scheme: Scheme,
     batch: &LweBatch,
@@ -93,71 +98,83 @@ pub fn combine_bodies(
         }
     }
 
-    // Disagreement graph between parties that contributed the same share.
-    let mut disagree: BTreeMap<(usize, usize), usize> = BTreeMap::new();
+    // Who disagrees with whom on some share they both hold. Honest contributions for the same
+    // share always agree (their floodings differ by less than the window), so a disagreeing pair
+    // contains at least one faulty party — but which one is only certain when the alternative
+    // would need more than t − 1 faulty parties.
+    let mut disagree: BTreeMap<usize, BTreeSet<usize>> = BTreeMap::new();
     for contribs in by_share.values() {
         let list: Vec<(&usize, &&[u128])> = contribs.iter().collect();
         for (i, (p, a)) in list.iter().enumerate() {
             for (q, b) in &list[i + 1..] {
                 if !agree(a, b, flood_log2) {
-                    *disagree.entry((**p, **q)).or_default() += 1;
+                    disagree.entry(**p).or_default().insert(**q);
+                    disagree.entry(**q).or_default().insert(**p);
                 }
             }
         }
     }
-    let mut excluded: Vec<(usize, String)> = Vec::new();
-    while !disagree.is_empty() {
-        let mut degree: BTreeMap<usize, usize> = BTreeMap::new();
-        for (p, q) in disagree.keys() {
-            *degree.entry(*p).or_default() += 1;
-            *degree.entry(*q).or_default() += 1;
-        }
-        let max = degree.values().copied().max().unwrap_or(0);
-        let top: Vec<usize> = degree
+    let max_faulty = scheme.threshold() - 1;
+    let mut faulty: BTreeSet<usize> = BTreeSet::new();
+    loop {
+        // If p were honest, everyone it disagrees with would be faulty, and so would everyone
+        // already shown faulty; more than t − 1 of them is impossible, so p is faulty.
+        let proven: Vec<usize> = disagree
             .iter()
-            .filter(|(_, d)| **d == max)
+            .filter(|(p, d)| !faulty.contains(p) && d.union(&faulty).count() > max_faulty)
             .map(|(p, _)| *p)
             .collect();
-        if top.len() != 1 {
-            return Err(ThresholdError::Undecidable(format!(
-                "parties {top:?} each disagree with {max} other(s)"
-            )));
+        if proven.is_empty() {
+            break;
         }
-        let bad = top[0];
-        let others: Vec<usize> = disagree
-            .keys()
-            .filter_map(|(p, q)| {
-                if *p == bad {
-                    Some(*q)
-                } else if *q == bad {
-                    Some(*p)
-                } else {
-                    None
-                }
-            })
-            .collect();
-        excluded.push((
-            bad,
-            format!("its partial decryptions disagree with those of parties {others:?}"),
-        ));
-        disagree.retain(|(p, q), _| *p != bad && *q != bad);
+        faulty.extend(proven);
     }
-    let excluded_set: BTreeSet<usize> = excluded.iter().map(|(p, _)| *p).collect();
+    let unresolved: Vec<(usize, usize)> = disagree
+        .iter()
+        .filter(|(p, _)| !faulty.contains(p))
+        .flat_map(|(p, d)| {
+            d.iter()
+                .filter(|q| **q > *p && !faulty.contains(q))
+                .map(|q| (*p, *q))
+        })
+        .collect();
+    if !unresolved.is_empty() {
+        return Err(ThresholdError::Undecidable(format!(
+            "parties {unresolved:?} sent disagreeing contributions for a share they both hold, and with at most {max_faulty} faulty part{} it cannot be shown which of them is wrong; nothing was decrypted",
+            if max_faulty == 1 { "y" } else { "ies" }
+        )));
+    }
+    let excluded: Vec<(usize, String)> = faulty
+        .iter()
+        .map(|p| {
+            let others: Vec<usize> = disagree[p].iter().copied().collect();
+            (
+                *p,
+                format!(
+                    "its partial decryptions disagree with those of parties {others:?}, more than the {max_faulty} that could be faulty"
+                ),
+            )
+        })
+        .collect();
 
     let mut sum = vec![0u128; count];
     let mut used = BTreeSet::new();
+    let mut cross_checked = true;
     for index in 0..scheme.share_count() {
-        let contrib = by_share
+        let mut trusted = by_share
             .get(&index)
-            .and_then(|c| c.iter().find(|(p, _)| !excluded_set.contains(p)));
-        let Some((party, values)) = contrib else {
+            .into_iter()
+            .flatten()
+            .filter(|(p, _)| !faulty.contains(p));
+        let Some((party, values)) = trusted.next() else {
             return Err(ThresholdError::NoQuorum(format!(
                 "no trusted contribution for share {index}; {} of {} parties answered usably, {} needed",
-                seen_parties.len() - excluded_set.len(),
+                seen_parties.len() - faulty.len(),
                 scheme.parties(),
                 scheme.threshold()
             )));
         };
+        cross_checked &= trusted.next().is_some();
         used.insert(*party);
         for (acc, v) in sum.iter_mut().zip(values.iter()) {
             *acc = acc.wrapping_add(*v);
@@ -173,5 +190,6 @@ pub fn combine_bodies(
         values,
         used: used.into_iter().collect(),
         faulty: excluded,
+        cross_checked,
     })
 }

@@ -5,7 +5,8 @@
 //! * [`partial`]: a party's partial decryptions d_U = ⟨a, r_U⟩ + E_U, with E_U drawn from a PRF
 //!   keyed by the party's flooding key so a repeated request gets the same answer.
 //! * [`combine`]: any t responders' partials give b − Σ d_U = Δ·m + e − Σ E_U, rounded to m;
-//!   duplicate contributions are cross-checked and a party that disagrees is named and excluded.
+//!   duplicate contributions are cross-checked; a party is named and excluded only when provably
+//!   faulty, and any other disagreement refuses the decryption.
 //! * [`invariants`]: the two inequalities that make flooding both hiding and correct, checked
 //!   before anything is released.
 
@@ -15,7 +16,9 @@ pub mod partial;
 pub mod sharing;
 
 pub use combine::{combine, combine_bodies, Combined, PartyResponse};
-pub use invariants::{check_invariants, flood_log2_for, STATISTICAL_SECURITY_BITS};
+pub use invariants::{
+    check_invariants, flood_log2_for, CONTRIBUTION_ERROR_FLOODS, STATISTICAL_SECURITY_BITS,
+};
 pub use partial::{partial_decrypt, FloodKey, SharePartial};
 pub use sharing::{split, PartyShares, Scheme};
 

@@ -23,8 +23,9 @@ pub struct SharePartial {
     pub values: Vec<u128>,
 }
 
-/// Flooding terms E_U,i uniform in [−2^f, 2^f), derived from (key id, share, batch hash) so that
-/// asking twice returns the same answer.
+/// Flooding terms E_U,i uniform in [−2^f, 2^f), derived from (key id, share, batch hash) only —
+/// exactly what is decrypted — so that asking twice, however the request is dressed, returns the
+/// same answer (fresh floodings of one ciphertext would average out).
 fn flooding(
     key: &FloodKey,
     key_id: &str,
@@ -39,7 +40,6 @@ fn flooding(
     h.update(key_id.as_bytes());
     h.update(&(share_index as u64).to_le_bytes());
     h.update(batch_hash);
-    h.update(&flood_log2.to_le_bytes());
     let mut xof = h.finalize_xof();
     let mask = (1u128 << (flood_log2 + 1)) - 1;
     let offset = 1u128 << flood_log2;
