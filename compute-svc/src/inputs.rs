@@ -60,7 +60,10 @@ pub fn whole_days(range: Option<&TimeRange>, max_days: i64) -> Result<(i64, i64)
             "the range must be whole UTC days: start and end at 00:00 UTC, end after start",
         ));
     }
-    let days = r.end_unix.checked_sub(r.start_unix).map_or(i64::MAX, |d| d / DAY_SECONDS);
+    let days = r
+        .end_unix
+        .checked_sub(r.start_unix)
+        .map_or(i64::MAX, |d| d / DAY_SECONDS);
     if days > max_days {
         return Err(Status::invalid_argument(format!(
             "range spans {days} days; the limit is {max_days}"

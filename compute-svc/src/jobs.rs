@@ -14,7 +14,20 @@ const KEEP_FINISHED: usize = 1_000;
 #[derive(Default)]
 struct Table {
     running: HashMap<String, watch::Sender<JobProgress>>,
+    /// What each remembered key was used for: BLAKE3 of the request without its key.
+    requests: HashMap<String, [u8; 32]>,
     finished: VecDeque<String>,
+}
+
+/// BLAKE3 of a request's kind and encoding with its idempotency key cleared: what the key
+/// promises to name.
+pub fn fingerprint(kind: &str, request_without_key: &impl prost::Message) -> [u8; 32] {
+    let mut h = blake3::Hasher::new();
+    h.update(b"psm/v1/compute-request");
+    h.update(&(kind.len() as u64).to_le_bytes());
+    h.update(kind.as_bytes());
+    h.update(&request_without_key.encode_to_vec());
+    *h.finalize().as_bytes()
 }
 
 /// Every job this compute node runs or recently ran.
@@ -25,7 +38,10 @@ pub struct Jobs {
 
 impl Jobs {
     /// Registers a job; its progress is published until the handle is dropped (then `done`).
-    pub fn start(&self, key: &str) -> JobHandle {
+    /// A key this node remembers (running, or among the last KEEP_FINISHED finished) that named
+    /// another request is refused with ALREADY_EXISTS; the same request again runs again and,
+    /// every release being deterministic, returns the same result.
+    pub fn start(&self, key: &str, request: [u8; 32]) -> Result<JobHandle, tonic::Status> {
         let (tx, _) = watch::channel(JobProgress {
             idempotency_key: key.to_owned(),
             step: "queued".into(),
@@ -33,13 +49,19 @@ impl Jobs {
             done: false,
         });
         let mut t = self.table.lock().unwrap_or_else(PoisonError::into_inner);
+        if t.requests.get(key).is_some_and(|r| *r != request) {
+            return Err(tonic::Status::already_exists(format!(
+                "idempotency key {key:?} was already used for a different request; choose a new key for a new request"
+            )));
+        }
         t.finished.retain(|k| k != key);
         t.running.insert(key.to_owned(), tx.clone());
-        JobHandle {
+        t.requests.insert(key.to_owned(), request);
+        Ok(JobHandle {
             key: key.to_owned(),
             tx,
             jobs: self.clone(),
-        }
+        })
     }
 
     /// A receiver of a job's progress, if the job is running or recently finished.
@@ -84,6 +106,7 @@ impl Drop for JobHandle {
         while t.finished.len() > KEEP_FINISHED {
             if let Some(old) = t.finished.pop_front() {
                 t.running.remove(&old);
+                t.requests.remove(&old);
             }
         }
     }
@@ -97,7 +120,7 @@ mod tests {
     async fn watchers_see_steps_and_the_end() {
         let jobs = Jobs::default();
         assert!(jobs.watch("a").is_none());
-        let h = jobs.start("a");
+        let h = jobs.start("a", [1; 32]).unwrap();
         let mut rx = jobs.watch("a").unwrap();
         h.step("summing", 40);
         rx.changed().await.unwrap();
@@ -107,5 +130,9 @@ mod tests {
         assert!(rx.borrow().done);
         // A late watcher still sees the finished job.
         assert!(jobs.watch("a").unwrap().borrow().done);
+        // The key names that request: another request under it is refused, the same one runs.
+        let e = jobs.start("a", [2; 32]).err().expect("refused");
+        assert_eq!(e.code(), tonic::Code::AlreadyExists);
+        assert!(jobs.start("a", [1; 32]).is_ok());
     }
 }

@@ -143,7 +143,14 @@ impl Compute for ComputeService {
         let e = self.engine()?;
         let req = r.into_inner();
         inputs::check_idempotency_key(&req.idempotency_key)?;
-        let job = self.jobs.start(&req.idempotency_key);
+        let request = jobs::fingerprint(
+            "bill",
+            &BillRequest {
+                idempotency_key: String::new(),
+                ..req.clone()
+            },
+        );
+        let job = self.jobs.start(&req.idempotency_key, request)?;
         let biller = bill::Biller {
             ingest: e.ingest.clone(),
             decryptor: &e.decryptor,
@@ -160,7 +167,14 @@ impl Compute for ComputeService {
         let e = self.engine()?;
         let req = r.into_inner();
         inputs::check_idempotency_key(&req.idempotency_key)?;
-        let job = self.jobs.start(&req.idempotency_key);
+        let request = jobs::fingerprint(
+            "aggregate",
+            &AggregateRequest {
+                idempotency_key: String::new(),
+                ..req.clone()
+            },
+        );
+        let job = self.jobs.start(&req.idempotency_key, request)?;
         let agg = aggregate::Aggregator {
             ingest: e.ingest.clone(),
             decryptor: &e.decryptor,
@@ -177,7 +191,14 @@ impl Compute for ComputeService {
         let e = self.engine()?;
         let req = r.into_inner();
         inputs::check_idempotency_key(&req.idempotency_key)?;
-        let job = self.jobs.start(&req.idempotency_key);
+        let request = jobs::fingerprint(
+            "analytics",
+            &AnalyticsRequest {
+                idempotency_key: String::new(),
+                ..req.clone()
+            },
+        );
+        let job = self.jobs.start(&req.idempotency_key, request)?;
         let analyst = analytics::Analyst {
             ingest: e.ingest.clone(),
             decryptor: &e.decryptor,

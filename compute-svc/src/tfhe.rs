@@ -2,7 +2,7 @@
 //! inputs streamed from ingest and verified-and-expanded in parallel; squashed results decrypted
 //! through the keyshares.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -25,66 +25,49 @@ use crate::jobs::JobHandle;
 pub struct Loaded {
     pub server_key: ServerKey,
     pub verifier: RegisterVerifier,
-    pub cache: LruCache<Expanded>,
+    pub cache: ExpansionCache<Expanded>,
 }
 
-/// Expanded register pairs by stored ciphertext hash, least recently used evicted first.
+/// Expanded register pairs by (meter, day, stored ciphertext hash), least recently used evicted
+/// first: an entry is only ever reused for the meter-day whose proof it was verified under.
 /// Verifying and expanding a list costs ~0.4 s of both cores and its result ~0.5 MB, so a bill
 /// re-issued, a histogram over meters just billed, or a retry reuses them.
-pub struct LruCache<V> {
-    capacity: usize,
-    inner: std::sync::Mutex<Lru<V>>,
+pub struct ExpansionCache<V> {
+    /// None when caching is off (capacity 0).
+    inner: Option<std::sync::Mutex<lru::LruCache<CacheKey, V>>>,
 }
 
-/// Entries by hash, and hashes from least to most recently used.
-type Lru<V> = (HashMap<Vec<u8>, V>, VecDeque<Vec<u8>>);
+type CacheKey = (String, i64, Vec<u8>);
 
-impl<V: Clone> LruCache<V> {
+impl<V: Clone> ExpansionCache<V> {
     pub fn new(capacity: usize) -> Self {
-        LruCache {
-            capacity,
-            inner: std::sync::Mutex::new((HashMap::new(), VecDeque::new())),
+        ExpansionCache {
+            inner: std::num::NonZeroUsize::new(capacity)
+                .map(|c| std::sync::Mutex::new(lru::LruCache::new(c))),
         }
     }
 
-    fn get(&self, hash: &[u8]) -> Option<V> {
-        let mut g = self
-            .inner
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let hit = g.0.get(hash).cloned();
-        if hit.is_some() {
-            g.1.retain(|h| h != hash);
-            g.1.push_back(hash.to_vec());
-        }
-        hit
+    fn lock(&self) -> Option<std::sync::MutexGuard<'_, lru::LruCache<CacheKey, V>>> {
+        self.inner
+            .as_ref()
+            .map(|m| m.lock().unwrap_or_else(std::sync::PoisonError::into_inner))
     }
 
-    fn put(&self, hash: &[u8], e: &V) {
-        if self.capacity == 0 {
-            return;
-        }
-        let mut g = self
-            .inner
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if g.0.insert(hash.to_vec(), e.clone()).is_none() {
-            g.1.push_back(hash.to_vec());
-        }
-        while g.1.len() > self.capacity {
-            if let Some(old) = g.1.pop_front() {
-                g.0.remove(&old);
-            }
+    fn get(&self, meter: &str, day: i64, hash: &[u8]) -> Option<V> {
+        self.lock()?
+            .get(&(meter.to_owned(), day, hash.to_vec()))
+            .cloned()
+    }
+
+    fn put(&self, meter: &str, day: i64, hash: &[u8], e: &V) {
+        if let Some(mut c) = self.lock() {
+            c.put((meter.to_owned(), day, hash.to_vec()), e.clone());
         }
     }
 
     /// Entries held.
     pub fn len(&self) -> usize {
-        self.inner
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .0
-            .len()
+        self.lock().map_or(0, |c| c.len())
     }
 
     pub fn is_empty(&self) -> bool {
@@ -165,7 +148,7 @@ impl TfheEngine {
                     Ok::<_, String>(Arc::new(Loaded {
                         server_key,
                         verifier,
-                        cache: LruCache::new(capacity),
+                        cache: ExpansionCache::new(capacity),
                     }))
                 })
                 .await
@@ -293,7 +276,7 @@ pub fn expand_all(
         .par_iter()
         .map(|r| {
             let hash = &r.input.ciphertext_hash;
-            let out = match loaded.cache.get(hash) {
+            let out = match loaded.cache.get(&r.meter_id, r.day, hash) {
                 Some(e) => Ok(e),
                 None => loaded
                     .verifier
@@ -302,7 +285,7 @@ pub fn expand_all(
                         &psm_core::readings::format_day(r.day),
                         &r.bytes,
                     )
-                    .inspect(|e| loaded.cache.put(hash, e))
+                    .inspect(|e| loaded.cache.put(&r.meter_id, r.day, hash, e))
                     .map_err(|e| {
                         Status::internal(format!("stored registers {} : {e}", r.meter_id))
                     }),
@@ -319,22 +302,29 @@ pub fn expand_all(
 
 #[cfg(test)]
 mod tests {
-    use super::LruCache;
+    use super::ExpansionCache;
 
     #[test]
-    fn lru_keeps_the_most_recently_used() {
-        let c = LruCache::new(2);
-        c.put(b"a", &1);
-        c.put(b"b", &2);
-        assert_eq!(c.get(b"a"), Some(1)); // a is now the most recent
-        c.put(b"c", &3); // evicts b
+    fn cache_keeps_the_most_recently_used_per_meter_day() {
+        let c = ExpansionCache::new(2);
+        c.put("a", 1, b"h1", &1);
+        c.put("b", 1, b"h2", &2);
+        assert_eq!(c.get("a", 1, b"h1"), Some(1)); // a is now the most recent
+        c.put("c", 1, b"h3", &3); // evicts b
         assert_eq!(
-            (c.get(b"a"), c.get(b"b"), c.get(b"c")),
+            (
+                c.get("a", 1, b"h1"),
+                c.get("b", 1, b"h2"),
+                c.get("c", 1, b"h3")
+            ),
             (Some(1), None, Some(3))
         );
         assert_eq!(c.len(), 2);
-        let off = LruCache::new(0);
-        off.put(b"a", &1);
+        // The same bytes under another meter or day are not the verified entry.
+        assert_eq!(c.get("b", 1, b"h1"), None);
+        assert_eq!(c.get("a", 2, b"h1"), None);
+        let off = ExpansionCache::new(0);
+        off.put("a", 1, b"h", &1);
         assert!(off.is_empty());
     }
 }

@@ -10,6 +10,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use prost::Message;
 use psm_core::readings::{format_day, parse_day, validate_meter_id, DAY_SECONDS};
 use psm_core::threshold::Scheme;
 use psm_net::auth::caller;
@@ -47,6 +48,31 @@ pub struct IngestSection {
     /// where an id ending in `*` matches every id with that prefix (`"meter-*"`).
     #[serde(default)]
     pub headends: HashMap<String, Vec<String>>,
+    /// Per-caller limits on what is submitted (`[ingest.quota]`).
+    #[serde(default)]
+    pub quota: QuotaConfig,
+}
+
+/// How much one caller (certificate identity) may submit, per minute: a token bucket each,
+/// with at most a minute's worth banked. A request over quota is refused whole with
+/// RESOURCE_EXHAUSTED and the time to wait; nothing of it is stored.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct QuotaConfig {
+    /// Reading batches and enrollments per minute (a head-end of a million meters sending a
+    /// day's readings per meter and channel needs about 1,400).
+    pub batches_per_minute: u64,
+    /// Bytes of ciphertext per minute.
+    pub bytes_per_minute: u64,
+}
+
+impl Default for QuotaConfig {
+    fn default() -> Self {
+        QuotaConfig {
+            batches_per_minute: 600_000,
+            bytes_per_minute: 4 << 30,
+        }
+    }
 }
 
 /// Most batches in one SubmitReadings request.
@@ -72,6 +98,8 @@ pub struct IngestService {
     verify_permits: Arc<tokio::sync::Semaphore>,
     store: Arc<dyn ReadingStore>,
     headends: HashMap<String, Vec<String>>,
+    batch_quota: psm_net::quota::Quota,
+    byte_quota: psm_net::quota::Quota,
 }
 
 /// The one mapping of store failures to gRPC statuses.
@@ -145,6 +173,7 @@ impl IngestService {
         public_dir: Option<&Path>,
         store: Arc<dyn ReadingStore>,
         headends: HashMap<String, Vec<String>>,
+        quota: &QuotaConfig,
     ) -> Result<Self, CeremonyError> {
         let bundle = public_dir
             .map(PublicBundle::open)
@@ -170,7 +199,31 @@ impl IngestService {
             verify_permits: Arc::new(tokio::sync::Semaphore::new(cores)),
             store,
             headends,
+            batch_quota: psm_net::quota::Quota::new(quota.batches_per_minute),
+            byte_quota: psm_net::quota::Quota::new(quota.bytes_per_minute),
         })
+    }
+
+    /// Spends `batches` and `bytes` of the caller's quota, or refuses the whole request.
+    fn spend_quota(
+        &self,
+        who: &psm_net::SpiffeId,
+        batches: usize,
+        bytes: usize,
+    ) -> Result<(), Status> {
+        let over = |what: &str, limit: u64, wait: std::time::Duration| {
+            Status::resource_exhausted(format!(
+                "{who} is over this ingest's quota of {limit} {what} per minute; retry in {} s; nothing was stored",
+                wait.as_secs() + 1
+            ))
+        };
+        let name = who.to_string();
+        self.batch_quota
+            .take(&name, batches as u64)
+            .map_err(|w| over("batches", self.batch_quota.per_minute(), w))?;
+        self.byte_quota
+            .take(&name, bytes as u64)
+            .map_err(|w| over("bytes", self.byte_quota.per_minute(), w))
     }
 
     /// Whether the caller may submit or enroll for `meter_id`: a meter for itself, a head-end
@@ -245,6 +298,10 @@ impl IngestService {
                 req.batches.len()
             )));
         }
+        let today = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64)
+            .div_euclid(DAY_SECONDS);
         let mut epochs = BTreeMap::new();
         let mut tfhe_days = BTreeMap::new();
         // (meter, epoch, channel) → the request's batches for it.
@@ -258,6 +315,13 @@ impl IngestService {
                 ))
             };
             validate_meter_id(&b.meter_id).map_err(|e| bad(e.to_string()))?;
+            let day = parse_day(&b.day).map_err(|e| bad(e.to_string()))?;
+            if day > today + 1 {
+                return Err(bad(format!(
+                    "the day is after tomorrow ({} UTC); readings are accepted up to tomorrow, so no slot of the future is taken",
+                    format_day(today + 1)
+                )));
+            }
             if !self.may_submit(who, &b.meter_id) {
                 return Err(Status::permission_denied(format!(
                     "{who} may not submit readings for meter {:?} (batch {i}); nothing was stored",
@@ -507,6 +571,8 @@ impl Ingest for IngestService {
         let who = caller(&request)?.clone();
         let req = request.into_inner();
         let epochs = self.validate(&who, &req)?;
+        let bytes = req.batches.iter().map(|b| b.ciphertext.len()).sum();
+        self.spend_quota(&who, req.batches.len(), bytes)?;
         self.check_enrolled(epochs).await?;
         self.verify_proofs(&req).await?;
         let store = self.store.clone();
@@ -529,6 +595,8 @@ impl Ingest for IngestService {
         let who = caller(&request)?.clone();
         let req = request.into_inner();
         self.validate_enrollments(&who, &req)?;
+        let bytes = req.enrollments.iter().map(|e| e.encoded_len()).sum();
+        self.spend_quota(&who, req.enrollments.len(), bytes)?;
         let store = self.store.clone();
         let enrollments = req.enrollments;
         let outcome = tokio::task::spawn_blocking(move || store.put_enrollments(&enrollments))
@@ -565,26 +633,38 @@ impl Ingest for IngestService {
         let store = self.store.clone();
         let (tx, rx) = mpsc::channel(16);
         let mut after = req.after_seq;
-        tokio::task::spawn_blocking(move || loop {
-            if tx.is_closed() {
-                return; // the caller went away
-            }
-            let page = match store.enrollments_after(after, meters.as_ref(), ENROLLMENT_PAGE) {
-                Ok(p) => p,
-                Err(e) => {
-                    let _ = tx.blocking_send(Err(store_status(e)));
+        // Pages are read on the blocking pool and sent from an async task: a slow reader holds a
+        // page of memory, never a blocking thread.
+        tokio::spawn(async move {
+            loop {
+                let (st, m) = (store.clone(), meters.clone());
+                let page = tokio::task::spawn_blocking(move || {
+                    st.enrollments_after(after, m.as_ref(), ENROLLMENT_PAGE)
+                })
+                .await;
+                let page = match page {
+                    Ok(Ok(p)) => p,
+                    Ok(Err(e)) => {
+                        let _ = tx.send(Err(store_status(e))).await;
+                        return;
+                    }
+                    Err(e) => {
+                        let _ = tx
+                            .send(Err(Status::internal(format!("read task: {e}"))))
+                            .await;
+                        return;
+                    }
+                };
+                let last_page = page.len() < ENROLLMENT_PAGE;
+                for e in page {
+                    after = e.seq;
+                    if tx.send(Ok(e)).await.is_err() {
+                        return; // the caller went away
+                    }
+                }
+                if last_page {
                     return;
                 }
-            };
-            let last_page = page.len() < ENROLLMENT_PAGE;
-            for e in page {
-                after = e.seq;
-                if tx.blocking_send(Ok(e)).is_err() {
-                    return; // the caller went away
-                }
-            }
-            if last_page {
-                return;
             }
         });
         Ok(Response::new(tokio_stream::wrappers::ReceiverStream::new(
@@ -634,12 +714,21 @@ impl Ingest for IngestService {
         let track = req.track;
         let store = self.store.clone();
         let (tx, rx) = mpsc::channel(16);
-        tokio::task::spawn_blocking(move || {
+        // Each meter's batches are read on the blocking pool and sent from an async task: a
+        // slow reader holds one meter's range in memory, never a blocking thread.
+        tokio::spawn(async move {
             let meters = if req.meter_ids.is_empty() {
-                match store.meters() {
-                    Ok(m) => m,
+                let st = store.clone();
+                match tokio::task::spawn_blocking(move || st.meters()).await {
+                    Ok(Ok(m)) => m,
+                    Ok(Err(e)) => {
+                        let _ = tx.send(Err(store_status(e))).await;
+                        return;
+                    }
                     Err(e) => {
-                        let _ = tx.blocking_send(Err(store_status(e)));
+                        let _ = tx
+                            .send(Err(Status::internal(format!("read task: {e}"))))
+                            .await;
                         return;
                     }
                 }
@@ -647,20 +736,30 @@ impl Ingest for IngestService {
                 req.meter_ids
             };
             for m in meters {
-                match store.scan(&m, &from_day, &to_day) {
-                    Ok(batches) => {
-                        for b in batches {
-                            if track != 0 && b.track != track {
-                                continue;
-                            }
-                            if tx.blocking_send(Ok(b)).is_err() {
-                                return; // the caller went away
-                            }
+                if tx.is_closed() {
+                    return; // the caller went away
+                }
+                let (st, from, to) = (store.clone(), from_day.clone(), to_day.clone());
+                let batches =
+                    match tokio::task::spawn_blocking(move || st.scan(&m, &from, &to)).await {
+                        Ok(Ok(b)) => b,
+                        Ok(Err(e)) => {
+                            let _ = tx.send(Err(store_status(e))).await;
+                            return;
                         }
+                        Err(e) => {
+                            let _ = tx
+                                .send(Err(Status::internal(format!("read task: {e}"))))
+                                .await;
+                            return;
+                        }
+                    };
+                for b in batches {
+                    if track != 0 && b.track != track {
+                        continue;
                     }
-                    Err(e) => {
-                        let _ = tx.blocking_send(Err(store_status(e)));
-                        return;
+                    if tx.send(Ok(b)).await.is_err() {
+                        return; // the caller went away
                     }
                 }
             }
@@ -780,8 +879,13 @@ mod tests {
             verify_permits: Arc::new(tokio::sync::Semaphore::new(2)),
             store: Arc::new(SledStore::open(&dir.join("store")).unwrap()),
             headends: HashMap::from([("headend-1".to_string(), vec!["meter-*".to_string()])]),
+            batch_quota: psm_net::quota::Quota::new(QUOTA_BATCHES),
+            byte_quota: psm_net::quota::Quota::new(u64::MAX),
         }
     }
+
+    /// The unit tests' batch quota per minute.
+    const QUOTA_BATCHES: u64 = 200;
 
     fn req<T>(role: Role, name: &str, msg: T) -> Request<T> {
         let mut r = Request::new(msg);
@@ -978,6 +1082,47 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_caller_over_its_quota_is_refused_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let svc = service(dir.path());
+        let many = |n: usize, from: usize| -> Vec<ReadingBatch> {
+            (from..from + n)
+                .map(|k| lin(&format!("meter-{k}"), Channel::Import, 900, 0, 4, 1))
+                .collect()
+        };
+        // 150 batches are judged (these meters never enrolled) and spend the quota ...
+        let q = QUOTA_BATCHES as usize;
+        code(
+            submit(&svc, many(q * 3 / 4, 0)).await,
+            Code::FailedPrecondition,
+        );
+        // ... so 100 more in the same minute are refused before any work, naming the wait.
+        let m = code(
+            submit(&svc, many(q / 2, 1000)).await,
+            Code::ResourceExhausted,
+        );
+        assert!(m.contains("quota") && m.contains("retry in"), "{m}");
+        // Another caller has its own bucket.
+        let other = svc
+            .submit_readings(req(
+                Role::Meter,
+                "meter-7",
+                SubmitReadingsRequest {
+                    idempotency_key: "s-2".into(),
+                    batches: vec![lin("meter-7", Channel::Import, 900, 0, 4, 1)],
+                },
+            ))
+            .await
+            .unwrap_err();
+        assert_eq!(
+            other.code(),
+            Code::FailedPrecondition,
+            "{}",
+            other.message()
+        );
+    }
+
+    #[tokio::test]
     async fn linear_slots_are_encrypted_once() {
         let dir = tempfile::tempdir().unwrap();
         let svc = service(dir.path());
@@ -1026,6 +1171,32 @@ mod tests {
             Code::AlreadyExists,
         );
         assert_eq!(stored(&svc, "meter-2"), [morning, afternoon]);
+
+        // A head-end taking slots of the future (a day after tomorrow, UTC): refused, nothing
+        // stored; tomorrow is still accepted (meters in time zones ahead of UTC).
+        let today = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as i64
+            / DAY_SECONDS;
+        let on = |day: i64| {
+            let bodies = vec![1u128 << 64; 4];
+            psm_core::wire::linear_batch_to_proto(
+                "meter-2",
+                day,
+                1,
+                Channel::Import,
+                900,
+                0,
+                &bodies,
+            )
+        };
+        let m = code(
+            submit(&svc, vec![on(today + 2)]).await,
+            Code::InvalidArgument,
+        );
+        assert!(m.contains("after tomorrow"), "{m}");
+        assert_eq!(submit(&svc, vec![on(today + 1)]).await.unwrap(), (1, 0));
 
         // Two overlapping batches in one request: INVALID_ARGUMENT, nothing stored.
         let m = code(

@@ -31,6 +31,7 @@ async fn main() -> anyhow::Result<()> {
         public_dir.as_deref(),
         std::sync::Arc::new(store),
         file.service.headends,
+        &file.service.quota,
     )?;
     ingest_svc::run(settings, svc).await?;
     Ok(())

@@ -4,7 +4,9 @@
 use std::path::Path;
 
 use prost::Message;
-use psm_core::audit::{bounded, verify_chain, AuditEntry, GENESIS, MAX_NAME_BYTES, MAX_REASON_BYTES};
+use psm_core::audit::{
+    bounded, verify_chain, AuditEntry, GENESIS, MAX_NAME_BYTES, MAX_REASON_BYTES,
+};
 use psm_core::wire::{audit_from_proto, audit_to_proto};
 use psm_proto::v1::AuditRecord;
 use tokio::sync::Mutex;
@@ -108,23 +110,50 @@ impl AuditLog {
         }
     }
 
-    /// Records from `from_seq`, at most `limit`, read lazily as the receiver takes them (a
-    /// slow auditor holds a small buffer, not the whole range).
+    /// Records from `from_seq`, at most `limit`, read a page at a time on the blocking pool and
+    /// sent from an async task: a slow auditor holds one page, never a blocking thread.
     pub fn stream(
         &self,
         from_seq: u64,
         limit: usize,
     ) -> tokio_stream::wrappers::ReceiverStream<Result<AuditRecord, tonic::Status>> {
+        const PAGE: usize = 256;
         let (tx, rx) = tokio::sync::mpsc::channel(64);
         let tree = self.tree.clone();
-        tokio::task::spawn_blocking(move || {
-            for kv in tree.range(from_seq.to_be_bytes()..).take(limit) {
-                let item = kv
-                    .map_err(AuditError::from)
-                    .and_then(|(_, v)| decode(&v))
-                    .map_err(|e| tonic::Status::internal(e.to_string()));
-                let stop = item.is_err();
-                if tx.blocking_send(item).is_err() || stop {
+        tokio::spawn(async move {
+            let (mut next, mut left) = (from_seq, limit);
+            while left > 0 {
+                let t = tree.clone();
+                let want = left.min(PAGE);
+                let page = tokio::task::spawn_blocking(move || {
+                    t.range(next.to_be_bytes()..)
+                        .take(want)
+                        .map(|kv| decode(&kv?.1))
+                        .collect::<Result<Vec<_>, AuditError>>()
+                })
+                .await;
+                let page = match page {
+                    Ok(Ok(p)) => p,
+                    Ok(Err(e)) => {
+                        let _ = tx.send(Err(tonic::Status::internal(e.to_string()))).await;
+                        return;
+                    }
+                    Err(e) => {
+                        let _ = tx
+                            .send(Err(tonic::Status::internal(format!("read task: {e}"))))
+                            .await;
+                        return;
+                    }
+                };
+                let last = page.len() < want;
+                left -= page.len();
+                for r in page {
+                    next = r.seq.saturating_add(1);
+                    if tx.send(Ok(r)).await.is_err() {
+                        return; // the auditor went away
+                    }
+                }
+                if last {
                     return;
                 }
             }

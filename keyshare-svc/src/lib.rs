@@ -173,7 +173,12 @@ impl KeyshareService {
         if policy.allow_any_program {
             tracing::warn!("allow_any_program = true: any tariff or analytics query is allowed (development only)");
         }
-        tracing::info!(min_cohort = policy.min_cohort, allowed_programs = allowed_programs.len(), rate_limit_per_minute = policy.rate_limit_per_minute, "policy loaded");
+        tracing::info!(
+            min_cohort = policy.min_cohort,
+            allowed_programs = allowed_programs.len(),
+            rate_limit_per_minute = policy.rate_limit_per_minute,
+            "policy loaded"
+        );
         let scheme = share
             .scheme()
             .map_err(|e| KeyshareError::Mismatch(e.to_string()))?;
@@ -325,14 +330,14 @@ impl KeyshareService {
             let _held = permit;
             state.contributions(&a)
         })
-            .await
-            .map_err(|e| {
-                refuse(
-                    "internal",
-                    Code::Internal,
-                    format!("release task failed: {e}"),
-                )
-            })??;
+        .await
+        .map_err(|e| {
+            refuse(
+                "internal",
+                Code::Internal,
+                format!("release task failed: {e}"),
+            )
+        })??;
         // Record the release (re-checking the stateful rules atomically) before it leaves.
         lin.record(&admitted, limits).await?;
         let spec = &admitted.release.spec;
@@ -632,10 +637,9 @@ impl KeyshareService {
                 Some(n) => n,
                 None => {
                     tracing::debug!(caller = %who, "{what} refused by the rate limit (counted)");
-                    return Err(outcome.err().map_or_else(
-                        || Status::internal("rate-limit outcome"),
-                        |r| r.status,
-                    ));
+                    return Err(outcome
+                        .err()
+                        .map_or_else(|| Status::internal("rate-limit outcome"), |r| r.status));
                 }
             }
         } else {
@@ -662,7 +666,10 @@ impl KeyshareService {
                 reason: &summary,
                 request_hash: &[],
             };
-            self.audit.append_many(&[tally, decision]).await.map(|s| s + 1)
+            self.audit
+                .append_many(&[tally, decision])
+                .await
+                .map(|s| s + 1)
         } else {
             self.audit.append(decision).await
         }

@@ -19,10 +19,6 @@ pub const MAX_INPUTS: usize = 100_000;
 /// Longest range of one release, days (the longest billing period).
 pub const MAX_RELEASE_DAYS: i64 = 62;
 
-/// Callers whose rate-limit state is kept (certificates are issued by the PKI, so this is a
-/// bound against a misissuing CA, not a normal limit).
-const MAX_TRACKED_CALLERS: usize = 10_000;
-
 /// A refusal: the status returned and the rule recorded in the audit log.
 #[derive(Debug)]
 pub struct Refusal {
@@ -118,10 +114,9 @@ impl PolicyConfig {
     }
 }
 
-/// Per-caller token buckets, and a tally of refusals not yet written to the audit log.
+/// Per-caller request quota, and a tally of refusals not yet written to the audit log.
 pub struct RateLimiter {
-    per_minute: f64,
-    buckets: std::sync::Mutex<HashMap<String, (f64, Instant)>>,
+    quota: psm_net::quota::Quota,
     /// caller → (refusals since its last rate-limit record, when that record was written).
     unrecorded: std::sync::Mutex<HashMap<String, (u64, Instant)>>,
 }
@@ -134,8 +129,7 @@ pub const RATE_LIMIT_RECORD_INTERVAL: std::time::Duration = std::time::Duration:
 impl RateLimiter {
     pub fn new(per_minute: u32) -> Self {
         RateLimiter {
-            per_minute: f64::from(per_minute),
-            buckets: std::sync::Mutex::new(HashMap::new()),
+            quota: psm_net::quota::Quota::new(u64::from(per_minute)),
             unrecorded: std::sync::Mutex::new(HashMap::new()),
         }
     }
@@ -159,7 +153,7 @@ impl RateLimiter {
                 Some(before)
             }
             None => {
-                if map.len() >= MAX_TRACKED_CALLERS {
+                if map.len() >= psm_net::quota::MAX_CALLERS {
                     map.clear();
                 }
                 map.insert(caller.to_owned(), (0, now));
@@ -178,32 +172,19 @@ impl RateLimiter {
         map.get_mut(caller).map_or(0, |(n, _)| std::mem::take(n))
     }
 
-    /// Takes one token for `caller` or refuses.
+    /// Takes one request of `caller`'s quota or refuses.
     pub fn admit(&self, caller: &str) -> Result<(), Refusal> {
-        let now = Instant::now();
-        let mut buckets = self
-            .buckets
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let (tokens, last) = buckets
-            .entry(caller.to_owned())
-            .or_insert((self.per_minute, now));
-        let refill = now.duration_since(*last).as_secs_f64() * self.per_minute / 60.0;
-        *tokens = (*tokens + refill).min(self.per_minute);
-        *last = now;
-        if *tokens >= 1.0 {
-            *tokens -= 1.0;
-            Ok(())
-        } else {
-            Err(refuse(
+        self.quota.take(caller, 1).map_err(|wait| {
+            refuse(
                 "rate-limit",
                 tonic::Code::ResourceExhausted,
                 format!(
-                    "{caller} is over this keyshare's limit of {} requests per minute; retry later",
-                    self.per_minute
+                    "{caller} is over this keyshare's limit of {} requests per minute; retry in {} s",
+                    self.quota.per_minute(),
+                    wait.as_secs() + 1
                 ),
-            ))
-        }
+            )
+        })
     }
 }
 
@@ -731,9 +712,11 @@ mod tests {
         let five = ["a", "b", "c", "d", "e"];
         let histogram = manifest(ComputationKind::Analytics, &five, 1);
         let bill = manifest(ComputationKind::Bill, &["a"], 3);
-        let hash = |m: &ComputationManifest| -> [u8; 32] { m.program_hash.clone().try_into().unwrap() };
+        let hash =
+            |m: &ComputationManifest| -> [u8; 32] { m.program_hash.clone().try_into().unwrap() };
         let allowed = BTreeSet::from([hash(&histogram), hash(&bill)]);
-        let check = |m: &ComputationManifest| rule(check_manifest(&cfg, &allowed, m, KeyKind::Tfhe));
+        let check =
+            |m: &ComputationManifest| rule(check_manifest(&cfg, &allowed, m, KeyKind::Tfhe));
         assert_eq!(check(&histogram), "allowed");
         assert_eq!(
             check(&manifest(ComputationKind::Analytics, &five[..4], 1)),
@@ -811,7 +794,9 @@ mod tests {
         assert_eq!(check(&histogram), "allowed");
         // The attack: the same five meters, one of them on one day only.
         let mut partial = histogram.clone();
-        partial.inputs.retain(|i| i.meter_id != "e" || i.day == format_day(D));
+        partial
+            .inputs
+            .retain(|i| i.meter_id != "e" || i.day == format_day(D));
         assert_eq!(check(&partial), "analytics-shape");
         // Inputs out of canonical order.
         let mut shuffled = histogram.clone();
@@ -832,7 +817,10 @@ mod tests {
         // Bills shorter than min_bill_days: one-day bills for every day are refused.
         let day_bill = manifest(ComputationKind::Bill, &["a"], 1);
         assert_eq!(check(&day_bill), "bill-period");
-        assert_eq!(check(&manifest(ComputationKind::Bill, &["a"], 28)), "allowed");
+        assert_eq!(
+            check(&manifest(ComputationKind::Bill, &["a"], 28)),
+            "allowed"
+        );
     }
 
     #[tokio::test]
@@ -888,8 +876,14 @@ mod tests {
             meters: vec!["a".into()],
             program_hash: Some([tariff; 32]),
         };
-        assert_eq!(rule(r.admit(&bill(30, 1), c, &[2; 32], "").await), "allowed");
-        assert_eq!(rule(r.admit(&bill(30, 1), c, &[2; 32], "").await), "allowed");
+        assert_eq!(
+            rule(r.admit(&bill(30, 1), c, &[2; 32], "").await),
+            "allowed"
+        );
+        assert_eq!(
+            rule(r.admit(&bill(30, 1), c, &[2; 32], "").await),
+            "allowed"
+        );
         assert_eq!(
             rule(r.admit(&bill(29, 1), c, &[3; 32], "").await),
             "one-bill-per-period"

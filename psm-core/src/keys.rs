@@ -168,10 +168,21 @@ impl ShareFile {
                 meta.len()
             )));
         }
-        let bytes = fs::read(path).map_err(|e| KeyFileError::Read {
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = meta.permissions().mode() & 0o777;
+            if mode & 0o077 != 0 {
+                return Err(invalid(format!(
+                    "mode {mode:04o} lets other users read key shares; run `chmod 600 {}`",
+                    path.display()
+                )));
+            }
+        }
+        let bytes = zeroize::Zeroizing::new(fs::read(path).map_err(|e| KeyFileError::Read {
             path: path.to_owned(),
             source: e,
-        })?;
+        })?);
         let file: ShareFile = bincode::deserialize(&bytes).map_err(|e| invalid(e.to_string()))?;
         file.validate().map_err(invalid)?;
         Ok(file)
@@ -179,10 +190,12 @@ impl ShareFile {
 
     /// Writes the file with mode 0600 (temp file, fsync, rename).
     pub fn write(&self, path: &Path) -> Result<(), KeyFileError> {
-        let bytes = bincode::serialize(self).map_err(|e| KeyFileError::Invalid {
-            path: path.to_owned(),
-            reason: e.to_string(),
-        })?;
+        let bytes = zeroize::Zeroizing::new(bincode::serialize(self).map_err(|e| {
+            KeyFileError::Invalid {
+                path: path.to_owned(),
+                reason: e.to_string(),
+            }
+        })?);
         write_atomic(path, &bytes, 0o600)
     }
 }

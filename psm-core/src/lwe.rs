@@ -38,7 +38,10 @@ impl Encoding {
     pub fn validate(&self) -> Result<(), ThresholdError> {
         if self.message_bits == 0
             || self.delta_log2 == 0
-            || self.delta_log2 + self.message_bits > 128
+            || self
+                .delta_log2
+                .checked_add(self.message_bits)
+                .is_none_or(|bits| bits > 128)
         {
             return Err(ThresholdError::BadEncoding(format!(
                 "delta 2^{} with {} message bits does not fit in 128 bits",
@@ -213,6 +216,14 @@ mod tests {
         assert!(Encoding {
             delta_log2: 125,
             message_bits: 4,
+            signed: false
+        }
+        .validate()
+        .is_err());
+        // A request's sum that would wrap a u32 to something small is refused, not accepted.
+        assert!(Encoding {
+            delta_log2: u32::MAX,
+            message_bits: 2,
             signed: false
         }
         .validate()

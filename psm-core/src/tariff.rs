@@ -44,6 +44,14 @@ pub struct Tariff {
 /// Largest price accepted (milli-minor units per kWh): 1,000 currency units per kWh.
 const MAX_PRICE_MILLI: i64 = 100_000_000;
 
+/// Longest period a tiered cost is computed over, days (the longest bill).
+pub const MAX_TIERED_DAYS: u64 = 62;
+
+/// Largest tier price: the tiered cost is Σ (energy in tier) × price in an encrypted u64, and the
+/// period total can reach MAX_TIERED_DAYS × (2^32 − 1) Wh (every daily register at its maximum),
+/// so no price may let that product wrap. About 690 currency units per kWh.
+pub const MAX_TIER_PRICE_MILLI: u64 = u64::MAX / (MAX_TIERED_DAYS * u32::MAX as u64);
+
 impl Tariff {
     /// Checks the time zone and that every local hour of the week falls in exactly one band.
     pub fn new(
@@ -156,9 +164,9 @@ pub fn tiers(t: &[(u64, i64)]) -> Result<Vec<Tier>, TariffError> {
     let mut last = 0u64;
     for (i, (up_to_kwh, price)) in t.iter().enumerate() {
         let is_last = i + 1 == t.len();
-        if !(0..=MAX_PRICE_MILLI).contains(price) {
+        if !(0..=MAX_TIER_PRICE_MILLI as i64).contains(price) {
             return Err(TariffError(format!(
-                "tier {i}: price must be 0..={MAX_PRICE_MILLI}"
+                "tier {i}: price must be 0..={MAX_TIER_PRICE_MILLI} (so the encrypted tiered cost of {MAX_TIERED_DAYS} days at the registers' maximum cannot wrap)"
             )));
         }
         let up_to_wh = match (*up_to_kwh, is_last) {
@@ -297,6 +305,19 @@ pub fn price(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tier_prices_cannot_wrap_the_encrypted_cost() {
+        // The worst case fits: every register at its maximum for the longest period.
+        let worst =
+            u128::from(MAX_TIERED_DAYS) * u128::from(u32::MAX) * u128::from(MAX_TIER_PRICE_MILLI);
+        assert!(worst <= u128::from(u64::MAX));
+        assert!(tiers(&[(0, MAX_TIER_PRICE_MILLI as i64)]).is_ok());
+        // One milli more, or the band price limit, could wrap: refused.
+        let e = tiers(&[(0, MAX_TIER_PRICE_MILLI as i64 + 1)]).unwrap_err();
+        assert!(e.to_string().contains("cannot wrap"), "{e}");
+        assert!(tiers(&[(100, 1), (0, MAX_PRICE_MILLI)]).is_err());
+    }
 
     fn band(name: &str, mask: u32, s: u32, e: u32, imp: i64, exp: i64) -> Band {
         Band {

@@ -191,7 +191,10 @@ fn tampered_partial_is_named_and_excluded() {
             s.values[0] = s.values[0].wrapping_add(1u128 << 121);
         }
         let err = combine(scheme, &batch, SQUASHED_BLOCK, 70, &resp).unwrap_err();
-        assert!(matches!(err, ThresholdError::Undecidable(_)), "{t}-of-{n}: {err}");
+        assert!(
+            matches!(err, ThresholdError::Undecidable(_)),
+            "{t}-of-{n}: {err}"
+        );
     }
 }
 
@@ -236,7 +239,10 @@ fn a_colluding_majority_on_one_share_cannot_outvote_its_honest_holder() {
         let out = combine(scheme, &batch, SQUASHED_BLOCK, 70, &resp).unwrap();
         let named: Vec<usize> = out.faulty.iter().map(|(p, _)| *p).collect();
         assert_eq!(named, [liar]);
-        assert_eq!(out.values, msgs.iter().map(|m| *m as i128).collect::<Vec<_>>());
+        assert_eq!(
+            out.values,
+            msgs.iter().map(|m| *m as i128).collect::<Vec<_>>()
+        );
     }
 }
 
@@ -292,7 +298,10 @@ fn shifts_inside_the_agreement_window_still_decrypt_correctly() {
                 }
                 let out = combine(scheme, &batch, SQUASHED_BLOCK, 70, &resp).unwrap();
                 assert_eq!(out.values, want, "{t}-of-{n}, liar {liar}");
-                assert!(out.faulty.is_empty(), "inside the window nothing is noticed");
+                assert!(
+                    out.faulty.is_empty(),
+                    "inside the window nothing is noticed"
+                );
             }
         }
     }

@@ -26,6 +26,11 @@ pub enum Role {
 }
 
 impl Role {
+    /// Whether certificates of this role may serve TLS: the services only.
+    pub fn is_server(self) -> bool {
+        matches!(self, Role::Ingest | Role::Compute | Role::Keyshare)
+    }
+
     /// Every role, in a stable order.
     pub const ALL: [Role; 7] = [
         Role::Meter,

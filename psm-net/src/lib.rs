@@ -11,6 +11,7 @@ pub mod error;
 pub mod identity;
 pub mod pki;
 pub mod quorum;
+pub mod quota;
 pub mod roles;
 pub mod server;
 pub mod telemetry;

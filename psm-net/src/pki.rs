@@ -172,8 +172,9 @@ impl DevPki {
         )
     }
 
-    /// Issues a certificate for `spiffe://<td>/<role>/<name>`, usable as both TLS server and
-    /// client, with DNS SANs `localhost` and `name` and IP SAN 127.0.0.1.
+    /// Issues a certificate for `spiffe://<td>/<role>/<name>` with DNS SANs `localhost` and
+    /// `name` and IP SAN 127.0.0.1: a TLS client certificate, and a server certificate too for
+    /// the service roles (ingest, compute, keyshare).
     pub fn issue(
         &self,
         role: Role,
@@ -206,10 +207,16 @@ impl DevPki {
             KeyUsagePurpose::DigitalSignature,
             KeyUsagePurpose::KeyEncipherment,
         ];
-        params.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
+        // Only services serve: a meter, head-end, operator or auditor certificate must not be
+        // able to stand in for a server (a head-end passing itself off as ingest).
+        params.extended_key_usages = if role.is_server() {
+            vec![
+                ExtendedKeyUsagePurpose::ServerAuth,
+                ExtendedKeyUsagePurpose::ClientAuth,
+            ]
+        } else {
+            vec![ExtendedKeyUsagePurpose::ClientAuth]
+        };
         params.not_before = validity.not_before;
         params.not_after = validity.not_after;
         params.use_authority_key_identifier_extension = true;

@@ -258,10 +258,7 @@ async fn main() {
     let t = Instant::now();
     let counts = decrypt_via_files(&shares[..2], &tid, &hist_batch, SQUASHED_BLOCK).unwrap();
     let hist_t = t.elapsed();
-    let got: Vec<u32> = counts
-        .chunks(4)
-        .map(|c| recompose(c, 16) as u32)
-        .collect();
+    let got: Vec<u32> = counts.chunks(4).map(|c| recompose(c, 16) as u32).collect();
     assert_eq!(got, plain_counts);
     println!(
         "| decrypt the histogram's 16 blocks in-process (2 share files) | {:.3} s |",

@@ -63,7 +63,10 @@ async fn main() {
     let mut three = Vec::new();
     for _ in 0..ITERS {
         let t = Instant::now();
-        assert_eq!(in_process(&shares[..2], key_id, &squashed, SQUASHED_BLOCK), want);
+        assert_eq!(
+            in_process(&shares[..2], key_id, &squashed, SQUASHED_BLOCK),
+            want
+        );
         two.push(t.elapsed());
         let t = Instant::now();
         assert_eq!(in_process(&shares, key_id, &squashed, SQUASHED_BLOCK), want);

@@ -326,7 +326,11 @@ async fn decrypt_and_release_through_three_keyshares_and_audit() {
         Code::FailedPrecondition,
         "re-execution",
     );
-    assert!(e.message().contains("not stored at ingest"), "{}", e.message());
+    assert!(
+        e.message().contains("not stored at ingest"),
+        "{}",
+        e.message()
+    );
     // Restating the noise bound (which once fed the flooding PRF) buys no fresh, independent
     // flooding of the same ciphertext: the key's noise bound is fixed.
     let mut restated = req.clone();

@@ -394,7 +394,43 @@ async fn every_rule_refuses_its_case_and_allows_its_neighbour() {
         i + 4 >= RATE,
         "throttled after {i} requests; the limit is {RATE} a minute"
     );
-    // Another caller is not: its (malformed) request is judged, not throttled.
+    // A throttled caller flooding the keyshare directly does not flood its audit log: the
+    // refusal that started the throttling was recorded, the next ones are only counted (and
+    // summarized in that caller's next record).
+    let mut direct: KeyshareClient<GrpcChannel> = KeyshareClient::new(pki.channel(
+        sys.keyshares[0].port,
+        "keyshare-1",
+        Role::Compute,
+        "compute",
+    ));
+    let audit_len = |mut c: KeyshareClient<GrpcChannel>| async move {
+        c.status(psm_proto::v1::StatusRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .audit_len
+    };
+    let before = audit_len(direct.clone()).await;
+    let mut limited = 0u64;
+    for k in 0..25 {
+        let e = direct
+            .release(ReleaseRequest {
+                idempotency_key: format!("burst-{k}"),
+                release: None,
+            })
+            .await
+            .unwrap_err();
+        limited += u64::from(e.code() == Code::ResourceExhausted);
+    }
+    // A token may refill during the burst: that request is judged and recorded, with the
+    // count of the refusals before it (two records). Each refusal its own record would be 25.
+    let grown = audit_len(direct.clone()).await - before;
+    assert!(limited >= 20, "only {limited} of 25 were throttled");
+    assert!(
+        grown <= 2 * (25 - limited),
+        "{limited} rate-limited refusals appended {grown} records"
+    );
+    // Another caller is not throttled: its (malformed) request is judged.
     let mut other: KeyshareClient<GrpcChannel> = KeyshareClient::new(pki.channel(
         sys.keyshares[0].port,
         "keyshare-1",

@@ -80,6 +80,18 @@ fn squashed_integers_and_bools_through_any_quorum() {
             .map(|p| ShareFile::read(p).unwrap())
             .collect();
         let tfhe_id = &out.manifest.tfhe_key_id;
+        // A share file other users could read is refused, not used.
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let dir = tempfile::tempdir().unwrap();
+            let open = dir.path().join("share.bin");
+            std::fs::copy(&out.share_files[0], &open).unwrap();
+            std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o644)).unwrap();
+            let e = ShareFile::read(&open).err().expect("mode 0644 refused");
+            assert!(e.to_string().contains("chmod 600"), "{e}");
+            std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o600)).unwrap();
+            assert!(ShareFile::read(&open).is_ok());
+        }
         for s in &shares {
             let held: Vec<&str> = s.keys.iter().map(|k| k.key_id.as_str()).collect();
             assert_eq!(

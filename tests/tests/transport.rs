@@ -363,3 +363,50 @@ async fn sigterm_stops_gracefully() {
         ks.log_text()
     );
 }
+
+/// A head-end certificate (from the same CA) cannot stand in for a server: the dev PKI gives
+/// serverAuth to the service roles only, so a head-end serving "ingest" on its own certificate
+/// fails every client's handshake. Before, every certificate could serve.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_only_certificate_cannot_serve() {
+    let pki = TestPki::new(TD);
+    let tls = pki.tls(Role::Headend, "headend-1");
+    let port = psm_e2e::free_port();
+    let mut child = std::process::Command::new(psm_e2e::bin("ingest-svc"))
+        .arg("--listen")
+        .arg(format!("127.0.0.1:{port}"))
+        .arg("--trust-domain")
+        .arg(TD)
+        .arg("--tls-cert")
+        .arg(&tls.cert)
+        .arg("--tls-key")
+        .arg(&tls.key)
+        .arg("--tls-ca")
+        .arg(&tls.ca)
+        .arg("--data-dir")
+        .arg(pki.dir.path().join("impostor-data"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // The process listens (a TCP connection succeeds) ...
+    let mut listening = false;
+    for _ in 0..100 {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            listening = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(listening, "the impostor never listened");
+    // ... but no client accepts its certificate as a server's.
+    let ch = pki.channel(port, "headend-1", Role::Operator, "billing");
+    let res = psm_net::client::wait_serving(ch, INGEST, Duration::from_secs(3)).await;
+    assert!(res.is_err(), "a head-end certificate served TLS");
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "it was the handshake that failed"
+    );
+    child.kill().unwrap();
+    let _ = child.wait();
+}
