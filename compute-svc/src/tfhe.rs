@@ -172,15 +172,27 @@ impl TfheEngine {
             start_unix: first_day * psm_core::readings::DAY_SECONDS,
             end_unix: (first_day + days) * psm_core::readings::DAY_SECONDS,
         };
-        let mut stream =
-            psm_net::client::stream_readings(ingest, meters.to_vec(), range, Track::Tfhe).await?;
+        let wanted: psm_net::client::Wanted = meters
+            .iter()
+            .flat_map(|m| {
+                (first_day..first_day + days)
+                    .map(move |d| ((m.clone(), psm_core::readings::format_day(d)), None))
+            })
+            .collect();
+        use psm_net::client::FetchError;
+        let fetched = psm_net::client::fetch_days(ingest, &wanted, range, Track::Tfhe)
+            .await
+            .map_err(|e| match e {
+                FetchError::Unavailable(_) => Status::unavailable(e.to_string()),
+                FetchError::Missing { meter, day } => Status::failed_precondition(format!(
+                    "meter {meter} has no register readings (tfhe track) for {day}; demand charges, tiers and analytics need every day"
+                )),
+                other => Status::internal(other.to_string()),
+            })?;
         let mut got: BTreeMap<(String, i64), RegisterInput> = BTreeMap::new();
-        while let Some(b) = psm_net::client::next_reading(&mut stream).await? {
-            let day =
-                parse_day(&b.day).map_err(|e| Status::internal(format!("ingest returned {e}")))?;
-            if day < first_day || day >= first_day + days || !meters.contains(&b.meter_id) {
-                continue;
-            }
+        for ((meter_id, day_text), b) in fetched {
+            let day = parse_day(&day_text)
+                .map_err(|e| Status::internal(format!("ingest returned {e}")))?;
             let kid = b
                 .key
                 .as_ref()
@@ -188,40 +200,24 @@ impl TfheEngine {
                 .unwrap_or_default();
             if kid != self.key_id {
                 return Err(Status::failed_precondition(format!(
-                    "{} {} is under key {kid:?}, not {}",
-                    b.meter_id, b.day, self.key_id
-                )));
-            }
-            if blake3::hash(&b.ciphertext).as_bytes().as_slice() != b.ciphertext_hash.as_slice() {
-                return Err(Status::internal(format!(
-                    "stored registers {} {} do not match their hash",
-                    b.meter_id, b.day
+                    "{meter_id} {day_text} is under key {kid:?}, not {}",
+                    self.key_id
                 )));
             }
             got.insert(
-                (b.meter_id.clone(), day),
+                (meter_id.clone(), day),
                 RegisterInput {
                     input: InputRef {
-                        meter_id: b.meter_id.clone(),
-                        day: b.day.clone(),
+                        meter_id: meter_id.clone(),
+                        day: day_text,
                         track: Track::Tfhe as i32,
-                        ciphertext_hash: b.ciphertext_hash.clone(),
+                        ciphertext_hash: b.ciphertext_hash,
                     },
-                    meter_id: b.meter_id,
+                    meter_id,
                     day,
                     bytes: b.ciphertext,
                 },
             );
-        }
-        for m in meters {
-            for d in first_day..first_day + days {
-                if !got.contains_key(&(m.clone(), d)) {
-                    return Err(Status::failed_precondition(format!(
-                        "meter {m} has no register readings (tfhe track) for {}; demand charges, tiers and analytics need every day",
-                        psm_core::readings::format_day(d)
-                    )));
-                }
-            }
         }
         Ok(got.into_values().collect())
     }

@@ -7,6 +7,7 @@ pub mod linear;
 pub mod policy;
 pub mod reexec;
 pub mod registry;
+pub mod rules;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -38,6 +39,7 @@ use crate::policy::{
 };
 use crate::reexec::Reexecutor;
 use crate::registry::Registry;
+use crate::rules::Rule;
 use psm_core::linear::envelope::{EnrollmentSecret, PublishedKey};
 use psm_core::linear::release::release_from_proto;
 
@@ -120,8 +122,8 @@ pub struct KeyshareService {
 
 fn invalid(e: ThresholdError) -> Refusal {
     let rule = match e {
-        ThresholdError::Invariant(_) => "flooding-invariant",
-        _ => "well-formed",
+        ThresholdError::Invariant(_) => Rule::NoiseBound,
+        _ => Rule::WellFormed,
     };
     refuse(rule, Code::InvalidArgument, e)
 }
@@ -260,7 +262,7 @@ impl KeyshareService {
             .await
             .map_err(|e| {
                 refuse(
-                    "internal",
+                    Rule::Internal,
                     Code::Internal,
                     format!("enrollment sync task failed: {e}"),
                 )
@@ -270,7 +272,7 @@ impl KeyshareService {
     fn linear(&self) -> Result<&Arc<LinearState>, Refusal> {
         self.linear.as_ref().ok_or_else(|| {
             refuse(
-                "linear-track",
+                Rule::LinearTrack,
                 Code::FailedPrecondition,
                 "this keyshare has no [keyshare] public_dir, so it serves no linear-track releases",
             )
@@ -287,7 +289,7 @@ impl KeyshareService {
         self.limiter.admit(who)?;
         if !valid_idempotency_key(&req.idempotency_key) {
             return Err(refuse(
-                "well-formed",
+                Rule::WellFormed,
                 Code::InvalidArgument,
                 "idempotency_key must be 1..=128 printable ASCII characters",
             ));
@@ -295,13 +297,13 @@ impl KeyshareService {
         let lin = self.linear()?;
         let pb = req.release.as_ref().ok_or_else(|| {
             refuse(
-                "release",
+                Rule::Release,
                 Code::InvalidArgument,
                 "the request has no release",
             )
         })?;
         let release = release_from_proto(pb)
-            .map_err(|e| refuse("release", Code::InvalidArgument, e.detail()))?;
+            .map_err(|e| refuse(Rule::Release, Code::InvalidArgument, e.detail()))?;
         let allowed =
             |h: &[u8; 32]| self.policy.allow_any_program || self.allowed_programs.contains(h);
         let limits = self.policy.linear_limits();
@@ -313,7 +315,7 @@ impl KeyshareService {
             let missing = lin.missing_enrollments(&admitted)?;
             if !missing.is_empty() {
                 return Err(refuse(
-                    "enrollment",
+                    Rule::Enrollment,
                     Code::FailedPrecondition,
                     format!(
                         "{} member(s) have no enrollment for epoch {} accepted by this keyshare (first: {}); they must enroll (Ingest.Enroll) before their readings are released",
@@ -333,7 +335,7 @@ impl KeyshareService {
         .await
         .map_err(|e| {
             refuse(
-                "internal",
+                Rule::Internal,
                 Code::Internal,
                 format!("release task failed: {e}"),
             )
@@ -405,7 +407,7 @@ impl KeyshareService {
         self.limiter.admit(who)?;
         if !valid_idempotency_key(&req.idempotency_key) {
             return Err(refuse(
-                "well-formed",
+                Rule::WellFormed,
                 Code::InvalidArgument,
                 "idempotency_key must be 1..=128 printable ASCII characters",
             ));
@@ -418,21 +420,21 @@ impl KeyshareService {
         let key = self.share.key(key_id).ok_or_else(|| {
             let held: Vec<&str> = self.share.keys.iter().map(|k| k.key_id.as_str()).collect();
             refuse(
-                "known-key",
+                Rule::KnownKey,
                 Code::NotFound,
                 format!("unknown key id {key_id:?}; this keyshare holds {held:?}"),
             )
         })?;
         let pb = req.batch.as_ref().ok_or_else(|| {
             refuse(
-                "well-formed",
+                Rule::WellFormed,
                 Code::InvalidArgument,
                 "request has no ciphertext batch",
             )
         })?;
         if pb.lwe_dimension as usize != key.lwe_dimension {
             return Err(refuse(
-                "well-formed",
+                Rule::WellFormed,
                 Code::InvalidArgument,
                 format!(
                     "ciphertext dimension {} does not match key {key_id} (dimension {})",
@@ -443,7 +445,7 @@ impl KeyshareService {
         let batch = batch_from_proto(pb).map_err(invalid)?;
         if batch.len() > MAX_CIPHERTEXTS_PER_REQUEST {
             return Err(refuse(
-                "size-limit",
+                Rule::SizeLimit,
                 Code::ResourceExhausted,
                 format!(
                     "{} ciphertexts in one request; the limit is {MAX_CIPHERTEXTS_PER_REQUEST}",
@@ -457,7 +459,7 @@ impl KeyshareService {
 
         let manifest = req.manifest.as_ref().ok_or_else(|| {
             refuse(
-                "manifest-required",
+                Rule::ManifestRequired,
                 Code::FailedPrecondition,
                 "a partial decryption must name its computation (manifest)",
             )
@@ -466,7 +468,7 @@ impl KeyshareService {
         let output_hash = batch.hash();
         if manifest.output_hash != output_hash {
             return Err(refuse(
-                "output-hash",
+                Rule::OutputHash,
                 Code::FailedPrecondition,
                 "manifest output_hash does not match the ciphertexts to decrypt",
             ));
@@ -486,7 +488,7 @@ impl KeyshareService {
         };
         if recomputed.hash() != output_hash {
             return Err(refuse(
-                "re-execution",
+                Rule::ReExecution,
                 Code::FailedPrecondition,
                 format!(
                     "the {} re-executed from the {} named stored input(s) does not match the ciphertexts to decrypt",
@@ -517,7 +519,7 @@ impl KeyshareService {
         .await
         .map_err(|e| {
             refuse(
-                "internal",
+                Rule::Internal,
                 Code::Internal,
                 format!("decryption task failed: {e}"),
             )
@@ -613,7 +615,13 @@ impl KeyshareService {
             .acquire_owned()
             .await
             .map(Arc::new)
-            .map_err(|_| refuse("available", Code::Unavailable, "keyshare is shutting down"))
+            .map_err(|_| {
+                refuse(
+                    Rule::Available,
+                    Code::Unavailable,
+                    "keyshare is shutting down",
+                )
+            })
     }
 
     /// Records a decision in the audit log, then answers: an allowed answer leaves only after its
@@ -632,7 +640,7 @@ impl KeyshareService {
             Ok((_, reason)) => (true, "allowed", reason.clone()),
             Err(r) => (false, r.rule, r.status.message().to_owned()),
         };
-        let unrecorded = if rule == "rate-limit" {
+        let unrecorded = if rule == Rule::RateLimit.name() {
             match self.limiter.refusal_to_record(who) {
                 Some(n) => n,
                 None => {
@@ -648,7 +656,7 @@ impl KeyshareService {
         let summary = format!(
             "{unrecorded} further request(s) from {who} were refused by the rate limit and not recorded one by one"
         );
-        if rule == "rate-limit" && unrecorded > 0 {
+        if rule == Rule::RateLimit.name() && unrecorded > 0 {
             reason.push_str(&format!("; {summary}"));
         }
         let decision = Decision {
@@ -658,11 +666,11 @@ impl KeyshareService {
             reason: &reason,
             request_hash,
         };
-        let seq = if rule != "rate-limit" && unrecorded > 0 {
+        let seq = if rule != Rule::RateLimit.name() && unrecorded > 0 {
             let tally = Decision {
                 caller: who,
                 allow: false,
-                rule: "rate-limit",
+                rule: Rule::RateLimit.name(),
                 reason: &summary,
                 request_hash: &[],
             };

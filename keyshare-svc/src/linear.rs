@@ -25,6 +25,7 @@ use tonic::Code;
 use crate::audit::{AuditLog, Decision};
 use crate::policy::{refuse, Refusal};
 use crate::registry::{Encryption, Registry};
+use crate::rules::Rule;
 
 /// Cached cohort key shares (64 KiB each).
 const COHORT_KEY_CACHE: usize = 1024;
@@ -38,7 +39,7 @@ const MAX_ENROLLMENT_BYTES: usize = 1 << 20;
 
 fn store(e: impl std::fmt::Display) -> Refusal {
     refuse(
-        "internal",
+        Rule::Internal,
         Code::Unavailable,
         format!("linear-track store: {e}"),
     )
@@ -226,7 +227,7 @@ impl LinearState {
         let _g = self.sync_lock.lock().await;
         let ingest = self.ingest.clone().ok_or_else(|| {
             refuse(
-                "enrollment",
+                Rule::Enrollment,
                 Code::FailedPrecondition,
                 "this keyshare has no [keyshare] ingest_url, so it cannot fetch enrollments",
             )
@@ -242,7 +243,7 @@ impl LinearState {
             .await
             .map_err(|e| {
                 refuse(
-                    "enrollment",
+                    Rule::Enrollment,
                     Code::Unavailable,
                     format!("cannot fetch enrollments from ingest: {}", e.message()),
                 )
@@ -253,7 +254,7 @@ impl LinearState {
         loop {
             let next = stream.message().await.map_err(|e| {
                 refuse(
-                    "enrollment",
+                    Rule::Enrollment,
                     Code::Unavailable,
                     format!("ingest: {}", e.message()),
                 )
@@ -262,7 +263,7 @@ impl LinearState {
             if let Some(e) = next {
                 if e.seq <= last {
                     return Err(refuse(
-                        "enrollment",
+                        Rule::Enrollment,
                         Code::Unavailable,
                         format!(
                             "ingest sent enrollment sequence {} after {last}: out of order",
@@ -431,10 +432,9 @@ impl LinearState {
             })
             .collect();
         if !records.is_empty() {
-            audit
-                .append_many(&records)
-                .await
-                .map_err(|e| refuse("internal", Code::Unavailable, format!("audit log: {e}")))?;
+            audit.append_many(&records).await.map_err(|e| {
+                refuse(Rule::Internal, Code::Unavailable, format!("audit log: {e}"))
+            })?;
         }
         if report.accepted + report.refused > 0 {
             tracing::info!(
@@ -461,7 +461,7 @@ impl LinearState {
             let min_slots = u64::from(limits.min_bill_days) * SLOTS_PER_DAY as u64;
             if spec.end_slot - spec.start_slot < min_slots {
                 return Err(refuse(
-                    "bill-period",
+                    Rule::BillPeriod,
                     Code::FailedPrecondition,
                     format!(
                         "a bill covers at least {} day(s); this one covers {} .. {}",
@@ -474,7 +474,7 @@ impl LinearState {
         }
         if spec.kind == ComputationKind::Bill && !program_allowed(&spec.program_hash) {
             return Err(refuse(
-                "allowed-program",
+                Rule::AllowedProgram,
                 Code::PermissionDenied,
                 format!(
                     "bill program (tariff) {} is not among this keyshare's allowed_programs",
@@ -490,7 +490,7 @@ impl LinearState {
                 match self.registry.lookup(m) {
                     None => {
                         return Err(refuse(
-                            "registry",
+                            Rule::Registry,
                             Code::FailedPrecondition,
                             format!("meter {m} is not on this keyshare's registry"),
                         ))
@@ -503,7 +503,7 @@ impl LinearState {
             private_members.push(private);
             if spec.kind == ComputationKind::Aggregate && counted < min_cohort {
                 return Err(refuse(
-                    "k-anonymity",
+                    Rule::KAnonymity,
                     Code::FailedPrecondition,
                     format!(
                         "cohort {c} has {counted} meter-encrypted member(s) of {}; this keyshare releases cohorts of at least {min_cohort} (head-end-encrypted meters do not count)",
@@ -525,7 +525,7 @@ impl LinearState {
         for ((index, cohort), r) in release.outputs.iter().zip(spec.runs_of(&indices)) {
             if r.is_empty() {
                 return Err(refuse(
-                    "release",
+                    Rule::Release,
                     Code::InvalidArgument,
                     format!("output {index} has no slot in the range"),
                 ));
@@ -538,7 +538,7 @@ impl LinearState {
                     .div_ceil(7 * SLOTS_PER_DAY as u64);
                 if slots < need {
                     return Err(refuse(
-                        "band-width",
+                        Rule::BandWidth,
                         Code::FailedPrecondition,
                         format!(
                             "band {index} covers {slots} five-minute slots of the period; this keyshare releases bands of at least {} hours per week ({need} slots here)",
@@ -552,7 +552,7 @@ impl LinearState {
                 release.cohorts[*cohort].len(),
                 &r,
             )
-            .map_err(|e| refuse("noise-bound", Code::InvalidArgument, e.detail()))?;
+            .map_err(|e| refuse(Rule::NoiseBound, Code::InvalidArgument, e.detail()))?;
             output_hashes.push(psm_core::linear::release::output_hash(
                 spec,
                 &cohort_hashes[*cohort],
@@ -628,7 +628,7 @@ impl LinearState {
                     }
                     if start != spec.start_slot || end != spec.end_slot {
                         return Err(refuse(
-                            "one-bill-per-period",
+                            Rule::OneBillPerPeriod,
                             Code::FailedPrecondition,
                             format!(
                                 "meter {meter} ({}) was billed for {} .. {}, which overlaps {} .. {}; bills of a meter never overlap, and a re-issue covers exactly the same period",
@@ -646,7 +646,7 @@ impl LinearState {
                         && !v[44..].chunks_exact(32).any(|c| c == a.release_hash)
                     {
                         return Err(refuse(
-                            "one-bill-per-period",
+                            Rule::OneBillPerPeriod,
                             Code::FailedPrecondition,
                             format!(
                                 "meter {meter} ({}) was billed for this period under another tariff; a re-issue uses the same tariff (their difference would isolate the readings between the two band layouts)",
@@ -670,7 +670,7 @@ impl LinearState {
                         let reason = a.release.reissue_reason.trim();
                         if reason.is_empty() {
                             return Err(refuse(
-                                "one-bill-per-period",
+                                Rule::OneBillPerPeriod,
                                 Code::FailedPrecondition,
                                 format!(
                                     "meter {meter} ({}) was already billed for exactly this period differently; re-issue it with a stated reason",
@@ -680,7 +680,7 @@ impl LinearState {
                         }
                         if n >= max_reissues {
                             return Err(refuse(
-                                "one-bill-per-period",
+                                Rule::OneBillPerPeriod,
                                 Code::FailedPrecondition,
                                 format!(
                                     "meter {meter}'s bill for this period was re-issued {n} time(s); this keyshare allows {max_reissues}"
@@ -762,7 +762,7 @@ impl LinearState {
                         };
                         if !disjoint {
                             return Err(refuse(
-                                "differencing",
+                                Rule::Differencing,
                                 Code::FailedPrecondition,
                                 format!(
                                     "the cohort of {} meter-encrypted meters for {} .. {} overlaps, without being equal to it, a cohort released for {} .. {} (same channel, or another epoch); releases over the same slots must have equal or disjoint cohorts",
@@ -834,7 +834,7 @@ impl LinearState {
                     .map_err(store)?
                     .ok_or_else(|| {
                         refuse(
-                            "enrollment",
+                            Rule::Enrollment,
                             Code::FailedPrecondition,
                             format!(
                                 "meter {m} has no enrolled seed for epoch {epoch} at this keyshare"

@@ -14,32 +14,34 @@ use psm_proto::v1::{ComputationKind, ComputationManifest, Track};
 use serde::Deserialize;
 use tonic::Status;
 
+use crate::rules::Rule;
+
 /// Most inputs one manifest may name.
 pub const MAX_INPUTS: usize = 100_000;
 /// Longest range of one release, days (the longest billing period).
 pub const MAX_RELEASE_DAYS: i64 = 62;
 
-/// A refusal: the status returned and the rule recorded in the audit log.
+/// A refusal: the status returned and the rule recorded in the audit log (the rule's name).
 #[derive(Debug)]
 pub struct Refusal {
     pub status: Status,
     pub rule: &'static str,
 }
 
-/// Builds a refusal whose message starts with the rule's name.
-pub fn refuse(rule: &'static str, code: tonic::Code, msg: impl std::fmt::Display) -> Refusal {
+/// Builds a refusal by `rule`, whose message starts with the rule's name.
+pub fn refuse(rule: Rule, code: tonic::Code, msg: impl std::fmt::Display) -> Refusal {
     Refusal {
         status: Status::new(code, format!("{rule}: {msg}")),
-        rule,
+        rule: rule.name(),
     }
 }
 
-fn precondition(rule: &'static str, msg: impl std::fmt::Display) -> Refusal {
+fn precondition(rule: Rule, msg: impl std::fmt::Display) -> Refusal {
     refuse(rule, tonic::Code::FailedPrecondition, msg)
 }
 
 fn malformed(msg: impl std::fmt::Display) -> Refusal {
-    refuse("manifest", tonic::Code::InvalidArgument, msg)
+    refuse(Rule::Manifest, tonic::Code::InvalidArgument, msg)
 }
 
 /// The `[keyshare.policy]` section: this regulator's rules.
@@ -176,7 +178,7 @@ impl RateLimiter {
     pub fn admit(&self, caller: &str) -> Result<(), Refusal> {
         self.quota.take(caller, 1).map_err(|wait| {
             refuse(
-                "rate-limit",
+                Rule::RateLimit,
                 tonic::Code::ResourceExhausted,
                 format!(
                     "{caller} is over this keyshare's limit of {} requests per minute; retry in {} s",
@@ -238,7 +240,7 @@ pub fn check_manifest(
     let kind = match ComputationKind::try_from(m.kind) {
         Ok(ComputationKind::Unspecified) | Err(_) => {
             return Err(precondition(
-                "manifest-required",
+                Rule::ManifestRequired,
                 "the manifest must state the computation kind (bill, aggregate or analytics)",
             ))
         }
@@ -273,7 +275,7 @@ pub fn check_manifest(
     // Re-execution expands every input in memory: the same bound as compute's.
     if m.inputs.len() > psm_core::tfhe_program::MAX_TFHE_INPUTS {
         return Err(refuse(
-            "size-limit",
+            Rule::SizeLimit,
             tonic::Code::ResourceExhausted,
             format!(
                 "{} inputs; a tfhe-track program is re-executed on at most {}",
@@ -350,7 +352,7 @@ pub fn check_manifest(
             Ok(())
         } else {
             Err(refuse(
-                "allowed-program",
+                Rule::AllowedProgram,
                 tonic::Code::PermissionDenied,
                 format!(
                     "{what} program {} is not among this keyshare's allowed_programs",
@@ -363,7 +365,7 @@ pub fn check_manifest(
         ComputationKind::Bill => {
             if checked.meters.len() != 1 {
                 return Err(precondition(
-                    "bill-shape",
+                    Rule::BillShape,
                     format!(
                         "a bill covers one meter; the inputs name {}",
                         checked.meters.len()
@@ -372,7 +374,7 @@ pub fn check_manifest(
             }
             if (seen.len() as i64) != end_day - first_day {
                 return Err(precondition(
-                    "bill-shape",
+                    Rule::BillShape,
                     format!(
                         "a bill must use every day of its period {} exactly once; the inputs name {} days",
                         checked.days(),
@@ -382,7 +384,7 @@ pub fn check_manifest(
             }
             if end_day - first_day < i64::from(cfg.min_bill_days) {
                 return Err(precondition(
-                    "bill-period",
+                    Rule::BillPeriod,
                     format!(
                         "the bill covers {} day(s); this keyshare releases bills of at least {} days (min_bill_days), since short bills release a few readings each",
                         end_day - first_day,
@@ -395,7 +397,7 @@ pub fn check_manifest(
         ComputationKind::Aggregate | ComputationKind::Analytics => {
             if checked.meters.len() < cfg.min_cohort {
                 return Err(precondition(
-                    "k-anonymity",
+                    Rule::KAnonymity,
                     format!(
                         "the release covers {} meter(s); this keyshare releases cohorts of at least {}",
                         checked.meters.len(),
@@ -410,7 +412,7 @@ pub fn check_manifest(
                 let days = (end_day - first_day) as usize;
                 if seen.len() != checked.meters.len() * days {
                     return Err(precondition(
-                        "analytics-shape",
+                        Rule::AnalyticsShape,
                         format!(
                             "a histogram must use every day of {} for each of its {} meters exactly once; the inputs name {} meter-days, not {}",
                             checked.days(),
@@ -432,7 +434,7 @@ pub fn check_manifest(
                 }
             } else {
                 return Err(precondition(
-                    "manifest",
+                    Rule::Manifest,
                     "aggregates are linear-track releases (Keyshare.Release); no tfhe-track aggregate program exists",
                 ));
             }
@@ -444,7 +446,7 @@ pub fn check_manifest(
 
 fn store(e: sled::Error) -> Refusal {
     refuse(
-        "internal",
+        Rule::Internal,
         tonic::Code::Unavailable,
         format!("release store: {e}"),
     )
@@ -522,7 +524,7 @@ impl Releases {
                     };
                     if reissue_reason.trim().is_empty() {
                         return Err(precondition(
-                            "one-bill-per-period",
+                            Rule::OneBillPerPeriod,
                             format!(
                                 "meter {meter} was already billed for {}, which overlaps {}; re-issue with a stated reason",
                                 earlier.days(),
@@ -535,7 +537,7 @@ impl Releases {
                     let same_program = c.program_hash.is_some_and(|h| v.get(8..40) == Some(&h[..]));
                     if (first, end) != (c.first_day, c.end_day) || !same_program {
                         return Err(precondition(
-                            "one-bill-per-period",
+                            Rule::OneBillPerPeriod,
                             format!(
                                 "meter {meter} was billed for {} under tariff {}; a re-issue must cover exactly that period under the same tariff",
                                 earlier.days(),
@@ -547,7 +549,7 @@ impl Releases {
                 }
                 if reissues > cfg.max_reissues {
                     return Err(precondition(
-                        "one-bill-per-period",
+                        Rule::OneBillPerPeriod,
                         format!(
                             "meter {meter}'s bill for {} was already re-issued {} time(s); this keyshare allows {} (max_reissues)",
                             c.days(),
@@ -588,7 +590,7 @@ impl Releases {
                             ..c.clone()
                         };
                         return Err(precondition(
-                            "differencing",
+                            Rule::Differencing,
                             format!(
                                 "this cohort of {} meters differs by {diff} meter(s) from a cohort of {} released for {}; overlapping releases must differ in the (meter, day) pairs of at least {min_cohort} meters",
                                 mine.len(),

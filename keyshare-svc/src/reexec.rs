@@ -4,20 +4,20 @@
 //! uses, and compares the output. Evaluation is deterministic, so an honest compute node's output
 //! is reproduced exactly; anything else is refused.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use prost::Message;
 use psm_core::lwe::LweBatch;
 use psm_core::readings::DAY_SECONDS;
-use psm_net::client::{next_reading, stream_readings};
+use psm_net::client::{fetch_days, FetchError, Wanted};
 use psm_proto::v1::{ComputationKind, ComputationManifest, TimeRange, Track};
 use tonic::transport::Channel;
 use tonic::Code;
 
 use crate::policy::{refuse, Checked, Refusal};
+use crate::rules::Rule;
 
-const RULE: &str = "re-execution";
+const RULE: Rule = Rule::ReExecution;
 
 /// Re-executes programs against ingest's stored readings.
 pub struct Reexecutor {
@@ -101,41 +101,28 @@ impl Reexecutor {
             start_unix: c.first_day * DAY_SECONDS,
             end_unix: c.end_day * DAY_SECONDS,
         };
-        let wanted: HashMap<(&str, &str), usize> = m
+        let wanted: Wanted = m
             .inputs
             .iter()
-            .enumerate()
-            .map(|(i, r)| ((r.meter_id.as_str(), r.day.as_str()), i))
+            .map(|r| {
+                (
+                    (r.meter_id.clone(), r.day.clone()),
+                    Some(r.ciphertext_hash.clone()),
+                )
+            })
             .collect();
-        let mut stream = stream_readings(ingest, c.meters.clone(), range, Track::Tfhe)
+        let mut got = fetch_days(ingest, &wanted, range, Track::Tfhe)
             .await
-            .map_err(|s| refuse(RULE, Code::Unavailable, s.message()))?;
-        let mut lists: Vec<Option<Vec<u8>>> = vec![None; m.inputs.len()];
-        while let Some(b) = next_reading(&mut stream)
-            .await
-            .map_err(|s| refuse(RULE, Code::Unavailable, s.message()))?
-        {
-            let Some(&pos) = wanted.get(&(b.meter_id.as_str(), b.day.as_str())) else {
-                continue;
-            };
-            if b.ciphertext_hash != m.inputs[pos].ciphertext_hash
-                || blake3::hash(&b.ciphertext).as_bytes().as_slice() != b.ciphertext_hash.as_slice()
-            {
-                return Err(mismatch(format!(
-                    "input {} {} does not match the reading stored at ingest",
-                    b.meter_id, b.day
-                )));
-            }
-            lists[pos] = Some(b.ciphertext);
-        }
-        if let Some(pos) = lists.iter().position(Option::is_none) {
-            let r = &m.inputs[pos];
-            return Err(mismatch(format!(
-                "input {} {} is not stored at ingest",
-                r.meter_id, r.day
-            )));
-        }
-        let lists: Vec<Vec<u8>> = lists.into_iter().flatten().collect();
+            .map_err(|e| match e {
+                FetchError::Unavailable(_) => refuse(RULE, Code::Unavailable, e),
+                _ => mismatch(e),
+            })?;
+        let lists: Vec<Vec<u8>> = m
+            .inputs
+            .iter()
+            .filter_map(|r| got.remove(&(r.meter_id.clone(), r.day.clone())))
+            .map(|b| b.ciphertext)
+            .collect();
         // The inputs are the stored bytes: only now is the server key worth loading.
         let keys = self.load_tfhe().await?;
         let inputs = m.inputs.clone();
@@ -157,7 +144,11 @@ impl Reexecutor {
             match kind {
                 ComputationKind::Bill => {
                     let t = psm_proto::v1::Tariff::decode(program.as_slice()).map_err(|e| {
-                        refuse("manifest", Code::InvalidArgument, format!("tariff: {e}"))
+                        refuse(
+                            Rule::Manifest,
+                            Code::InvalidArgument,
+                            format!("tariff: {e}"),
+                        )
                     })?;
                     let tiers: Vec<(u64, i64)> = t
                         .tiers
@@ -165,7 +156,7 @@ impl Reexecutor {
                         .map(|x| (x.up_to_kwh, x.price_milli))
                         .collect();
                     let tiers = psm_core::tariff::tiers(&tiers)
-                        .map_err(|e| refuse("manifest", Code::InvalidArgument, e))?;
+                        .map_err(|e| refuse(Rule::Manifest, Code::InvalidArgument, e))?;
                     psm_core::tfhe_program::bill_registers(
                         expanded,
                         t.demand_rate_per_kw_milli > 0,
@@ -176,7 +167,7 @@ impl Reexecutor {
                 }
                 ComputationKind::Analytics => {
                     let q = psm_proto::v1::AnalyticsRequest::decode(program.as_slice()).map_err(
-                        |e| refuse("manifest", Code::InvalidArgument, format!("query: {e}")),
+                        |e| refuse(Rule::Manifest, Code::InvalidArgument, format!("query: {e}")),
                     )?;
                     // One group per meter id, whatever order the inputs came in (the manifest
                     // check requires canonical order, and every day of the range per meter).

@@ -109,3 +109,75 @@ pub async fn next_reading(
         .await
         .map_err(|e| tonic::Status::unavailable(format!("ingest: {}", e.message())))
 }
+
+/// Why stored readings could not be fetched exactly as asked ([`fetch_days`]).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FetchError {
+    /// Ingest could not be reached or failed the stream.
+    #[error("ingest: {0}")]
+    Unavailable(String),
+    /// A stored batch whose bytes are not its hash, or stored twice: store corruption.
+    #[error("the stored readings of {meter} {day} {reason}")]
+    Corrupt {
+        meter: String,
+        day: String,
+        reason: &'static str,
+    },
+    /// The stored batch is not the one the caller named (another ciphertext hash).
+    #[error("input {meter} {day} does not match the reading stored at ingest")]
+    NotNamed { meter: String, day: String },
+    /// No batch stored for a wanted (meter, day).
+    #[error("input {meter} {day} is not stored at ingest")]
+    Missing { meter: String, day: String },
+}
+
+/// (meter id, canonical day) → the ciphertext hash the caller expects there, if it names one.
+pub type Wanted = std::collections::BTreeMap<(String, String), Option<Vec<u8>>>;
+
+/// Streams the `track` batches of every wanted (meter, day) within `range` from ingest, keeps
+/// exactly those, checks each against its own hash (and the expected one, when named), and
+/// requires every one: the one loop compute and the re-executing keyshares fetch inputs with.
+pub async fn fetch_days(
+    ingest: Channel,
+    wanted: &Wanted,
+    range: psm_proto::v1::TimeRange,
+    track: psm_proto::v1::Track,
+) -> Result<std::collections::BTreeMap<(String, String), psm_proto::v1::ReadingBatch>, FetchError> {
+    let meters: std::collections::BTreeSet<&String> = wanted.keys().map(|(m, _)| m).collect();
+    let unavailable = |s: tonic::Status| FetchError::Unavailable(s.message().to_owned());
+    let mut stream = stream_readings(ingest, meters.into_iter().cloned().collect(), range, track)
+        .await
+        .map_err(unavailable)?;
+    let mut got = std::collections::BTreeMap::new();
+    while let Some(b) = next_reading(&mut stream).await.map_err(unavailable)? {
+        let key = (b.meter_id.clone(), b.day.clone());
+        let Some(expected) = wanted.get(&key) else {
+            continue;
+        };
+        let corrupt = |reason| FetchError::Corrupt {
+            meter: b.meter_id.clone(),
+            day: b.day.clone(),
+            reason,
+        };
+        if blake3::hash(&b.ciphertext).as_bytes().as_slice() != b.ciphertext_hash.as_slice() {
+            return Err(corrupt("do not match their hash"));
+        }
+        if expected.as_ref().is_some_and(|h| *h != b.ciphertext_hash) {
+            return Err(FetchError::NotNamed {
+                meter: b.meter_id,
+                day: b.day,
+            });
+        }
+        if got.contains_key(&key) {
+            return Err(corrupt("are stored twice"));
+        }
+        got.insert(key, b);
+    }
+    if let Some((meter, day)) = wanted.keys().find(|k| !got.contains_key(*k)) {
+        return Err(FetchError::Missing {
+            meter: meter.clone(),
+            day: day.clone(),
+        });
+    }
+    Ok(got)
+}
