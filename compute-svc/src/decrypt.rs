@@ -184,7 +184,13 @@ impl ThresholdDecryptor {
             };
             peers.push(Peer {
                 name: e.name.clone(),
-                channel: psm_net::client::channel(&e.url, &e.name, tls, &opts)?,
+                channel: psm_net::client::channel(
+                    &e.url,
+                    &e.name,
+                    Some(psm_net::Role::Keyshare),
+                    tls,
+                    &opts,
+                )?,
             });
         }
         Ok(ThresholdDecryptor {

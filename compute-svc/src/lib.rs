@@ -86,6 +86,7 @@ impl Engine {
         let ingest = psm_net::client::channel(
             ingest_url,
             c.ingest_server_name.as_deref().unwrap_or("ingest"),
+            Some(psm_net::Role::Ingest),
             &settings.tls,
             &psm_net::client::ClientOptions::default(),
         )?;

@@ -204,26 +204,42 @@ impl IngestService {
         })
     }
 
-    /// Spends `batches` and `bytes` of the caller's quota, or refuses the whole request.
+    /// Spends `batches` and `bytes` of the caller's quota (both or neither), or refuses the
+    /// whole request.
     fn spend_quota(
         &self,
         who: &psm_net::SpiffeId,
         batches: usize,
         bytes: usize,
     ) -> Result<(), Status> {
-        let over = |what: &str, limit: u64, wait: std::time::Duration| {
-            Status::resource_exhausted(format!(
+        use psm_net::quota::OverQuota;
+        let name = who.to_string();
+        let mut bytes_refusal = None;
+        let over = |what: &str, limit: u64, o: OverQuota| {
+            match o {
+            OverQuota::RetryIn(wait) => Status::resource_exhausted(format!(
                 "{who} is over this ingest's quota of {limit} {what} per minute; retry in {} s; nothing was stored",
                 wait.as_secs() + 1
-            ))
+            )),
+            OverQuota::TooLarge => Status::resource_exhausted(format!(
+                "the request holds more {what} than this ingest's quota of {limit} per minute allows; split it; nothing was stored"
+            )),
+        }
         };
-        let name = who.to_string();
         self.batch_quota
-            .take(&name, batches as u64)
-            .map_err(|w| over("batches", self.batch_quota.per_minute(), w))?;
-        self.byte_quota
-            .take(&name, bytes as u64)
-            .map_err(|w| over("bytes", self.byte_quota.per_minute(), w))
+            .take_if(&name, batches as u64, || {
+                match self.byte_quota.take(&name, bytes as u64) {
+                    Ok(()) => true,
+                    Err(o) => {
+                        bytes_refusal = Some(o);
+                        false
+                    }
+                }
+            })
+            .map_err(|o| match bytes_refusal {
+                Some(b) => over("bytes", self.byte_quota.per_minute(), b),
+                None => over("batches", self.batch_quota.per_minute(), o),
+            })
     }
 
     /// Whether the caller may submit or enroll for `meter_id`: a meter for itself, a head-end

@@ -113,7 +113,7 @@ pub struct KeyshareService {
     policy: PolicyConfig,
     allowed_programs: BTreeSet<[u8; 32]>,
     limiter: RateLimiter,
-    releases: Releases,
+    releases: Arc<Releases>,
     reexec: Reexecutor,
     /// The linear track (None without a public bundle: the party names come from its manifest).
     linear: Option<Arc<LinearState>>,
@@ -153,11 +153,12 @@ impl KeyshareService {
         tracing::info!(party = %share.party, index = share.party_index, scheme = %format!("{}-of-{}", share.threshold, share.parties), "share file loaded");
         let policy = section.policy.clone();
         let allowed_programs = policy.validate().map_err(KeyshareError::Mismatch)?;
-        let releases = Releases::open(&settings.data_dir.join("releases"))?;
+        let releases = Arc::new(Releases::open(&settings.data_dir.join("releases"))?);
         let ingest = match &section.ingest_url {
             Some(url) => Some(psm_net::client::channel(
                 url,
                 section.ingest_server_name.as_deref().unwrap_or("ingest"),
+                Some(psm_net::Role::Ingest),
                 &settings.tls,
                 &psm_net::client::ClientOptions {
                     connect_timeout: std::time::Duration::from_secs(5),
@@ -217,7 +218,7 @@ impl KeyshareService {
                     )));
                 }
                 Some(Arc::new(LinearState::open(
-                    releases.db(),
+                    releases.clone(),
                     Party {
                         scheme,
                         index: share.party_index - 1,
@@ -465,6 +466,34 @@ impl KeyshareService {
             )
         })?;
         let checked = check_manifest(&self.policy, &self.allowed_programs, manifest, key.kind)?;
+        // The registry decides which meters exist and who encrypts for them, on this track too:
+        // invented meters and head-end-encrypted ones do not make a cohort anonymous.
+        let registry = self.linear()?.registry();
+        let mut private = 0usize;
+        for m in &checked.meters {
+            match registry.lookup(m) {
+                None => {
+                    return Err(refuse(
+                        Rule::Registry,
+                        Code::FailedPrecondition,
+                        format!("meter {m} is not on this keyshare's registry"),
+                    ))
+                }
+                Some(registry::Encryption::Meter) => private += 1,
+                Some(registry::Encryption::Headend) => {}
+            }
+        }
+        if checked.kind == ComputationKind::Analytics && private < self.policy.min_cohort {
+            return Err(refuse(
+                Rule::KAnonymity,
+                Code::FailedPrecondition,
+                format!(
+                    "the histogram covers {private} meter-encrypted meter(s) of {}; this keyshare releases cohorts of at least {} (head-end-encrypted meters do not count)",
+                    checked.meters.len(),
+                    self.policy.min_cohort
+                ),
+            ));
+        }
         let output_hash = batch.hash();
         if manifest.output_hash != output_hash {
             return Err(refuse(
@@ -704,6 +733,8 @@ fn load_enrollment_key(
 ) -> Result<(EnrollmentSecret, Vec<u8>), KeyshareError> {
     let bad = |m: String| KeyshareError::EnrollmentKey(format!("{}: {m}", path.display()));
     let secret = if path.exists() {
+        let meta = std::fs::metadata(path).map_err(|e| bad(e.to_string()))?;
+        psm_core::keys::check_private_mode(path, &meta).map_err(bad)?;
         let bytes = std::fs::read(path).map_err(|e| bad(e.to_string()))?;
         EnrollmentSecret(bytes)
     } else {

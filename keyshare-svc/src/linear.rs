@@ -71,12 +71,17 @@ pub struct SyncReport {
     pub refused: usize,
 }
 
+/// The name of the linear track's bill ledger tree (the tfhe track's ledger reads it too).
+pub const BILLS_TREE: &str = "linear_bills";
+
 /// The keyshare's linear-track state.
 pub struct LinearState {
     party: Party,
     registry: Registry,
     ingest: Option<Channel>,
     db: sled::Db,
+    /// The tfhe track's releases, whose ledger lock and bills this track's ledger shares.
+    releases: Arc<crate::policy::Releases>,
     /// meter ‖ 0 ‖ epoch ‖ share → σ.
     seeds: sled::Tree,
     /// H(σ) → meter ‖ 0 ‖ epoch ‖ share: duplicate seeds across meters are refused.
@@ -92,7 +97,6 @@ pub struct LinearState {
     /// cohort hash → members joined by '\n'.
     cohorts: sled::Tree,
     sync_lock: tokio::sync::Mutex<()>,
-    ledger_lock: tokio::sync::Mutex<()>,
     keys: Mutex<LruCache<[u8; 32], Arc<MeterKey>>>,
     masks: Mutex<LruCache<[u8; 32], Arc<Vec<u128>>>>,
 }
@@ -166,20 +170,21 @@ fn slot_time(slot: u64) -> String {
 }
 
 impl LinearState {
-    /// Opens the state's trees in `db` (the keyshare's release store).
+    /// Opens the state's trees in the keyshare's release store (`releases`' database).
     pub fn open(
-        db: sled::Db,
+        releases: Arc<crate::policy::Releases>,
         party: Party,
         registry: Registry,
         ingest: Option<Channel>,
     ) -> Result<Self, sled::Error> {
+        let db = releases.db();
         let cap = |n| NonZeroUsize::new(n).unwrap_or(NonZeroUsize::MIN);
         Ok(LinearState {
             seeds: db.open_tree("linear_seeds")?,
             owners: db.open_tree("linear_seed_owners")?,
             enrolled: db.open_tree("linear_enrolled")?,
             meta: db.open_tree("linear_meta")?,
-            bills: db.open_tree("linear_bills")?,
+            bills: db.open_tree(BILLS_TREE)?,
             outputs: db.open_tree("linear_outputs")?,
             cohorts: db.open_tree("linear_cohorts")?,
             db,
@@ -187,7 +192,7 @@ impl LinearState {
             registry,
             ingest,
             sync_lock: tokio::sync::Mutex::new(()),
-            ledger_lock: tokio::sync::Mutex::new(()),
+            releases,
             keys: Mutex::new(LruCache::new(cap(COHORT_KEY_CACHE))),
             masks: Mutex::new(LruCache::new(cap(MASK_CACHE))),
         })
@@ -599,7 +604,8 @@ impl LinearState {
     /// slots that an earlier output covered must have the same cohort or one differing by at
     /// least `min_cohort` meters. With `record`, also writes the release durably.
     async fn ledger(&self, a: &Admitted, limits: Limits, record: bool) -> Result<(), Refusal> {
-        let _g = self.ledger_lock.lock().await;
+        let lock = self.releases.ledger_lock();
+        let _g = lock.lock().await;
         tokio::task::block_in_place(|| self.ledger_locked(a, limits, record))?;
         if record {
             self.db.flush_async().await.map_err(store)?;
@@ -615,6 +621,23 @@ impl LinearState {
         match spec.kind {
             ComputationKind::Bill => {
                 let meter = &a.release.cohorts[0][0];
+                // The tfhe part of bills: periods on both tracks are equal or disjoint.
+                if let Some((first, end)) =
+                    self.releases
+                        .tfhe_bill_overlapping(meter, spec.start_slot, spec.end_slot)?
+                {
+                    return Err(refuse(
+                        Rule::OneBillPerPeriod,
+                        Code::FailedPrecondition,
+                        format!(
+                            "meter {meter}'s tfhe-track bill covers days {}..{} (exclusive), which partially overlaps {} .. {}; a meter's bills on both tracks cover equal or disjoint periods",
+                            psm_core::readings::format_day(first),
+                            psm_core::readings::format_day(end),
+                            slot_time(spec.start_slot),
+                            slot_time(spec.end_slot)
+                        ),
+                    ));
+                }
                 let prefix = Self::bill_prefix(meter, ch);
                 let mut exact: Option<(Vec<u8>, u32, Vec<[u8; 32]>)> = None;
                 for kv in self.bills.scan_prefix(&prefix) {
@@ -992,9 +1015,9 @@ mod tests {
             .collect();
         let reg = dir.path().join("registry.toml");
         std::fs::write(&reg, registry).unwrap();
-        let db = sled::open(dir.path().join("db")).unwrap();
+        let releases = Arc::new(crate::policy::Releases::open(&dir.path().join("db")).unwrap());
         let state = LinearState::open(
-            db,
+            releases,
             Party {
                 scheme,
                 index: 0,

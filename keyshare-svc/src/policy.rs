@@ -176,14 +176,17 @@ impl RateLimiter {
 
     /// Takes one request of `caller`'s quota or refuses.
     pub fn admit(&self, caller: &str) -> Result<(), Refusal> {
-        self.quota.take(caller, 1).map_err(|wait| {
+        self.quota.take(caller, 1).map_err(|over| {
+            let wait = match over {
+                psm_net::quota::OverQuota::RetryIn(w) => w.as_secs() + 1,
+                psm_net::quota::OverQuota::TooLarge => 60,
+            };
             refuse(
                 Rule::RateLimit,
                 tonic::Code::ResourceExhausted,
                 format!(
-                    "{caller} is over this keyshare's limit of {} requests per minute; retry in {} s",
+                    "{caller} is over this keyshare's limit of {} requests per minute; retry in {wait} s",
                     self.quota.per_minute(),
-                    wait.as_secs() + 1
                 ),
             )
         })
@@ -200,6 +203,18 @@ pub fn kind_name(k: ComputationKind) -> &'static str {
     }
 }
 
+/// A re-issue reason goes into the audit log: bounded, one line of printable text (no control
+/// characters that could forge what an auditor's terminal shows).
+pub fn check_reissue_reason(r: &str) -> Result<(), Refusal> {
+    use psm_core::linear::release::MAX_REISSUE_REASON_BYTES;
+    if r.len() > MAX_REISSUE_REASON_BYTES || r.chars().any(char::is_control) {
+        return Err(malformed(format!(
+            "reissue_reason must be at most {MAX_REISSUE_REASON_BYTES} bytes of printable text on one line"
+        )));
+    }
+    Ok(())
+}
+
 /// What a manifest asks to release, once its shape is checked.
 #[derive(Debug, Clone)]
 pub struct Checked {
@@ -212,6 +227,9 @@ pub struct Checked {
     /// Distinct meters of the inputs, sorted.
     pub meters: Vec<String>,
     pub program_hash: Option<[u8; 32]>,
+    /// (meter, day, ciphertext hash) of every input: pinned by the first release that uses
+    /// them, so no later release can decrypt other bytes for the same meter-day.
+    pub inputs: Vec<(String, i64, [u8; 32])>,
 }
 
 impl Checked {
@@ -287,9 +305,11 @@ pub fn check_manifest(
     let mut seen = BTreeSet::new();
     let mut meters = BTreeSet::new();
     let mut previous: Option<(&str, i64)> = None;
+    let mut seen_days = Vec::with_capacity(m.inputs.len());
     for i in &m.inputs {
         validate_meter_id(&i.meter_id).map_err(malformed)?;
         let day = parse_day(&i.day).map_err(malformed)?;
+        seen_days.push(day);
         if day < first_day || day >= end_day {
             return Err(malformed(format!(
                 "input {} {} lies outside the range",
@@ -328,6 +348,17 @@ pub fn check_manifest(
         previous = Some(here);
         meters.insert(i.meter_id.clone());
     }
+    let inputs = m
+        .inputs
+        .iter()
+        .zip(&seen_days)
+        .map(|(i, day)| {
+            let mut h = [0u8; 32];
+            h.copy_from_slice(&i.ciphertext_hash);
+            (i.meter_id.clone(), *day, h)
+        })
+        .collect();
+    check_reissue_reason(&m.reissue_reason)?;
     let program_hash = if m.program.is_empty() && m.program_hash.is_empty() {
         None
     } else {
@@ -344,6 +375,7 @@ pub fn check_manifest(
         end_day,
         meters: meters.into_iter().collect(),
         program_hash,
+        inputs,
     };
     let program_allowed = |what: &str| -> Result<(), Refusal> {
         let h =
@@ -445,6 +477,10 @@ pub fn check_manifest(
 }
 
 fn store(e: sled::Error) -> Refusal {
+    store_text(e)
+}
+
+fn store_text(e: impl std::fmt::Display) -> Refusal {
     refuse(
         Rule::Internal,
         tonic::Code::Unavailable,
@@ -457,7 +493,23 @@ pub struct Releases {
     db: sled::Db,
     bills: sled::Tree,
     cohorts: sled::Tree,
-    lock: tokio::sync::Mutex<()>,
+    /// (meter, day) → the ciphertext hash of the tfhe-track registers first released for it.
+    pinned: sled::Tree,
+    /// The linear track's bills (its ledger's tree), so neither track bills a period that
+    /// partially overlaps a period the other billed.
+    linear_bills: sled::Tree,
+    /// Held by both tracks' ledgers while they check and record.
+    lock: std::sync::Arc<tokio::sync::Mutex<()>>,
+}
+
+/// Slots of a day (the linear track's unit).
+const SLOTS_PER_DAY: u64 = psm_core::linear::SLOTS_PER_DAY as u64;
+
+fn pin_key(meter: &str, day: i64) -> Vec<u8> {
+    let mut k = meter.as_bytes().to_vec();
+    k.push(0);
+    k.extend_from_slice(&(day as u64).to_be_bytes());
+    k
 }
 
 /// The key prefix of a meter's bills on one track (a bill's linear and tfhe parts are separate
@@ -489,9 +541,36 @@ impl Releases {
         Ok(Releases {
             bills: db.open_tree("bills")?,
             cohorts: db.open_tree("cohorts")?,
+            pinned: db.open_tree("tfhe_pinned_inputs")?,
+            linear_bills: db.open_tree(crate::linear::BILLS_TREE)?,
             db,
-            lock: tokio::sync::Mutex::new(()),
+            lock: std::sync::Arc::new(tokio::sync::Mutex::new(())),
         })
+    }
+
+    /// The lock both tracks' ledgers hold (the linear track takes it too).
+    pub fn ledger_lock(&self) -> std::sync::Arc<tokio::sync::Mutex<()>> {
+        self.lock.clone()
+    }
+
+    /// The tfhe-track bills of `meter` overlapping the slots [start, end) whose period is not
+    /// exactly that: (first day, end day) of the first. For the linear track's ledger.
+    pub fn tfhe_bill_overlapping(
+        &self,
+        meter: &str,
+        start_slot: u64,
+        end_slot: u64,
+    ) -> Result<Option<(i64, i64)>, Refusal> {
+        let prefix = bill_prefix(meter, Track::Tfhe);
+        for kv in self.bills.scan_prefix(&prefix) {
+            let (k, v) = kv.map_err(store)?;
+            let (first, end) = (day_at(&k, prefix.len()), day_at(&v, 0));
+            let (s, e) = (first as u64 * SLOTS_PER_DAY, end as u64 * SLOTS_PER_DAY);
+            if s < end_slot && start_slot < e && (s, e) != (start_slot, end_slot) {
+                return Ok(Some((first, end)));
+            }
+        }
+        Ok(None)
     }
 
     fn check(
@@ -501,9 +580,53 @@ impl Releases {
         request_hash: &[u8; 32],
         reissue_reason: &str,
     ) -> Result<(), Refusal> {
+        // A meter-day's stored registers never change (ingest stores a day once): a release
+        // naming other bytes for a meter-day released before is a substitution, by a head-end
+        // or a lying ingest, that would difference against the first.
+        for (meter, day, hash) in &c.inputs {
+            if let Some(v) = self.pinned.get(pin_key(meter, *day)).map_err(store)? {
+                if v.as_ref() != hash.as_slice() {
+                    return Err(precondition(
+                        Rule::InputPinned,
+                        format!(
+                            "input {meter} {} names registers with hash {}, but {} was released for that meter-day before; a meter-day's registers are released as stored the first time, never replaced",
+                            format_day(*day),
+                            &hex::encode(hash)[..16],
+                            &hex::encode(&v)[..16.min(2 * v.len())]
+                        ),
+                    ));
+                }
+            }
+        }
         match c.kind {
             ComputationKind::Bill => {
                 let meter = &c.meters[0];
+                // The linear parts of bills: a tfhe-track bill over a period partially
+                // overlapping a linear-track bill would difference into the days between them
+                // (the tiered cost reveals the total, the band totals sum to it).
+                let (s, e) = (
+                    c.first_day as u64 * SLOTS_PER_DAY,
+                    c.end_day as u64 * SLOTS_PER_DAY,
+                );
+                let mut lp = meter.as_bytes().to_vec();
+                lp.push(0);
+                for kv in self.linear_bills.scan_prefix(&lp) {
+                    let (k, v) = kv.map_err(store)?;
+                    if k.len() != lp.len() + 9 || v.len() < 8 {
+                        return Err(store_text("corrupt linear bill record"));
+                    }
+                    let start = day_at(&k, lp.len() + 1) as u64;
+                    let end = day_at(&v, 0) as u64;
+                    if start < e && s < end && (start, end) != (s, e) {
+                        return Err(precondition(
+                            Rule::OneBillPerPeriod,
+                            format!(
+                                "meter {meter}'s linear-track bill covers slots {start}..{end}, which partially overlaps {}; a meter's bills on both tracks cover equal or disjoint periods",
+                                c.days()
+                            ),
+                        ));
+                    }
+                }
                 let prefix = bill_prefix(meter, c.track);
                 // Earlier bills overlapping this period, other than this very request.
                 let mut reissues = 0u32;
@@ -575,14 +698,27 @@ impl Releases {
                     }
                     let theirs: BTreeSet<&str> =
                         std::str::from_utf8(&v).unwrap_or("").split('\n').collect();
-                    // Releases cover every (meter, day) of their range: the meters whose
-                    // (meter, day) pairs differ between the two are the symmetric difference of
-                    // the cohorts over the same range, and every member of either otherwise.
-                    let diff = if (first, end) == (c.first_day, c.end_day) {
-                        mine.symmetric_difference(&theirs).count()
-                    } else {
-                        mine.union(&theirs).count()
-                    };
+                    // Over the same range, counts add across cohorts: H(A∪{x}) + H(B) − H(A∪B)
+                    // is x's band, though each pair differs by k or more. So cohorts over the
+                    // same range are equal or disjoint, as on the linear track.
+                    if (first, end) == (c.first_day, c.end_day) {
+                        let shared = mine.intersection(&theirs).count();
+                        if shared > 0 && mine != theirs {
+                            return Err(precondition(
+                                Rule::Differencing,
+                                format!(
+                                    "this cohort of {} meters shares {shared} with a different cohort of {} released for {}; cohorts released over the same range are equal or disjoint",
+                                    mine.len(),
+                                    theirs.len(),
+                                    c.days()
+                                ),
+                            ));
+                        }
+                        continue;
+                    }
+                    // Over another range every member's (meter, day) pairs differ: the meters
+                    // whose pairs differ are all members of either.
+                    let diff = mine.union(&theirs).count();
                     if diff > 0 && diff < min_cohort {
                         let earlier = Checked {
                             first_day: first,
@@ -635,6 +771,11 @@ impl Releases {
     ) -> Result<(), Refusal> {
         let _g = self.lock.lock().await;
         self.check(c, cfg, request_hash, reissue_reason)?;
+        let mut pins = sled::Batch::default();
+        for (meter, day, hash) in &c.inputs {
+            pins.insert(pin_key(meter, *day), hash.to_vec());
+        }
+        self.pinned.apply_batch(pins).map_err(store)?;
         match c.kind {
             ComputationKind::Bill => {
                 // end day, program hash
@@ -837,6 +978,7 @@ mod tests {
             end_day: D + days,
             meters: meters.iter().map(|m| m.to_string()).collect(),
             program_hash: Some([7; 32]),
+            inputs: vec![],
         };
         let h = [1u8; 32];
         let ten: Vec<String> = (0..10).map(|i| format!("m{i}")).collect();
@@ -850,14 +992,21 @@ mod tests {
         }
         let r = Releases::open(dir.path()).unwrap();
         // One more meter over the same range: their difference is that meter's day. Refused,
-        // also after a restart; five more: allowed.
+        // also after a restart; a disjoint cohort: allowed.
         assert_eq!(
             rule(r.admit(&checked(&refs[..6], 1), c, &h, "").await),
             "differencing"
         );
         assert_eq!(
-            rule(r.admit(&checked(&refs, 1), c, &h, "").await),
+            rule(r.admit(&checked(&refs[5..], 1), c, &h, "").await),
             "allowed"
+        );
+        // Three releases that each differ pairwise by k or more, and add up to one meter:
+        // H(A∪{x}) + H(B) − H(A∪B). Over the same range cohorts are equal or disjoint, so the
+        // union of two released cohorts is refused.
+        assert_eq!(
+            rule(r.admit(&checked(&refs, 1), c, &h, "").await),
+            "differencing"
         );
         // Over another range every member's (meter, day) pairs differ.
         assert_eq!(
@@ -877,6 +1026,7 @@ mod tests {
             end_day: D + days,
             meters: vec!["a".into()],
             program_hash: Some([tariff; 32]),
+            inputs: vec![],
         };
         assert_eq!(
             rule(r.admit(&bill(30, 1), c, &[2; 32], "").await),
@@ -907,6 +1057,70 @@ mod tests {
         assert_eq!(
             rule(r.admit(&bill(30, 1), c, &[4; 32], "again").await),
             "one-bill-per-period"
+        );
+
+        // Inputs are pinned: a later release naming other registers for a meter-day released
+        // before (a substitution by a head-end or a lying ingest) is refused.
+        let with_input = |meter: &str, hash: u8| Checked {
+            kind: ComputationKind::Bill,
+            track: Track::Tfhe,
+            first_day: D + 100,
+            end_day: D + 130,
+            meters: vec![meter.into()],
+            program_hash: Some([1; 32]),
+            inputs: vec![(meter.into(), D + 100, [hash; 32])],
+        };
+        assert_eq!(
+            rule(r.admit(&with_input("p", 1), c, &[5; 32], "").await),
+            "allowed"
+        );
+        assert_eq!(
+            rule(
+                r.admit(&with_input("p", 2), c, &[6; 32], "new registers")
+                    .await
+            ),
+            "input-pinned"
+        );
+        assert_eq!(
+            rule(
+                r.admit(&with_input("p", 1), c, &[7; 32], "meter replaced")
+                    .await
+            ),
+            "allowed",
+            "the same registers again are a re-issue"
+        );
+
+        // A linear-track bill of meter q over days 200..228 (as its ledger writes it): a tfhe
+        // bill shifted by a day would difference into single days; the same period is fine.
+        let mut k = b"q\0".to_vec();
+        k.push(0);
+        k.extend_from_slice(&((D + 200) as u64 * SLOTS_PER_DAY).to_be_bytes());
+        let mut v = ((D + 228) as u64 * SLOTS_PER_DAY).to_be_bytes().to_vec();
+        v.extend_from_slice(&[0u8; 36]);
+        r.linear_bills.insert(k, v).unwrap();
+        let shifted = |first: i64| Checked {
+            first_day: D + first,
+            end_day: D + first + 28,
+            meters: vec!["q".into()],
+            ..bill(28, 1)
+        };
+        assert_eq!(
+            rule(r.admit(&shifted(201), c, &[8; 32], "").await),
+            "one-bill-per-period"
+        );
+        assert_eq!(
+            rule(r.admit(&shifted(200), c, &[9; 32], "").await),
+            "allowed"
+        );
+        assert_eq!(
+            r.tfhe_bill_overlapping(
+                "q",
+                (D + 201) as u64 * SLOTS_PER_DAY,
+                (D + 229) as u64 * SLOTS_PER_DAY
+            )
+            .unwrap(),
+            Some((D + 200, D + 228)),
+            "and the linear ledger sees the tfhe bill"
         );
     }
 }

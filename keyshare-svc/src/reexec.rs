@@ -49,7 +49,9 @@ impl Reexecutor {
         })
     }
 
-    async fn load_tfhe(&self) -> Result<Arc<TfheKeys>, Refusal> {
+    /// Loads the server key once; `permit` is held by the loading task itself, so a cancelled
+    /// request cannot leave a load running outside the permits and start another.
+    async fn load_tfhe(&self, permit: crate::WorkPermit) -> Result<Arc<TfheKeys>, Refusal> {
         let dir = self.public_dir.clone().ok_or_else(|| {
             refuse(
                 RULE,
@@ -60,6 +62,7 @@ impl Reexecutor {
         self.tfhe_keys
             .get_or_try_init(|| async move {
                 tokio::task::spawn_blocking(move || {
+                    let _held = permit;
                     let bundle =
                         psm_core::ceremony::PublicBundle::open(&dir).map_err(|e| e.to_string())?;
                     let server_key = bundle
@@ -124,7 +127,7 @@ impl Reexecutor {
             .map(|b| b.ciphertext)
             .collect();
         // The inputs are the stored bytes: only now is the server key worth loading.
-        let keys = self.load_tfhe().await?;
+        let keys = self.load_tfhe(permit.clone()).await?;
         let inputs = m.inputs.clone();
         let kind = c.kind;
         let program = m.program.clone();

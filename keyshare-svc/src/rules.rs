@@ -28,13 +28,14 @@ pub enum Rule {
     Differencing,
     Enrollment,
     ReExecution,
+    InputPinned,
     Available,
     Internal,
 }
 
 impl Rule {
     /// Every rule, in the order of the docs' index.
-    pub const ALL: [Rule; 23] = [
+    pub const ALL: [Rule; 24] = [
         Rule::RateLimit,
         Rule::WellFormed,
         Rule::KnownKey,
@@ -56,6 +57,7 @@ impl Rule {
         Rule::Differencing,
         Rule::Enrollment,
         Rule::ReExecution,
+        Rule::InputPinned,
         Rule::Available,
         Rule::Internal,
     ];
@@ -84,6 +86,7 @@ impl Rule {
             Rule::Differencing => "differencing",
             Rule::Enrollment => "enrollment",
             Rule::ReExecution => "re-execution",
+            Rule::InputPinned => "input-pinned",
             Rule::Available => "available",
             Rule::Internal => "internal",
         }
@@ -111,6 +114,7 @@ impl Rule {
             | Rule::OutputHash
             | Rule::OneBillPerPeriod
             | Rule::Differencing
+            | Rule::InputPinned
             | Rule::Enrollment => &[Code::FailedPrecondition],
         }
     }
@@ -157,6 +161,7 @@ impl Rule {
             Rule::Differencing => "a release whose difference with an earlier one would isolate fewer than `min_cohort` meters",
             Rule::Enrollment => "a member without an accepted enrollment for the epoch (also each enrollment decision)",
             Rule::ReExecution => "a tfhe-track output the keyshare's own evaluation does not reproduce",
+            Rule::InputPinned => "tfhe-track inputs other than those first released for the same meter-day",
             Rule::Available => "a request while the keyshare shuts down",
             Rule::Internal => "a request the keyshare could not decide (its store or a task failed)",
         }

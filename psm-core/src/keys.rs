@@ -168,17 +168,7 @@ impl ShareFile {
                 meta.len()
             )));
         }
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::PermissionsExt;
-            let mode = meta.permissions().mode() & 0o777;
-            if mode & 0o077 != 0 {
-                return Err(invalid(format!(
-                    "mode {mode:04o} lets other users read key shares; run `chmod 600 {}`",
-                    path.display()
-                )));
-            }
-        }
+        check_private_mode(path, &meta).map_err(invalid)?;
         let bytes = zeroize::Zeroizing::new(fs::read(path).map_err(|e| KeyFileError::Read {
             path: path.to_owned(),
             source: e,
@@ -225,6 +215,25 @@ pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> Result<(), KeyFileEr
     if let Ok(d) = fs::File::open(dir) {
         let _ = d.sync_all();
     }
+    Ok(())
+}
+
+/// Refuses a secret file that other users may read (mode wider than 0600): whoever reads it
+/// holds the secret.
+pub fn check_private_mode(path: &Path, meta: &fs::Metadata) -> Result<(), String> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = meta.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            return Err(format!(
+                "mode {mode:04o} lets other users read this secret; run `chmod 600 {}`",
+                path.display()
+            ));
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = (path, meta);
     Ok(())
 }
 

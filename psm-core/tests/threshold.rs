@@ -246,6 +246,41 @@ fn a_colluding_majority_on_one_share_cannot_outvote_its_honest_holder() {
     }
 }
 
+/// 3-of-5 with four answering: a share held by two colluders and the absent party has two
+/// agreeing contributions, both lies. Two agreeing parties prove nothing when t − 1 = 2 could
+/// collude, so the result must not be reported as cross-checked.
+#[test]
+fn two_agreeing_colluders_do_not_make_a_result_cross_checked() {
+    let mut k = keys();
+    let msgs: Vec<u128> = (0..16).collect();
+    let batch = squashed_like(&mut k, &msgs);
+    let scheme = Scheme::new(5, 3).unwrap();
+    let parties = split(k.sk.as_ref(), scheme, &mut rand::rngs::OsRng);
+    let fk = flood_keys(5);
+    let who = [0usize, 1, 2, 3];
+    // The share both 0 and 1 hold that 2 and 3 do not: held by {0, 1, 4}.
+    let share = (0..scheme.share_count())
+        .find(|u| {
+            scheme.holds(0, *u)
+                && scheme.holds(1, *u)
+                && !scheme.holds(2, *u)
+                && !scheme.holds(3, *u)
+        })
+        .unwrap();
+    let mut resp = respond(&parties, &fk, scheme, &who, &batch, SQUASHED_BLOCK, 70);
+    for l in [0, 1] {
+        for s in resp[l].shares.iter_mut().filter(|s| s.share_index == share) {
+            s.values[3] = s.values[3].wrapping_add(1u128 << 121);
+        }
+    }
+    let out = combine(scheme, &batch, SQUASHED_BLOCK, 70, &resp).unwrap();
+    assert_ne!(out.values[3], 3, "the colluders' shift went through");
+    assert!(
+        !out.cross_checked,
+        "a result two colluders shifted was reported cross-checked"
+    );
+}
+
 /// A liar that shifts its shares only as far as the agreement window allows goes unnoticed; the
 /// correctness invariant counts that window, so the result still decrypts right.
 #[test]

@@ -25,21 +25,52 @@ impl Default for ClientOptions {
     }
 }
 
-/// A lazily connecting mTLS channel to `url` (`https://host:port`). `server_name` is the DNS
-/// name expected in the server certificate (the dev PKI puts `localhost` and the service name).
+/// A lazily connecting mTLS channel to `url` (`https://host:port`). The server must present a
+/// certificate for DNS name `server_name` (the dev PKI puts `localhost` and the service name)
+/// whose SPIFFE id is `server_name` under `server_role` (any service role when None) in our
+/// trust domain ([`TlsPaths::client_config`]).
 pub fn channel(
     url: &str,
     server_name: &str,
+    server_role: Option<crate::Role>,
     tls: &TlsPaths,
     opts: &ClientOptions,
 ) -> Result<Channel, NetError> {
-    let endpoint = Endpoint::from_shared(url.to_owned())
+    let rest = url.strip_prefix("https://").ok_or_else(|| {
+        NetError::Config(format!("endpoint URL {url:?} must start with https://"))
+    })?;
+    let config = std::sync::Arc::new(tls.client_config(server_name, server_role)?);
+    let sni = rustls_pki_types::ServerName::try_from(server_name.to_owned())
+        .map_err(|e| NetError::Config(format!("server name {server_name:?}: {e}")))?;
+    let connect_timeout = opts.connect_timeout;
+    // TLS is done here, with the SPIFFE-checking verifier; tonic sees a plain connection.
+    let connector = tower::service_fn(move |uri: http::Uri| {
+        let (config, sni) = (config.clone(), sni.clone());
+        async move {
+            let io = |m: String| std::io::Error::other(m);
+            let host = uri.host().ok_or_else(|| io(format!("no host in {uri}")))?;
+            let port = uri.port_u16().unwrap_or(443);
+            let tls = tokio::time::timeout(connect_timeout, async {
+                let tcp = tokio::net::TcpStream::connect((host, port)).await?;
+                tcp.set_nodelay(true)?;
+                tokio_rustls::TlsConnector::from(config)
+                    .connect(sni, tcp)
+                    .await
+            })
+            .await
+            .map_err(|_| {
+                io(format!(
+                    "no TLS connection to {host}:{port} within {connect_timeout:?}"
+                ))
+            })??;
+            Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tls))
+        }
+    });
+    let endpoint = Endpoint::from_shared(format!("http://{rest}"))
         .map_err(|e| NetError::Config(format!("bad endpoint URL {url:?}: {e}")))?
-        .tls_config(tls.client_config(server_name)?)?
         .connect_timeout(opts.connect_timeout)
-        .timeout(opts.request_timeout)
-        .tcp_nodelay(true);
-    Ok(endpoint.connect_lazy())
+        .timeout(opts.request_timeout);
+    Ok(endpoint.connect_with_connector_lazy(connector))
 }
 
 /// Polls `grpc.health.v1.Health/Check` for `service` until it reports SERVING or `deadline`

@@ -59,6 +59,7 @@ impl ClientArgs {
         Ok(psm_net::client::channel(
             &self.endpoint,
             &self.server_name,
+            None,
             &self.tls(default_identity)?,
             &psm_net::client::ClientOptions::default(),
         )?)

@@ -317,6 +317,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         let ch = channel(
             &format!("https://127.0.0.1:{}", s.port),
             &s.name,
+            None,
             &tls,
             &ClientOptions::default(),
         )?;
@@ -442,6 +443,7 @@ async fn town_demo(
         let ingest = channel(
             &url(1),
             "ingest",
+            Some(Role::Ingest),
             &tls_of(Role::Headend, "headend-1"),
             &opts,
         )?;
@@ -455,6 +457,7 @@ async fn town_demo(
     let mut compute = ComputeClient::new(channel(
         &url(2),
         "compute",
+        Some(Role::Compute),
         &tls_of(Role::Operator, "billing"),
         &opts,
     )?);
@@ -674,6 +677,7 @@ async fn town_demo(
         let ch = channel(
             &url(10 + i),
             &name,
+            Some(Role::Keyshare),
             &tls_of(Role::Auditor, "regulator"),
             &opts,
         )?;

@@ -86,6 +86,7 @@ impl TestPki {
         psm_net::client::channel(
             &format!("https://127.0.0.1:{port}"),
             server_name,
+            None,
             &self.tls(role, name),
             &psm_net::client::ClientOptions {
                 connect_timeout: Duration::from_secs(5),

@@ -693,6 +693,66 @@ async fn registry_refuses_strangers_and_headend_members_do_not_count() {
         "k-anonymity: ",
     );
     assert!(e.message().contains("head-end"), "{}", e.message());
+    // The tfhe track judges cohorts by the same registry: a histogram with a stranger is
+    // refused, and one whose min_cohort members include a head-end-encrypted one is too few.
+    let histogram = |meters: &[&str]| {
+        let d0 = d * 86_400;
+        let range = TimeRange {
+            start_unix: d0,
+            end_unix: d0 + 86_400,
+        };
+        let program = psm_proto::v1::AnalyticsRequest {
+            range: Some(range),
+            band_edges_wh: vec![0, 1_000],
+            ..Default::default()
+        }
+        .encode_to_vec();
+        let batch = psm_core::lwe::LweBatch::List {
+            dimension: 4096,
+            words: vec![1u128; 4097],
+        };
+        PartialDecryptRequest {
+            idempotency_key: "histogram".into(),
+            key: Some(KeyRef {
+                key_id: keys.manifest.tfhe_key_id.clone(),
+            }),
+            batch: Some(batch_to_proto(&batch, SQUASHED_BLOCK, 70)),
+            manifest: Some(ComputationManifest {
+                kind: ComputationKind::Analytics as i32,
+                program_hash: blake3::hash(&program).as_bytes().to_vec(),
+                program,
+                inputs: meters
+                    .iter()
+                    .map(|m| InputRef {
+                        meter_id: (*m).into(),
+                        day: DAY.into(),
+                        track: Track::Tfhe as i32,
+                        ciphertext_hash: vec![7; 32],
+                    })
+                    .collect(),
+                output_hash: batch.hash().to_vec(),
+                range: Some(range),
+                reissue_reason: String::new(),
+            }),
+        }
+    };
+    let e = refused(
+        client
+            .partial_decrypt(histogram(&["reg-0", "reg-1", "stranger"]))
+            .await,
+        Code::FailedPrecondition,
+        "registry: ",
+    );
+    assert!(e.message().contains("stranger"), "{}", e.message());
+    let e = refused(
+        client
+            .partial_decrypt(histogram(&["he-0", "reg-0", "reg-1"]))
+            .await,
+        Code::FailedPrecondition,
+        "k-anonymity: ",
+    );
+    assert!(e.message().contains("head-end"), "{}", e.message());
+
     // min_cohort meter-encrypted members plus the head-end one: released by every keyshare,
     // which names the head-end-encrypted member.
     let release = aggregate(d, &["he-0", "reg-0", "reg-1", "reg-2"], &[0, 1]);

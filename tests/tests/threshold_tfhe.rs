@@ -87,7 +87,9 @@ fn squashed_integers_and_bools_through_any_quorum() {
             let open = dir.path().join("share.bin");
             std::fs::copy(&out.share_files[0], &open).unwrap();
             std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o644)).unwrap();
-            let e = ShareFile::read(&open).err().expect("mode 0644 refused");
+            let Err(e) = ShareFile::read(&open) else {
+                panic!("a share file of mode 0644 was read");
+            };
             assert!(e.to_string().contains("chmod 600"), "{e}");
             std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o600)).unwrap();
             assert!(ShareFile::read(&open).is_ok());

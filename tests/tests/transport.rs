@@ -410,3 +410,28 @@ async fn a_client_only_certificate_cannot_serve() {
     child.kill().unwrap();
     let _ = child.wait();
 }
+
+/// Clients check the server's SPIFFE id, not only the CA and DNS name: a service certificate
+/// of another role that carries the expected name (spiffe://…/ingest/keyshare-1) is refused by
+/// a client that meant to reach keyshare-1 the keyshare.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_refuse_a_server_of_the_wrong_spiffe_role() {
+    let pki = TestPki::new(TD);
+    let impostor = Proc::start(&pki, "ingest-svc", Role::Ingest, "keyshare-1", INGEST, &[]).await;
+    let url = format!("https://127.0.0.1:{}", impostor.port);
+    let opts = psm_net::client::ClientOptions {
+        connect_timeout: Duration::from_secs(5),
+        request_timeout: Duration::from_secs(10),
+    };
+    let client = pki.tls(Role::Compute, "compute");
+    let as_keyshare =
+        psm_net::client::channel(&url, "keyshare-1", Some(Role::Keyshare), &client, &opts).unwrap();
+    let res = psm_net::client::wait_serving(as_keyshare, INGEST, Duration::from_secs(3)).await;
+    let e = res.expect_err("a keyshare client accepted an ingest certificate");
+    assert!(e.to_string().contains("not SERVING"), "{e}");
+    // The same server is accepted by a client that expects any service of that name.
+    let any = psm_net::client::channel(&url, "keyshare-1", None, &client, &opts).unwrap();
+    psm_net::client::wait_serving(any, INGEST, Duration::from_secs(10))
+        .await
+        .unwrap();
+}

@@ -19,6 +19,9 @@ use crate::readings::validate_meter_id;
 use crate::tariff::Tariff;
 use crate::threshold::{FloodKey, Scheme};
 
+/// Longest re-issue reason, bytes (it goes into every keyshare's audit log).
+pub const MAX_REISSUE_REASON_BYTES: usize = 200;
+
 /// Longest bill range, days.
 pub const MAX_BILL_DAYS: i64 = 62;
 /// Longest aggregate range, days.
@@ -286,6 +289,14 @@ pub fn release_from_proto(r: &LinearRelease) -> Result<Release, LinearError> {
     }
     if kind == ComputationKind::Bill && (cohorts.len() != 1 || cohorts[0].len() != 1) {
         return Err(bad("a bill covers exactly one meter"));
+    }
+    // The reason is audited by every keyshare: bounded, one line of printable text.
+    if r.reissue_reason.len() > MAX_REISSUE_REASON_BYTES
+        || r.reissue_reason.chars().any(char::is_control)
+    {
+        return Err(bad(format!(
+            "reissue_reason must be at most {MAX_REISSUE_REASON_BYTES} bytes of printable text on one line"
+        )));
     }
     Ok(Release {
         spec,

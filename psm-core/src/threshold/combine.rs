@@ -22,8 +22,9 @@ pub struct Combined {
     /// Parties excluded because their contributions disagreed with more parties than could be
     /// faulty, with the reason. Only proven faults are named.
     pub faulty: Vec<(usize, String)>,
-    /// Whether every share was contributed by at least two trusted parties that agreed. A result
-    /// combined from exactly t responders is not: a single faulty responder could have shifted it.
+    /// Whether every share was contributed by at least t trusted parties that agreed (so at least
+    /// one honest one among them, with at most t − 1 faulty). A result combined from exactly t
+    /// responders never is: some share came from one responder, which could have shifted it.
     pub cross_checked: bool,
 }
 
@@ -174,7 +175,9 @@ pub fn combine_bodies(
                 scheme.threshold()
             )));
         };
-        cross_checked &= trusted.next().is_some();
+        // Checked only when at least t trusted parties agree on it: t − 1 of them could be the
+        // colluding liars, so fewer agreeing proves nothing.
+        cross_checked &= 1 + trusted.count() >= scheme.threshold();
         used.insert(*party);
         for (acc, v) in sum.iter_mut().zip(values.iter()) {
             *acc = acc.wrapping_add(*v);
