@@ -270,11 +270,15 @@ fn two_agreeing_colluders_do_not_make_a_result_cross_checked() {
     let mut resp = respond(&parties, &fk, scheme, &who, &batch, SQUASHED_BLOCK, 70);
     for l in [0, 1] {
         for s in resp[l].shares.iter_mut().filter(|s| s.share_index == share) {
-            s.values[3] = s.values[3].wrapping_add(1u128 << 121);
+            // Both subtract one Δ: the message 3 decrypts as 4.
+            s.values[3] = s.values[3].wrapping_sub(1u128 << 123);
         }
     }
     let out = combine(scheme, &batch, SQUASHED_BLOCK, 70, &resp).unwrap();
-    assert_ne!(out.values[3], 3, "the colluders' shift went through");
+    assert_eq!(
+        out.values[3], 4,
+        "the colluders' shift went through undetected"
+    );
     assert!(
         !out.cross_checked,
         "a result two colluders shifted was reported cross-checked"

@@ -56,7 +56,7 @@ fn ceremony_writes_shares_and_bundle_and_self_checks() {
 #[test]
 fn ceremony_refuses_an_impossible_scheme() {
     let dir = tempfile::tempdir().unwrap();
-    for (n, t) in [("3", "4"), ("8", "2"), ("3", "1")] {
+    for (n, t) in [("3", "4"), ("8", "2"), ("3", "1"), ("4", "2")] {
         let res = Command::new(PSM)
             .args(["ceremony", "--parties", n, "--threshold", t, "--out"])
             .arg(dir.path())

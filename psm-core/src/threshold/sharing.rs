@@ -17,11 +17,12 @@ pub struct Scheme {
 }
 
 impl Scheme {
-    /// 2 ≤ t ≤ n ≤ 7.
+    /// 2 ≤ t ≤ n ≤ 7 and 2t > n: any two quorums share a keyshare, so compute cannot split a
+    /// pair of releases between two sets of keyshares that never see each other's ledger.
     pub fn new(n: usize, t: usize) -> Result<Self, ThresholdError> {
-        if !(2..=MAX_PARTIES).contains(&n) || t < 2 || t > n {
+        if !(2..=MAX_PARTIES).contains(&n) || t < 2 || t > n || 2 * t <= n {
             return Err(ThresholdError::BadScheme(format!(
-                "{t}-of-{n}: need 2 <= t <= n <= {MAX_PARTIES}"
+                "{t}-of-{n}: need 2 <= t <= n <= {MAX_PARTIES} and a majority quorum (2t > n)"
             )));
         }
         Ok(Scheme { n, t })
@@ -171,5 +172,9 @@ mod tests {
         assert!(Scheme::new(3, 1).is_err());
         assert!(Scheme::new(3, 4).is_err());
         assert!(Scheme::new(8, 2).is_err());
+        // Two disjoint quorums would each keep their own ledger.
+        assert!(Scheme::new(4, 2).is_err());
+        assert!(Scheme::new(7, 3).is_err());
+        assert!(Scheme::new(7, 4).is_ok());
     }
 }
