@@ -31,12 +31,15 @@ pub fn caller<T>(req: &tonic::Request<T>) -> Result<&SpiffeId, Status> {
 #[derive(Clone)]
 pub struct AuthLayer {
     trust_domain: Arc<str>,
+    revoked: Arc<crate::revocation::Revocations>,
 }
 
 impl AuthLayer {
-    pub fn new(trust_domain: &str) -> Self {
+    /// Callers must be in `trust_domain` and hold a certificate `revoked` does not list.
+    pub fn new(trust_domain: &str, revoked: Arc<crate::revocation::Revocations>) -> Self {
         AuthLayer {
             trust_domain: trust_domain.into(),
+            revoked,
         }
     }
 }
@@ -47,6 +50,7 @@ impl<S> tower::Layer<S> for AuthLayer {
         AuthService {
             inner,
             trust_domain: self.trust_domain.clone(),
+            revoked: self.revoked.clone(),
         }
     }
 }
@@ -56,9 +60,14 @@ impl<S> tower::Layer<S> for AuthLayer {
 pub struct AuthService<S> {
     inner: S,
     trust_domain: Arc<str>,
+    revoked: Arc<crate::revocation::Revocations>,
 }
 
-fn authorize<B>(req: &Request<B>, trust_domain: &str) -> Result<SpiffeId, Status> {
+fn authorize<B>(
+    req: &Request<B>,
+    trust_domain: &str,
+    revoked: &crate::revocation::Revocations,
+) -> Result<SpiffeId, Status> {
     let certs = req
         .extensions()
         .get::<TlsConnectInfo<TcpConnectInfo>>()
@@ -69,6 +78,11 @@ fn authorize<B>(req: &Request<B>, trust_domain: &str) -> Result<SpiffeId, Status
         .ok_or_else(|| Status::unauthenticated("a client certificate is required"))?;
     let id = SpiffeId::from_cert_der(leaf.as_ref())
         .map_err(|e| Status::unauthenticated(format!("client certificate rejected: {e}")))?;
+    if revoked.is_revoked(leaf.as_ref()) {
+        return Err(Status::unauthenticated(format!(
+            "the client certificate of {id} is revoked"
+        )));
+    }
     if id.trust_domain != trust_domain {
         return Err(Status::permission_denied(format!(
             "caller {id} is not in trust domain {trust_domain:?}"
@@ -133,7 +147,7 @@ where
     }
 
     fn call(&mut self, mut req: Request<ReqBody>) -> Self::Future {
-        match authorize(&req, &self.trust_domain) {
+        match authorize(&req, &self.trust_domain, &self.revoked) {
             Ok(id) => {
                 tracing::debug!(caller = %id, path = req.uri().path(), "authorized");
                 req.extensions_mut().insert(Caller(id));

@@ -39,6 +39,8 @@ pub struct TlsSection {
     pub cert: Option<PathBuf>,
     pub key: Option<PathBuf>,
     pub ca: Option<PathBuf>,
+    /// Certificate revocation list (PEM or DER) signed by the CA; re-read when it changes.
+    pub crl: Option<PathBuf>,
 }
 
 /// `[log]` section.
@@ -124,6 +126,10 @@ pub struct ServerArgs {
     /// CA certificate (PEM) that client and peer certificates must chain to.
     #[arg(long, env = "PSM_TLS_CA", value_name = "FILE")]
     pub tls_ca: Option<PathBuf>,
+    /// Certificate revocation list (PEM or DER) signed by that CA: revoked client and server
+    /// certificates are refused; the file is re-read when it changes.
+    #[arg(long, env = "PSM_TLS_CRL", value_name = "FILE")]
+    pub tls_crl: Option<PathBuf>,
     /// Directory for this service's durable state.
     #[arg(long, env = "PSM_DATA_DIR", value_name = "DIR")]
     pub data_dir: Option<PathBuf>,
@@ -182,6 +188,7 @@ impl ServerArgs {
                 "[tls] key",
             )?,
             ca: required(self.tls_ca.clone().or(t.ca.clone()), "--tls-ca", "[tls] ca")?,
+            crl: self.tls_crl.clone().or(t.crl.clone()),
         };
         let trust_domain = required(
             self.trust_domain.clone().or(s.trust_domain.clone()),

@@ -12,6 +12,7 @@ pub mod identity;
 pub mod pki;
 pub mod quorum;
 pub mod quota;
+pub mod revocation;
 pub mod roles;
 pub mod server;
 pub mod telemetry;

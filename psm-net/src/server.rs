@@ -89,7 +89,10 @@ pub async fn serve(
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
     let router = Server::builder()
         .tls_config(tls)?
-        .layer(AuthLayer::new(&settings.trust_domain))
+        .layer(AuthLayer::new(
+            &settings.trust_domain,
+            settings.tls.revocations()?,
+        ))
         .add_routes(routes)
         .add_service(health_service)
         .add_service(reflection_v1)

@@ -15,12 +15,14 @@ use crate::{Role, SpiffeId};
 
 use crate::NetError;
 
-/// Paths of a certificate, its private key and the CA that verifies peers.
+/// Paths of a certificate, its private key, the CA that verifies peers, and optionally the CA's
+/// certificate revocation list.
 #[derive(Debug, Clone)]
 pub struct TlsPaths {
     pub cert: PathBuf,
     pub key: PathBuf,
     pub ca: PathBuf,
+    pub crl: Option<PathBuf>,
 }
 
 fn read(path: &Path) -> Result<Vec<u8>, NetError> {
@@ -90,6 +92,7 @@ impl TlsPaths {
             trust_domain: self.own_id()?.trust_domain,
             role,
             name: server_name.to_owned(),
+            revoked: self.revocations()?,
         };
         let mut config = rustls::ClientConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
@@ -100,6 +103,11 @@ impl TlsPaths {
             .map_err(|e| bad(&self.key, e.to_string()))?;
         config.alpn_protocols = vec![b"h2".to_vec()];
         Ok(config)
+    }
+
+    /// The CA's revocation list (empty without `crl`).
+    pub fn revocations(&self) -> Result<Arc<crate::revocation::Revocations>, NetError> {
+        crate::revocation::Revocations::load(self.crl.as_deref(), &self.ca)
     }
 
     /// The SPIFFE id in our own certificate.
@@ -117,6 +125,13 @@ struct SpiffeServerVerifier {
     trust_domain: String,
     role: Option<Role>,
     name: String,
+    revoked: Arc<crate::revocation::Revocations>,
+}
+
+impl std::fmt::Debug for crate::revocation::Revocations {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Revocations")
+    }
 }
 
 impl ServerCertVerifier for SpiffeServerVerifier {
@@ -137,6 +152,11 @@ impl ServerCertVerifier for SpiffeServerVerifier {
         )?;
         let id = SpiffeId::from_cert_der(end_entity.as_ref())
             .map_err(|e| rustls::Error::General(format!("server certificate: {e}")))?;
+        if self.revoked.is_revoked(end_entity.as_ref()) {
+            return Err(rustls::Error::General(format!(
+                "the server certificate of {id} is revoked"
+            )));
+        }
         let role_ok = match self.role {
             Some(r) => id.role == r,
             None => id.role.is_server(),

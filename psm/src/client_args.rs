@@ -28,6 +28,9 @@ pub struct ClientArgs {
     /// CA certificate (PEM) that the service certificate must chain to.
     #[arg(long)]
     pub tls_ca: Option<PathBuf>,
+    /// The CA's revocation list (PEM or DER); with --pki, its `ca.crl` is used when present.
+    #[arg(long)]
+    pub tls_crl: Option<PathBuf>,
 }
 
 impl ClientArgs {
@@ -38,6 +41,7 @@ impl ClientArgs {
                 cert: cert.clone(),
                 key: key.clone(),
                 ca: ca.clone(),
+                crl: self.tls_crl.clone(),
             });
         }
         let ident = self.identity.as_deref().unwrap_or(default_identity);
@@ -52,6 +56,7 @@ impl ClientArgs {
             cert,
             key,
             ca: pki.ca_cert_path(),
+            crl: self.tls_crl.clone().or_else(|| pki.crl_if_any()),
         })
     }
 

@@ -306,6 +306,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         cert: op_cert,
         key: op_key,
         ca: pki.ca_cert_path(),
+        crl: pki.crl_if_any(),
     };
     let rt = tokio::runtime::Runtime::new()?;
     let _rt_guard = rt.enter();
@@ -397,6 +398,7 @@ async fn town_demo(
             cert,
             key,
             ca: pki.ca_cert_path(),
+            crl: pki.crl_if_any(),
         }
     };
     let url = |off: u16| format!("https://127.0.0.1:{}", base + off);
@@ -425,6 +427,7 @@ async fn town_demo(
             tls_cert: None,
             tls_key: None,
             tls_ca: None,
+            tls_crl: None,
         },
     };
     // Each slot is encrypted once per epoch (a second encryption would be new bytes, kept out

@@ -65,6 +65,7 @@ impl TestPki {
             cert,
             key,
             ca: self.pki.ca_cert_path(),
+            crl: self.pki.crl_if_any(),
         }
     }
 

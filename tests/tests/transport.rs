@@ -131,6 +131,7 @@ async fn foreign_ca_is_refused() {
         cert,
         key,
         ca: other.ca_cert_path(),
+        crl: None,
     };
     let res = status(raw_channel(
         ks.port,
@@ -160,6 +161,7 @@ async fn expired_certificate_is_refused() {
         cert: issued.cert,
         key: issued.key,
         ca: pki.pki.ca_cert_path(),
+        crl: None,
     };
     let res = status(raw_channel(
         ks.port,
@@ -198,6 +200,7 @@ async fn other_trust_domain_is_denied() {
         cert: issued.cert,
         key: issued.key,
         ca: pki.pki.ca_cert_path(),
+        crl: None,
     };
     let err = status(raw_channel(
         ks.port,
@@ -434,4 +437,50 @@ async fn clients_refuse_a_server_of_the_wrong_spiffe_role() {
     psm_net::client::wait_serving(any, INGEST, Duration::from_secs(10))
         .await
         .unwrap();
+}
+
+/// Certificate revocation (a CRL signed by the CA, `--tls-crl`): revoking a client's
+/// certificate makes the service refuse it within seconds, without a restart, while other
+/// clients go on; revoking the service's own certificate makes clients refuse to talk to it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoked_certificates_are_refused_by_services_and_clients() {
+    let pki = TestPki::new(TD);
+    pki.tls(Role::Operator, "retired");
+    let crl = pki.pki.revoke(Role::Operator, "retired").unwrap();
+    let crl_arg = crl.to_str().unwrap().to_owned();
+    let ks = Proc::start_keyshare(
+        &pki,
+        "keyshare-1",
+        &psm_e2e::keys::key_set(3, 2),
+        &["--tls-crl", &crl_arg],
+    )
+    .await;
+    let as_op = |name: &str| pki.channel(ks.port, "keyshare-1", Role::Operator, name);
+    let e = status(as_op("retired")).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
+    assert!(e.message().contains("revoked"), "{}", e.message());
+    assert_eq!(status(as_op("billing")).await.unwrap(), "keyshare-1");
+
+    // Revoke a certificate in use: refused once the service has re-read the list.
+    pki.pki.revoke(Role::Operator, "billing").unwrap();
+    let mut refused = None;
+    for _ in 0..50 {
+        match status(as_op("billing")).await {
+            Err(e) if e.code() == Code::Unauthenticated => {
+                refused = Some(e);
+                break;
+            }
+            _ => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    }
+    let e = refused.expect("the revoked certificate was still accepted after 10 s");
+    assert!(e.message().contains("revoked"), "{}", e.message());
+    assert_eq!(status(as_op("billing-2")).await.unwrap(), "keyshare-1");
+
+    // Revoke the keyshare's own certificate: clients that have the list refuse the server.
+    pki.pki.revoke(Role::Keyshare, "keyshare-1").unwrap();
+    assert_refused_connection(
+        status(as_op("billing-2")).await,
+        "a client reached a server whose certificate is revoked",
+    );
 }
