@@ -128,12 +128,6 @@ struct SpiffeServerVerifier {
     revoked: Arc<crate::revocation::Revocations>,
 }
 
-impl std::fmt::Debug for crate::revocation::Revocations {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Revocations")
-    }
-}
-
 impl ServerCertVerifier for SpiffeServerVerifier {
     fn verify_server_cert(
         &self,
