@@ -5,6 +5,7 @@
 //! release asks the keyshares for their contributions to every other bucket, naming each
 //! bucket's effective cohort (identical cohorts listed once).
 
+use crate::error::ComputeError;
 use std::collections::HashMap;
 
 use prost::Message;
@@ -20,7 +21,6 @@ use psm_proto::v1::{
 };
 use rayon::prelude::*;
 use tonic::transport::Channel as GrpcChannel;
-use tonic::Status;
 
 use crate::decrypt::ThresholdDecryptor;
 use crate::inputs::{
@@ -42,12 +42,12 @@ pub struct Aggregator<'a> {
 }
 
 /// The channel of a request: unspecified means import.
-pub fn request_channel(v: i32) -> Result<Channel, Status> {
+pub fn request_channel(v: i32) -> Result<Channel, ComputeError> {
     if v == psm_proto::v1::Channel::Unspecified as i32 {
         return Ok(Channel::Import);
     }
     Channel::from_proto(v).ok_or_else(|| {
-        Status::invalid_argument(format!(
+        ComputeError::invalid(format!(
             "channel {v} is not CHANNEL_IMPORT or CHANNEL_EXPORT"
         ))
     })
@@ -383,14 +383,14 @@ impl Accumulator {
 }
 
 impl Aggregator<'_> {
-    pub async fn run(&self, req: AggregateRequest) -> Result<AggregateResponse, Status> {
+    pub async fn run(&self, req: AggregateRequest) -> Result<AggregateResponse, ComputeError> {
         let key = &req.idempotency_key;
         check_idempotency_key(key)?;
         let epoch = check_epoch(req.epoch)?;
         let channel = request_channel(req.channel)?;
         let g = i64::from(req.granularity_seconds);
         if g == 0 || g % SLOT_SECONDS != 0 || DAY_SECONDS % g != 0 {
-            return Err(Status::invalid_argument(format!(
+            return Err(ComputeError::invalid(format!(
                 "granularity_seconds {g} must be a multiple of 300 that divides a day (86400)"
             )));
         }
@@ -402,7 +402,7 @@ impl Aggregator<'_> {
         )?;
         let intervals = (range.end_unix - range.start_unix) / g;
         if intervals > MAX_OUTPUTS as i64 {
-            return Err(Status::invalid_argument(format!(
+            return Err(ComputeError::invalid(format!(
                 "{intervals} output intervals of {g} s; one aggregate releases at most {MAX_OUTPUTS}: use a coarser granularity or a shorter range"
             )));
         }
@@ -447,7 +447,7 @@ impl Aggregator<'_> {
                 tokio::task::block_in_place(|| {
                     let parsed = check_chunk(&chunk, &meters)?;
                     acc.add_all(&parsed, &meters)
-                        .map_err(|e| Status::internal(e.to_string()))
+                        .map_err(|e| ComputeError::internal(e.to_string()))
                 })?;
                 chunk.clear();
                 self.job.step(
@@ -463,14 +463,14 @@ impl Aggregator<'_> {
         let plan = acc
             .plan(self.min_cohort, MAX_RELEASE_MEMBERS)
             .map_err(|e| {
-                Status::failed_precondition(format!(
+                ComputeError::precondition(format!(
                     "the output intervals' effective cohorts cannot be listed in one release ({e}): the meters' readings have gaps in many different intervals; ask for a range they report completely, or a shorter one"
                 ))
             })?;
         if plan.outputs.is_empty() {
             let best = plan.members.iter().copied().max().unwrap_or(0);
             let with_data = (0..meters.len()).filter(|m| acc.batches(*m) > 0).count();
-            return Err(Status::failed_precondition(format!(
+            return Err(ComputeError::precondition(format!(
                 "no output interval can be released: each needs at least {} members whose epoch-{epoch} {} readings cover it completely; the best has {best} ({with_data} of {} meters have such readings in the range)",
                 self.min_cohort,
                 channel.name(),
@@ -510,9 +510,9 @@ impl Aggregator<'_> {
             .decryptor
             .release(release, &sums, key)
             .await
-            .map_err(|e| e.to_status())?;
+            .map_err(ComputeError::from)?;
         if out.values.len() != plan.outputs.len() {
-            return Err(Status::internal(format!(
+            return Err(ComputeError::internal(format!(
                 "{} values released for {} outputs",
                 out.values.len(),
                 plan.outputs.len()
@@ -522,8 +522,9 @@ impl Aggregator<'_> {
         let mut energy_wh = vec![0i64; buckets];
         let mut interval_cohort_size = vec![0u32; buckets];
         for ((b, _, _), v) in plan.outputs.iter().zip(out.values) {
-            energy_wh[*b] = i64::try_from(v)
-                .map_err(|_| Status::internal(format!("interval {b}: sum {v} out of range")))?;
+            energy_wh[*b] = i64::try_from(v).map_err(|_| {
+                ComputeError::internal(format!("interval {b}: sum {v} out of range"))
+            })?;
             interval_cohort_size[*b] = plan.members[*b];
         }
         Ok(AggregateResponse {
@@ -565,7 +566,7 @@ fn mark(words: &mut [u64], from: usize, to: usize) -> Result<(), usize> {
 fn check_chunk(
     chunk: &[psm_proto::v1::ReadingBatch],
     meters: &[&str],
-) -> Result<Vec<(usize, LinearBatch)>, Status> {
+) -> Result<Vec<(usize, LinearBatch)>, ComputeError> {
     chunk
         .par_iter()
         .filter_map(|b| {

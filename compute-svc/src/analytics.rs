@@ -2,11 +2,11 @@
 //! totals are summed on ciphertexts, compared with the band edges, and the comparisons summed
 //! per band; only the counts are squashed and decrypted.
 
+use crate::error::ComputeError;
 use prost::Message;
 use psm_core::tfhe_program::histogram;
 use psm_proto::v1::{AnalyticsRequest, AnalyticsResponse, ComputationKind};
 use tonic::transport::Channel;
-use tonic::Status;
 
 use crate::decrypt::{manifest, ThresholdDecryptor};
 use crate::inputs::{check_cohort, check_idempotency_key, whole_days};
@@ -41,7 +41,7 @@ pub fn program(req: &AnalyticsRequest) -> Vec<u8> {
 }
 
 impl Analyst<'_> {
-    pub async fn run(&self, req: AnalyticsRequest) -> Result<AnalyticsResponse, Status> {
+    pub async fn run(&self, req: AnalyticsRequest) -> Result<AnalyticsResponse, ComputeError> {
         check_idempotency_key(&req.idempotency_key)?;
         let cohort = check_cohort(
             &req.meter_ids,
@@ -51,14 +51,14 @@ impl Analyst<'_> {
         )?;
         let edges = &req.band_edges_wh;
         if edges.len() < 2 || edges.len() > MAX_EDGES || edges.windows(2).any(|w| w[0] >= w[1]) {
-            return Err(Status::invalid_argument(format!(
+            return Err(ComputeError::invalid(format!(
                 "band_edges_wh must hold 2..={MAX_EDGES} strictly ascending values"
             )));
         }
         let (first_day, days) = whole_days(req.range.as_ref(), MAX_ANALYTICS_DAYS)?;
         let meters: Vec<String> = cohort.iter().map(|m| m.to_string()).collect();
         if meters.len() * days as usize > psm_core::tfhe_program::MAX_TFHE_INPUTS {
-            return Err(Status::resource_exhausted(format!(
+            return Err(ComputeError::exhausted(format!(
                 "{} meters × {days} days = {} meter-days; a histogram takes at most {} (every day's registers are expanded in memory): ask for fewer meters or a shorter range",
                 meters.len(),
                 meters.len() * days as usize,
@@ -90,7 +90,7 @@ impl Analyst<'_> {
             histogram(per_meter, edges, &|step, p| {
                 job.step(step, 60 + p * 35 / 100)
             })
-            .map_err(|e| Status::internal(format!("tfhe evaluation: {e}")))
+            .map_err(|e| ComputeError::internal(format!("tfhe evaluation: {e}")))
         })?;
         drop(turn); // decryption (and keyshares' re-execution) need not hold the evaluator
         self.job.step("decrypting the counts", 95);

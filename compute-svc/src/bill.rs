@@ -3,6 +3,7 @@
 //! band totals (deriving the bands' slots from the tariff themselves), and the totals are priced.
 //! Demand charges and tiers come from the tfhe track's daily registers.
 
+use crate::error::ComputeError;
 use prost::Message;
 use psm_core::linear::release::{release_from_proto, MAX_BILL_DAYS};
 use psm_core::linear::{Channel, SLOT_SECONDS};
@@ -15,7 +16,6 @@ use psm_proto::v1::{
     QuorumReport, ReleaseOutput, TimeRange,
 };
 use tonic::transport::Channel as GrpcChannel;
-use tonic::Status;
 
 use crate::decrypt::{manifest, merge_report, ThresholdDecryptor};
 use crate::inputs::{
@@ -35,8 +35,10 @@ pub struct Biller<'a> {
 
 /// The tariff of a request, validated: time-of-use bands, and the tfhe-track parts (demand rate
 /// per kW, tiers).
-pub fn tariff_from_proto(t: &psm_proto::v1::Tariff) -> Result<(Tariff, i64, Vec<Tier>), Status> {
-    let bad = |e: String| Status::invalid_argument(e);
+pub fn tariff_from_proto(
+    t: &psm_proto::v1::Tariff,
+) -> Result<(Tariff, i64, Vec<Tier>), ComputeError> {
+    let bad = |e: String| ComputeError::invalid(e);
     let tariff = psm_core::wire::tariff_from_proto(t).map_err(|e| bad(e.to_string()))?;
     if !(0..=100_000_000).contains(&t.demand_rate_per_kw_milli) {
         return Err(bad("tariff: demand rate out of range".into()));
@@ -68,7 +70,11 @@ impl Bands<'_> {
 
     /// The wrapping body sum per band of one channel's batches. Every slot of the period must be
     /// covered by exactly one interval that lies inside the period and inside one band.
-    pub fn sums(&self, channel: Channel, batches: &[LinearBatch]) -> Result<Vec<u128>, Status> {
+    pub fn sums(
+        &self,
+        channel: Channel,
+        batches: &[LinearBatch],
+    ) -> Result<Vec<u128>, ComputeError> {
         let (start, end) = (self.start_slot, self.end_slot());
         let at = |slot: u64| format_utc(slot as i64 * SLOT_SECONDS);
         let ch = channel.name();
@@ -84,7 +90,7 @@ impl Bands<'_> {
                 }
                 if s < start || e > end {
                     let edge = if s < start { start } else { end };
-                    return Err(Status::failed_precondition(format!(
+                    return Err(ComputeError::precondition(format!(
                         "meter {meter}'s {ch} interval {}..{} straddles the period's {} at {}: a bill's period must start and end on the meter's interval boundaries ({} minutes)",
                         at(s),
                         at(e),
@@ -96,7 +102,7 @@ impl Bands<'_> {
                 let first = (s - start) as usize;
                 let slots = &mut covered[first..first + spi as usize];
                 if let Some(k) = slots.iter().position(|c| *c) {
-                    return Err(Status::internal(format!(
+                    return Err(ComputeError::internal(format!(
                         "stored {ch} batches of meter {meter} overlap at {} (ingest refuses overlapping batches: the store is inconsistent)",
                         at(s + k as u64)
                     )));
@@ -107,7 +113,7 @@ impl Bands<'_> {
                     .iter()
                     .find(|x| **x != band)
                 {
-                    return Err(Status::failed_precondition(format!(
+                    return Err(ComputeError::precondition(format!(
                         "meter {meter}'s {ch} interval {}..{} spans tariff bands {:?} and {:?}: one reading cannot be split between bands; bill it on a tariff whose band edges fall on its interval boundaries",
                         at(s),
                         at(e),
@@ -121,7 +127,7 @@ impl Bands<'_> {
             }
         }
         if let Some(k) = covered.iter().position(|c| !c) {
-            return Err(Status::failed_precondition(format!(
+            return Err(ComputeError::precondition(format!(
                 "meter {meter} has no {ch} reading under epoch {} covering {}: a bill needs every 5-minute slot of its period covered",
                 self.epoch,
                 at(start + k as u64)
@@ -132,14 +138,14 @@ impl Bands<'_> {
 }
 
 impl Biller<'_> {
-    pub async fn run(&self, req: BillRequest) -> Result<BillResponse, Status> {
+    pub async fn run(&self, req: BillRequest) -> Result<BillResponse, ComputeError> {
         check_idempotency_key(&req.idempotency_key)?;
-        validate_meter_id(&req.meter_id).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        validate_meter_id(&req.meter_id).map_err(|e| ComputeError::invalid(e.to_string()))?;
         let epoch = check_epoch(req.epoch)?;
         let proto_tariff = req
             .tariff
             .clone()
-            .ok_or_else(|| Status::invalid_argument("a tariff is required"))?;
+            .ok_or_else(|| ComputeError::invalid("a tariff is required"))?;
         let (tariff, demand_rate, tiers) = tariff_from_proto(&proto_tariff)?;
         let period = check_range(
             req.period.as_ref(),
@@ -150,7 +156,7 @@ impl Biller<'_> {
         let registers = demand_rate > 0 || !tiers.is_empty();
         if registers && (period.start_unix % DAY_SECONDS != 0 || period.end_unix % DAY_SECONDS != 0)
         {
-            return Err(Status::invalid_argument(
+            return Err(ComputeError::invalid(
                 "this tariff has a demand charge or tiers, which are computed from the meter's daily registers: its billing period must be whole UTC days (00:00 UTC to 00:00 UTC)",
             ));
         }
@@ -172,7 +178,7 @@ impl Biller<'_> {
             reissue_reason: req.reissue_reason.clone(),
         };
         let spec = release_from_proto(&release)
-            .map_err(|e| Status::invalid_argument(e.to_string()))?
+            .map_err(|e| ComputeError::invalid(e.to_string()))?
             .spec;
         let slot_bands = spec.slot_outputs();
         let mut in_period = vec![false; tariff.bands.len()];
@@ -273,7 +279,7 @@ impl Biller<'_> {
         meter: &str,
         epoch: u32,
         period: &TimeRange,
-    ) -> Result<(Vec<LinearBatch>, Vec<LinearBatch>), Status> {
+    ) -> Result<(Vec<LinearBatch>, Vec<LinearBatch>), ComputeError> {
         let (start, end) = (
             (period.start_unix / SLOT_SECONDS) as u64,
             (period.end_unix / SLOT_SECONDS) as u64,
@@ -311,7 +317,7 @@ impl Biller<'_> {
         band_sums: &[u128],
         idempotency_key: &str,
         report: &mut QuorumReport,
-    ) -> Result<Vec<i64>, Status> {
+    ) -> Result<Vec<i64>, ComputeError> {
         let mut release = template.clone();
         release.channel = channel.to_proto() as i32;
         let sums: Vec<u128> = outputs.iter().map(|b| band_sums[*b]).collect();
@@ -319,10 +325,10 @@ impl Biller<'_> {
             .decryptor
             .release(release, &sums, idempotency_key)
             .await
-            .map_err(|e| e.to_status())?;
+            .map_err(ComputeError::from)?;
         merge_report(report, out.report);
         if out.values.len() != outputs.len() {
-            return Err(Status::internal(format!(
+            return Err(ComputeError::internal(format!(
                 "{} values released for {} bands",
                 out.values.len(),
                 outputs.len()
@@ -334,7 +340,7 @@ impl Biller<'_> {
                 .ok()
                 .filter(|v| *v >= 0)
                 .ok_or_else(|| {
-                    Status::internal(format!(
+                    ComputeError::internal(format!(
                         "the released {} total of band {b} is {v} Wh: the stored readings are not what a meter encrypts",
                         channel.name()
                     ))
@@ -354,7 +360,7 @@ impl Biller<'_> {
         demand_rate: i64,
         tiers: &[Tier],
         program: Vec<u8>,
-    ) -> Result<(Vec<psm_core::tariff::Line>, QuorumReport), Status> {
+    ) -> Result<(Vec<psm_core::tariff::Line>, QuorumReport), ComputeError> {
         self.job.step("loading the tfhe server key", 25);
         let loaded = self.tfhe.loaded().await?;
         let meters = [req.meter_id.clone()];
@@ -373,7 +379,7 @@ impl Biller<'_> {
             bill_registers(expanded, want_demand, &tiers_owned, &|step, p| {
                 job.step(step, 70 + p / 5)
             })
-            .map_err(|e| Status::internal(format!("tfhe evaluation: {e}")))
+            .map_err(|e| ComputeError::internal(format!("tfhe evaluation: {e}")))
         })?;
         drop(turn); // decryption (and keyshares' re-execution) need not hold the evaluator
         self.job.step("decrypting the register results", 95);
@@ -459,9 +465,10 @@ mod tests {
             .unwrap();
         assert_eq!(sums[0], (0..24).map(|i| 1u128 << i).sum::<u128>());
         // A missing interval names the first uncovered time.
-        let e = b
-            .sums(Channel::Import, &[batch(Channel::Import, D0, 3, 95)])
-            .unwrap_err();
+        let e = tonic::Status::from(
+            b.sums(Channel::Import, &[batch(Channel::Import, D0, 3, 95)])
+                .unwrap_err(),
+        );
         assert_eq!(e.code(), tonic::Code::FailedPrecondition);
         assert!(e.message().contains("T23:45Z"), "{}", e.message());
         assert!(e.message().contains("import"), "{}", e.message());
@@ -471,9 +478,11 @@ mod tests {
     fn intervals_across_bands_or_edges_are_refused() {
         // A band edge at 06:30: hourly readings cannot be split.
         let sb: Vec<usize> = (0..288).map(|s| usize::from(s >= 78)).collect();
-        let e = bands(&sb)
-            .sums(Channel::Export, &[batch(Channel::Export, D0, 12, 24)])
-            .unwrap_err();
+        let e = tonic::Status::from(
+            bands(&sb)
+                .sums(Channel::Export, &[batch(Channel::Export, D0, 12, 24)])
+                .unwrap_err(),
+        );
         assert_eq!(e.code(), tonic::Code::FailedPrecondition);
         assert!(
             e.message()
@@ -487,9 +496,10 @@ mod tests {
             start_slot: D0 + 3,
             ..bands(&sb)
         };
-        let e = p
-            .sums(Channel::Import, &[batch(Channel::Import, D0, 12, 24)])
-            .unwrap_err();
+        let e = tonic::Status::from(
+            p.sums(Channel::Import, &[batch(Channel::Import, D0, 12, 24)])
+                .unwrap_err(),
+        );
         assert!(
             e.message().contains("straddles the period's start"),
             "{}",
@@ -497,15 +507,17 @@ mod tests {
         );
         // Overlapping stored batches are a store error.
         let sb = vec![0usize; 288];
-        let e = bands(&sb)
-            .sums(
-                Channel::Import,
-                &[
-                    batch(Channel::Import, D0, 3, 96),
-                    batch(Channel::Import, D0 + 3, 3, 1),
-                ],
-            )
-            .unwrap_err();
+        let e = tonic::Status::from(
+            bands(&sb)
+                .sums(
+                    Channel::Import,
+                    &[
+                        batch(Channel::Import, D0, 3, 96),
+                        batch(Channel::Import, D0 + 3, 3, 1),
+                    ],
+                )
+                .unwrap_err(),
+        );
         assert_eq!(e.code(), tonic::Code::Internal);
     }
 }

@@ -59,20 +59,10 @@ pub enum DecryptError {
     Internal(String),
 }
 
-impl DecryptError {
-    /// The status a caller sees: a keyshare's policy refusal keeps its code (and the keyshares'
-    /// reasons), anything else is UNAVAILABLE.
-    pub fn to_status(&self) -> tonic::Status {
-        match self {
-            DecryptError::Quorum(q) => match q.refusal_code() {
-                Some(code) => tonic::Status::new(code, format!("the keyshares refused: {q}")),
-                None => tonic::Status::unavailable(format!("threshold decryption failed: {q}")),
-            },
-            DecryptError::Release(e) => tonic::Status::invalid_argument(e.to_string()),
-            DecryptError::TooLarge(m) => tonic::Status::resource_exhausted(m.clone()),
-            DecryptError::Internal(m) => tonic::Status::internal(m.clone()),
-            other => tonic::Status::unavailable(format!("threshold decryption failed: {other}")),
-        }
+impl From<DecryptError> for tonic::Status {
+    /// Through [`crate::error::ComputeError`], the service's one mapping.
+    fn from(e: DecryptError) -> Self {
+        crate::error::ComputeError::from(e).into()
     }
 }
 
@@ -736,7 +726,7 @@ mod tests {
     fn refusals_map_to_statuses() {
         let e = release_from_proto(&LinearRelease::default()).unwrap_err();
         assert_eq!(
-            DecryptError::from(e).to_status().code(),
+            tonic::Status::from(DecryptError::from(e)).code(),
             tonic::Code::InvalidArgument
         );
         let nb = check_noise(
@@ -749,11 +739,11 @@ mod tests {
             }],
         )
         .unwrap_err();
-        let s = DecryptError::from(nb).to_status();
+        let s = tonic::Status::from(DecryptError::from(nb));
         assert_eq!(s.code(), tonic::Code::InvalidArgument);
         assert!(s.message().starts_with("noise-bound: "), "{}", s.message());
         assert_eq!(
-            DecryptError::TooLarge("x".into()).to_status().code(),
+            tonic::Status::from(DecryptError::TooLarge("x".into())).code(),
             tonic::Code::ResourceExhausted
         );
     }

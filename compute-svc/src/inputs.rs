@@ -1,18 +1,18 @@
 //! Request checks and stored-input handling shared by the computations.
 
+use crate::error::ComputeError;
 use psm_core::linear::envelope::MAX_EPOCH;
 use psm_core::readings::DAY_SECONDS;
 use psm_core::wire::LinearBatch;
 use psm_proto::v1::{ReadingBatch, TimeRange, Track};
 use tonic::transport::Channel;
-use tonic::Status;
 
 /// 1..=128 printable ASCII characters.
-pub fn check_idempotency_key(k: &str) -> Result<(), Status> {
+pub fn check_idempotency_key(k: &str) -> Result<(), ComputeError> {
     if (1..=128).contains(&k.len()) && k.bytes().all(|b| b.is_ascii_graphic()) {
         Ok(())
     } else {
-        Err(Status::invalid_argument(
+        Err(ComputeError::invalid(
             "idempotency_key must be 1..=128 printable ASCII characters",
         ))
     }
@@ -25,23 +25,23 @@ pub fn check_cohort<'a>(
     min: usize,
     max: usize,
     what: &str,
-) -> Result<std::collections::BTreeSet<&'a str>, Status> {
+) -> Result<std::collections::BTreeSet<&'a str>, ComputeError> {
     let cohort: std::collections::BTreeSet<&str> = meter_ids.iter().map(String::as_str).collect();
     if cohort.len() != meter_ids.len() {
-        return Err(Status::invalid_argument("meter_ids lists a meter twice"));
+        return Err(ComputeError::invalid("meter_ids lists a meter twice"));
     }
     for m in &cohort {
         psm_core::readings::validate_meter_id(m)
-            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+            .map_err(|e| ComputeError::invalid(e.to_string()))?;
     }
     if cohort.len() < min {
-        return Err(Status::failed_precondition(format!(
+        return Err(ComputeError::precondition(format!(
             "cohort of {} meters is below the minimum of {min}: {what} of fewer meters are not released",
             cohort.len()
         )));
     }
     if cohort.len() > max {
-        return Err(Status::resource_exhausted(format!(
+        return Err(ComputeError::exhausted(format!(
             "cohort of {} meters; the limit is {max}",
             cohort.len()
         )));
@@ -50,13 +50,13 @@ pub fn check_cohort<'a>(
 }
 
 /// A range of whole UTC days, at most `max_days` long: (first day number, number of days).
-pub fn whole_days(range: Option<&TimeRange>, max_days: i64) -> Result<(i64, i64), Status> {
-    let r = range.ok_or_else(|| Status::invalid_argument("a time range is required"))?;
+pub fn whole_days(range: Option<&TimeRange>, max_days: i64) -> Result<(i64, i64), ComputeError> {
+    let r = range.ok_or_else(|| ComputeError::invalid("a time range is required"))?;
     if r.start_unix % DAY_SECONDS != 0
         || r.end_unix % DAY_SECONDS != 0
         || r.end_unix <= r.start_unix
     {
-        return Err(Status::invalid_argument(
+        return Err(ComputeError::invalid(
             "the range must be whole UTC days: start and end at 00:00 UTC, end after start",
         ));
     }
@@ -65,7 +65,7 @@ pub fn whole_days(range: Option<&TimeRange>, max_days: i64) -> Result<(i64, i64)
         .checked_sub(r.start_unix)
         .map_or(i64::MAX, |d| d / DAY_SECONDS);
     if days > max_days {
-        return Err(Status::invalid_argument(format!(
+        return Err(ComputeError::invalid(format!(
             "range spans {days} days; the limit is {max_days}"
         )));
     }
@@ -77,8 +77,8 @@ pub async fn stream_linear(
     ingest: Channel,
     meters: Vec<String>,
     range: TimeRange,
-) -> Result<tonic::Streaming<ReadingBatch>, Status> {
-    psm_net::client::stream_readings(ingest, meters, range, Track::Linear).await
+) -> Result<tonic::Streaming<ReadingBatch>, ComputeError> {
+    Ok(psm_net::client::stream_readings(ingest, meters, range, Track::Linear).await?)
 }
 
 /// The next batch of a stream, mapping transport errors.
@@ -86,9 +86,9 @@ pub use psm_net::client::next_reading as next;
 
 /// A stored linear-track batch, checked ([`psm_core::wire::linear_batch`]): ingest checked it
 /// on the way in, so one that fails now is store corruption, not the caller's mistake.
-pub fn checked_linear(b: &ReadingBatch) -> Result<LinearBatch, Status> {
+pub fn checked_linear(b: &ReadingBatch) -> Result<LinearBatch, ComputeError> {
     psm_core::wire::linear_batch(b).map_err(|e| {
-        Status::internal(format!(
+        ComputeError::internal(format!(
             "stored batch of meter {:?} for {:?}: {e}",
             b.meter_id, b.day
         ))
@@ -97,12 +97,12 @@ pub fn checked_linear(b: &ReadingBatch) -> Result<LinearBatch, Status> {
 
 /// A request's key epoch: required (the meters' readings are under one), at most
 /// [`MAX_EPOCH`].
-pub fn check_epoch(epoch: u32) -> Result<u32, Status> {
+pub fn check_epoch(epoch: u32) -> Result<u32, ComputeError> {
     match epoch {
-        0 => Err(Status::invalid_argument(
+        0 => Err(ComputeError::invalid(
             "epoch is required: the key epoch (>= 1) the meters' readings are under",
         )),
-        e if e > MAX_EPOCH => Err(Status::invalid_argument(format!(
+        e if e > MAX_EPOCH => Err(ComputeError::invalid(format!(
             "epoch {e} is outside 1..={MAX_EPOCH}"
         ))),
         e => Ok(e),
@@ -122,20 +122,20 @@ pub fn check_range(
     align: i64,
     max_seconds: i64,
     what: &str,
-) -> Result<TimeRange, Status> {
-    let r = range.ok_or_else(|| Status::invalid_argument(format!("a {what} is required")))?;
+) -> Result<TimeRange, ComputeError> {
+    let r = range.ok_or_else(|| ComputeError::invalid(format!("a {what} is required")))?;
     if r.start_unix % align != 0 || r.end_unix % align != 0 || r.end_unix <= r.start_unix {
-        return Err(Status::invalid_argument(format!(
+        return Err(ComputeError::invalid(format!(
             "the {what} must start and end on multiples of {align} s (UTC) and end after it starts"
         )));
     }
     if r.start_unix < EARLIEST_UNIX || r.end_unix > LATEST_UNIX {
-        return Err(Status::invalid_argument(format!(
+        return Err(ComputeError::invalid(format!(
             "the {what} must lie within 2000-01-01..2200-01-01 (UTC)"
         )));
     }
     if r.end_unix - r.start_unix > max_seconds {
-        return Err(Status::invalid_argument(format!(
+        return Err(ComputeError::invalid(format!(
             "the {what} spans {} s; the limit is {max_seconds} s ({} days)",
             r.end_unix - r.start_unix,
             max_seconds / DAY_SECONDS
@@ -172,7 +172,7 @@ mod tests {
     #[test]
     fn epochs_days_and_times() {
         assert_eq!(
-            check_epoch(0).unwrap_err().message(),
+            tonic::Status::from(check_epoch(0).unwrap_err()).message(),
             "epoch is required: the key epoch (>= 1) the meters' readings are under"
         );
         assert!(check_epoch(MAX_EPOCH + 1).is_err());
@@ -213,7 +213,7 @@ mod tests {
         assert!(check_range(Some(&r(i64::MAX - 7, i64::MAX)), 1, DAY_SECONDS, "range").is_err());
         assert!(check_range(None, 300, DAY_SECONDS, "period")
             .unwrap_err()
-            .message()
+            .to_string()
             .contains("period"));
     }
 }

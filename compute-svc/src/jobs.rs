@@ -2,6 +2,7 @@
 //! job publishes its step and percent on a watch channel; finished jobs are kept (bounded) so a
 //! watcher that arrives late still sees the end.
 
+use crate::error::ComputeError;
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, PoisonError};
 
@@ -41,7 +42,7 @@ impl Jobs {
     /// A key this node remembers (running, or among the last KEEP_FINISHED finished) that named
     /// another request is refused with ALREADY_EXISTS; the same request again runs again and,
     /// every release being deterministic, returns the same result.
-    pub fn start(&self, key: &str, request: [u8; 32]) -> Result<JobHandle, tonic::Status> {
+    pub fn start(&self, key: &str, request: [u8; 32]) -> Result<JobHandle, ComputeError> {
         let (tx, _) = watch::channel(JobProgress {
             idempotency_key: key.to_owned(),
             step: "queued".into(),
@@ -50,7 +51,7 @@ impl Jobs {
         });
         let mut t = self.table.lock().unwrap_or_else(PoisonError::into_inner);
         if t.requests.get(key).is_some_and(|r| *r != request) {
-            return Err(tonic::Status::already_exists(format!(
+            return Err(ComputeError::already_exists(format!(
                 "idempotency key {key:?} was already used for a different request; choose a new key for a new request"
             )));
         }
@@ -144,7 +145,10 @@ mod tests {
         let Err(e) = jobs.start("a", [2; 32]) else {
             panic!("another request under a used key was accepted");
         };
-        assert_eq!(e.code(), tonic::Code::AlreadyExists);
+        assert!(
+            matches!(e, crate::error::ComputeError::AlreadyExists(_)),
+            "{e}"
+        );
         assert!(jobs.start("a", [1; 32]).is_ok());
     }
 }

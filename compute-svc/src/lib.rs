@@ -6,10 +6,12 @@ pub mod aggregate;
 pub mod analytics;
 pub mod bill;
 pub mod decrypt;
+pub mod error;
 pub mod inputs;
 pub mod jobs;
 pub mod tfhe;
 
+use crate::error::ComputeError;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -118,9 +120,9 @@ impl ComputeService {
         }
     }
 
-    fn engine(&self) -> Result<&Engine, Status> {
+    fn engine(&self) -> Result<&Engine, ComputeError> {
         self.engine.as_ref().ok_or_else(|| {
-            Status::failed_precondition(
+            ComputeError::precondition(
                 "compute is not connected: configure [compute] public_dir, ingest_url and keyshares",
             )
         })
@@ -128,11 +130,11 @@ impl ComputeService {
 }
 
 /// A job's outcome: a failure is published to watchers before the handle ends the job.
-fn finish<T>(job: &jobs::JobHandle, r: Result<T, Status>) -> Result<Response<T>, Status> {
+fn finish<T>(job: &jobs::JobHandle, r: Result<T, ComputeError>) -> Result<Response<T>, Status> {
     if let Err(e) = &r {
-        job.step(&format!("failed: {}", e.message()), 100);
+        job.step(&format!("failed: {e}"), 100);
     }
-    r.map(Response::new)
+    r.map(Response::new).map_err(Status::from)
 }
 
 type ProgressStream =
@@ -218,7 +220,7 @@ impl Compute for ComputeService {
     ) -> Result<Response<Self::WatchJobStream>, Status> {
         let key = &r.get_ref().idempotency_key;
         let rx = self.jobs.watch(key).ok_or_else(|| {
-            Status::not_found(format!(
+            ComputeError::not_found(format!(
                 "no running or recently finished job with idempotency key {key:?}"
             ))
         })?;

@@ -2,6 +2,7 @@
 //! inputs streamed from ingest and verified-and-expanded in parallel; squashed results decrypted
 //! through the keyshares.
 
+use crate::error::ComputeError;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -16,7 +17,6 @@ use psm_proto::v1::{ComputationManifest, InputRef, TimeRange, Track};
 use rayon::prelude::*;
 use tfhe::{FheUint32, ServerKey};
 use tonic::transport::Channel;
-use tonic::Status;
 
 use crate::decrypt::{Decrypted, ThresholdDecryptor};
 use crate::jobs::JobHandle;
@@ -111,16 +111,16 @@ impl TfheEngine {
     }
 
     /// Waits for this job's turn to evaluate; hold the permit while evaluating.
-    pub async fn turn(&self) -> Result<tokio::sync::OwnedSemaphorePermit, Status> {
+    pub async fn turn(&self) -> Result<tokio::sync::OwnedSemaphorePermit, ComputeError> {
         self.evaluations
             .clone()
             .acquire_owned()
             .await
-            .map_err(|_| Status::unavailable("compute is shutting down"))
+            .map_err(|_| ComputeError::unavailable("compute is shutting down"))
     }
 
     /// The server key and verifier, loading them on first use.
-    pub async fn loaded(&self) -> Result<Arc<Loaded>, Status> {
+    pub async fn loaded(&self) -> Result<Arc<Loaded>, ComputeError> {
         self.loaded
             .get_or_try_init(|| async {
                 let dir = self.public_dir.clone();
@@ -152,8 +152,10 @@ impl TfheEngine {
                     }))
                 })
                 .await
-                .map_err(|e| Status::internal(format!("key loading task failed: {e}")))?
-                .map_err(|e| Status::unavailable(format!("cannot load the tfhe server key: {e}")))
+                .map_err(|e| ComputeError::internal(format!("key loading task failed: {e}")))?
+                .map_err(|e| {
+                    ComputeError::unavailable(format!("cannot load the tfhe server key: {e}"))
+                })
             })
             .await
             .cloned()
@@ -167,7 +169,7 @@ impl TfheEngine {
         meters: &[String],
         first_day: i64,
         days: i64,
-    ) -> Result<Vec<RegisterInput>, Status> {
+    ) -> Result<Vec<RegisterInput>, ComputeError> {
         let range = TimeRange {
             start_unix: first_day * psm_core::readings::DAY_SECONDS,
             end_unix: (first_day + days) * psm_core::readings::DAY_SECONDS,
@@ -183,23 +185,23 @@ impl TfheEngine {
         let fetched = psm_net::client::fetch_days(ingest, &wanted, range, Track::Tfhe)
             .await
             .map_err(|e| match e {
-                FetchError::Unavailable(_) => Status::unavailable(e.to_string()),
-                FetchError::Missing { meter, day } => Status::failed_precondition(format!(
+                FetchError::Unavailable(_) => ComputeError::unavailable(e.to_string()),
+                FetchError::Missing { meter, day } => ComputeError::precondition(format!(
                     "meter {meter} has no register readings (tfhe track) for {day}; demand charges, tiers and analytics need every day"
                 )),
-                other => Status::internal(other.to_string()),
+                other => ComputeError::internal(other.to_string()),
             })?;
         let mut got: BTreeMap<(String, i64), RegisterInput> = BTreeMap::new();
         for ((meter_id, day_text), b) in fetched {
             let day = parse_day(&day_text)
-                .map_err(|e| Status::internal(format!("ingest returned {e}")))?;
+                .map_err(|e| ComputeError::internal(format!("ingest returned {e}")))?;
             let kid = b
                 .key
                 .as_ref()
                 .map(|k| k.key_id.as_str())
                 .unwrap_or_default();
             if kid != self.key_id {
-                return Err(Status::failed_precondition(format!(
+                return Err(ComputeError::precondition(format!(
                     "{meter_id} {day_text} is under key {kid:?}, not {}",
                     self.key_id
                 )));
@@ -230,7 +232,7 @@ impl TfheEngine {
         parts: Vec<Squashed>,
         manifest: ComputationManifest,
         idempotency_key: &str,
-    ) -> Result<(Vec<u128>, Decrypted), Status> {
+    ) -> Result<(Vec<u128>, Decrypted), ComputeError> {
         let (batch, widths) = concat(&parts);
         let out = decryptor
             .decrypt(
@@ -242,7 +244,7 @@ impl TfheEngine {
                 idempotency_key,
             )
             .await
-            .map_err(|e| e.to_status())?;
+            .map_err(ComputeError::from)?;
         let mut at = 0;
         let values = widths
             .iter()
@@ -264,7 +266,7 @@ pub fn expand_all(
     job: &JobHandle,
     from: u32,
     to: u32,
-) -> Result<Vec<Expanded>, Status> {
+) -> Result<Vec<Expanded>, ComputeError> {
     tfhe::set_server_key(loaded.server_key.clone());
     let done = std::sync::atomic::AtomicU32::new(0);
     let n = inputs.len().max(1) as u32;
@@ -283,7 +285,7 @@ pub fn expand_all(
                     )
                     .inspect(|e| loaded.cache.put(&r.meter_id, r.day, hash, e))
                     .map_err(|e| {
-                        Status::internal(format!("stored registers {} : {e}", r.meter_id))
+                        ComputeError::internal(format!("stored registers {} : {e}", r.meter_id))
                     }),
             };
             let k = done.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;

@@ -4,6 +4,7 @@
 //! linear track it enforces that each (meter, epoch, channel, slot) is encrypted once, ever, and
 //! only under an enrolled epoch. The binary is a thin wrapper over [`run`].
 
+pub mod error;
 pub mod store;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -17,6 +18,7 @@ use psm_net::auth::caller;
 use psm_net::Role;
 use psm_proto::v1::Track;
 
+use crate::error::{join_error, IngestError};
 use crate::store::{ReadingStore, StoreError};
 use psm_core::registers::{RegisterVerifier, MAX_REGISTER_LIST_BYTES, REGISTER_COUNT};
 
@@ -102,38 +104,15 @@ pub struct IngestService {
     byte_quota: psm_net::quota::Quota,
 }
 
-/// The one mapping of store failures to gRPC statuses.
-fn store_status(e: StoreError) -> Status {
-    match e {
-        StoreError::Conflict { .. } => {
-            Status::already_exists(format!("{e}; nothing from this request was stored"))
-        }
-        StoreError::EnrollmentConflict { .. } => {
-            Status::already_exists(format!("{e}; nothing from this request was stored"))
-        }
-        StoreError::Invalid(m) => {
-            Status::invalid_argument(format!("{m}; nothing from this request was stored"))
-        }
-        StoreError::Format(m) | StoreError::Backend(m) => {
-            tracing::error!(error = %m, "reading store failed");
-            Status::unavailable("the reading store is unavailable; nothing was stored, retry later")
-        }
-    }
-}
-
-fn join_error(e: tokio::task::JoinError) -> Status {
-    Status::internal(format!("store task failed: {e}"))
-}
-
 fn valid_idempotency_key(k: &str) -> bool {
     (1..=128).contains(&k.len()) && k.bytes().all(|b| b.is_ascii_graphic())
 }
 
-fn check_idempotency_key(k: &str) -> Result<(), Status> {
+fn check_idempotency_key(k: &str) -> Result<(), IngestError> {
     if valid_idempotency_key(k) {
         Ok(())
     } else {
-        Err(Status::invalid_argument(
+        Err(IngestError::invalid(
             "idempotency_key must be 1..=128 printable ASCII characters",
         ))
     }
@@ -211,17 +190,17 @@ impl IngestService {
         who: &psm_net::SpiffeId,
         batches: usize,
         bytes: usize,
-    ) -> Result<(), Status> {
+    ) -> Result<(), IngestError> {
         use psm_net::quota::OverQuota;
         let name = who.to_string();
         let mut bytes_refusal = None;
         let over = |what: &str, limit: u64, o: OverQuota| {
             match o {
-            OverQuota::RetryIn(wait) => Status::resource_exhausted(format!(
+            OverQuota::RetryIn(wait) => IngestError::exhausted(format!(
                 "{who} is over this ingest's quota of {limit} {what} per minute; retry in {} s; nothing was stored",
                 wait.as_secs() + 1
             )),
-            OverQuota::TooLarge => Status::resource_exhausted(format!(
+            OverQuota::TooLarge => IngestError::exhausted(format!(
                 "the request holds more {what} than this ingest's quota of {limit} per minute allows; split it; nothing was stored"
             )),
         }
@@ -259,21 +238,21 @@ impl IngestService {
 
     /// Verifies the zero-knowledge proofs of every tfhe-track batch on the blocking pool, at most
     /// one verification per core at a time; any failure refuses the whole request.
-    async fn verify_proofs(&self, req: &SubmitReadingsRequest) -> Result<(), Status> {
+    async fn verify_proofs(&self, req: &SubmitReadingsRequest) -> Result<(), IngestError> {
         let mut jobs = Vec::new();
         for (i, b) in req.batches.iter().enumerate() {
             if b.track() != Track::Tfhe {
                 continue;
             }
             let verifier = self.verifier.clone().ok_or_else(|| {
-                Status::failed_precondition("this ingest has no key bundle; nothing was stored")
+                IngestError::precondition("this ingest has no key bundle; nothing was stored")
             })?;
             let permit = self
                 .verify_permits
                 .clone()
                 .acquire_owned()
                 .await
-                .map_err(|_| Status::unavailable("ingest is shutting down"))?;
+                .map_err(|_| IngestError::unavailable("ingest is shutting down"))?;
             let (meter, day, bytes) = (b.meter_id.clone(), b.day.clone(), b.ciphertext.clone());
             jobs.push((
                 i,
@@ -286,9 +265,9 @@ impl IngestService {
         for (i, job) in jobs {
             let b = &req.batches[i];
             job.await
-                .map_err(|e| Status::internal(format!("proof verification task failed: {e}")))?
+                .map_err(|e| IngestError::internal(format!("proof verification task failed: {e}")))?
                 .map_err(|e| {
-                    Status::invalid_argument(format!(
+                    IngestError::invalid(format!(
                         "batch {i} ({} {}): {e}; nothing was stored",
                         b.meter_id, b.day
                     ))
@@ -303,13 +282,13 @@ impl IngestService {
         &self,
         who: &psm_net::SpiffeId,
         req: &SubmitReadingsRequest,
-    ) -> Result<BTreeMap<(String, u32), usize>, Status> {
+    ) -> Result<BTreeMap<(String, u32), usize>, IngestError> {
         check_idempotency_key(&req.idempotency_key)?;
         if req.batches.is_empty() {
-            return Err(Status::invalid_argument("the request holds no batches"));
+            return Err(IngestError::invalid("the request holds no batches"));
         }
         if req.batches.len() > MAX_BATCHES_PER_REQUEST {
-            return Err(Status::resource_exhausted(format!(
+            return Err(IngestError::exhausted(format!(
                 "{} batches in one request; the limit is {MAX_BATCHES_PER_REQUEST}",
                 req.batches.len()
             )));
@@ -325,7 +304,7 @@ impl IngestService {
             BTreeMap::new();
         for (i, b) in req.batches.iter().enumerate() {
             let bad = |m: String| {
-                Status::invalid_argument(format!(
+                IngestError::invalid(format!(
                     "batch {i} ({} {}): {m}; nothing was stored",
                     b.meter_id, b.day
                 ))
@@ -339,7 +318,7 @@ impl IngestService {
                 )));
             }
             if !self.may_submit(who, &b.meter_id) {
-                return Err(Status::permission_denied(format!(
+                return Err(IngestError::not_permitted(format!(
                     "{who} may not submit readings for meter {:?} (batch {i}); nothing was stored",
                     b.meter_id
                 )));
@@ -373,7 +352,7 @@ impl IngestService {
                 }
                 Track::Tfhe => {
                     let bundle = self.bundle.as_ref().ok_or_else(|| {
-                        Status::failed_precondition(
+                        IngestError::precondition(
                             "this ingest has no key manifest (start it with --public-dir), so it cannot take tfhe-track batches; nothing was stored",
                         )
                     })?;
@@ -425,7 +404,10 @@ impl IngestService {
     }
 
     /// Refuses a submission with a linear batch under an epoch its meter has not enrolled.
-    async fn check_enrolled(&self, epochs: BTreeMap<(String, u32), usize>) -> Result<(), Status> {
+    async fn check_enrolled(
+        &self,
+        epochs: BTreeMap<(String, u32), usize>,
+    ) -> Result<(), IngestError> {
         if epochs.is_empty() {
             return Ok(());
         }
@@ -440,9 +422,9 @@ impl IngestService {
         })
         .await
         .map_err(join_error)?
-        .map_err(store_status)?;
+        .map_err(IngestError::from)?;
         match missing {
-            Some((meter, epoch, i)) => Err(Status::failed_precondition(format!(
+            Some((meter, epoch, i)) => Err(IngestError::precondition(format!(
                 "batch {i}: meter {meter} has not enrolled key epoch {epoch}; enroll it first with Ingest.Enroll; nothing was stored"
             ))),
             None => Ok(()),
@@ -454,39 +436,39 @@ impl IngestService {
         &self,
         who: &psm_net::SpiffeId,
         req: &EnrollRequest,
-    ) -> Result<(), Status> {
+    ) -> Result<(), IngestError> {
         check_idempotency_key(&req.idempotency_key)?;
         if req.enrollments.is_empty() {
-            return Err(Status::invalid_argument("the request holds no enrollments"));
+            return Err(IngestError::invalid("the request holds no enrollments"));
         }
         if req.enrollments.len() > MAX_ENROLLMENTS_PER_REQUEST {
-            return Err(Status::resource_exhausted(format!(
+            return Err(IngestError::exhausted(format!(
                 "{} enrollments in one request; the limit is {MAX_ENROLLMENTS_PER_REQUEST}",
                 req.enrollments.len()
             )));
         }
         let bundle = self.bundle.as_ref().ok_or_else(|| {
-            Status::failed_precondition(
+            IngestError::precondition(
                 "this ingest has no key manifest (start it with --public-dir), so it cannot check enrollments against the keyshares' scheme; nothing was stored",
             )
         })?;
         let manifest = &bundle.manifest;
         let scheme = Scheme::new(manifest.parties, manifest.threshold).map_err(|e| {
-            Status::failed_precondition(format!(
+            IngestError::precondition(format!(
                 "the key manifest's scheme is unusable: {e}; nothing was stored"
             ))
         })?;
         let mut seen: BTreeMap<(&str, u32), (usize, &Enrollment)> = BTreeMap::new();
         for (i, e) in req.enrollments.iter().enumerate() {
             let bad = |m: String| {
-                Status::invalid_argument(format!(
+                IngestError::invalid(format!(
                     "enrollment {i} (meter {} epoch {}): {m}; nothing was stored",
                     e.meter_id, e.epoch
                 ))
             };
             validate_meter_id(&e.meter_id).map_err(|x| bad(x.to_string()))?;
             if !self.may_submit(who, &e.meter_id) {
-                return Err(Status::permission_denied(format!(
+                return Err(IngestError::not_permitted(format!(
                     "{who} may not enroll meter {:?} (enrollment {i}); nothing was stored",
                     e.meter_id
                 )));
@@ -566,10 +548,10 @@ async fn stream_file(
     }
     if *hasher.finalize().as_bytes() != hash || offset != total {
         let _ = tx
-            .send(Err(Status::data_loss(format!(
+            .send(Err(Status::from(IngestError::corrupt(format!(
                 "{} changed on disk: it no longer matches the manifest",
                 path.display()
-            ))))
+            )))))
             .await;
     }
 }
@@ -596,7 +578,7 @@ impl Ingest for IngestService {
         let outcome = tokio::task::spawn_blocking(move || store.put_all(&batches))
             .await
             .map_err(join_error)?
-            .map_err(store_status)?;
+            .map_err(IngestError::from)?;
         tracing::info!(caller = %who, key = %req.idempotency_key, stored = outcome.stored, duplicates = outcome.duplicates, "readings stored durably");
         Ok(Response::new(SubmitReadingsResponse {
             stored: outcome.stored,
@@ -618,7 +600,7 @@ impl Ingest for IngestService {
         let outcome = tokio::task::spawn_blocking(move || store.put_enrollments(&enrollments))
             .await
             .map_err(join_error)?
-            .map_err(store_status)?;
+            .map_err(IngestError::from)?;
         tracing::info!(caller = %who, key = %req.idempotency_key, stored = outcome.stored, duplicates = outcome.duplicates, "enrollments stored durably");
         Ok(Response::new(EnrollResponse {
             stored: outcome.stored,
@@ -635,13 +617,14 @@ impl Ingest for IngestService {
         let who = caller(&request)?.clone();
         let req = request.into_inner();
         if req.meter_ids.len() > MAX_METERS_PER_STREAM {
-            return Err(Status::resource_exhausted(format!(
+            return Err(IngestError::exhausted(format!(
                 "{} meters in one request; the limit is {MAX_METERS_PER_STREAM}",
                 req.meter_ids.len()
-            )));
+            ))
+            .into());
         }
         for m in &req.meter_ids {
-            validate_meter_id(m).map_err(|e| Status::invalid_argument(e.to_string()))?;
+            validate_meter_id(m).map_err(|e| IngestError::invalid(e.to_string()))?;
         }
         let meters: Option<BTreeSet<String>> =
             (!req.meter_ids.is_empty()).then(|| req.meter_ids.into_iter().collect());
@@ -661,12 +644,14 @@ impl Ingest for IngestService {
                 let page = match page {
                     Ok(Ok(p)) => p,
                     Ok(Err(e)) => {
-                        let _ = tx.send(Err(store_status(e))).await;
+                        let _ = tx.send(Err(Status::from(IngestError::from(e)))).await;
                         return;
                     }
                     Err(e) => {
                         let _ = tx
-                            .send(Err(Status::internal(format!("read task: {e}"))))
+                            .send(Err(Status::from(IngestError::internal(format!(
+                                "read task: {e}"
+                            )))))
                             .await;
                         return;
                     }
@@ -698,34 +683,35 @@ impl Ingest for IngestService {
         let req = request.into_inner();
         let range = req
             .range
-            .ok_or_else(|| Status::invalid_argument("range is required"))?;
+            .ok_or_else(|| IngestError::invalid("range is required"))?;
         if range.end_unix <= range.start_unix {
-            return Err(Status::invalid_argument(
-                "range end must be after its start",
-            ));
+            return Err(IngestError::invalid("range end must be after its start").into());
         }
         let first = range.start_unix.div_euclid(DAY_SECONDS);
         let last = (range.end_unix - 1).div_euclid(DAY_SECONDS);
         if last - first + 1 > MAX_STREAM_DAYS {
-            return Err(Status::invalid_argument(format!(
+            return Err(IngestError::invalid(format!(
                 "range spans {} days; the limit is {MAX_STREAM_DAYS}",
                 last - first + 1
-            )));
+            ))
+            .into());
         }
         let (from_day, to_day) = (format_day(first), format_day(last));
         if req.meter_ids.len() > MAX_METERS_PER_STREAM {
-            return Err(Status::resource_exhausted(format!(
+            return Err(IngestError::exhausted(format!(
                 "{} meters in one request; the limit is {MAX_METERS_PER_STREAM}",
                 req.meter_ids.len()
-            )));
+            ))
+            .into());
         }
         for m in &req.meter_ids {
-            validate_meter_id(m).map_err(|e| Status::invalid_argument(e.to_string()))?;
+            validate_meter_id(m).map_err(|e| IngestError::invalid(e.to_string()))?;
         }
         if req.meter_ids.is_empty() && who.role != Role::Compute {
-            return Err(Status::invalid_argument(
+            return Err(IngestError::invalid(
                 "name the meters: only role compute may stream every meter",
-            ));
+            )
+            .into());
         }
         let track = req.track;
         let store = self.store.clone();
@@ -738,12 +724,14 @@ impl Ingest for IngestService {
                 match tokio::task::spawn_blocking(move || st.meters()).await {
                     Ok(Ok(m)) => m,
                     Ok(Err(e)) => {
-                        let _ = tx.send(Err(store_status(e))).await;
+                        let _ = tx.send(Err(Status::from(IngestError::from(e)))).await;
                         return;
                     }
                     Err(e) => {
                         let _ = tx
-                            .send(Err(Status::internal(format!("read task: {e}"))))
+                            .send(Err(Status::from(IngestError::internal(format!(
+                                "read task: {e}"
+                            )))))
                             .await;
                         return;
                     }
@@ -760,12 +748,14 @@ impl Ingest for IngestService {
                     match tokio::task::spawn_blocking(move || st.scan(&m, &from, &to)).await {
                         Ok(Ok(b)) => b,
                         Ok(Err(e)) => {
-                            let _ = tx.send(Err(store_status(e))).await;
+                            let _ = tx.send(Err(Status::from(IngestError::from(e)))).await;
                             return;
                         }
                         Err(e) => {
                             let _ = tx
-                                .send(Err(Status::internal(format!("read task: {e}"))))
+                                .send(Err(Status::from(IngestError::internal(format!(
+                                    "read task: {e}"
+                                )))))
                                 .await;
                             return;
                         }
@@ -792,7 +782,7 @@ impl Ingest for IngestService {
         request: Request<GetPublicParamsRequest>,
     ) -> Result<Response<Self::GetPublicParamsStream>, Status> {
         let bundle = self.bundle.as_ref().ok_or_else(|| {
-            Status::failed_precondition(
+            IngestError::precondition(
                 "this ingest serves no public key material (start it with --public-dir)",
             )
         })?;
@@ -813,9 +803,10 @@ impl Ingest for IngestService {
         let wanted_hash = (!r.hash.is_empty()).then(|| hex::encode(&r.hash));
         let found = match (r.name.as_str(), &wanted_hash) {
             ("", None) => {
-                return Err(Status::invalid_argument(format!(
+                return Err(IngestError::invalid(format!(
                     "name or hash is required; names: {names:?}"
-                )))
+                ))
+                .into())
             }
             ("", Some(h)) => names
                 .iter()
@@ -824,7 +815,7 @@ impl Ingest for IngestService {
             (n, h) => by_name(n).filter(|(_, ih)| h.as_ref().is_none_or(|h| h == ih)),
         };
         let (path, hash_hex) = found.ok_or_else(|| {
-            Status::not_found(format!(
+            IngestError::not_found(format!(
                 "no public item matches name {:?} and hash {:?}; names: {names:?}",
                 r.name,
                 wanted_hash.unwrap_or_default()
@@ -832,7 +823,7 @@ impl Ingest for IngestService {
         })?;
         let mut hash = [0u8; 32];
         hex::decode_to_slice(&hash_hex, &mut hash)
-            .map_err(|e| Status::internal(format!("manifest hash is not hex: {e}")))?;
+            .map_err(|e| IngestError::internal(format!("manifest hash is not hex: {e}")))?;
         let (tx, rx) = mpsc::channel(2);
         tokio::spawn(stream_file(path, hash, tx));
         Ok(Response::new(tokio_stream::wrappers::ReceiverStream::new(

@@ -266,18 +266,19 @@ async fn decrypt_and_release_through_three_keyshares_and_audit() {
     .unwrap();
     assert_eq!(squashed.len(), 16);
     let tfhe_id = keys.manifest.tfhe_key_id.clone();
-    let err = decryptor
-        .decrypt(
-            &tfhe_id,
-            &squashed,
-            SQUASHED_BLOCK,
-            70,
-            tfhe_bill("meter-1"),
-            "t-1",
-        )
-        .await
-        .unwrap_err()
-        .to_status();
+    let err = Status::from(
+        decryptor
+            .decrypt(
+                &tfhe_id,
+                &squashed,
+                SQUASHED_BLOCK,
+                70,
+                tfhe_bill("meter-1"),
+                "t-1",
+            )
+            .await
+            .unwrap_err(),
+    );
     assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
     assert!(err.message().contains("re-execution"), "{}", err.message());
 
