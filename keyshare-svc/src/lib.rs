@@ -468,7 +468,17 @@ impl KeyshareService {
         let checked = check_manifest(&self.policy, &self.allowed_programs, manifest, key.kind)?;
         // The registry decides which meters exist and who encrypts for them, on this track too:
         // invented meters and head-end-encrypted ones do not make a cohort anonymous.
-        let registry = self.linear()?.registry();
+        let registry = self
+            .linear
+            .as_ref()
+            .ok_or_else(|| {
+                refuse(
+                    Rule::Registry,
+                    Code::FailedPrecondition,
+                    "this keyshare has no [keyshare] public_dir and registry state, so it serves no tfhe-track decryptions",
+                )
+            })?
+            .registry();
         let mut private = 0usize;
         for m in &checked.meters {
             match registry.lookup(m) {

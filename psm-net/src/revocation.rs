@@ -26,6 +26,9 @@ pub struct Revocations {
 struct State {
     checked: Instant,
     modified: Option<SystemTime>,
+    /// The CRL number in force: a reload with a lower one (an old list put back, which would
+    /// un-revoke certificates) is refused.
+    number: u64,
     revoked: Arc<HashSet<Vec<u8>>>,
 }
 
@@ -36,8 +39,14 @@ fn der_of(bytes: &[u8], label: &str) -> Vec<u8> {
     }
 }
 
-/// Parses `crl` and checks it is the CA's (issuer, signature); returns the revoked serials.
-fn verified_serials(crl: &[u8], ca_der: &[u8]) -> Result<HashSet<Vec<u8>>, String> {
+/// A verified CRL: its number (0 without one) and revoked serials.
+struct Verified {
+    number: u64,
+    revoked: HashSet<Vec<u8>>,
+}
+
+/// Parses `crl` and checks it is the CA's (issuer, signature).
+fn verified_serials(crl: &[u8], ca_der: &[u8]) -> Result<Verified, String> {
     let der = der_of(crl, "X509 CRL");
     let (_, list) =
         CertificateRevocationList::from_der(&der).map_err(|e| format!("not a CRL: {e}"))?;
@@ -56,10 +65,16 @@ fn verified_serials(crl: &[u8], ca_der: &[u8]) -> Result<HashSet<Vec<u8>>, Strin
             tracing::warn!(next_update = %next, "the CRL is past its next update: publish a fresh one");
         }
     }
-    Ok(list
-        .iter_revoked_certificates()
-        .map(|r| r.raw_serial().to_vec())
-        .collect())
+    Ok(Verified {
+        number: list
+            .crl_number()
+            .and_then(|n| u64::try_from(n).ok())
+            .unwrap_or(0),
+        revoked: list
+            .iter_revoked_certificates()
+            .map(|r| r.raw_serial().to_vec())
+            .collect(),
+    })
 }
 
 impl std::fmt::Debug for Revocations {
@@ -78,6 +93,7 @@ impl Revocations {
             state: Mutex::new(State {
                 checked: Instant::now(),
                 modified: None,
+                number: 0,
                 revoked: Arc::new(HashSet::new()),
             }),
         })
@@ -92,15 +108,16 @@ impl Revocations {
         let ca_der = crate::tls::first_cert_der(&ca)?;
         let bytes = std::fs::read(path).map_err(|e| NetError::read(path, e))?;
         let modified = std::fs::metadata(path).and_then(|m| m.modified()).ok();
-        let revoked = verified_serials(&bytes, &ca_der)
+        let v = verified_serials(&bytes, &ca_der)
             .map_err(|e| NetError::Certificate(format!("CRL {}: {e}", path.display())))?;
-        tracing::info!(crl = %path.display(), revoked = revoked.len(), "certificate revocation list loaded");
+        tracing::info!(crl = %path.display(), number = v.number, revoked = v.revoked.len(), "certificate revocation list loaded");
         Ok(Arc::new(Revocations {
             source: Some((path.to_owned(), ca_der)),
             state: Mutex::new(State {
                 checked: Instant::now(),
                 modified,
-                revoked: Arc::new(revoked),
+                number: v.number,
+                revoked: Arc::new(v.revoked),
             }),
         }))
     }
@@ -113,13 +130,24 @@ impl Revocations {
                 st.checked = Instant::now();
                 let modified = std::fs::metadata(path).and_then(|m| m.modified()).ok();
                 if modified != st.modified {
+                    let number = st.number;
                     match std::fs::read(path)
                         .map_err(|e| e.to_string())
                         .and_then(|b| verified_serials(&b, ca_der))
-                    {
-                        Ok(revoked) => {
-                            tracing::info!(crl = %path.display(), revoked = revoked.len(), "certificate revocation list reloaded");
-                            st.revoked = Arc::new(revoked);
+                        .and_then(|v| {
+                            if v.number < number {
+                                Err(format!(
+                                    "its CRL number {} is lower than the {number} in force (an older list)",
+                                    v.number
+                                ))
+                            } else {
+                                Ok(v)
+                            }
+                        }) {
+                        Ok(v) => {
+                            tracing::info!(crl = %path.display(), number = v.number, revoked = v.revoked.len(), "certificate revocation list reloaded");
+                            st.revoked = Arc::new(v.revoked);
+                            st.number = v.number;
                             st.modified = modified;
                         }
                         Err(e) => {
@@ -168,8 +196,17 @@ mod tests {
             .expect_err("a CRL of another CA was accepted");
         assert!(e.to_string().contains("signature does not verify"), "{e}");
         // Revoking again keeps the earlier serials.
+        let first = std::fs::read(&crl).unwrap();
         pa.revoke(Role::Meter, "m-2").unwrap();
         let r = Revocations::load(Some(&crl), &pa.ca_cert_path()).unwrap();
         assert!(r.is_revoked(&der(&gone.cert)) && r.is_revoked(&der(&kept.cert)));
+        // Putting the older list back (which would un-revoke m-2) is refused on reload.
+        std::thread::sleep(RECHECK + std::time::Duration::from_millis(100));
+        std::fs::write(&crl, first).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        assert!(
+            r.is_revoked(&der(&kept.cert)),
+            "an older CRL un-revoked a certificate"
+        );
     }
 }
