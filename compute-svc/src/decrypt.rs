@@ -92,6 +92,13 @@ pub fn manifest(
     }
 }
 
+/// A keyshare client with the message limits of the keyshares' requests and answers.
+fn keyshare(ch: tonic::transport::Channel) -> KeyshareClient<tonic::transport::Channel> {
+    KeyshareClient::new(ch)
+        .max_decoding_message_size(psm_net::config::DEFAULT_MAX_RESPONSE_BYTES)
+        .max_encoding_message_size(psm_net::config::DEFAULT_MAX_REQUEST_BYTES)
+}
+
 /// Clear values and who produced them.
 #[derive(Debug, Clone)]
 pub struct Decrypted {
@@ -237,9 +244,7 @@ impl ThresholdDecryptor {
         let gathered = gather(&self.peers, self.policy, |ch| {
             let req = request.clone();
             async move {
-                KeyshareClient::new(ch)
-                    .max_decoding_message_size(psm_net::config::DEFAULT_MAX_RESPONSE_BYTES)
-                    .max_encoding_message_size(psm_net::config::DEFAULT_MAX_REQUEST_BYTES)
+                keyshare(ch)
                     .partial_decrypt(req)
                     .await
                     .map(|r| r.into_inner())
@@ -311,14 +316,7 @@ impl ThresholdDecryptor {
         }
         let gathered = gather(&self.peers, self.policy, |ch| {
             let req = request.clone();
-            async move {
-                KeyshareClient::new(ch)
-                    .max_decoding_message_size(psm_net::config::DEFAULT_MAX_RESPONSE_BYTES)
-                    .max_encoding_message_size(psm_net::config::DEFAULT_MAX_REQUEST_BYTES)
-                    .release(req)
-                    .await
-                    .map(|r| r.into_inner())
-            }
+            async move { keyshare(ch).release(req).await.map(|r| r.into_inner()) }
         })
         .await?;
         let faults = failures(&gathered.failures);

@@ -487,6 +487,21 @@ impl IngestService {
     }
 }
 
+/// Runs a store read on the blocking pool for a response stream: its result, or None after
+/// sending the failure to the stream (which then ends).
+async fn read_or_send<T: Send + 'static, I>(
+    tx: &mpsc::Sender<Result<I, Status>>,
+    read: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
+) -> Option<T> {
+    let e = match tokio::task::spawn_blocking(read).await {
+        Ok(Ok(v)) => return Some(v),
+        Ok(Err(e)) => IngestError::from(e),
+        Err(e) => join_error(e),
+    };
+    let _ = tx.send(Err(e.into())).await;
+    None
+}
+
 /// Streams `path` in chunks, checking at the end that what was sent has `hash`.
 async fn stream_file(
     path: PathBuf,
@@ -637,24 +652,12 @@ impl Ingest for IngestService {
         tokio::spawn(async move {
             loop {
                 let (st, m) = (store.clone(), meters.clone());
-                let page = tokio::task::spawn_blocking(move || {
+                let Some(page) = read_or_send(&tx, move || {
                     st.enrollments_after(after, m.as_ref(), ENROLLMENT_PAGE)
                 })
-                .await;
-                let page = match page {
-                    Ok(Ok(p)) => p,
-                    Ok(Err(e)) => {
-                        let _ = tx.send(Err(Status::from(IngestError::from(e)))).await;
-                        return;
-                    }
-                    Err(e) => {
-                        let _ = tx
-                            .send(Err(Status::from(IngestError::internal(format!(
-                                "read task: {e}"
-                            )))))
-                            .await;
-                        return;
-                    }
+                .await
+                else {
+                    return;
                 };
                 let last_page = page.len() < ENROLLMENT_PAGE;
                 for e in page {
@@ -721,20 +724,9 @@ impl Ingest for IngestService {
         tokio::spawn(async move {
             let meters = if req.meter_ids.is_empty() {
                 let st = store.clone();
-                match tokio::task::spawn_blocking(move || st.meters()).await {
-                    Ok(Ok(m)) => m,
-                    Ok(Err(e)) => {
-                        let _ = tx.send(Err(Status::from(IngestError::from(e)))).await;
-                        return;
-                    }
-                    Err(e) => {
-                        let _ = tx
-                            .send(Err(Status::from(IngestError::internal(format!(
-                                "read task: {e}"
-                            )))))
-                            .await;
-                        return;
-                    }
+                match read_or_send(&tx, move || st.meters()).await {
+                    Some(m) => m,
+                    None => return,
                 }
             } else {
                 req.meter_ids
@@ -744,22 +736,9 @@ impl Ingest for IngestService {
                     return; // the caller went away
                 }
                 let (st, from, to) = (store.clone(), from_day.clone(), to_day.clone());
-                let batches =
-                    match tokio::task::spawn_blocking(move || st.scan(&m, &from, &to)).await {
-                        Ok(Ok(b)) => b,
-                        Ok(Err(e)) => {
-                            let _ = tx.send(Err(Status::from(IngestError::from(e)))).await;
-                            return;
-                        }
-                        Err(e) => {
-                            let _ = tx
-                                .send(Err(Status::from(IngestError::internal(format!(
-                                    "read task: {e}"
-                                )))))
-                                .await;
-                            return;
-                        }
-                    };
+                let Some(batches) = read_or_send(&tx, move || st.scan(&m, &from, &to)).await else {
+                    return;
+                };
                 for b in batches {
                     if track != 0 && b.track != track {
                         continue;

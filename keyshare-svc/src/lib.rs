@@ -479,20 +479,11 @@ impl KeyshareService {
                 )
             })?
             .registry();
-        let mut private = 0usize;
-        for m in &checked.meters {
-            match registry.lookup(m) {
-                None => {
-                    return Err(refuse(
-                        Rule::Registry,
-                        Code::FailedPrecondition,
-                        format!("meter {m} is not on this keyshare's registry"),
-                    ))
-                }
-                Some(registry::Encryption::Meter) => private += 1,
-                Some(registry::Encryption::Headend) => {}
-            }
-        }
+        let private = registry
+            .split(&checked.meters)
+            .map_err(linear::not_registered)?
+            .0
+            .len();
         if checked.kind == ComputationKind::Analytics && private < self.policy.min_cohort {
             return Err(refuse(
                 Rule::KAnonymity,

@@ -71,6 +71,15 @@ pub struct SyncReport {
     pub refused: usize,
 }
 
+/// The refusal of a member that is not on this keyshare's registry (both tracks).
+pub fn not_registered(meter: &str) -> Refusal {
+    refuse(
+        Rule::Registry,
+        Code::FailedPrecondition,
+        format!("meter {meter} is not on this keyshare's registry"),
+    )
+}
+
 /// The name of the linear track's bill ledger tree (the tfhe track's ledger reads it too).
 pub const BILLS_TREE: &str = "linear_bills";
 
@@ -490,20 +499,9 @@ impl LinearState {
         let mut headend = Vec::new();
         let mut private_members = Vec::with_capacity(release.cohorts.len());
         for (c, members) in release.cohorts.iter().enumerate() {
-            let mut private = Vec::with_capacity(members.len());
-            for m in members {
-                match self.registry.lookup(m) {
-                    None => {
-                        return Err(refuse(
-                            Rule::Registry,
-                            Code::FailedPrecondition,
-                            format!("meter {m} is not on this keyshare's registry"),
-                        ))
-                    }
-                    Some(Encryption::Meter) => private.push(m.clone()),
-                    Some(Encryption::Headend) => headend.push(m.clone()),
-                }
-            }
+            let (private, he) = self.registry.split(members).map_err(not_registered)?;
+            headend.extend(he.into_iter().cloned());
+            let private: Vec<String> = private.into_iter().cloned().collect();
             let counted = private.len();
             private_members.push(private);
             if spec.kind == ComputationKind::Aggregate && counted < min_cohort {

@@ -203,18 +203,6 @@ pub fn kind_name(k: ComputationKind) -> &'static str {
     }
 }
 
-/// A re-issue reason goes into the audit log: bounded, one line of printable text (no control
-/// characters that could forge what an auditor's terminal shows).
-pub fn check_reissue_reason(r: &str) -> Result<(), Refusal> {
-    use psm_core::linear::release::MAX_REISSUE_REASON_BYTES;
-    if r.len() > MAX_REISSUE_REASON_BYTES || r.chars().any(char::is_control) {
-        return Err(malformed(format!(
-            "reissue_reason must be at most {MAX_REISSUE_REASON_BYTES} bytes of printable text on one line"
-        )));
-    }
-    Ok(())
-}
-
 /// What a manifest asks to release, once its shape is checked.
 #[derive(Debug, Clone)]
 pub struct Checked {
@@ -358,7 +346,7 @@ pub fn check_manifest(
             (i.meter_id.clone(), *day, h)
         })
         .collect();
-    check_reissue_reason(&m.reissue_reason)?;
+    psm_core::linear::release::check_reissue_reason(&m.reissue_reason).map_err(malformed)?;
     let program_hash = if m.program.is_empty() && m.program_hash.is_empty() {
         None
     } else {

@@ -88,6 +88,23 @@ impl Registry {
         }
     }
 
+    /// Splits `members` into (meter-encrypted, head-end-encrypted), in order; `Err` names the
+    /// first member that is not registered. What both tracks judge cohorts by.
+    pub fn split<'a>(
+        &self,
+        members: &'a [String],
+    ) -> Result<(Vec<&'a String>, Vec<&'a String>), &'a str> {
+        let (mut private, mut headend) = (Vec::new(), Vec::new());
+        for m in members {
+            match self.lookup(m) {
+                None => return Err(m),
+                Some(Encryption::Meter) => private.push(m),
+                Some(Encryption::Headend) => headend.push(m),
+            }
+        }
+        Ok((private, headend))
+    }
+
     pub fn len(&self) -> usize {
         self.meters.len()
     }

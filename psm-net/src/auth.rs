@@ -76,9 +76,10 @@ fn authorize<B>(
     let leaf = certs
         .first()
         .ok_or_else(|| Status::unauthenticated("a client certificate is required"))?;
-    let id = SpiffeId::from_cert_der(leaf.as_ref())
-        .map_err(|e| Status::unauthenticated(format!("client certificate rejected: {e}")))?;
-    if revoked.is_revoked(leaf.as_ref()) {
+    let rejected = |e| Status::unauthenticated(format!("client certificate rejected: {e}"));
+    let cert = crate::identity::parse_cert(leaf.as_ref()).map_err(rejected)?;
+    let id = SpiffeId::from_cert(&cert).map_err(rejected)?;
+    if revoked.is_revoked(&cert) {
         return Err(Status::unauthenticated(format!(
             "the client certificate of {id} is revoked"
         )));

@@ -118,8 +118,14 @@ impl SpiffeId {
 
     /// Reads the single SPIFFE URI SAN of a DER certificate.
     pub fn from_cert_der(der: &[u8]) -> Result<Self, NetError> {
-        let (_, cert) = x509_parser::parse_x509_certificate(der)
-            .map_err(|e| NetError::Certificate(format!("cannot parse certificate: {e}")))?;
+        Self::from_cert(&parse_cert(der)?)
+    }
+
+    /// Reads the single SPIFFE URI SAN of a parsed certificate (callers that also check its
+    /// revocation parse it once).
+    pub fn from_cert(
+        cert: &x509_parser::certificate::X509Certificate<'_>,
+    ) -> Result<Self, NetError> {
         let san = cert
             .subject_alternative_name()
             .map_err(|e| NetError::Certificate(format!("bad subjectAltName: {e}")))?
@@ -139,6 +145,13 @@ impl SpiffeId {
         }
         found.ok_or_else(|| NetError::Certificate("certificate has no spiffe:// URI SAN".into()))
     }
+}
+
+/// Parses a DER certificate.
+pub fn parse_cert(der: &[u8]) -> Result<x509_parser::certificate::X509Certificate<'_>, NetError> {
+    x509_parser::parse_x509_certificate(der)
+        .map(|(_, c)| c)
+        .map_err(|e| NetError::Certificate(format!("cannot parse certificate: {e}")))
 }
 
 impl fmt::Display for SpiffeId {

@@ -160,13 +160,9 @@ impl Revocations {
         st.revoked.clone()
     }
 
-    /// Whether the certificate `der` is revoked (an unparsable certificate counts as revoked:
-    /// it was verified by TLS before, so this only happens to garbage).
-    pub fn is_revoked(&self, der: &[u8]) -> bool {
-        match X509Certificate::from_der(der) {
-            Ok((_, cert)) => self.current().contains(cert.raw_serial()),
-            Err(_) => true,
-        }
+    /// Whether `cert` is revoked (its serial is on the list in force).
+    pub fn is_revoked(&self, cert: &X509Certificate<'_>) -> bool {
+        self.current().contains(cert.raw_serial())
     }
 }
 
@@ -185,9 +181,12 @@ mod tests {
         let kept = pa.issue(Role::Meter, "m-2", Validity::days(1)).unwrap();
         let crl = pa.revoke(Role::Meter, "m-1").unwrap();
         let r = Revocations::load(Some(&crl), &pa.ca_cert_path()).unwrap();
-        let der = |p: &Path| crate::tls::first_cert_der(&std::fs::read(p).unwrap()).unwrap();
-        assert!(r.is_revoked(&der(&gone.cert)));
-        assert!(!r.is_revoked(&der(&kept.cert)));
+        let revoked = |r: &Revocations, p: &Path| {
+            let der = crate::tls::first_cert_der(&std::fs::read(p).unwrap()).unwrap();
+            r.is_revoked(&crate::identity::parse_cert(&der).unwrap())
+        };
+        assert!(revoked(&r, &gone.cert));
+        assert!(!revoked(&r, &kept.cert));
         // Another CA's list (a forged one, as far as this CA is concerned: same name, other key)
         // refuses the start.
         pb.issue(Role::Meter, "m-9", Validity::days(1)).unwrap();
@@ -199,13 +198,13 @@ mod tests {
         let first = std::fs::read(&crl).unwrap();
         pa.revoke(Role::Meter, "m-2").unwrap();
         let r = Revocations::load(Some(&crl), &pa.ca_cert_path()).unwrap();
-        assert!(r.is_revoked(&der(&gone.cert)) && r.is_revoked(&der(&kept.cert)));
+        assert!(revoked(&r, &gone.cert) && revoked(&r, &kept.cert));
         // Putting the older list back (which would un-revoke m-2) is refused on reload.
         std::thread::sleep(RECHECK + std::time::Duration::from_millis(100));
         std::fs::write(&crl, first).unwrap();
         std::thread::sleep(std::time::Duration::from_millis(20));
         assert!(
-            r.is_revoked(&der(&kept.cert)),
+            revoked(&r, &kept.cert),
             "an older CRL un-revoked a certificate"
         );
     }

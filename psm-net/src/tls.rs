@@ -144,9 +144,10 @@ impl ServerCertVerifier for SpiffeServerVerifier {
             ocsp_response,
             now,
         )?;
-        let id = SpiffeId::from_cert_der(end_entity.as_ref())
-            .map_err(|e| rustls::Error::General(format!("server certificate: {e}")))?;
-        if self.revoked.is_revoked(end_entity.as_ref()) {
+        let bad = |e| rustls::Error::General(format!("server certificate: {e}"));
+        let cert = crate::identity::parse_cert(end_entity.as_ref()).map_err(bad)?;
+        let id = SpiffeId::from_cert(&cert).map_err(bad)?;
+        if self.revoked.is_revoked(&cert) {
             return Err(rustls::Error::General(format!(
                 "the server certificate of {id} is revoked"
             )));

@@ -22,6 +22,17 @@ use crate::threshold::{FloodKey, Scheme};
 /// Longest re-issue reason, bytes (it goes into every keyshare's audit log).
 pub const MAX_REISSUE_REASON_BYTES: usize = 200;
 
+/// A re-issue reason goes into every keyshare's audit log: bounded, one line of printable text
+/// (no control characters that could forge what an auditor's terminal shows). Both tracks.
+pub fn check_reissue_reason(r: &str) -> Result<(), String> {
+    if r.len() > MAX_REISSUE_REASON_BYTES || r.chars().any(char::is_control) {
+        return Err(format!(
+            "reissue_reason must be at most {MAX_REISSUE_REASON_BYTES} bytes of printable text on one line"
+        ));
+    }
+    Ok(())
+}
+
 /// Longest bill range, days.
 pub const MAX_BILL_DAYS: i64 = 62;
 /// Longest aggregate range, days.
@@ -290,14 +301,7 @@ pub fn release_from_proto(r: &LinearRelease) -> Result<Release, LinearError> {
     if kind == ComputationKind::Bill && (cohorts.len() != 1 || cohorts[0].len() != 1) {
         return Err(bad("a bill covers exactly one meter"));
     }
-    // The reason is audited by every keyshare: bounded, one line of printable text.
-    if r.reissue_reason.len() > MAX_REISSUE_REASON_BYTES
-        || r.reissue_reason.chars().any(char::is_control)
-    {
-        return Err(bad(format!(
-            "reissue_reason must be at most {MAX_REISSUE_REASON_BYTES} bytes of printable text on one line"
-        )));
-    }
+    check_reissue_reason(&r.reissue_reason).map_err(bad)?;
     Ok(Release {
         spec,
         cohorts,
