@@ -53,6 +53,12 @@ pub struct IngestSection {
     /// Per-caller limits on what is submitted (`[ingest.quota]`).
     #[serde(default)]
     pub quota: QuotaConfig,
+    /// A meter registry (the keyshares' format, `psm registry`): with it, every batch and
+    /// enrollment must carry its meter's device signature under the listed key, so a head-end
+    /// relays but cannot alter or invent them; meters not listed are refused. Without it, ingest
+    /// checks no signatures (the keyshares still check enrollments and the inputs they
+    /// re-execute).
+    pub registry: Option<PathBuf>,
 }
 
 /// How much one caller (certificate identity) may submit, per minute: a token bucket each,
@@ -102,6 +108,8 @@ pub struct IngestService {
     headends: HashMap<String, Vec<String>>,
     batch_quota: psm_net::quota::Quota,
     byte_quota: psm_net::quota::Quota,
+    /// Device keys batches and enrollments are checked against.
+    registry: Option<Arc<psm_core::registry::Registry>>,
 }
 
 fn valid_idempotency_key(k: &str) -> bool {
@@ -180,7 +188,32 @@ impl IngestService {
             headends,
             batch_quota: psm_net::quota::Quota::new(quota.batches_per_minute),
             byte_quota: psm_net::quota::Quota::new(quota.bytes_per_minute),
+            registry: None,
         })
+    }
+
+    /// Checks device signatures against `registry` from now on.
+    pub fn with_registry(mut self, registry: psm_core::registry::Registry) -> Self {
+        tracing::info!(
+            meters = registry.len(),
+            "device signatures of batches and enrollments are checked against the registry"
+        );
+        self.registry = Some(Arc::new(registry));
+        self
+    }
+
+    /// The device key `meter`'s signatures must verify under; `Ok(None)` when ingest checks no
+    /// signatures (no registry, or a development registry's unlisted meter).
+    fn device_key(&self, meter: &str) -> Result<Option<[u8; 32]>, IngestError> {
+        let Some(r) = &self.registry else {
+            return Ok(None);
+        };
+        match r.lookup(meter) {
+            Some(l) => Ok(l.device_key),
+            None => Err(IngestError::not_permitted(format!(
+                "meter {meter} is not on this ingest's registry; nothing was stored"
+            ))),
+        }
     }
 
     /// Spends `batches` and `bytes` of the caller's quota (both or neither), or refuses the
@@ -322,6 +355,11 @@ impl IngestService {
                     "{who} may not submit readings for meter {:?} (batch {i}); nothing was stored",
                     b.meter_id
                 )));
+            }
+            if let Some(device) = self.device_key(&b.meter_id)? {
+                psm_core::signing::verify_batch(b, &device).map_err(|e| {
+                    IngestError::not_permitted(format!("batch {i}: {e}; nothing was stored"))
+                })?;
             }
             match b.track() {
                 Track::Linear => {
@@ -475,6 +513,11 @@ impl IngestService {
             }
             psm_core::linear::envelope::check_shape(e, scheme, &manifest.party_names)
                 .map_err(|x| bad(x.to_string()))?;
+            if let Some(device) = self.device_key(&e.meter_id)? {
+                psm_core::signing::verify_enrollment(e, &device).map_err(|x| {
+                    IngestError::not_permitted(format!("enrollment {i}: {x}; nothing was stored"))
+                })?;
+            }
             if let Some((j, prev)) = seen.insert((e.meter_id.as_str(), e.epoch), (i, e)) {
                 if !same_enrollment(prev, e) {
                     return Err(bad(format!(
@@ -867,6 +910,7 @@ mod tests {
             headends: HashMap::from([("headend-1".to_string(), vec!["meter-*".to_string()])]),
             batch_quota: psm_net::quota::Quota::new(QUOTA_BATCHES),
             byte_quota: psm_net::quota::Quota::new(u64::MAX),
+            registry: None,
         }
     }
 
@@ -895,7 +939,14 @@ mod tests {
 
         fn enrollment(&self, meter: &str, epoch: u32) -> Enrollment {
             let scheme = Scheme::new(3, 2).unwrap();
-            enroll(meter, &MeterSeeds::generate(scheme, epoch), scheme, &self.0).unwrap()
+            enroll(
+                meter,
+                &MeterSeeds::generate(scheme, epoch),
+                scheme,
+                &self.0,
+                &psm_core::signing::SecretKey::generate(),
+            )
+            .unwrap()
         }
     }
 

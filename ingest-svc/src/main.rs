@@ -27,12 +27,20 @@ async fn main() -> anyhow::Result<()> {
     )?;
     let public_dir = cli.public_dir.or(file.service.public_dir);
     let store = ingest_svc::store::SledStore::open(&settings.data_dir.join("readings"))?;
-    let svc = ingest_svc::IngestService::new(
+    let mut svc = ingest_svc::IngestService::new(
         public_dir.as_deref(),
         std::sync::Arc::new(store),
         file.service.headends,
         &file.service.quota,
     )?;
+    match &file.service.registry {
+        Some(path) => {
+            svc = svc.with_registry(psm_core::registry::Registry::load(Some(path))?);
+        }
+        None => tracing::warn!(
+            "no [ingest] registry: device signatures of batches and enrollments are not checked here (keyshares still check enrollments and re-executed inputs)"
+        ),
+    }
     ingest_svc::run(settings, svc).await?;
     Ok(())
 }

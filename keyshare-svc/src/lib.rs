@@ -4,11 +4,12 @@
 
 pub mod audit;
 pub mod linear;
+pub mod peers;
 pub mod policy;
 pub mod reexec;
-pub mod registry;
 pub mod rules;
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -23,9 +24,12 @@ use psm_net::config::{ServerSettings, DEFAULT_MAX_RESPONSE_BYTES};
 use psm_net::SpiffeId;
 use psm_proto::v1::keyshare_server::{Keyshare, KeyshareServer};
 use psm_proto::v1::{
-    AuditRecord, ComputationKind, GetAuditLogRequest, HeldKey, KeyshareStatus,
-    PartialDecryptRequest, PartialDecryptResponse, ReleaseRequest, ReleaseResponse, SharePartials,
-    StatusRequest,
+    AuditRecord, ComputationKind, ConfirmEnrollmentsRequest, ConfirmEnrollmentsResponse,
+    ConfirmReleaseRequest, ConfirmReleaseResponse, EnrollmentConfirmation, EnrollmentReceipt,
+    EnrollmentState, GetAuditLogRequest, GetReceiptsRequest, GetReceiptsResponse,
+    GetReleaseRecordsRequest, HeldKey, KeyshareStatus, LinearRelease, PartialDecryptRequest,
+    PartialDecryptResponse, ReceiptAnswer, ReleaseRecord, ReleaseRequest, ReleaseResponse,
+    SharePartials, StatusRequest, TfheRelease,
 };
 use serde::Deserialize;
 use tokio::sync::Semaphore;
@@ -34,14 +38,16 @@ use tonic::{Code, Request, Response, Status};
 
 use crate::audit::{AuditLog, Decision};
 use crate::linear::{LinearState, Party};
+use crate::peers::{Peers, RecordBody};
 use crate::policy::{
-    check_manifest, kind_name, refuse, PolicyConfig, RateLimiter, Refusal, Releases,
+    check_manifest, kind_name, refuse, Checked, PolicyConfig, RateLimiter, Refusal, Releases,
 };
 use crate::reexec::Reexecutor;
-use crate::registry::Registry;
 use crate::rules::Rule;
 use psm_core::linear::envelope::{EnrollmentSecret, PublishedKey};
 use psm_core::linear::release::release_from_proto;
+use psm_core::registry::Registry;
+use psm_core::signing::SecretKey;
 
 /// Default API address of a keyshare.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7411";
@@ -49,6 +55,10 @@ pub const DEFAULT_LISTEN: &str = "127.0.0.1:7411";
 pub const MAX_CIPHERTEXTS_PER_REQUEST: usize = 100_000;
 /// Most audit records in one GetAuditLog answer.
 pub const MAX_AUDIT_RECORDS: usize = 10_000;
+/// Most meters in one GetReceipts request.
+pub const MAX_RECEIPT_METERS: usize = 10_000;
+/// Seconds between passes that reach every co-holder and import its release records.
+const CONTACT_SECS: u64 = 5;
 /// Requests re-executed and partially decrypted at once (each holds a batch in memory and uses
 /// all cores). A permit is held by the blocking work itself, so a cancelled request keeps its
 /// permit until its re-execution or decryption has actually stopped.
@@ -72,10 +82,27 @@ pub struct KeyshareSection {
     /// tfhe-track programs (loaded on first use, ~1 GB). Without it, tfhe-track requests are
     /// refused: they are decrypted only after re-execution.
     pub public_dir: Option<PathBuf>,
-    /// This regulator's registry of the meters it serves (TOML: `[[meters]]` with `id` and
-    /// `encryption = "meter" | "headend"`). Without one, every enrollment and linear release is
-    /// refused.
+    /// This regulator's registry of the meters it serves (TOML: `[[meters]]` with `id`,
+    /// `encryption = "meter" | "headend"`, `device_key` and `billing_day`; edit it with
+    /// `psm registry`). Without one, every enrollment and release is refused. Changes are
+    /// audited at start.
     pub registry: Option<PathBuf>,
+    /// This keyshare's anchor (Ed25519) secret key, the regulator's: it signs the enrollment key
+    /// and enrollment receipts. Default `<data_dir>/anchor.key`, created on first start (mode
+    /// 0600) with its public half written next to it as `anchor.pub` — the file the regulator
+    /// provisions into meters, independently of the utility.
+    pub anchor_key: Option<PathBuf>,
+    /// The other keyshares by party name → URL ("https://keyshare-2.example:7411"): every
+    /// co-holder must be listed. Keyshares confirm enrollments and releases with each other
+    /// directly; each checks the other's keyshare certificate.
+    #[serde(default)]
+    pub peers: BTreeMap<String, String>,
+    /// Milliseconds to wait for a co-holder before counting it unreachable (default 3000).
+    pub peer_timeout_ms: Option<u64>,
+    /// Answer a release alone (recording it for the co-holder to import) when a co-holder that
+    /// was reached since this keyshare started cannot be reached now (default true: one keyshare
+    /// down does not stop decryption). False: refuse instead.
+    pub answer_alone: Option<bool>,
     /// This keyshare's enrollment (HPKE) secret key; created on first start (mode 0600) with its
     /// public key published next to it as `enrollment.pub`. Default `<data_dir>/enrollment.key`.
     pub enrollment_key: Option<PathBuf>,
@@ -100,6 +127,12 @@ pub enum KeyshareError {
     Releases(#[from] sled::Error),
     #[error("enrollment key: {0}")]
     EnrollmentKey(String),
+    #[error("anchor key: {0}")]
+    Anchor(#[from] psm_core::signing::SigningError),
+    #[error(transparent)]
+    Registry(#[from] psm_core::registry::RegistryError),
+    #[error("peers: {0}")]
+    Peers(String),
     #[error("{0}")]
     Mismatch(String),
 }
@@ -117,7 +150,11 @@ pub struct KeyshareService {
     reexec: Reexecutor,
     /// The linear track (None without a public bundle: the party names come from its manifest).
     linear: Option<Arc<LinearState>>,
+    /// The co-holders (with the linear state: the party names come from the bundle).
+    peers: Option<Arc<Peers>>,
     enrollment_public_key: Vec<u8>,
+    anchor: SecretKey,
+    enrollment_key_signature: Vec<u8>,
 }
 
 fn invalid(e: ThresholdError) -> Refusal {
@@ -126,6 +163,25 @@ fn invalid(e: ThresholdError) -> Refusal {
         _ => Rule::WellFormed,
     };
     refuse(rule, Code::InvalidArgument, e)
+}
+
+fn linear_store(e: sled::Error) -> Refusal {
+    refuse(
+        Rule::Internal,
+        Code::Unavailable,
+        format!("release store: {e}"),
+    )
+}
+
+/// A tfhe-track release's identity in the ledger: its key and manifest (whose output hash names
+/// the ciphertexts), so a co-holder that sees only these knows it as the same release.
+fn tfhe_release_hash(key_id: &str, manifest: &psm_proto::v1::ComputationManifest) -> [u8; 32] {
+    let mut h = blake3::Hasher::new();
+    h.update(b"psm/v2/tfhe-release");
+    h.update(&(key_id.len() as u64).to_le_bytes());
+    h.update(key_id.as_bytes());
+    h.update(&manifest.encode_to_vec());
+    *h.finalize().as_bytes()
 }
 
 fn valid_idempotency_key(k: &str) -> bool {
@@ -185,14 +241,23 @@ impl KeyshareService {
         let scheme = share
             .scheme()
             .map_err(|e| KeyshareError::Mismatch(e.to_string()))?;
+        let anchor_path = section
+            .anchor_key
+            .clone()
+            .unwrap_or_else(|| settings.data_dir.join("anchor.key"));
+        let (anchor, created) = SecretKey::read_or_create(&anchor_path)?;
+        if created {
+            tracing::info!(path = %anchor_path.display(), "anchor key created: give anchor.pub to the regulator's meter provisioning");
+        }
+        psm_core::signing::AnchorFile::new(&share.party, &anchor.public())
+            .write(&anchor_path.with_file_name("anchor.pub"))?;
         let key_path = section
             .enrollment_key
             .clone()
             .unwrap_or_else(|| settings.data_dir.join("enrollment.key"));
-        let (enrollment_secret, enrollment_public_key) =
-            load_enrollment_key(&key_path, &share.party)?;
-        let registry =
-            Registry::load(section.registry.as_deref()).map_err(KeyshareError::Mismatch)?;
+        let (enrollment_secret, enrollment_public_key, enrollment_key_signature) =
+            load_enrollment_key(&key_path, &share.party, &anchor)?;
+        let registry = Registry::load(section.registry.as_deref())?;
         match &section.registry {
             None => tracing::warn!(
                 "no [keyshare] registry: every enrollment and linear-track release is refused"
@@ -204,6 +269,7 @@ impl KeyshareService {
                 tracing::info!(registry = %p.display(), meters = registry.len(), "registry loaded")
             }
         }
+        let mut peers = None;
         let linear = match &section.public_dir {
             Some(dir) => {
                 let manifest = psm_core::ceremony::PublicBundle::open(dir)
@@ -217,6 +283,21 @@ impl KeyshareService {
                         manifest.party_names, share.party, share.party_index
                     )));
                 }
+                peers = Some(Arc::new(
+                    Peers::new(
+                        &releases.db(),
+                        scheme,
+                        share.party_index - 1,
+                        manifest.party_names.clone(),
+                        &section.peers,
+                        &settings.tls,
+                        std::time::Duration::from_millis(
+                            section.peer_timeout_ms.unwrap_or(3000).max(1),
+                        ),
+                        section.answer_alone.unwrap_or(true),
+                    )
+                    .map_err(KeyshareError::Peers)?,
+                ));
                 Some(Arc::new(LinearState::open(
                     releases.clone(),
                     Party {
@@ -250,16 +331,23 @@ impl KeyshareService {
                 tfhe_keys: tokio::sync::OnceCell::new(),
             },
             linear,
+            peers,
             enrollment_public_key,
+            anchor,
+            enrollment_key_signature,
         })
     }
 
-    /// Fetches and decides new enrollments from ingest (also run periodically by [`run`]). The
-    /// sync runs as its own task, so a caller that goes away cannot cut it between storing
-    /// decisions and auditing them.
+    /// Fetches and decides new enrollments from ingest and confirms the pending ones with the
+    /// co-holders (also run periodically by [`run`]). The sync runs as its own task, so a caller
+    /// that goes away cannot cut it between storing decisions and auditing them.
     pub async fn sync_enrollments(&self) -> Result<linear::SyncReport, Refusal> {
-        let (lin, audit) = (self.linear()?.clone(), self.audit.clone());
-        tokio::spawn(async move { lin.sync(&audit).await })
+        let (lin, audit, peers) = (
+            self.linear()?.clone(),
+            self.audit.clone(),
+            self.peers()?.clone(),
+        );
+        tokio::spawn(async move { lin.sync(&audit, &peers).await })
             .await
             .map_err(|e| {
                 refuse(
@@ -268,6 +356,355 @@ impl KeyshareService {
                     format!("enrollment sync task failed: {e}"),
                 )
             })?
+    }
+
+    /// Fetches and decides new enrollments without confirming them (what answering a
+    /// co-holder's confirmation may do: it never calls a co-holder back).
+    async fn decide_enrollments(&self) -> Result<linear::SyncReport, Refusal> {
+        let (lin, audit) = (self.linear()?.clone(), self.audit.clone());
+        tokio::spawn(async move { lin.fetch_and_decide(&audit).await })
+            .await
+            .map_err(|e| {
+                refuse(
+                    Rule::Internal,
+                    Code::Internal,
+                    format!("enrollment sync task failed: {e}"),
+                )
+            })?
+    }
+
+    fn peers(&self) -> Result<&Arc<Peers>, Refusal> {
+        self.peers.as_ref().ok_or_else(|| {
+            refuse(
+                Rule::LinearTrack,
+                Code::FailedPrecondition,
+                "this keyshare has no [keyshare] public_dir, so it knows no co-holders",
+            )
+        })
+    }
+
+    /// Audits every change of the registry since the last start (each added, removed or changed
+    /// meter its own record), then remembers this registry.
+    pub async fn audit_registry_changes(&self) -> Result<usize, KeyshareError> {
+        let Some(lin) = &self.linear else {
+            return Ok(0);
+        };
+        let tree = self.releases.db().open_tree("registry_snapshot")?;
+        let now = lin.registry();
+        let old = match tree.get(b"registry")? {
+            Some(v) => Registry::parse(&String::from_utf8_lossy(&v)).unwrap_or_default(),
+            None => Registry::default(),
+        };
+        let changes = now.changes_from(&old);
+        if changes.is_empty() {
+            return Ok(0);
+        }
+        let reasons: Vec<String> = changes
+            .iter()
+            .map(|c| format!("registry change: {c} (file {})", &now.file_hash))
+            .collect();
+        let records: Vec<Decision> = reasons
+            .iter()
+            .map(|r| Decision {
+                caller: "regulator (registry file)",
+                allow: true,
+                rule: Rule::Registry.name(),
+                reason: r,
+                request_hash: &[],
+            })
+            .collect();
+        for chunk in records.chunks(1000) {
+            self.audit.append_many(chunk).await?;
+        }
+        tree.insert(b"registry", now.to_toml()?.as_bytes())?;
+        tree.flush_async().await?;
+        tracing::info!(changes = changes.len(), "registry changes audited");
+        Ok(changes.len())
+    }
+
+    /// Judges a linear release exactly as for compute (policy and ledger) and records it; what a
+    /// co-holder confirmation and an imported record do.
+    async fn judge_linear(&self, pb: &LinearRelease) -> Result<String, Refusal> {
+        let lin = self.linear()?;
+        let release = release_from_proto(pb)
+            .map_err(|e| refuse(Rule::Release, Code::InvalidArgument, e.detail()))?;
+        let allowed =
+            |h: &[u8; 32]| self.policy.allow_any_program || self.allowed_programs.contains(h);
+        let limits = self.policy.linear_limits();
+        let a = lin.admit(release, limits, allowed)?;
+        lin.record(&a, limits).await?;
+        let spec = &a.release.spec;
+        Ok(format!(
+            "{} (epoch {}, {}, slots {}..{}, {} cohort(s), release {})",
+            kind_name(spec.kind),
+            spec.epoch,
+            spec.channel.name(),
+            spec.start_slot,
+            spec.end_slot,
+            a.release.cohorts.len(),
+            &hex::encode(a.release_hash)[..16]
+        ))
+    }
+
+    /// The registry rules of a tfhe-track manifest: every member registered, and a histogram's
+    /// meter-encrypted members at least `min_cohort`.
+    fn tfhe_cohort_rules(&self, checked: &Checked) -> Result<(), Refusal> {
+        // The registry decides which meters exist and who encrypts for them, on this track too:
+        // invented meters and head-end-encrypted ones do not make a cohort anonymous.
+        let registry = self
+            .linear
+            .as_ref()
+            .ok_or_else(|| {
+                refuse(
+                    Rule::Registry,
+                    Code::FailedPrecondition,
+                    "this keyshare has no [keyshare] public_dir and registry state, so it serves no tfhe-track decryptions",
+                )
+            })?
+            .registry();
+        let private = registry
+            .split(&checked.meters)
+            .map_err(linear::not_registered)?
+            .0
+            .len();
+        if checked.kind == ComputationKind::Analytics && private < self.policy.min_cohort {
+            return Err(refuse(
+                Rule::KAnonymity,
+                Code::FailedPrecondition,
+                format!(
+                    "the histogram covers {private} meter-encrypted meter(s) of {}; this keyshare releases cohorts of at least {} (head-end-encrypted meters do not count)",
+                    checked.meters.len(),
+                    self.policy.min_cohort
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Judges a tfhe-track release (manifest and key, without re-executing: the contributing
+    /// keyshare re-executes) and records it in the ledger.
+    async fn judge_tfhe(&self, t: &TfheRelease) -> Result<String, Refusal> {
+        let key_id = t.key.as_ref().map(|k| k.key_id.as_str()).unwrap_or_default();
+        let key = self.share.key(key_id).ok_or_else(|| {
+            refuse(
+                Rule::KnownKey,
+                Code::NotFound,
+                format!("unknown key id {key_id:?}"),
+            )
+        })?;
+        let manifest = t.manifest.as_ref().ok_or_else(|| {
+            refuse(
+                Rule::ManifestRequired,
+                Code::FailedPrecondition,
+                "a tfhe-track release must name its computation (manifest)",
+            )
+        })?;
+        let checked = check_manifest(&self.policy, &self.allowed_programs, manifest, key.kind)?;
+        self.tfhe_cohort_rules(&checked)?;
+        let id = tfhe_release_hash(key_id, manifest);
+        self.releases
+            .admit(&checked, &self.policy, &id, &manifest.reissue_reason)
+            .await?;
+        Ok(format!(
+            "{} for {} meter(s), {} (release {})",
+            kind_name(checked.kind),
+            checked.meters.len(),
+            checked.days(),
+            &hex::encode(id)[..16]
+        ))
+    }
+
+    async fn judge(&self, body: &RecordBody) -> Result<String, Refusal> {
+        match body {
+            RecordBody::Linear(l) => self.judge_linear(l).await,
+            RecordBody::Tfhe(t) => self.judge_tfhe(t).await,
+        }
+    }
+
+    /// Before a release leaves: every co-holder judges the identical release against its own
+    /// ledger (and records it). A refusal refuses here too. A co-holder that cannot be reached
+    /// is answered for alone — only if it was reached since this start and `answer_alone` — and
+    /// the release is appended, durably, to the records it will import. Returns the note for
+    /// the audit record.
+    async fn confirm_with_coholders(&self, body: RecordBody) -> Result<String, Refusal> {
+        let peers = self.peers()?.clone();
+        let coholders = peers.coholders();
+        let answers = futures::future::join_all(
+            coholders
+                .iter()
+                .map(|p| peers.confirm_release(*p, body.clone())),
+        )
+        .await;
+        let (mut confirmed, mut alone) = (Vec::new(), Vec::new());
+        for (p, a) in coholders.iter().copied().zip(answers) {
+            let name = peers.name(p).to_owned();
+            match a {
+                Ok(r) if r.admitted => {
+                    let (imported, _) = peers.imported(p).map_err(linear_store)?;
+                    if r.records_for_you > imported {
+                        self.import_records(p).await?;
+                    }
+                    peers.set_contact(p);
+                    confirmed.push(name);
+                }
+                Ok(r) => {
+                    return Err(refuse(
+                        Rule::CoHolder,
+                        Code::FailedPrecondition,
+                        format!(
+                            "co-holder {name} refused this release ({}: {})",
+                            r.rule, r.reason
+                        ),
+                    ))
+                }
+                Err(s) if peers::unreachable(&s) => {
+                    if !peers.answer_alone || !peers.in_contact(p) {
+                        return Err(refuse(
+                            Rule::CoHolder,
+                            Code::Unavailable,
+                            format!(
+                                "co-holder {name} cannot be reached ({}) and {}; a release needs the confirmation of every co-holder that can be reached",
+                                s.message(),
+                                if peers.answer_alone {
+                                    "has not been reached since this keyshare started, so its release records may be missing here"
+                                } else {
+                                    "answer_alone = false"
+                                }
+                            ),
+                        ));
+                    }
+                    alone.push((p, name, s.message().to_owned()));
+                }
+                Err(s) => {
+                    return Err(refuse(
+                        Rule::CoHolder,
+                        Code::FailedPrecondition,
+                        format!(
+                            "co-holder {name} did not confirm this release: {:?}: {}",
+                            s.code(),
+                            s.message()
+                        ),
+                    ))
+                }
+            }
+        }
+        let mut note = String::new();
+        if !confirmed.is_empty() {
+            note.push_str(&format!("; confirmed by {}", confirmed.join(", ")));
+        }
+        for (p, name, why) in alone {
+            let seq = peers
+                .append_record(p, body.clone())
+                .await
+                .map_err(linear_store)?;
+            note.push_str(&format!(
+                "; answered without {name} (unreachable: {why}): release record {seq} kept for it"
+            ));
+        }
+        Ok(note)
+    }
+
+    /// Imports co-holder `p`'s records of releases it answered without this keyshare, verifying
+    /// their chain, into this keyshare's ledger; each is audited, and one the ledger refuses is
+    /// audited as a `co-holder-conflict`. Returns how many were imported.
+    pub async fn import_records(&self, p: usize) -> Result<usize, Refusal> {
+        let peers = self.peers()?.clone();
+        let _g = peers.import_lock.lock().await;
+        let name = peers.name(p).to_owned();
+        let who = format!("{name} (imported release record)");
+        let mut n = 0;
+        loop {
+            let (last, mut prev) = peers.imported(p).map_err(linear_store)?;
+            let page = peers.fetch_records(p, last + 1).await.map_err(|s| {
+                refuse(
+                    Rule::CoHolder,
+                    Code::Unavailable,
+                    format!("cannot fetch the release records of {name}: {}", s.message()),
+                )
+            })?;
+            if page.is_empty() {
+                break;
+            }
+            for (i, r) in page.iter().enumerate() {
+                let want = last + 1 + i as u64;
+                if r.seq != want
+                    || r.prev_hash != prev[..]
+                    || r.record_hash != peers::record_hash(r)
+                {
+                    return Err(refuse(
+                        Rule::CoHolder,
+                        Code::FailedPrecondition,
+                        format!(
+                            "the release records of {name} do not chain at record {want} (got {}): not imported",
+                            r.seq
+                        ),
+                    ));
+                }
+                let body = r.release.clone().ok_or_else(|| {
+                    refuse(
+                        Rule::CoHolder,
+                        Code::FailedPrecondition,
+                        format!("release record {want} of {name} holds no release"),
+                    )
+                })?;
+                let hash = peers::record_hash(r);
+                let outcome = self.judge(&body).await;
+                let (allow, rule, reason) = match &outcome {
+                    Ok(reason) => (
+                        true,
+                        Rule::CoHolder.name(),
+                        format!("release record {want} of {name}, answered while this keyshare was unreachable: {reason}"),
+                    ),
+                    Err(refusal) => (
+                        false,
+                        Rule::CoHolderConflict.name(),
+                        format!(
+                            "release record {want}: {name} answered alone, while this keyshare was unreachable, a release this keyshare's ledger refuses ({})",
+                            refusal.status.message()
+                        ),
+                    ),
+                };
+                if !allow {
+                    tracing::error!(co_holder = %name, record = want, %reason, "co-holder conflict");
+                }
+                self.audit
+                    .append(Decision {
+                        caller: &who,
+                        allow,
+                        rule,
+                        reason: &reason,
+                        request_hash: &hash,
+                    })
+                    .await
+                    .map_err(|e| {
+                        refuse(Rule::Internal, Code::Unavailable, format!("audit log: {e}"))
+                    })?;
+                peers
+                    .set_imported(p, want, &hash)
+                    .await
+                    .map_err(linear_store)?;
+                prev = hash;
+                n += 1;
+            }
+        }
+        peers.set_contact(p);
+        Ok(n)
+    }
+
+    /// Reaches every co-holder and imports its records (run periodically by [`run`]); returns
+    /// whether every co-holder has been reached since start.
+    pub async fn contact_coholders(&self) -> bool {
+        let Ok(peers) = self.peers() else {
+            return true;
+        };
+        for p in peers.coholders() {
+            match self.import_records(p).await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(co_holder = peers.name(p), imported = n, "release records imported"),
+                Err(r) => tracing::debug!(co_holder = peers.name(p), reason = r.status.message(), "co-holder not reached"),
+            }
+        }
+        peers.coholders().iter().all(|p| peers.in_contact(*p))
     }
 
     fn linear(&self) -> Result<&Arc<LinearState>, Refusal> {
@@ -341,8 +778,12 @@ impl KeyshareService {
                 format!("release task failed: {e}"),
             )
         })??;
-        // Record the release (re-checking the stateful rules atomically) before it leaves.
+        // Record the release (re-checking the stateful rules atomically) before it leaves, and
+        // have every co-holder judge and record the identical release.
         lin.record(&admitted, limits).await?;
+        let confirmed = self
+            .confirm_with_coholders(RecordBody::Linear(pb.clone()))
+            .await?;
         let spec = &admitted.release.spec;
         let members: usize = admitted.release.cohorts.iter().map(Vec::len).sum();
         let subject = match spec.kind {
@@ -380,6 +821,7 @@ impl KeyshareService {
         if !reissue.is_empty() {
             reason.push_str(&format!("; re-issued: {reissue}"));
         }
+        reason.push_str(&confirmed);
         Ok((
             ReleaseResponse {
                 party: self.share.party.clone(),
@@ -403,7 +845,6 @@ impl KeyshareService {
         &self,
         who: &str,
         req: &PartialDecryptRequest,
-        request_hash: &[u8; 32],
     ) -> Result<(PartialDecryptResponse, String), Refusal> {
         self.limiter.admit(who)?;
         if !valid_idempotency_key(&req.idempotency_key) {
@@ -466,35 +907,7 @@ impl KeyshareService {
             )
         })?;
         let checked = check_manifest(&self.policy, &self.allowed_programs, manifest, key.kind)?;
-        // The registry decides which meters exist and who encrypts for them, on this track too:
-        // invented meters and head-end-encrypted ones do not make a cohort anonymous.
-        let registry = self
-            .linear
-            .as_ref()
-            .ok_or_else(|| {
-                refuse(
-                    Rule::Registry,
-                    Code::FailedPrecondition,
-                    "this keyshare has no [keyshare] public_dir and registry state, so it serves no tfhe-track decryptions",
-                )
-            })?
-            .registry();
-        let private = registry
-            .split(&checked.meters)
-            .map_err(linear::not_registered)?
-            .0
-            .len();
-        if checked.kind == ComputationKind::Analytics && private < self.policy.min_cohort {
-            return Err(refuse(
-                Rule::KAnonymity,
-                Code::FailedPrecondition,
-                format!(
-                    "the histogram covers {private} meter-encrypted meter(s) of {}; this keyshare releases cohorts of at least {} (head-end-encrypted meters do not count)",
-                    checked.meters.len(),
-                    self.policy.min_cohort
-                ),
-            ));
-        }
+        self.tfhe_cohort_rules(&checked)?;
         let output_hash = batch.hash();
         if manifest.output_hash != output_hash {
             return Err(refuse(
@@ -504,8 +917,10 @@ impl KeyshareService {
             ));
         }
         let reissue = manifest.reissue_reason.as_str();
+        // The ledger knows a release by (key, manifest): what co-holders can judge too.
+        let release_id = tfhe_release_hash(key_id, manifest);
         self.releases
-            .precheck(&checked, &self.policy, request_hash, reissue)
+            .precheck(&checked, &self.policy, &release_id, reissue)
             .await?;
 
         // The heavy part — re-execution and partial decryption — runs for at most
@@ -514,7 +929,12 @@ impl KeyshareService {
         // Re-execute, always: the output must be bit-identical to what the approved program
         // gives on ingest's proof-checked inputs, or nothing is decrypted.
         let recomputed = match key.kind {
-            KeyKind::Tfhe => self.reexec.tfhe(manifest, &checked, permit.clone()).await?,
+            KeyKind::Tfhe => {
+                let registry = self.linear()?.registry();
+                self.reexec
+                    .tfhe(manifest, &checked, registry, permit.clone())
+                    .await?
+            }
         };
         if recomputed.hash() != output_hash {
             return Err(refuse(
@@ -555,9 +975,16 @@ impl KeyshareService {
             )
         })?
         .map_err(invalid)?;
-        // Record the release (re-checking the stateful rules atomically) before it leaves.
+        // Record the release (re-checking the stateful rules atomically) before it leaves, and
+        // have every co-holder judge and record the identical release.
         self.releases
-            .admit(&checked, &self.policy, request_hash, reissue)
+            .admit(&checked, &self.policy, &release_id, reissue)
+            .await?;
+        let confirmed = self
+            .confirm_with_coholders(RecordBody::Tfhe(TfheRelease {
+                key: req.key.clone(),
+                manifest: Some(manifest.clone()),
+            }))
             .await?;
         let subject = match checked.kind {
             ComputationKind::Bill => format!("meter {}", checked.meters[0]),
@@ -581,6 +1008,7 @@ impl KeyshareService {
         if !reissue.trim().is_empty() {
             reason.push_str(&format!("; re-issued: {}", reissue.trim()));
         }
+        reason.push_str(&confirmed);
         Ok((
             PartialDecryptResponse {
                 party: self.share.party.clone(),
@@ -727,11 +1155,13 @@ impl KeyshareService {
 }
 
 /// Loads this keyshare's enrollment secret key, creating it (mode 0600) on first start, and
-/// (re)writes its published public key next to it as `enrollment.pub`.
+/// (re)writes its public key, signed by the anchor, next to it as `enrollment.pub`. Returns the
+/// secret, the public key and the anchor's signature.
 fn load_enrollment_key(
     path: &std::path::Path,
     party: &str,
-) -> Result<(EnrollmentSecret, Vec<u8>), KeyshareError> {
+    anchor: &SecretKey,
+) -> Result<(EnrollmentSecret, Vec<u8>, Vec<u8>), KeyshareError> {
     let bad = |m: String| KeyshareError::EnrollmentKey(format!("{}: {m}", path.display()));
     let secret = if path.exists() {
         let meta = std::fs::metadata(path).map_err(|e| bad(e.to_string()))?;
@@ -746,10 +1176,10 @@ fn load_enrollment_key(
     };
     let public = psm_core::linear::envelope::public_key(&secret).map_err(|e| bad(e.to_string()))?;
     let published = path.with_file_name("enrollment.pub");
-    PublishedKey::new(party, &public)
-        .write(&published)
-        .map_err(|e| bad(e.to_string()))?;
-    Ok((secret, public))
+    let file = PublishedKey::new(party, &public, anchor);
+    file.write(&published).map_err(|e| bad(e.to_string()))?;
+    let sig = hex::decode(&file.anchor_signature).map_err(|e| bad(e.to_string()))?;
+    Ok((secret, public, sig))
 }
 
 #[tonic::async_trait]
@@ -781,7 +1211,7 @@ impl Keyshare for KeyshareService {
         let who = caller(&request)?.to_string();
         let req = request.into_inner();
         let hash = request_hash(&req);
-        let outcome = self.decide(&who, &req, &hash).await;
+        let outcome = self.decide(&who, &req).await;
         self.audited(&who, &hash, "partial decryption", outcome, |r, seq| {
             r.audit_seq = seq
         })
@@ -825,7 +1255,260 @@ impl Keyshare for KeyshareService {
             audit_len: len,
             audit_head: head.to_vec(),
             enrollment_public_key: self.enrollment_public_key.clone(),
+            anchor_public_key: self.anchor.public().to_vec(),
+            enrollment_key_signature: self.enrollment_key_signature.clone(),
         }))
+    }
+
+    async fn get_receipts(
+        &self,
+        request: Request<GetReceiptsRequest>,
+    ) -> Result<Response<GetReceiptsResponse>, Status> {
+        let who = caller(&request)?.clone();
+        let r = request.into_inner();
+        if r.meter_ids.len() > MAX_RECEIPT_METERS {
+            return Err(Status::resource_exhausted(format!(
+                "{} meter ids in one request; the limit is {MAX_RECEIPT_METERS}",
+                r.meter_ids.len()
+            )));
+        }
+        if who.role == psm_net::Role::Meter && r.meter_ids.iter().any(|m| *m != who.name) {
+            return Err(Status::permission_denied(
+                "a meter certificate may ask only for its own receipts",
+            ));
+        }
+        let lin = self.linear().map_err(|r| r.status)?;
+        let unsettled = |lin: &LinearState| -> Result<bool, Status> {
+            for m in &r.meter_ids {
+                match lin.status(m, r.epoch).map_err(|x| x.status)? {
+                    Some(s) if s.state != EnrollmentState::Pending => {}
+                    _ => return Ok(true),
+                }
+            }
+            Ok(false)
+        };
+        if unsettled(lin)? {
+            if let Err(x) = self.sync_enrollments().await {
+                tracing::warn!(reason = x.status.message(), "enrollment sync for receipts failed");
+            }
+        }
+        let mut answers = Vec::with_capacity(r.meter_ids.len());
+        for m in &r.meter_ids {
+            let st = lin.status(m, r.epoch).map_err(|x| x.status)?;
+            answers.push(match st {
+                None => ReceiptAnswer {
+                    meter_id: m.clone(),
+                    state: EnrollmentState::Unknown as i32,
+                    receipt: None,
+                    reason: if lin.registry().lookup(m).is_none() {
+                        format!("meter {m} is not on this keyshare's registry")
+                    } else {
+                        format!("no enrollment of meter {m} for epoch {} has reached this keyshare (or its device signature did not verify)", r.epoch)
+                    },
+                },
+                Some(s) if s.state == EnrollmentState::Active => ReceiptAnswer {
+                    meter_id: m.clone(),
+                    state: s.state as i32,
+                    receipt: Some(EnrollmentReceipt {
+                        party: self.share.party.clone(),
+                        meter_id: m.clone(),
+                        epoch: r.epoch,
+                        manifest_hash: s.manifest_hash.to_vec(),
+                        signature: self
+                            .anchor
+                            .sign(&psm_core::signing::receipt_message(
+                                &self.share.party,
+                                m,
+                                r.epoch,
+                                &s.manifest_hash,
+                            ))
+                            .to_vec(),
+                    }),
+                    reason: String::new(),
+                },
+                Some(s) => ReceiptAnswer {
+                    meter_id: m.clone(),
+                    state: s.state as i32,
+                    receipt: None,
+                    reason: if s.state == EnrollmentState::Pending {
+                        "waiting for the co-holders' confirmation".into()
+                    } else {
+                        s.reason
+                    },
+                },
+            });
+        }
+        Ok(Response::new(GetReceiptsResponse { answers }))
+    }
+
+    async fn confirm_enrollments(
+        &self,
+        request: Request<ConfirmEnrollmentsRequest>,
+    ) -> Result<Response<ConfirmEnrollmentsResponse>, Status> {
+        let who = caller(&request)?.clone();
+        let peers = self.peers().map_err(|r| r.status)?;
+        if peers.party_of(&who).is_none() {
+            return Err(Status::permission_denied(format!(
+                "{who} is not a co-holder of this keyshare"
+            )));
+        }
+        let refs = request.into_inner().enrollments;
+        if refs.len() > linear::CONFIRM_BATCH {
+            return Err(Status::resource_exhausted(format!(
+                "{} enrollments in one request; the limit is {}",
+                refs.len(),
+                linear::CONFIRM_BATCH
+            )));
+        }
+        let lin = self.linear().map_err(|r| r.status)?;
+        let mut unknown = false;
+        for e in &refs {
+            unknown |= lin.status(&e.meter_id, e.epoch).map_err(|x| x.status)?.is_none();
+        }
+        if unknown {
+            if let Err(x) = self.decide_enrollments().await {
+                tracing::warn!(reason = x.status.message(), "enrollment sync for a co-holder failed");
+            }
+        }
+        let mut confirmations = Vec::with_capacity(refs.len());
+        for e in refs {
+            let st = lin.status(&e.meter_id, e.epoch).map_err(|x| x.status)?;
+            confirmations.push(match st {
+                None => EnrollmentConfirmation {
+                    meter_id: e.meter_id,
+                    epoch: e.epoch,
+                    state: EnrollmentState::Unknown as i32,
+                    manifest_hash: Vec::new(),
+                    reason: String::new(),
+                },
+                Some(s) => EnrollmentConfirmation {
+                    meter_id: e.meter_id,
+                    epoch: e.epoch,
+                    state: s.state as i32,
+                    manifest_hash: s.manifest_hash.to_vec(),
+                    reason: s.reason,
+                },
+            });
+        }
+        Ok(Response::new(ConfirmEnrollmentsResponse { confirmations }))
+    }
+
+    async fn confirm_release(
+        &self,
+        request: Request<ConfirmReleaseRequest>,
+    ) -> Result<Response<ConfirmReleaseResponse>, Status> {
+        let who_id = caller(&request)?.clone();
+        let who = format!("{who_id} (co-holder confirmation)");
+        let peers = self.peers().map_err(|r| r.status)?.clone();
+        let Some(p) = peers.party_of(&who_id) else {
+            return Err(Status::permission_denied(format!(
+                "{who_id} is not a co-holder of this keyshare"
+            )));
+        };
+        let req = request.into_inner();
+        let body = match req.release {
+            Some(psm_proto::v1::confirm_release_request::Release::Linear(l)) => {
+                RecordBody::Linear(l)
+            }
+            Some(psm_proto::v1::confirm_release_request::Release::Tfhe(t)) => RecordBody::Tfhe(t),
+            None => return Err(Status::invalid_argument("the confirmation names no release")),
+        };
+        let hash = *blake3::hash(
+            &ReleaseRecord {
+                release: Some(body.clone()),
+                ..Default::default()
+            }
+            .encode_to_vec(),
+        )
+        .as_bytes();
+        let outcome: Result<(ConfirmReleaseResponse, String), Refusal> = async {
+            self.limiter.admit(&who_id.to_string())?;
+            // A co-holder that answered without this keyshare: its records come first.
+            let (imported, _) = peers.imported(p).map_err(linear_store)?;
+            if req.records_for_you > imported {
+                self.import_records(p).await?;
+            }
+            peers.set_contact(p);
+            let reason = self.judge(&body).await?;
+            Ok((
+                ConfirmReleaseResponse {
+                    admitted: true,
+                    rule: String::new(),
+                    reason: String::new(),
+                    records_for_you: 0,
+                },
+                format!("confirmed for co-holder {}: {reason}", peers.name(p)),
+            ))
+        }
+        .await;
+        let refused = outcome
+            .as_ref()
+            .err()
+            .map(|r| (r.rule.to_owned(), r.status.message().to_owned()));
+        let records_for_you = peers.records_for(p).unwrap_or(0);
+        match self
+            .audited(&who, &hash, "co-holder confirmation", outcome, |_, _| {})
+            .await
+        {
+            Ok(mut r) => {
+                r.get_mut().records_for_you = records_for_you;
+                Ok(r)
+            }
+            Err(st) => match refused {
+                Some((rule, reason)) if st.message() == reason => {
+                    Ok(Response::new(ConfirmReleaseResponse {
+                        admitted: false,
+                        rule,
+                        reason,
+                        records_for_you,
+                    }))
+                }
+                _ => Err(st),
+            },
+        }
+    }
+
+    type GetReleaseRecordsStream =
+        tokio_stream::wrappers::ReceiverStream<Result<ReleaseRecord, Status>>;
+
+    async fn get_release_records(
+        &self,
+        request: Request<GetReleaseRecordsRequest>,
+    ) -> Result<Response<Self::GetReleaseRecordsStream>, Status> {
+        let who = caller(&request)?.clone();
+        let peers = self.peers().map_err(|r| r.status)?.clone();
+        let Some(p) = peers.party_of(&who) else {
+            return Err(Status::permission_denied(format!(
+                "{who} is not a co-holder of this keyshare"
+            )));
+        };
+        let from = request.into_inner().from_seq;
+        let (tx, rx) = tokio::sync::mpsc::channel(64);
+        tokio::spawn(async move {
+            let page = {
+                let peers = peers.clone();
+                tokio::task::spawn_blocking(move || {
+                    peers.records_from(p, from, peers::RECORDS_PER_PAGE)
+                })
+                .await
+            };
+            match page {
+                Ok(Ok(records)) => {
+                    for r in records {
+                        if tx.send(Ok(r)).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+                Ok(Err(e)) => {
+                    let _ = tx.send(Err(Status::unavailable(format!("release records: {e}")))).await;
+                }
+                Err(e) => {
+                    let _ = tx.send(Err(Status::internal(format!("release records: {e}")))).await;
+                }
+            }
+        });
+        Ok(Response::new(tokio_stream::wrappers::ReceiverStream::new(rx)))
     }
 }
 
@@ -845,6 +1528,20 @@ pub async fn run(
     share_file: &std::path::Path,
 ) -> Result<(), KeyshareError> {
     let svc = Arc::new(KeyshareService::open(&settings, section, share_file)?);
+    svc.audit_registry_changes().await?;
+    if svc.peers.is_some() {
+        let weak = Arc::downgrade(&svc);
+        tokio::spawn(async move {
+            loop {
+                let Some(svc) = weak.upgrade() else { break };
+                let all = svc.contact_coholders().await;
+                drop(svc);
+                // Every second until every co-holder has been reached once, then at leisure.
+                let every = if all { CONTACT_SECS } else { 1 };
+                tokio::time::sleep(std::time::Duration::from_secs(every)).await;
+            }
+        });
+    }
     if svc.linear.is_some() {
         let every =
             std::time::Duration::from_secs(section.enrollment_sync_secs.unwrap_or(10).max(1));

@@ -23,9 +23,11 @@ use tonic::transport::Channel;
 use tonic::Code;
 
 use crate::audit::{AuditLog, Decision};
+use crate::peers::Peers;
 use crate::policy::{refuse, Refusal};
-use crate::registry::{Encryption, Registry};
 use crate::rules::Rule;
+use psm_core::registry::{Encryption, Registry};
+use psm_proto::v1::{EnrollmentRef, EnrollmentState};
 
 /// Cached cohort key shares (64 KiB each).
 const COHORT_KEY_CACHE: usize = 1024;
@@ -64,11 +66,29 @@ impl Party {
     }
 }
 
-/// What a sync did.
+/// What a sync did: enrollments opened and checked here (pending the co-holders), refused, and
+/// activated (confirmed by every co-holder).
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct SyncReport {
     pub accepted: usize,
     pub refused: usize,
+    pub activated: usize,
+}
+
+/// An enrollment decision byte: opened here, waiting for the co-holders.
+const PENDING: u8 = b'P';
+/// Confirmed by every co-holder: releases may use it.
+const ACTIVE: u8 = b'A';
+const REFUSED: u8 = b'R';
+/// Enrollments confirmed per ConfirmEnrollments call.
+pub const CONFIRM_BATCH: usize = 1_000;
+
+/// Where an enrollment stands here.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EnrollmentStatus {
+    pub state: EnrollmentState,
+    pub manifest_hash: [u8; 32],
+    pub reason: String,
 }
 
 /// The refusal of a member that is not on this keyshare's registry (both tracks).
@@ -95,8 +115,10 @@ pub struct LinearState {
     seeds: sled::Tree,
     /// H(σ) → meter ‖ 0 ‖ epoch ‖ share: duplicate seeds across meters are refused.
     owners: sled::Tree,
-    /// meter ‖ 0 ‖ epoch → decision byte ‖ enrollment hash.
+    /// meter ‖ 0 ‖ epoch → decision byte ‖ enrollment hash ‖ manifest hash ‖ reason.
     enrolled: sled::Tree,
+    /// meter ‖ 0 ‖ epoch → (): enrollments waiting for the co-holders' confirmation.
+    pending: sled::Tree,
     /// "cursor" → last ingest sequence number seen.
     meta: sled::Tree,
     /// meter ‖ 0 ‖ channel ‖ start slot → end slot ‖ re-issues ‖ release hashes.
@@ -106,6 +128,7 @@ pub struct LinearState {
     /// cohort hash → members joined by '\n'.
     cohorts: sled::Tree,
     sync_lock: tokio::sync::Mutex<()>,
+    confirm_lock: tokio::sync::Mutex<()>,
     keys: Mutex<LruCache<[u8; 32], Arc<MeterKey>>>,
     masks: Mutex<LruCache<[u8; 32], Arc<Vec<u128>>>>,
 }
@@ -192,6 +215,7 @@ impl LinearState {
             seeds: db.open_tree("linear_seeds")?,
             owners: db.open_tree("linear_seed_owners")?,
             enrolled: db.open_tree("linear_enrolled")?,
+            pending: db.open_tree("linear_pending")?,
             meta: db.open_tree("linear_meta")?,
             bills: db.open_tree(BILLS_TREE)?,
             outputs: db.open_tree("linear_outputs")?,
@@ -201,6 +225,7 @@ impl LinearState {
             registry,
             ingest,
             sync_lock: tokio::sync::Mutex::new(()),
+            confirm_lock: tokio::sync::Mutex::new(()),
             releases,
             keys: Mutex::new(LruCache::new(cap(COHORT_KEY_CACHE))),
             masks: Mutex::new(LruCache::new(cap(MASK_CACHE))),
@@ -225,19 +250,49 @@ impl LinearState {
         }))
     }
 
-    /// Whether the meter's enrollment for `epoch` was accepted here.
+    /// Whether the meter's enrollment for `epoch` is active here (accepted and confirmed by every
+    /// co-holder).
     pub fn is_enrolled(&self, meter: &str, epoch: u32) -> Result<bool, Refusal> {
         Ok(self
-            .enrolled
-            .get(enrolled_key(meter, epoch))
-            .map_err(store)?
-            .is_some_and(|v| v.first() == Some(&b'A')))
+            .status(meter, epoch)?
+            .is_some_and(|s| s.state == EnrollmentState::Active))
     }
 
-    /// Fetches the enrollments ingest stored since the last sync, decides each (registry,
-    /// envelopes, commitments, duplicate seeds), stores the accepted seeds durably and audits
-    /// every decision. One sync runs at a time.
-    pub async fn sync(&self, audit: &AuditLog) -> Result<SyncReport, Refusal> {
+    /// Where (meter, epoch) stands here; `None` when it was never decided.
+    pub fn status(&self, meter: &str, epoch: u32) -> Result<Option<EnrollmentStatus>, Refusal> {
+        let Some(v) = self.enrolled.get(enrolled_key(meter, epoch)).map_err(store)? else {
+            return Ok(None);
+        };
+        if v.len() < 65 {
+            return Err(store("corrupt enrollment record"));
+        }
+        let state = match v[0] {
+            PENDING => EnrollmentState::Pending,
+            ACTIVE => EnrollmentState::Active,
+            REFUSED => EnrollmentState::Refused,
+            _ => return Err(store("corrupt enrollment record")),
+        };
+        let mut manifest_hash = [0u8; 32];
+        manifest_hash.copy_from_slice(&v[33..65]);
+        Ok(Some(EnrollmentStatus {
+            state,
+            manifest_hash,
+            reason: String::from_utf8_lossy(&v[65..]).into_owned(),
+        }))
+    }
+
+    /// Fetches and decides new enrollments, then confirms the pending ones with the co-holders.
+    pub async fn sync(&self, audit: &AuditLog, peers: &Peers) -> Result<SyncReport, Refusal> {
+        let mut r = self.fetch_and_decide(audit).await?;
+        r.activated = self.confirm_pending(audit, peers).await?;
+        Ok(r)
+    }
+
+    /// Fetches the enrollments ingest stored since the last sync, decides each locally (registry,
+    /// device signature, envelopes, commitments, duplicate seeds), stores the accepted seeds
+    /// durably as pending and audits every decision. One runs at a time; it never calls a
+    /// co-holder (co-holders call it while answering a confirmation).
+    pub async fn fetch_and_decide(&self, audit: &AuditLog) -> Result<SyncReport, Refusal> {
         let _g = self.sync_lock.lock().await;
         let ingest = self.ingest.clone().ok_or_else(|| {
             refuse(
@@ -330,51 +385,73 @@ impl LinearState {
                     .collect()
             })
         };
-        let mut decisions: Vec<(bool, String, [u8; 32])> = Vec::new();
+        let mut decisions: Vec<(bool, &'static str, String, [u8; 32])> = Vec::new();
         let mut report = SyncReport::default();
         let mut seeds = sled::Batch::default();
         let mut owners = sled::Batch::default();
         let mut enrolled = sled::Batch::default();
+        let mut pending = sled::Batch::default();
         let mut new_ids: HashSet<[u8; 32]> = HashSet::new();
         let mut decided: HashSet<Vec<u8>> = HashSet::new();
+        let value = |state: u8, hash: &[u8; 32], mhash: &[u8; 32], reason: &str| {
+            let mut v = vec![state];
+            v.extend_from_slice(hash);
+            v.extend_from_slice(mhash);
+            v.extend_from_slice(reason.as_bytes());
+            v
+        };
         for (mut e, opened) in opened {
             e.seq = 0;
             let hash = *blake3::hash(&e.encode_to_vec()).as_bytes();
+            let mhash = psm_core::signing::manifest_hash(&e);
             let ekey = enrolled_key(&e.meter_id, e.epoch);
             let what = format!("meter {} epoch {}", e.meter_id, e.epoch);
             if let Some(prev) = self.enrolled.get(&ekey).map_err(store)? {
-                if prev.get(1..) == Some(&hash[..]) {
+                if prev.get(1..33) == Some(&hash[..]) {
                     continue; // decided before
                 }
                 decisions.push((
                     false,
+                    "enrollment",
                     format!("{what}: a different enrollment was already decided; the first stays (a new epoch is a rotation)"),
                     hash,
                 ));
                 report.refused += 1;
                 continue;
             }
-            if !decided.insert(ekey.clone()) {
-                decisions.push((
-                    false,
-                    format!("{what}: enrolled twice in one batch; the first stays"),
-                    hash,
-                ));
-                report.refused += 1;
-                continue;
-            }
-            let refuse_with = |reason: String| (false, format!("{what}: {reason}"), hash);
-            let Some(enc) = self.registry.lookup(&e.meter_id) else {
+            let refuse_with =
+                |reason: String| (false, "enrollment", format!("{what}: {reason}"), hash);
+            let Some(entry) = self.registry.lookup(&e.meter_id) else {
                 // Not recorded as decided: once the regulator registers the meter, a later
                 // re-sync from the start can accept it.
                 decisions.push(refuse_with("not on this keyshare's registry".into()));
                 report.refused += 1;
                 continue;
             };
+            if let Some(device) = entry.device_key {
+                if let Err(x) = psm_core::signing::verify_enrollment(&e, &device) {
+                    // Not recorded as decided either: a forgery must not block the meter's own
+                    // enrollment.
+                    decisions.push((false, "device-signature", format!("{what}: {x}"), hash));
+                    report.refused += 1;
+                    continue;
+                }
+            }
+            if !decided.insert(ekey.clone()) {
+                decisions.push((
+                    false,
+                    "enrollment",
+                    format!("{what}: enrolled twice in one batch; the first stays"),
+                    hash,
+                ));
+                report.refused += 1;
+                continue;
+            }
+            let enc = entry.encryption;
             let seeds_opened = match opened {
                 Ok(s) => s,
                 Err(reason) => {
-                    enrolled.insert(ekey.clone(), [&[b'R'][..], &hash[..]].concat());
+                    enrolled.insert(ekey.clone(), value(REFUSED, &hash, &mhash, &reason));
                     decisions.push(refuse_with(reason));
                     report.refused += 1;
                     continue;
@@ -399,10 +476,11 @@ impl LinearState {
                 }
             }
             if let Some(other) = duplicate {
-                enrolled.insert(ekey.clone(), [&[b'R'][..], &hash[..]].concat());
-                decisions.push(refuse_with(format!(
+                let reason = format!(
                     "a seed equals one already enrolled ({other}); duplicate seeds across meters are refused"
-                )));
+                );
+                enrolled.insert(ekey.clone(), value(REFUSED, &hash, &mhash, &reason));
+                decisions.push(refuse_with(reason));
                 report.refused += 1;
                 continue;
             }
@@ -413,16 +491,24 @@ impl LinearState {
                 owners.insert(&id, k.clone());
                 seeds.insert(k, &s.0[..]);
             }
-            enrolled.insert(ekey, [&[b'A'][..], &hash[..]].concat());
+            enrolled.insert(ekey.clone(), value(PENDING, &hash, &mhash, ""));
+            pending.insert(ekey, &[][..]);
             let mark = match enc {
                 Encryption::Meter => "",
                 Encryption::Headend => " (head-end-encrypted: plaintext to the utility)",
             };
+            let signed = if entry.device_key.is_some() {
+                "device signature valid, "
+            } else {
+                "not signature-checked (development registry), "
+            };
             decisions.push((
                 true,
+                "enrollment",
                 format!(
-                    "{what}{mark}: shares {:?} opened and matching their commitments",
-                    seeds_opened.iter().map(|(u, _)| *u).collect::<Vec<_>>()
+                    "{what}{mark}: {signed}shares {:?} opened and matching their commitments; pending confirmation by the co-holders (manifest {})",
+                    seeds_opened.iter().map(|(u, _)| *u).collect::<Vec<_>>(),
+                    &hex::encode(mhash)[..16]
                 ),
                 hash,
             ));
@@ -431,16 +517,17 @@ impl LinearState {
         self.seeds.apply_batch(seeds).map_err(store)?;
         self.owners.apply_batch(owners).map_err(store)?;
         self.enrolled.apply_batch(enrolled).map_err(store)?;
+        self.pending.apply_batch(pending).map_err(store)?;
         self.meta
             .insert(b"cursor", &cursor.to_be_bytes())
             .map_err(store)?;
         self.db.flush_async().await.map_err(store)?;
         let records: Vec<Decision> = decisions
             .iter()
-            .map(|(allow, reason, hash)| Decision {
+            .map(|(allow, rule, reason, hash)| Decision {
                 caller: "ingest (enrollment sync)",
                 allow: *allow,
-                rule: "enrollment",
+                rule,
                 reason,
                 request_hash: hash,
             })
@@ -459,6 +546,173 @@ impl LinearState {
             );
         }
         Ok(report)
+    }
+
+    /// Confirms pending enrollments with every co-holder: one is activated when every co-holder
+    /// has accepted the identical manifest, refused when one refused it or holds another
+    /// manifest (a split view), and left pending while one cannot be reached or has not decided
+    /// yet. Returns how many were activated. One runs at a time.
+    pub async fn confirm_pending(&self, audit: &AuditLog, peers: &Peers) -> Result<usize, Refusal> {
+        let _g = self.confirm_lock.lock().await;
+        let mut activated = 0;
+        let mut after: Option<Vec<u8>> = None;
+        loop {
+            let mut keys = Vec::new();
+            let iter = match &after {
+                Some(a) => self.pending.range::<&[u8], _>((
+                    std::ops::Bound::Excluded(a.as_slice()),
+                    std::ops::Bound::Unbounded,
+                )),
+                None => self.pending.iter(),
+            };
+            for kv in iter {
+                keys.push(kv.map_err(store)?.0.to_vec());
+                if keys.len() >= CONFIRM_BATCH {
+                    break;
+                }
+            }
+            let Some(last) = keys.last().cloned() else {
+                break;
+            };
+            after = Some(last);
+            activated += self.confirm_batch(&keys, audit, peers).await?;
+            if keys.len() < CONFIRM_BATCH {
+                break;
+            }
+        }
+        Ok(activated)
+    }
+
+    async fn confirm_batch(
+        &self,
+        keys: &[Vec<u8>],
+        audit: &AuditLog,
+        peers: &Peers,
+    ) -> Result<usize, Refusal> {
+        let mut refs = Vec::with_capacity(keys.len());
+        for k in keys {
+            let Some(sep) = k.len().checked_sub(5).filter(|i| k[*i] == 0) else {
+                return Err(store("corrupt pending key"));
+            };
+            let meter = String::from_utf8_lossy(&k[..sep]).into_owned();
+            let mut e = [0u8; 4];
+            e.copy_from_slice(&k[sep + 1..]);
+            let epoch = u32::from_be_bytes(e);
+            let st = self.status(&meter, epoch)?;
+            let mhash = st.map(|s| s.manifest_hash).unwrap_or_default();
+            refs.push(EnrollmentRef {
+                meter_id: meter,
+                epoch,
+                manifest_hash: mhash.to_vec(),
+            });
+        }
+        let coholders = peers.coholders();
+        let answers = futures::future::join_all(
+            coholders
+                .iter()
+                .map(|p| peers.confirm_enrollments(*p, refs.clone())),
+        )
+        .await;
+        // Per enrollment: Some(reason) to refuse, or whether every co-holder accepted it.
+        let mut outcome: Vec<(Option<String>, Vec<String>)> = vec![(None, Vec::new()); refs.len()];
+        for (p, answer) in coholders.iter().zip(answers) {
+            let name = peers.name(*p);
+            match answer {
+                Err(s) => {
+                    for o in &mut outcome {
+                        o.1.push(format!("{name} ({})", s.message()));
+                    }
+                }
+                Ok(confs) => {
+                    for ((o, c), r) in outcome.iter_mut().zip(confs).zip(&refs) {
+                        let state = EnrollmentState::try_from(c.state)
+                            .unwrap_or(EnrollmentState::Unspecified);
+                        if c.meter_id != r.meter_id || c.epoch != r.epoch {
+                            o.1.push(format!("{name} (answered for another enrollment)"));
+                            continue;
+                        }
+                        match state {
+                            EnrollmentState::Refused => {
+                                o.0.get_or_insert(format!(
+                                    "co-holder {name} refused it: {}",
+                                    c.reason
+                                ));
+                            }
+                            EnrollmentState::Pending | EnrollmentState::Active
+                                if c.manifest_hash != r.manifest_hash =>
+                            {
+                                o.0.get_or_insert(format!(
+                                    "co-holder {name} accepted a different manifest ({}) for it than this keyshare ({}): the two were shown different enrollments",
+                                    hex::encode(c.manifest_hash.get(..8).unwrap_or_default()),
+                                    hex::encode(&r.manifest_hash[..8])
+                                ));
+                            }
+                            EnrollmentState::Pending | EnrollmentState::Active => {}
+                            _ => o.1.push(format!("{name} (has not decided it)")),
+                        }
+                    }
+                }
+            }
+        }
+        let mut enrolled = sled::Batch::default();
+        let mut pending = sled::Batch::default();
+        let mut seeds = sled::Batch::default();
+        let mut decisions: Vec<(bool, String)> = Vec::new();
+        let mut activated = 0;
+        let names: Vec<&str> = coholders.iter().map(|p| peers.name(*p)).collect();
+        for ((k, r), (refusal, waiting)) in keys.iter().zip(&refs).zip(outcome) {
+            let what = format!("meter {} epoch {}", r.meter_id, r.epoch);
+            let Some(v) = self.enrolled.get(k).map_err(store)? else {
+                continue;
+            };
+            if let Some(reason) = refusal {
+                let mut nv = v[..65].to_vec();
+                nv[0] = REFUSED;
+                nv.extend_from_slice(reason.as_bytes());
+                enrolled.insert(k.as_slice(), nv);
+                pending.remove(k.as_slice());
+                for u in self.party.scheme.held_by(self.party.index) {
+                    seeds.remove(seed_key(&r.meter_id, r.epoch, u));
+                }
+                decisions.push((false, format!("{what}: refused: {reason}")));
+            } else if waiting.is_empty() {
+                let mut nv = v[..65].to_vec();
+                nv[0] = ACTIVE;
+                enrolled.insert(k.as_slice(), nv);
+                pending.remove(k.as_slice());
+                activated += 1;
+                decisions.push((
+                    true,
+                    format!("{what}: active, confirmed by {}", names.join(", ")),
+                ));
+            } else {
+                tracing::debug!(%what, waiting = %waiting.join("; "), "enrollment still pending");
+            }
+        }
+        if decisions.is_empty() {
+            return Ok(0);
+        }
+        self.enrolled.apply_batch(enrolled).map_err(store)?;
+        self.pending.apply_batch(pending).map_err(store)?;
+        self.seeds.apply_batch(seeds).map_err(store)?;
+        self.db.flush_async().await.map_err(store)?;
+        let hash = [0u8; 32];
+        let records: Vec<Decision> = decisions
+            .iter()
+            .map(|(allow, reason)| Decision {
+                caller: "co-holders (enrollment confirmation)",
+                allow: *allow,
+                rule: if *allow { "enrollment" } else { "co-holder" },
+                reason,
+                request_hash: &hash,
+            })
+            .collect();
+        audit
+            .append_many(&records)
+            .await
+            .map_err(|e| refuse(Rule::Internal, Code::Unavailable, format!("audit log: {e}")))?;
+        tracing::info!(activated, decided = decisions.len(), "enrollments confirmed");
+        Ok(activated)
     }
 
     /// Checks a release against the registry, k-anonymity and the allowed programs, derives
@@ -984,6 +1238,37 @@ mod tests {
 
     const DAY: i64 = 20_500;
 
+    /// A registry entry for `id` with a device key derived from the id (tests only).
+    fn device(id: &str) -> psm_core::signing::SecretKey {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("k");
+        std::fs::write(&p, blake3::hash(id.as_bytes()).as_bytes()).unwrap();
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
+        }
+        psm_core::signing::SecretKey::read(&p).unwrap()
+    }
+
+    fn entry(id: &str, enc: &str) -> String {
+        format!(
+            "[[meters]]\nid = \"{id}\"\nencryption = \"{enc}\"\ndevice_key = \"{}\"\n",
+            hex::encode(device(id).public())
+        )
+    }
+
+    impl LinearState {
+        /// Marks a pending enrollment active without asking co-holders (unit tests of what
+        /// comes after; the confirmation itself is tested end to end over mTLS).
+        fn activate_for_test(&self, meter: &str, epoch: u32) {
+            let k = enrolled_key(meter, epoch);
+            let mut v = self.enrolled.get(&k).unwrap().unwrap().to_vec();
+            v[0] = ACTIVE;
+            self.enrolled.insert(k, v).unwrap();
+        }
+    }
+
     fn limits(min_cohort: usize) -> Limits {
         Limits {
             min_cohort,
@@ -1067,15 +1352,29 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn enrollments_are_decided_and_audited() {
-        let reg = "[[meters]]\nid = \"a\"\nencryption = \"meter\"\n[[meters]]\nid = \"b\"\nencryption = \"headend\"\n[[meters]]\nid = \"c\"\nencryption = \"meter\"\n";
-        let f = fixture(reg);
+        let reg = entry("a", "meter") + &entry("b", "headend") + &entry("c", "meter");
+        let f = fixture(&reg);
         let sa = MeterSeeds::generate(f.scheme, 1);
-        let ea = enroll("a", &sa, f.scheme, &f.keys).unwrap();
-        let eb = enroll("b", &MeterSeeds::generate(f.scheme, 1), f.scheme, &f.keys).unwrap();
+        let ea = enroll("a", &sa, f.scheme, &f.keys, &device("a")).unwrap();
+        let eb = enroll(
+            "b",
+            &MeterSeeds::generate(f.scheme, 1),
+            f.scheme,
+            &f.keys,
+            &device("b"),
+        )
+        .unwrap();
         // Not on the registry.
-        let ez = enroll("z", &MeterSeeds::generate(f.scheme, 1), f.scheme, &f.keys).unwrap();
+        let ez = enroll(
+            "z",
+            &MeterSeeds::generate(f.scheme, 1),
+            f.scheme,
+            &f.keys,
+            &device("z"),
+        )
+        .unwrap();
         // c reuses a's seeds (a head-end fronting two ids with one key).
-        let ec = enroll("c", &sa, f.scheme, &f.keys).unwrap();
+        let ec = enroll("c", &sa, f.scheme, &f.keys, &device("c")).unwrap();
         let seq = |mut e: Enrollment, s| {
             e.seq = s;
             e
@@ -1093,15 +1392,26 @@ mod tests {
             r,
             SyncReport {
                 accepted: 2,
-                refused: 2
+                refused: 2,
+                activated: 0,
             }
         );
-        assert!(f.state.is_enrolled("a", 1).unwrap());
-        assert!(f.state.is_enrolled("b", 1).unwrap());
-        assert!(!f.state.is_enrolled("z", 1).unwrap());
-        assert!(!f.state.is_enrolled("c", 1).unwrap());
+        // Accepted here, but not active before the co-holders confirm.
+        let state = |m| f.state.status(m, 1).unwrap().map(|s| s.state);
+        assert_eq!(state("a"), Some(EnrollmentState::Pending));
+        assert_eq!(state("b"), Some(EnrollmentState::Pending));
+        assert!(!f.state.is_enrolled("a", 1).unwrap());
+        assert_eq!(state("z"), None);
+        assert_eq!(state("c"), Some(EnrollmentState::Refused));
         // The same enrollment again is no new decision; another one for (a, 1) is refused.
-        let ea2 = enroll("a", &MeterSeeds::generate(f.scheme, 1), f.scheme, &f.keys).unwrap();
+        let ea2 = enroll(
+            "a",
+            &MeterSeeds::generate(f.scheme, 1),
+            f.scheme,
+            &f.keys,
+            &device("a"),
+        )
+        .unwrap();
         let r = f
             .state
             .decide_batch(vec![seq(ea, 5), seq(ea2, 6)], 6, &f.audit)
@@ -1111,10 +1421,12 @@ mod tests {
             r,
             SyncReport {
                 accepted: 0,
-                refused: 1
+                refused: 1,
+                activated: 0,
             }
         );
         assert_eq!(f.state.cursor().unwrap(), 6);
+        f.state.activate_for_test("a", 1);
         let records = f.audit.read(0, 100).unwrap();
         assert_eq!(records.len(), 5);
         assert!(records.iter().all(|r| r.rule == "enrollment"));
@@ -1177,14 +1489,10 @@ mod tests {
     async fn head_end_members_do_not_hide_a_difference() {
         let mut reg = String::new();
         for i in 0..6 {
-            reg.push_str(&format!(
-                "[[meters]]\nid = \"m{i}\"\nencryption = \"meter\"\n"
-            ));
+            reg.push_str(&entry(&format!("m{i}"), "meter"));
         }
         for i in 0..4 {
-            reg.push_str(&format!(
-                "[[meters]]\nid = \"h{i}\"\nencryption = \"headend\"\n"
-            ));
+            reg.push_str(&entry(&format!("h{i}"), "headend"));
         }
         let f = fixture(&reg);
         // {m0..m4} ∪ {h0..h3}, then {m0..m5}: the head-end meters' readings are known to the
@@ -1227,19 +1535,73 @@ mod tests {
         f.state.record(&same, limits(5)).await.unwrap();
     }
 
+    /// A head-end that enrolls seeds of its own for a registered meter id (front-running the
+    /// meter) cannot sign for the meter's device key: refused as `device-signature`, and not
+    /// decided, so the meter's own enrollment is still accepted afterwards.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_enrollment_not_signed_by_the_device_is_refused_without_blocking_the_meter() {
+        let f = fixture(&entry("m1", "meter"));
+        let forged = enroll(
+            "m1",
+            &MeterSeeds::generate(f.scheme, 1),
+            f.scheme,
+            &f.keys,
+            &psm_core::signing::SecretKey::generate(),
+        )
+        .unwrap();
+        let mut re_signed = enroll(
+            "m1",
+            &MeterSeeds::generate(f.scheme, 1),
+            f.scheme,
+            &f.keys,
+            &device("m1"),
+        )
+        .unwrap();
+        // The meter's signature copied onto other commitments does not verify either.
+        re_signed.commitments[0] = forged.commitments[0].clone();
+        let seq = |mut e: Enrollment, s| {
+            e.seq = s;
+            e
+        };
+        let r = f
+            .state
+            .decide_batch(vec![seq(forged, 1), seq(re_signed, 2)], 2, &f.audit)
+            .await
+            .unwrap();
+        assert_eq!((r.accepted, r.refused), (0, 2));
+        assert_eq!(f.state.status("m1", 1).unwrap(), None);
+        let records = f.audit.read(0, 10).unwrap();
+        assert!(records.iter().all(|r| r.rule == "device-signature"), "{records:?}");
+        let genuine = enroll(
+            "m1",
+            &MeterSeeds::generate(f.scheme, 1),
+            f.scheme,
+            &f.keys,
+            &device("m1"),
+        )
+        .unwrap();
+        let r = f
+            .state
+            .decide_batch(vec![seq(genuine, 3)], 3, &f.audit)
+            .await
+            .unwrap();
+        assert_eq!(r.accepted, 1);
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn an_enrollment_with_repeated_seeds_is_refused() {
         let f = fixture("development_allow_all = true\n");
         let mut seeds = MeterSeeds::generate(f.scheme, 1);
         seeds.seeds[2] = seeds.seeds[1].clone(); // both held by party 0
-        let mut e = enroll("twin", &seeds, f.scheme, &f.keys).unwrap();
+        let mut e = enroll("twin", &seeds, f.scheme, &f.keys, &device("twin")).unwrap();
         e.seq = 1;
         let r = f.state.decide_batch(vec![e], 1, &f.audit).await.unwrap();
         assert_eq!(
             r,
             SyncReport {
                 accepted: 0,
-                refused: 1
+                refused: 1,
+                activated: 0,
             }
         );
         assert!(!f.state.is_enrolled("twin", 1).unwrap());

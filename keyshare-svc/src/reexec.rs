@@ -93,10 +93,13 @@ impl Reexecutor {
     /// Fetches a tfhe-track manifest's register lists, expands them and re-runs its program
     /// (a bill's demand and tier part, or a histogram) exactly as compute does.
     /// `permit` is held by the evaluation itself, which outlives a cancelled request.
+    /// Every input must carry its meter's device signature under `registry`'s key, so neither a
+    /// head-end nor ingest can substitute registers.
     pub async fn tfhe(
         &self,
         m: &ComputationManifest,
         c: &Checked,
+        registry: &psm_core::registry::Registry,
         permit: crate::WorkPermit,
     ) -> Result<LweBatch, Refusal> {
         let ingest = self.ingest()?;
@@ -120,6 +123,16 @@ impl Reexecutor {
                 FetchError::Unavailable(_) => refuse(RULE, Code::Unavailable, e),
                 _ => mismatch(e),
             })?;
+        for b in got.values() {
+            let device = registry
+                .lookup(&b.meter_id)
+                .ok_or_else(|| crate::linear::not_registered(&b.meter_id))?
+                .device_key;
+            if let Some(device) = device {
+                psm_core::signing::verify_batch(b, &device)
+                    .map_err(|e| refuse(Rule::DeviceSignature, Code::PermissionDenied, e))?;
+            }
+        }
         let lists: Vec<Vec<u8>> = m
             .inputs
             .iter()

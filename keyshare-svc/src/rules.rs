@@ -29,13 +29,16 @@ pub enum Rule {
     Enrollment,
     ReExecution,
     InputPinned,
+    DeviceSignature,
+    CoHolder,
+    CoHolderConflict,
     Available,
     Internal,
 }
 
 impl Rule {
     /// Every rule, in the order of the docs' index.
-    pub const ALL: [Rule; 24] = [
+    pub const ALL: [Rule; 27] = [
         Rule::RateLimit,
         Rule::WellFormed,
         Rule::KnownKey,
@@ -58,6 +61,9 @@ impl Rule {
         Rule::Enrollment,
         Rule::ReExecution,
         Rule::InputPinned,
+        Rule::DeviceSignature,
+        Rule::CoHolder,
+        Rule::CoHolderConflict,
         Rule::Available,
         Rule::Internal,
     ];
@@ -87,6 +93,9 @@ impl Rule {
             Rule::Enrollment => "enrollment",
             Rule::ReExecution => "re-execution",
             Rule::InputPinned => "input-pinned",
+            Rule::DeviceSignature => "device-signature",
+            Rule::CoHolder => "co-holder",
+            Rule::CoHolderConflict => "co-holder-conflict",
             Rule::Available => "available",
             Rule::Internal => "internal",
         }
@@ -102,6 +111,8 @@ impl Rule {
             Rule::AllowedProgram => &[Code::PermissionDenied],
             Rule::ReExecution => &[Code::FailedPrecondition, Code::Unavailable, Code::Internal],
             Rule::Available => &[Code::Unavailable],
+            Rule::CoHolder => &[Code::FailedPrecondition, Code::Unavailable],
+            Rule::DeviceSignature | Rule::CoHolderConflict => &[Code::PermissionDenied],
             Rule::Internal => &[Code::Internal, Code::Unavailable],
             Rule::ManifestRequired
             | Rule::LinearTrack
@@ -123,6 +134,7 @@ impl Rule {
     pub fn applies_to(self) -> &'static str {
         match self {
             Rule::RateLimit | Rule::Available | Rule::Internal | Rule::AllowedProgram => "both",
+            Rule::CoHolder | Rule::CoHolderConflict => "both",
             Rule::KAnonymity
             | Rule::BillPeriod
             | Rule::Differencing
@@ -133,6 +145,7 @@ impl Rule {
             | Rule::Registry
             | Rule::BandWidth
             | Rule::Enrollment => "Release",
+            Rule::DeviceSignature => "enrollments, PartialDecrypt inputs",
             _ => "PartialDecrypt",
         }
     }
@@ -162,6 +175,9 @@ impl Rule {
             Rule::Enrollment => "a member without an accepted enrollment for the epoch (also each enrollment decision)",
             Rule::ReExecution => "a tfhe-track output the keyshare's own evaluation does not reproduce",
             Rule::InputPinned => "tfhe-track inputs other than those first released for the same meter-day",
+            Rule::DeviceSignature => "an enrollment or tfhe-track input not signed by the meter's registered device key",
+            Rule::CoHolder => "a release a co-holder of one of the shares refused, or that cannot be confirmed (co-holder unreachable and not in contact since start)",
+            Rule::CoHolderConflict => "recorded, not refused: a release a co-holder answered alone that this keyshare's ledger would have refused",
             Rule::Available => "a request while the keyshare shuts down",
             Rule::Internal => "a request the keyshare could not decide (its store or a task failed)",
         }

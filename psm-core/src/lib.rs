@@ -9,6 +9,8 @@ pub mod linear;
 pub mod lwe;
 pub mod readings;
 pub mod registers;
+pub mod registry;
+pub mod signing;
 pub mod simulate;
 pub mod squashed;
 pub mod tariff;

@@ -262,7 +262,8 @@ pub fn linear_batch(
     })
 }
 
-/// A linear-track batch for the wire, as a meter sends it.
+/// A linear-track batch for the wire, as a meter sends it (unsigned: the meter signs it with
+/// [`crate::signing::sign_batch`]).
 #[allow(clippy::too_many_arguments)]
 pub fn linear_batch_to_proto(
     meter_id: &str,
@@ -286,5 +287,6 @@ pub fn linear_batch_to_proto(
         epoch,
         channel: channel.to_proto() as i32,
         first_interval,
+        device_signature: Vec::new(),
     }
 }

@@ -115,29 +115,26 @@ fn toml_path(path: &Path) -> anyhow::Result<String> {
     Ok(toml::Value::String(p.to_owned()).to_string())
 }
 
-/// A keyshare's meter registry: every simulated meter, encrypting its own readings.
-fn registry_toml(meters: &[psm_core::simulate::SimMeter]) -> anyhow::Result<String> {
-    #[derive(serde::Serialize)]
-    struct Entry<'a> {
-        id: &'a str,
-        encryption: &'static str,
+/// The regulators' meter registry: every simulated meter, encrypting its own readings, with the
+/// device key `psm meter` keeps for it in `meter_keys` (made here first: provisioning).
+fn registry_toml(
+    meters: &[psm_core::simulate::SimMeter],
+    meter_keys: &Path,
+) -> anyhow::Result<String> {
+    crate::meter::create_key_dir(meter_keys)?;
+    let mut r = psm_core::registry::Registry::default();
+    for m in meters {
+        let device = crate::meter::load_or_create_device(meter_keys, &m.id)?;
+        r.upsert(psm_core::registry::Entry {
+            id: m.id.clone(),
+            encryption: psm_core::registry::Encryption::Meter,
+            device_key: hex::encode(device.public()),
+            billing_day: 1,
+        })?;
     }
-    #[derive(serde::Serialize)]
-    struct Registry<'a> {
-        meters: Vec<Entry<'a>>,
-    }
-    let r = Registry {
-        meters: meters
-            .iter()
-            .map(|m| Entry {
-                id: &m.id,
-                encryption: "meter",
-            })
-            .collect(),
-    };
     Ok(format!(
         "# The meters this keyshare serves (written by psm demo): all encrypt their own readings.\n{}",
-        toml::to_string(&r).context("writing the meter registry")?
+        r.to_toml()?
     ))
 }
 
@@ -213,6 +210,12 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
     });
 
     let meters = psm_core::simulate::town(args.households, args.businesses, SIM_SEED);
+    let registry = data.join("registry.toml");
+    fs::write(
+        &registry,
+        registry_toml(&meters, &data.join("meter-keys"))?,
+    )
+    .with_context(|| format!("writing {}", registry.display()))?;
     let mut children = Children(Vec::new());
     for s in &services {
         let bin = sibling_binary(s.binary)?;
@@ -228,16 +231,20 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
             // short as a day (the demo bills its few simulated days; the default is 28). tfhe-track re-execution is off here: on a small machine three
             // keyshares repeating every demand charge would triple its cost (production keeps
             // the default, "always").
-            let registry = data.join(format!("{}-registry.toml", s.name));
-            fs::write(&registry, registry_toml(&meters)?)
-                .with_context(|| format!("writing {}", registry.display()))?;
             let cfg = data.join(format!("{}.toml", s.name));
+            let mut peers = String::from("[keyshare.peers]\n");
+            for i in 1..=3u16 {
+                let name = format!("keyshare-{i}");
+                if name != s.name {
+                    peers.push_str(&format!("\"{name}\" = \"https://127.0.0.1:{}\"\n", port(10 + i)?));
+                }
+            }
             let homes = blake3::hash(&demo_tariff().encode_to_vec());
             let shops = blake3::hash(&demo_business_tariff().encode_to_vec());
             fs::write(
                 &cfg,
                 format!(
-                    "[keyshare]\ningest_url = \"https://127.0.0.1:{}\"\npublic_dir = {}\nregistry = {}\n[keyshare.policy]\nmin_cohort = 5\nmin_bill_days = 1\nallowed_programs = [\"{}\", \"{}\"]\n",
+                    "[keyshare]\ningest_url = \"https://127.0.0.1:{}\"\npublic_dir = {}\nregistry = {}\n[keyshare.policy]\nmin_cohort = 5\nmin_bill_days = 1\nallowed_programs = [\"{}\", \"{}\"]\n{peers}",
                     port(1)?,
                     toml_path(&keys_dir.join("public"))?,
                     toml_path(&registry)?,
@@ -255,7 +262,10 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
             let cfg = data.join("ingest.toml");
             fs::write(
                 &cfg,
-                "[ingest.headends]\n\"headend-1\" = [\"meter-*\", \"shop-*\"]\n",
+                format!(
+                    "[ingest]\nregistry = {}\n[ingest.headends]\n\"headend-1\" = [\"meter-*\", \"shop-*\"]\n",
+                    toml_path(&registry)?
+                ),
             )
             .with_context(|| format!("writing {}", cfg.display()))?;
             cmd.arg("--public-dir")
@@ -339,8 +349,11 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         );
     }
     println!("All 5 services are up and healthy.");
-    // Each keyshare publishes its enrollment key at start; meters seal their seeds to them.
+    // Each keyshare publishes its enrollment key at start, signed by its anchor; meters seal
+    // their seeds to them. (In the field the anchors reach meters from the regulator, not from
+    // the utility; here they are read from the keyshares' data directories.)
     let mut enrollment_keys = Vec::new();
+    let mut anchors = Vec::new();
     for s in services.iter().filter(|s| s.role == Role::Keyshare) {
         let path = data.join(&s.name).join("enrollment.pub");
         if !path.exists() {
@@ -352,8 +365,9 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
             );
         }
         enrollment_keys.push(path);
+        anchors.push(data.join(&s.name).join("anchor.pub"));
     }
-    rt.block_on(town_demo(&args, &pki, b, enrollment_keys))?;
+    rt.block_on(town_demo(&args, &pki, b, enrollment_keys, anchors))?;
     if args.check {
         println!("Stopping (--check).");
         children.terminate();
@@ -388,6 +402,7 @@ async fn town_demo(
     pki: &DevPki,
     base: u16,
     enrollment_keys: Vec<PathBuf>,
+    anchors: Vec<PathBuf>,
 ) -> anyhow::Result<()> {
     use psm_proto::v1::compute_client::ComputeClient;
     use psm_proto::v1::{AggregateRequest, Channel, TimeRange};
@@ -417,6 +432,11 @@ async fn town_demo(
         keys: crate::meter::MeterKeyArgs {
             epoch: EPOCH,
             enrollment_keys,
+            anchors,
+            keyshares: (1..=3u16)
+                .map(|i| format!("keyshare-{i}={}", url(10 + i)))
+                .collect(),
+            receipt_wait_secs: 120,
             meter_keys: args.data_dir.join("meter-keys"),
         },
         client: crate::client_args::ClientArgs {

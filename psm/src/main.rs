@@ -5,6 +5,7 @@ mod ceremony;
 mod client_args;
 mod demo;
 mod meter;
+mod registry;
 
 use std::path::PathBuf;
 
@@ -42,6 +43,12 @@ enum Command {
     Meter {
         #[command(subcommand)]
         command: meter::MeterCommand,
+    },
+    /// A regulator's meter registry: meter ids, device keys, billing cycles, where encryption
+    /// happens. Keyshares audit every change when they start.
+    Registry {
+        #[command(subcommand)]
+        command: registry::RegistryCommand,
     },
     /// Print which certificate roles may call which RPC.
     Roles,
@@ -151,6 +158,7 @@ fn main() -> anyhow::Result<()> {
         Command::Ceremony(args) => ceremony::run(args)?,
         Command::Audit { command } => audit::run(command)?,
         Command::Meter { command } => meter::run(command)?,
+        Command::Registry { command } => registry::run(command)?,
         Command::Roles => print!("{}", psm_net::roles::table_markdown()),
         Command::Health {
             addr,

@@ -1,10 +1,13 @@
 //! `psm meter simulate` / `psm meter import`: meters' readings encrypted on the linear track
 //! under each meter's own key, submitted as a head-end.
 //!
-//! Per meter and key epoch the tool keeps the meter's seeds in `--meter-keys`
-//! (`<meter>.e<epoch>.seeds`, secret, mode 0600; made once, before anything is sent), enrolls them
-//! through ingest (the seeds sealed to the keyshares' published enrollment keys), then sends one
-//! body per interval and channel: import = max(v, 0), export = max(−v, 0).
+//! Per meter the tool keeps, in `--meter-keys`, the meter's device signing key (`<meter>.device`,
+//! secret, mode 0600; its public half goes into the regulators' registries) and per key epoch its
+//! seeds (`<meter>.e<epoch>.seeds`, secret, mode 0600; made once, before anything is sent). It
+//! enrolls the seeds through ingest — sealed to the keyshares' enrollment keys, which must be
+//! signed by the regulators' anchors, and signed with the device key — waits until every keyshare
+//! has returned a receipt signed by its anchor, then sends one signed body per interval and
+//! channel: import = max(v, 0), export = max(−v, 0).
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
@@ -23,7 +26,9 @@ use psm_core::linear::key::{MeterKey, MeterSeeds};
 use psm_core::linear::{Channel as LinearChannel, INTERVALS, SLOTS_PER_DAY, SLOT_SECONDS};
 use psm_core::readings::{format_day, parse_day};
 use psm_core::simulate::{town, SimMeter};
+use psm_core::signing::{Anchors, SecretKey};
 use psm_core::threshold::Scheme;
+use psm_net::tls::TlsPaths;
 use psm_proto::v1::ingest_client::IngestClient;
 use psm_proto::v1::{
     EnrollRequest, Enrollment, GetPublicParamsRequest, KeyRef, ReadingBatch, SubmitReadingsRequest,
@@ -62,11 +67,24 @@ pub struct MeterKeyArgs {
     #[arg(long, default_value_t = 1)]
     pub epoch: u32,
     /// A keyshare's published enrollment key (the `enrollment.pub` in its data directory); give
-    /// one per keyshare.
+    /// one per keyshare. Each must be signed by that keyshare's --anchor.
     #[arg(long = "enrollment-key", value_name = "FILE")]
     pub enrollment_keys: Vec<PathBuf>,
-    /// Directory of the meters' seed files, `<meter>.e<epoch>.seeds` (secret, mode 0600): made
-    /// on first use, reused after. A meter whose seeds are lost needs a new --epoch.
+    /// A keyshare's anchor public key (`anchor.pub`), as the regulator provisions it — never
+    /// taken from the utility; one per keyshare. Enrollment keys and receipts must be signed by
+    /// them.
+    #[arg(long = "anchor", value_name = "FILE")]
+    pub anchors: Vec<PathBuf>,
+    /// A keyshare to fetch enrollment receipts from, as NAME=URL; one per keyshare. Readings are
+    /// encrypted under an epoch only once every keyshare has confirmed the meter's enrollment.
+    #[arg(long = "keyshare", value_name = "NAME=URL")]
+    pub keyshares: Vec<String>,
+    /// Seconds to wait for every keyshare's receipts.
+    #[arg(long, default_value_t = 120)]
+    pub receipt_wait_secs: u64,
+    /// Directory of the meters' device keys (`<meter>.device`) and seed files
+    /// (`<meter>.e<epoch>.seeds`), secret, mode 0600: made on first use, reused after. A meter
+    /// whose seeds are lost needs a new --epoch.
     #[arg(long, default_value = "psm-data/meter-keys")]
     pub meter_keys: PathBuf,
 }
@@ -286,9 +304,11 @@ pub async fn simulate_and_submit(ch: Channel, a: &SimulateArgs) -> anyhow::Resul
             })
         })
         .collect();
+    let tls = a.client.tls("headend/headend-1")?;
     let mut counts = submit_days(
         ch.clone(),
         &a.keys,
+        &tls,
         &days,
         &format!("sim-{}-{}", a.seed, a.start),
     )
@@ -307,6 +327,7 @@ pub async fn simulate_and_submit(ch: Channel, a: &SimulateArgs) -> anyhow::Resul
         counts += submit_registers(
             ch,
             &business_days,
+            &a.keys.meter_keys,
             &format!("sim-registers-{}-{}", a.seed, a.start),
         )
         .await?;
@@ -315,10 +336,11 @@ pub async fn simulate_and_submit(ch: Channel, a: &SimulateArgs) -> anyhow::Resul
 }
 
 /// The keyshares' enrollment keys, (party name, key) in the manifest's party order: one file
-/// per party, none for a party the deployment does not have.
+/// per party, none for a party the deployment does not have, each signed by its anchor.
 fn enrollment_keys(
     files: &[PathBuf],
     manifest: &Manifest,
+    anchors: &Anchors,
 ) -> anyhow::Result<Vec<(String, Vec<u8>)>> {
     let parties = manifest.party_names.join(", ");
     if files.is_empty() {
@@ -338,8 +360,120 @@ fn enrollment_keys(
         }
         published.push(k);
     }
-    envelope::keys_in_party_order(&published, &manifest.party_names)
-        .map_err(|e| anyhow::anyhow!("{e}: pass one --enrollment-key per keyshare ({parties})"))
+    envelope::keys_in_party_order(&published, &manifest.party_names, anchors).map_err(|e| {
+        anyhow::anyhow!(
+            "{e}: pass one --enrollment-key and one --anchor per keyshare ({parties})"
+        )
+    })
+}
+
+/// A meter's device signing key, read from `dir` or made there first (`<meter>.device`, mode
+/// 0600): its public half is what the regulators register for the meter.
+pub fn load_or_create_device(dir: &Path, meter: &str) -> anyhow::Result<SecretKey> {
+    let path = dir.join(format!("{meter}.device"));
+    Ok(SecretKey::read_or_create(&path)
+        .with_context(|| format!("the device key of {meter}"))?
+        .0)
+}
+
+/// Waits until every keyshare has activated every enrollment, checking each receipt against the
+/// keyshare's anchor and the manifest the meter signed. A refusal stops at once.
+async fn await_receipts(
+    k: &MeterKeyArgs,
+    tls: &TlsPaths,
+    anchors: &Anchors,
+    parties: &[String],
+    enrollments: &[Enrollment],
+) -> anyhow::Result<()> {
+    use psm_proto::v1::keyshare_client::KeyshareClient;
+    use psm_proto::v1::{EnrollmentState, GetReceiptsRequest};
+    let mut urls = BTreeMap::new();
+    for ks in &k.keyshares {
+        let (name, url) = ks
+            .split_once('=')
+            .with_context(|| format!("--keyshare {ks:?}: expected NAME=URL"))?;
+        if urls.insert(name.to_owned(), url.to_owned()).is_some() {
+            bail!("--keyshare {name} is given twice");
+        }
+    }
+    for p in parties {
+        if !urls.contains_key(p) {
+            bail!(
+                "no --keyshare {p}=URL: a meter encrypts only once every keyshare ({}) has confirmed its enrollment",
+                parties.join(", ")
+            );
+        }
+    }
+    let hashes: HashMap<&str, [u8; 32]> = enrollments
+        .iter()
+        .map(|e| (e.meter_id.as_str(), psm_core::signing::manifest_hash(e)))
+        .collect();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(k.receipt_wait_secs);
+    for p in parties {
+        let ch = psm_net::client::channel(
+            &urls[p],
+            p,
+            Some(psm_net::Role::Keyshare),
+            tls,
+            &psm_net::client::ClientOptions::default(),
+        )?;
+        let mut client = KeyshareClient::new(ch);
+        let mut waiting: Vec<&str> = enrollments.iter().map(|e| e.meter_id.as_str()).collect();
+        loop {
+            let mut still = Vec::new();
+            let mut last_reason = String::new();
+            for chunk in waiting.chunks(10_000) {
+                let r = client
+                    .get_receipts(GetReceiptsRequest {
+                        meter_ids: chunk.iter().map(|m| m.to_string()).collect(),
+                        epoch: k.epoch,
+                    })
+                    .await
+                    .map_err(|s| anyhow::anyhow!("receipts from {p}: {}", s.message()))?
+                    .into_inner();
+                for a in r.answers {
+                    let Some(&m) = chunk.iter().find(|m| **m == a.meter_id) else {
+                        bail!("{p} answered for meter {} it was not asked about", a.meter_id);
+                    };
+                    match EnrollmentState::try_from(a.state).unwrap_or(EnrollmentState::Unknown) {
+                        EnrollmentState::Active => {
+                            let receipt = a
+                                .receipt
+                                .with_context(|| format!("{p} sent no receipt for {m}"))?;
+                            if receipt.party != *p {
+                                bail!("the receipt for {m} from {p} names {}", receipt.party);
+                            }
+                            anchors
+                                .verify_receipt(&receipt, m, k.epoch, &hashes[m])
+                                .map_err(|e| anyhow::anyhow!("{e}: not encrypting"))?;
+                        }
+                        EnrollmentState::Refused => bail!(
+                            "{p} refused the enrollment of {m} for epoch {}: {}",
+                            k.epoch,
+                            a.reason
+                        ),
+                        _ => {
+                            last_reason = format!("{m}: {}", a.reason);
+                            still.push(m);
+                        }
+                    }
+                }
+            }
+            if still.is_empty() {
+                break;
+            }
+            if std::time::Instant::now() > deadline {
+                bail!(
+                    "{p} has not confirmed {} enrollment(s) within {} s (last: {last_reason}); nothing was encrypted for them; run again later",
+                    still.len(),
+                    k.receipt_wait_secs
+                );
+            }
+            waiting = still;
+            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        }
+    }
+    Ok(())
 }
 
 fn seeds_path(dir: &Path, meter: &str, epoch: u32) -> PathBuf {
@@ -395,6 +529,7 @@ fn load_or_seal_enrollment(
     scheme: Scheme,
     manifest: &Manifest,
     keys: &[(String, Vec<u8>)],
+    device: &SecretKey,
 ) -> anyhow::Result<Enrollment> {
     let path = enrollment_path(dir, meter, seeds.epoch);
     let fingerprint = content_key(keys.iter().flat_map(|(n, k)| [n.as_bytes(), k.as_slice()]));
@@ -412,12 +547,13 @@ fn load_or_seal_enrollment(
                     && e.epoch == seeds.epoch
                     && e.commitments == commitments
                     && envelope::check_shape(e, scheme, &manifest.party_names).is_ok()
+                    && psm_core::signing::verify_enrollment(e, &device.public()).is_ok()
             });
         if let Some(e) = cached {
             return Ok(e);
         }
     }
-    let e = envelope::enroll(meter, seeds, scheme, keys)
+    let e = envelope::enroll(meter, seeds, scheme, keys, device)
         .with_context(|| format!("sealing the seeds of {meter}"))?;
     let mut bytes = fingerprint.into_bytes();
     bytes.extend_from_slice(&e.encode_to_vec());
@@ -427,7 +563,7 @@ fn load_or_seal_enrollment(
 }
 
 /// Creates the seeds directory, readable by its owner only.
-fn create_key_dir(dir: &Path) -> anyhow::Result<()> {
+pub fn create_key_dir(dir: &Path) -> anyhow::Result<()> {
     let mut b = std::fs::DirBuilder::new();
     b.recursive(true);
     #[cfg(unix)]
@@ -491,6 +627,7 @@ fn encrypt_day(
     keys: &Keys,
     masks: &IntervalMasks,
     epoch: u32,
+    device: &SecretKey,
 ) -> anyhow::Result<Vec<ReadingBatch>> {
     let context = || format!("{} {}", d.meter_id, format_day(d.day));
     let offset = d.first_interval as usize;
@@ -523,6 +660,9 @@ fn encrypt_day(
             &bodies,
         ));
     }
+    for b in &mut out {
+        psm_core::signing::sign_batch(b, device);
+    }
     Ok(out)
 }
 
@@ -533,6 +673,7 @@ fn encrypt_day(
 pub async fn submit_days(
     ch: Channel,
     k: &MeterKeyArgs,
+    tls: &TlsPaths,
     days: &[MeterDay],
     key_prefix: &str,
 ) -> anyhow::Result<Counts> {
@@ -542,7 +683,8 @@ pub async fn submit_days(
     let manifest = fetch_manifest(ch.clone()).await?;
     let scheme = Scheme::new(manifest.parties, manifest.threshold)
         .context("the manifest from ingest names an impossible scheme")?;
-    let keys = enrollment_keys(&k.enrollment_keys, &manifest)?;
+    let anchors = Anchors::read(&k.anchors)?;
+    let keys = enrollment_keys(&k.enrollment_keys, &manifest, &anchors)?;
 
     // Meters in order of first appearance, and whether each exports anywhere in its series.
     let mut meters: Vec<&str> = Vec::new();
@@ -565,19 +707,33 @@ pub async fn submit_days(
             .map(|m| load_or_create_seeds(&k.meter_keys, m, k.epoch, scheme))
             .collect::<anyhow::Result<_>>()
     })?;
+    let devices: Vec<SecretKey> = tokio::task::block_in_place(|| {
+        meters
+            .par_iter()
+            .map(|m| load_or_create_device(&k.meter_keys, m))
+            .collect::<anyhow::Result<_>>()
+    })?;
     let enrollments: Vec<Enrollment> = tokio::task::block_in_place(|| {
         meters
             .par_iter()
             .zip(&seeds)
-            .map(|(m, s)| load_or_seal_enrollment(&k.meter_keys, m, s, scheme, &manifest, &keys))
+            .zip(&devices)
+            .map(|((m, s), d)| {
+                load_or_seal_enrollment(&k.meter_keys, m, s, scheme, &manifest, &keys, d)
+            })
             .collect::<anyhow::Result<_>>()
     })?;
     let mut client = IngestClient::new(ch);
-    let (new, again) = enroll_all(&mut client, enrollments, k, key_prefix).await?;
+    let (new, again) = enroll_all(&mut client, enrollments.clone(), k, key_prefix).await?;
     eprintln!(
         "  {} meters enrolled for epoch {} ({new} new, {again} already enrolled)",
         meters.len(),
         k.epoch
+    );
+    await_receipts(k, tls, &anchors, &manifest.party_names, &enrollments).await?;
+    eprintln!(
+        "  every keyshare ({}) confirmed every enrollment, receipts checked against their anchors",
+        manifest.party_names.join(", ")
     );
 
     let mut counts = Counts::default();
@@ -626,7 +782,10 @@ pub async fn submit_days(
                 let batches: Vec<ReadingBatch> = tokio::task::block_in_place(|| {
                     chunk
                         .par_iter()
-                        .map(|(d, keys)| encrypt_day(d, keys, &masks, k.epoch))
+                        .map(|(d, keys)| {
+                            let device = &devices[index[d.meter_id.as_str()]];
+                            encrypt_day(d, keys, &masks, k.epoch, device)
+                        })
                         .collect::<anyhow::Result<Vec<_>>>()
                 })?
                 .into_iter()
@@ -648,6 +807,7 @@ pub async fn submit_days(
 pub async fn submit_registers(
     ch: Channel,
     days: &[MeterDay],
+    meter_keys: &Path,
     key_prefix: &str,
 ) -> anyhow::Result<Counts> {
     let manifest = fetch_manifest(ch.clone()).await?;
@@ -662,6 +822,12 @@ pub async fn submit_registers(
         limit,
     )
     .map_err(|e| anyhow::anyhow!("decoding the CRS: {e}"))?;
+    let mut devices: HashMap<&str, SecretKey> = HashMap::new();
+    for d in days {
+        if !devices.contains_key(d.meter_id.as_str()) {
+            devices.insert(&d.meter_id, load_or_create_device(meter_keys, &d.meter_id)?);
+        }
+    }
     let mut client = IngestClient::new(ch);
     let mut counts = Counts::default();
     eprintln!("  registers (peak demand, daily total) with zero-knowledge proofs:");
@@ -684,7 +850,7 @@ pub async fn submit_registers(
                         &day,
                         r,
                     )?;
-                    Ok(ReadingBatch {
+                    let mut b = ReadingBatch {
                         meter_id: d.meter_id.clone(),
                         day,
                         track: Track::Tfhe as i32,
@@ -696,7 +862,9 @@ pub async fn submit_registers(
                         ciphertext_hash: blake3::hash(&list).as_bytes().to_vec(),
                         ciphertext: list,
                         ..Default::default()
-                    })
+                    };
+                    psm_core::signing::sign_batch(&mut b, &devices[d.meter_id.as_str()]);
+                    Ok(b)
                 })
                 .collect::<Result<Vec<_>, psm_core::registers::RegisterError>>()
         })?;
@@ -756,8 +924,9 @@ pub fn run(cmd: MeterCommand) -> anyhow::Result<()> {
                 bail!("{} holds no readings", a.file.display());
             }
             let ch = a.client.channel("headend/headend-1")?;
+            let tls = a.client.tls("headend/headend-1")?;
             let key = format!("import-{}", blake3::hash(text.as_bytes()).to_hex());
-            let counts = rt.block_on(submit_days(ch, &a.keys, &days, &key[..40]))?;
+            let counts = rt.block_on(submit_days(ch, &a.keys, &tls, &days, &key[..40]))?;
             println!(
                 "{} meters, {complete_days} complete and {} incomplete meter-days: {counts}",
                 series.len(),

@@ -39,10 +39,12 @@ pub fn free_port() -> u16 {
         .expect("free port")
 }
 
-/// A dev PKI in a temporary directory.
+/// A dev PKI in a temporary directory, and the ports its keyshares listen on (fixed per name,
+/// so keyshares can name each other as co-holders, and a restarted keyshare keeps its address).
 pub struct TestPki {
     pub dir: tempfile::TempDir,
     pub pki: DevPki,
+    keyshare_ports: std::sync::Mutex<std::collections::BTreeMap<String, u16>>,
 }
 
 impl TestPki {
@@ -50,7 +52,21 @@ impl TestPki {
         psm_net::install_crypto_provider();
         let dir = tempfile::tempdir().expect("tempdir");
         let (pki, _) = DevPki::init(dir.path(), trust_domain, false).expect("dev PKI");
-        TestPki { dir, pki }
+        TestPki {
+            dir,
+            pki,
+            keyshare_ports: Default::default(),
+        }
+    }
+
+    /// The port keyshare `name` listens on in this test.
+    pub fn keyshare_port(&self, name: &str) -> u16 {
+        *self
+            .keyshare_ports
+            .lock()
+            .expect("port map")
+            .entry(name.to_owned())
+            .or_insert_with(free_port)
     }
 
     /// TLS material of an identity (issuing it if `init` did not).
@@ -117,7 +133,11 @@ impl Proc {
         grpc_service: &str,
         extra: &[&str],
     ) -> Proc {
-        let port = free_port();
+        let port = if role == Role::Keyshare {
+            pki.keyshare_port(name)
+        } else {
+            free_port()
+        };
         let tls = pki.tls(role, name);
         let log = pki.dir.path().join(format!("{name}.log"));
         let out = fs::File::create(&log).expect("log file");
@@ -256,17 +276,30 @@ pub fn keyshare_config_with_registry(
         "registry = {:?}\nenrollment_sync_secs = 2\n",
         reg.to_str().expect("utf-8 path")
     ));
+    let mut peers = String::from("\n[keyshare.peers]\n");
     if let Some(d) = public_dir {
         cfg.push_str(&format!(
             "public_dir = {:?}\n",
             d.to_str().expect("utf-8 path")
         ));
+        // Every other party is a co-holder, at its fixed test port.
+        let parties = psm_core::ceremony::PublicBundle::open(d)
+            .expect("public bundle")
+            .manifest
+            .party_names;
+        for p in parties.iter().filter(|p| *p != name) {
+            peers.push_str(&format!(
+                "{p:?} = \"https://127.0.0.1:{}\"\n",
+                pki.keyshare_port(p)
+            ));
+        }
     }
     if let Some(i) = ingest {
         cfg.push_str(&format!("ingest_url = \"https://127.0.0.1:{}\"\n", i.port));
     }
     cfg.push_str("[keyshare.policy]\n");
     cfg.push_str(policy);
+    cfg.push_str(&peers);
     let path = pki.dir.path().join(format!("{name}.toml"));
     fs::write(&path, cfg).expect("keyshare config");
     ["--config".into(), path.to_str().expect("utf-8 path").into()]
@@ -417,12 +450,31 @@ impl System {
     }
 }
 
-/// A meter of the tests: its id and its own seeds for one epoch (2-of-3, the cached key set's
-/// scheme), encrypting exactly as a real meter does.
+/// A test meter's device signing key: derived from its id, so a test can register a meter
+/// (`registry_entry`) before the meter exists. Tests only.
+pub fn device_key(meter: &str) -> psm_core::signing::SecretKey {
+    let mut h = blake3::Hasher::new();
+    h.update(b"psm-e2e/device-key");
+    h.update(meter.as_bytes());
+    psm_core::signing::SecretKey::from_bytes(*h.finalize().as_bytes())
+}
+
+/// A registry entry (TOML) for test meter `id` with its device key; `encryption` is "meter" or
+/// "headend".
+pub fn registry_entry(id: &str, encryption: &str) -> String {
+    format!(
+        "[[meters]]\nid = {id:?}\nencryption = {encryption:?}\ndevice_key = \"{}\"\n",
+        hex::encode(device_key(id).public())
+    )
+}
+
+/// A meter of the tests: its id, device key and its own seeds for one epoch (2-of-3, the cached
+/// key set's scheme), signing and encrypting exactly as a real meter does.
 pub struct TestMeter {
     pub id: String,
     pub seeds: psm_core::linear::key::MeterSeeds,
     pub scheme: psm_core::threshold::Scheme,
+    pub device: psm_core::signing::SecretKey,
 }
 
 impl TestMeter {
@@ -440,12 +492,14 @@ impl TestMeter {
             id: id.to_owned(),
             seeds: psm_core::linear::key::MeterSeeds::generate(scheme, epoch),
             scheme,
+            device: device_key(id),
         }
     }
 
-    /// The meter's enrollment, sealed to `keys` ((party name, public key) in party order).
+    /// The meter's enrollment, sealed to `keys` ((party name, public key) in party order) and
+    /// signed with its device key.
     pub fn enrollment(&self, keys: &[(String, Vec<u8>)]) -> psm_proto::v1::Enrollment {
-        psm_core::linear::envelope::enroll(&self.id, &self.seeds, self.scheme, keys)
+        psm_core::linear::envelope::enroll(&self.id, &self.seeds, self.scheme, keys, &self.device)
             .expect("enrollment")
     }
 
@@ -471,7 +525,7 @@ impl TestMeter {
         let bodies = masks
             .encrypt(&self.seeds.key(channel), 0, values)
             .expect("readings in range");
-        psm_core::wire::linear_batch_to_proto(
+        let mut b = psm_core::wire::linear_batch_to_proto(
             &self.id,
             day,
             self.seeds.epoch,
@@ -479,7 +533,9 @@ impl TestMeter {
             interval_seconds,
             first_interval,
             &bodies,
-        )
+        );
+        psm_core::signing::sign_batch(&mut b, &self.device);
+        b
     }
 }
 

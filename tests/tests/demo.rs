@@ -62,7 +62,7 @@ fn demo_check_starts_and_stops_everything() {
         let mode = std::fs::metadata(&seeds).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600, "{}", seeds.display());
     }
-    let registry = std::fs::read_to_string(data.join("keyshare-1-registry.toml")).unwrap();
+    let registry = std::fs::read_to_string(data.join("registry.toml")).unwrap();
     assert!(registry.contains("id = \"shop-02\""), "{registry}");
     assert!(stdout.contains("Feeder load, 10 meters"), "{stdout}");
     assert!(

@@ -650,9 +650,9 @@ async fn registry_refuses_strangers_and_headend_members_do_not_count() {
     let keys = psm_e2e::keys::key_set(3, 2);
     let scheme = Scheme::new(3, 2).unwrap();
     let ingest = psm_e2e::start_ingest(&pki, &keys).await;
-    let mut registry = String::from("[[meters]]\nid = \"he-0\"\nencryption = \"headend\"\n");
+    let mut registry = psm_e2e::registry_entry("he-0", "headend");
     for m in ["reg-0", "reg-1", "reg-2"] {
-        registry.push_str(&format!("[[meters]]\nid = {m:?}\nencryption = \"meter\"\n"));
+        registry.push_str(&psm_e2e::registry_entry(m, "meter"));
     }
     let ks =
         psm_e2e::start_keyshares_with_registry(&pki, &keys, Some(&ingest), &policy(), &registry)

@@ -54,7 +54,8 @@ pub fn public_key(sk: &EnrollmentSecret) -> Result<Vec<u8>, LinearError> {
     Ok(XWing::sk_to_pk(&sk).to_bytes().to_vec())
 }
 
-/// A keyshare's published enrollment key (`enrollment.pub`, TOML): what meters seal seeds to.
+/// A keyshare's published enrollment key (`enrollment.pub`, TOML): what meters seal seeds to,
+/// signed by the keyshare's anchor key so that a key the utility swapped in is refused.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PublishedKey {
@@ -64,15 +65,38 @@ pub struct PublishedKey {
     pub kem: String,
     /// The public key, hex.
     pub public_key: String,
+    /// Ed25519 signature by the keyshare's anchor over
+    /// [`crate::signing::enrollment_key_message`], hex.
+    pub anchor_signature: String,
 }
 
 impl PublishedKey {
-    pub fn new(party: &str, public_key: &[u8]) -> Self {
+    /// The key, signed with the keyshare's anchor secret.
+    pub fn new(party: &str, public_key: &[u8], anchor: &crate::signing::SecretKey) -> Self {
+        let sig = anchor.sign(&crate::signing::enrollment_key_message(
+            party, "X-Wing", public_key,
+        ));
         PublishedKey {
             party: party.to_owned(),
             kem: "X-Wing".into(),
             public_key: hex::encode(public_key),
+            anchor_signature: hex::encode(sig),
         }
+    }
+
+    /// The key bytes, checked to be an X-Wing public key signed by the party's anchor.
+    pub fn verified_key(&self, anchors: &crate::signing::Anchors) -> Result<Vec<u8>, LinearError> {
+        let key = self.key_bytes()?;
+        let sig = hex::decode(&self.anchor_signature).map_err(|e| {
+            LinearError::Envelope(format!(
+                "enrollment key of {}: anchor_signature is not hex: {e}",
+                self.party
+            ))
+        })?;
+        anchors
+            .verify_enrollment_key(&self.party, &self.kem, &key, &sig)
+            .map_err(|e| LinearError::Envelope(e.to_string()))?;
+        Ok(key)
     }
 
     /// The key bytes, checked to be an X-Wing public key.
@@ -111,17 +135,18 @@ impl PublishedKey {
 }
 
 /// Orders published keys by the scheme's party names: (name, key bytes) in party order. Every
-/// party needs exactly one key.
+/// party needs exactly one key, signed by its anchor.
 pub fn keys_in_party_order(
     published: &[PublishedKey],
     party_names: &[String],
+    anchors: &crate::signing::Anchors,
 ) -> Result<Vec<(String, Vec<u8>)>, LinearError> {
     party_names
         .iter()
         .map(|name| {
             let mut found = published.iter().filter(|k| &k.party == name);
             match (found.next(), found.next()) {
-                (Some(k), None) => Ok((name.clone(), k.key_bytes()?)),
+                (Some(k), None) => Ok((name.clone(), k.verified_key(anchors)?)),
                 (None, _) => Err(LinearError::Envelope(format!(
                     "no enrollment key for keyshare {name}"
                 ))),
@@ -212,14 +237,15 @@ pub fn open(
     Ok(Seed(s))
 }
 
-/// A meter's enrollment for `seeds`' epoch: commitments and one envelope per (share, holder), in
-/// canonical order (share index, then party index). `keys` are the parties' (name, public key)
-/// in party order.
+/// A meter's enrollment for `seeds`' epoch: commitments, one envelope per (share, holder) in
+/// canonical order (share index, then party index), signed with the meter's device key. `keys`
+/// are the parties' (name, public key) in party order, already checked against their anchors.
 pub fn enroll(
     meter: &str,
     seeds: &MeterSeeds,
     scheme: Scheme,
     keys: &[(String, Vec<u8>)],
+    device: &crate::signing::SecretKey,
 ) -> Result<Enrollment, LinearError> {
     validate_meter_id(meter).map_err(|e| LinearError::Enrollment(e.to_string()))?;
     if keys.len() != scheme.parties() || seeds.seeds.len() != scheme.share_count() {
@@ -239,7 +265,7 @@ pub fn enroll(
             }
         }
     }
-    Ok(Enrollment {
+    let mut e = Enrollment {
         meter_id: meter.to_owned(),
         epoch: seeds.epoch,
         parties: scheme.parties() as u32,
@@ -251,7 +277,10 @@ pub fn enroll(
             .collect(),
         envelopes,
         seq: 0,
-    })
+        device_signature: Vec::new(),
+    };
+    crate::signing::sign_enrollment(&mut e, device);
+    Ok(e)
 }
 
 /// The shape checks anyone can do without opening an envelope (ingest does them): the scheme,
@@ -297,6 +326,13 @@ pub fn check_shape(
     if have != want {
         return bad(format!(
             "needs exactly one envelope per (share, holder) in canonical order: {want:?}"
+        ));
+    }
+    if e.device_signature.len() != crate::signing::SIGNATURE_BYTES {
+        return bad(format!(
+            "the device signature must be {} bytes, not {}",
+            crate::signing::SIGNATURE_BYTES,
+            e.device_signature.len()
         ));
     }
     if e.envelopes.iter().any(|x| {
@@ -360,7 +396,9 @@ mod tests {
             .zip(keys.iter().map(|k| k.1.clone()))
             .collect();
         let seeds = MeterSeeds::generate(s, 1);
-        let e = enroll("m1", &seeds, s, &pubs).unwrap();
+        let device = crate::signing::SecretKey::generate();
+        let e = enroll("m1", &seeds, s, &pubs, &device).unwrap();
+        crate::signing::verify_enrollment(&e, &device.public()).unwrap();
         check_shape(&e, s, &names).unwrap();
         assert_eq!(e.envelopes.len(), 6);
         for (p, key) in keys.iter().enumerate() {
@@ -382,7 +420,7 @@ mod tests {
         assert!(open("m1", 1, 0, "ks-3", &keys[1].0, env).is_err());
         assert!(open("m1", 1, 0, "ks-2", &keys[1].0, env).is_ok());
         // An envelope moved to another meter's enrollment is refused.
-        let other = enroll("m2", &MeterSeeds::generate(s, 1), s, &pubs).unwrap();
+        let other = enroll("m2", &MeterSeeds::generate(s, 1), s, &pubs, &device).unwrap();
         let mut moved = other.clone();
         moved.envelopes[0] = e.envelopes[0].clone();
         assert!(open_enrollment(&moved, s, &names, 1, &keys[1].0).is_err());
@@ -400,6 +438,9 @@ mod tests {
         let mut zero = e.clone();
         zero.epoch = 0;
         assert!(check_shape(&zero, s, &names).is_err());
+        let mut unsigned = e.clone();
+        unsigned.device_signature.clear();
+        assert!(check_shape(&unsigned, s, &names).is_err());
         assert_eq!(public_key(&keys[0].0).unwrap(), keys[0].1);
     }
 }
