@@ -24,6 +24,9 @@ fn import(pki: &TestPki, sys: &System, keyshares: &[Proc], extra: &[&str]) -> Ou
         .arg(pki.dir.path().join("meter-keys"));
     for k in keyshares {
         cmd.arg("--enrollment-key").arg(enrollment_pub(pki, k));
+        cmd.arg("--anchor").arg(enrollment_pub(pki, k).with_file_name("anchor.pub"));
+        cmd.arg("--keyshare")
+            .arg(format!("{}=https://127.0.0.1:{}", k.name, k.port));
     }
     cmd.args(extra).output().unwrap()
 }
@@ -147,6 +150,52 @@ async fn green_button_import_then_bill() {
         stderr.contains("no enrollment key for keyshare keyshare-3"),
         "{stderr}"
     );
+
+    // The utility swaps its own HPKE key into keyshare-3's published enrollment key (it relays
+    // the keyshares' material): the anchor's signature does not cover it, and the meter side
+    // refuses to seal anything. A fresh meter id, so nothing is enrolled for it already.
+    let published = enrollment_pub(&pki, &sys.keyshares[2]);
+    let mut swapped = psm_core::linear::envelope::PublishedKey::read(&published).unwrap();
+    swapped.public_key = hex::encode(psm_core::linear::envelope::generate_keypair().1);
+    let swapped_path = pki.dir.path().join("swapped-enrollment.pub");
+    std::fs::write(&swapped_path, toml::to_string(&swapped).unwrap()).unwrap();
+    let mut cmd = std::process::Command::new(psm_e2e::bin("psm"));
+    cmd.args(["meter", "import", "--server-name", "ingest", "--endpoint"])
+        .arg(format!("https://127.0.0.1:{}", sys.ingest.port))
+        .arg("--pki")
+        .arg(pki.dir.path())
+        .arg("--meter-keys")
+        .arg(pki.dir.path().join("meter-keys-swapped"))
+        .args(["--prefix", "swapped"]);
+    for (i, k) in sys.keyshares.iter().enumerate() {
+        let key = if i == 2 {
+            swapped_path.clone()
+        } else {
+            enrollment_pub(&pki, k)
+        };
+        cmd.arg("--enrollment-key").arg(key);
+        cmd.arg("--anchor")
+            .arg(enrollment_pub(&pki, k).with_file_name("anchor.pub"));
+        cmd.arg("--keyshare")
+            .arg(format!("{}=https://127.0.0.1:{}", k.name, k.port));
+    }
+    let out = tokio::task::block_in_place(|| cmd.arg(&file).output().unwrap());
+    let (stdout, stderr) = text(&out);
+    assert!(!out.status.success(), "{stdout}");
+    assert!(
+        stderr.contains("enrollment key of keyshare keyshare-3 is not signed by its anchor"),
+        "{stderr}"
+    );
+    let sealed = std::fs::read_dir(pki.dir.path().join("meter-keys-swapped"))
+        .map(|d| {
+            d.filter(|e| {
+                e.as_ref()
+                    .is_ok_and(|e| e.path().extension().is_some_and(|x| x == "enrollment"))
+            })
+            .count()
+        })
+        .unwrap_or(0);
+    assert_eq!(sealed, 0, "nothing was sealed");
 
     // A utility's Green Button CSV export: one UTC day of hourly kWh for a meter named on the
     // command line.

@@ -308,7 +308,28 @@ async fn decrypt_and_release_through_three_keyshares_and_audit() {
         psm_core::linear::envelope::PUBLIC_KEY_BYTES
     );
     assert_eq!(st.enrollment_public_key.len(), 1216, "an X-Wing public key");
-    assert_eq!(st.audit_len, 1, "one refusal so far");
+    assert_eq!(
+        st.audit_len, 2,
+        "the registry at start (development_allow_all) and one refusal so far"
+    );
+    assert_eq!(st.anchor_public_key.len(), 32);
+    let anchor = psm_core::signing::AnchorFile::read(
+        &pki.dir.path().join("keyshare-1-data").join("anchor.pub"),
+    )
+    .unwrap();
+    assert_eq!(anchor.key().unwrap().to_vec(), st.anchor_public_key);
+    let mut anchors = psm_core::signing::Anchors::default();
+    anchors
+        .0
+        .insert("keyshare-1".into(), anchor.key().unwrap());
+    anchors
+        .verify_enrollment_key(
+            "keyshare-1",
+            "X-Wing",
+            &st.enrollment_public_key,
+            &st.enrollment_key_signature,
+        )
+        .unwrap();
     assert_eq!(st.audit_head.len(), 32);
 
     // Direct PartialDecrypt as compute, exactly what the decryptor sent: refused again.
@@ -573,9 +594,22 @@ async fn decrypt_and_release_through_three_keyshares_and_audit() {
             .filter(|r| r.rule == rule && r.decision == decision)
             .count()
     };
-    // Two linear releases and the repeat of one; nothing on the tfhe track.
-    assert_eq!(count("allowed", "allow"), 3, "{records:?}");
-    assert_eq!(count("enrollment", "allow"), 4);
+    // Two linear releases and the repeat of one; nothing on the tfhe track. Each was also
+    // judged for the co-holders that asked keyshare-1 to confirm it (keyshare-2 and -3 for
+    // the first, keyshare-3 for the one keyshare-2 was down for).
+    let from = |caller: &str| {
+        records
+            .iter()
+            .filter(|r| r.rule == "allowed" && r.caller.contains(caller))
+            .count()
+    };
+    assert_eq!(from("/compute/"), 3, "{records:?}");
+    assert_eq!(from("(co-holder confirmation)"), 3, "{records:?}");
+    // Each enrollment accepted here, then activated once both co-holders confirmed it.
+    assert_eq!(count("enrollment", "allow"), 8);
+    assert!(records
+        .iter()
+        .any(|r| r.reason.contains("answered without keyshare-2")));
     assert_eq!(count("release", "refuse"), 3);
     for rule in ["manifest-required", "output-hash", "known-key"] {
         assert_eq!(count(rule, "refuse"), 1, "{rule}");
@@ -611,7 +645,10 @@ async fn decrypt_and_release_through_three_keyshares_and_audit() {
             .map(|kv| AuditRecord::decode(kv.unwrap().1.as_ref()).unwrap())
             .find(|r| r.decision == "refuse")
             .expect("a refusal was recorded");
-        assert_eq!(rec.seq, 0, "the crafted bill comes first");
+        assert_eq!(
+            rec.seq, 1,
+            "the crafted bill comes first, after the registry record of the start"
+        );
         assert_eq!(rec.rule, "re-execution");
         rec.decision = "allow".into();
         tree.insert(rec.seq.to_be_bytes(), rec.encode_to_vec())
@@ -640,7 +677,7 @@ async fn decrypt_and_release_through_three_keyshares_and_audit() {
     let broken = psm_audit_verify(&pki, k1.port);
     assert!(!broken.status.success());
     let stderr = String::from_utf8_lossy(&broken.stderr);
-    assert!(stderr.contains("audit record 0"), "{stderr}");
+    assert!(stderr.contains("audit record 1"), "{stderr}");
 }
 
 /// Each keyshare's own registry decides which meters exist and who encrypts for them.
