@@ -1257,6 +1257,13 @@ impl Keyshare for KeyshareService {
             enrollment_public_key: self.enrollment_public_key.clone(),
             anchor_public_key: self.anchor.public().to_vec(),
             enrollment_key_signature: self.enrollment_key_signature.clone(),
+            coholders_reached: self.peers.as_ref().map_or_else(Vec::new, |p| {
+                p.coholders()
+                    .into_iter()
+                    .filter(|c| p.in_contact(*c))
+                    .map(|c| p.name(c).to_owned())
+                    .collect()
+            }),
         }))
     }
 

@@ -339,21 +339,71 @@ pub async fn start_keyshares_with_registry(
     procs
 }
 
-/// Starts ingest-svc as `ingest`; head-end `headend-1` may submit for any meter.
+/// Starts ingest-svc as `ingest`; head-end `headend-1` may submit for any meter. It checks
+/// device signatures against the [`DEV_REGISTRY`] (none for unlisted meters).
 pub async fn start_ingest(pki: &TestPki, keys: &psm_core::ceremony::CeremonyOutput) -> Proc {
+    start_ingest_named(pki, keys, "ingest", DEV_REGISTRY).await
+}
+
+/// Starts ingest-svc with certificate name `name`, checking device signatures against the
+/// registry file contents `registry`.
+pub async fn start_ingest_named(
+    pki: &TestPki,
+    keys: &psm_core::ceremony::CeremonyOutput,
+    name: &str,
+    registry: &str,
+) -> Proc {
     let public = keys.public_dir.to_str().expect("utf-8 path").to_owned();
-    let icfg = pki.dir.path().join("ingest.toml");
-    fs::write(&icfg, "[ingest.headends]\n\"headend-1\" = [\"*\"]\n").expect("ingest config");
+    let reg = pki.dir.path().join(format!("{name}-registry.toml"));
+    fs::write(&reg, registry).expect("registry file");
+    let icfg = pki.dir.path().join(format!("{name}.toml"));
+    fs::write(
+        &icfg,
+        format!(
+            "[ingest]\nregistry = {:?}\n[ingest.headends]\n\"headend-1\" = [\"*\"]\n",
+            reg.to_str().expect("utf-8 path")
+        ),
+    )
+    .expect("ingest config");
     let icfg = icfg.to_str().expect("utf-8 path").to_owned();
     Proc::start(
         pki,
         "ingest-svc",
         Role::Ingest,
-        "ingest",
+        name,
         psm_proto::service_names::INGEST,
         &["--public-dir", &public, "--config", &icfg],
     )
     .await
+}
+
+/// Waits (at most 20 s) until every keyshare has reached every co-holder since it started.
+pub async fn wait_in_contact(pki: &TestPki, keyshares: &[Proc]) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    for k in keyshares {
+        loop {
+            let st = psm_proto::v1::keyshare_client::KeyshareClient::new(pki.channel(
+                k.port,
+                &k.name,
+                Role::Operator,
+                "billing",
+            ))
+            .status(psm_proto::v1::StatusRequest {})
+            .await
+            .expect("keyshare status")
+            .into_inner();
+            if st.coholders_reached.len() + 1 == st.parties as usize {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} reached only {:?}",
+                k.name,
+                st.coholders_reached
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
 }
 
 /// What compute-svc uses to decrypt, aimed at `keyshares` with the compute certificate.
@@ -418,7 +468,7 @@ impl System {
         registry: &str,
     ) -> System {
         let public = keys.public_dir.to_str().expect("utf-8 path").to_owned();
-        let ingest = start_ingest(pki, keys).await;
+        let ingest = start_ingest_named(pki, keys, "ingest", registry).await;
         let keyshares =
             start_keyshares_with_registry(pki, keys, Some(&ingest), policy, registry).await;
         let mut ccfg = format!(
@@ -569,7 +619,7 @@ pub async fn enroll(
 ) -> Result<psm_proto::v1::EnrollResponse, tonic::Status> {
     let mut client = psm_proto::v1::ingest_client::IngestClient::new(pki.channel(
         ingest.port,
-        "ingest",
+        &ingest.name,
         Role::Headend,
         "headend-1",
     ));
@@ -596,7 +646,7 @@ pub async fn submit(
 ) -> Result<psm_proto::v1::SubmitReadingsResponse, tonic::Status> {
     let mut client = psm_proto::v1::ingest_client::IngestClient::new(pki.channel(
         ingest.port,
-        "ingest",
+        &ingest.name,
         Role::Headend,
         "headend-1",
     ));

@@ -16,6 +16,10 @@ fn deploy(file: &str) -> PathBuf {
 fn example_configs_parse_with_the_services_own_types() {
     let ingest = load_file::<ingest_svc::IngestSection>(Some(&deploy("ingest.toml")), "ingest")
         .unwrap_or_else(|e| panic!("{e}"));
+    assert!(ingest.service.registry.is_some());
+    let registry = psm_core::registry::Registry::load(Some(&deploy("registry.toml")))
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(registry.entry("meter-0001").is_some());
     assert!(ingest.service.public_dir.is_some());
     assert!(ingest.server.health_listen.is_some());
 
@@ -37,6 +41,9 @@ fn example_configs_parse_with_the_services_own_types() {
         let share = ks.service.share_file.as_ref().expect("share_file");
         assert!(share.ends_with(format!("keyshare-{i}.share")), "{file}");
         assert!(ks.service.ingest_url.is_some(), "{file} re-executes");
+        let peers: Vec<&str> = ks.service.peers.keys().map(String::as_str).collect();
+        assert_eq!(peers.len(), 2, "{file} names both co-holders");
+        assert!(!peers.contains(&format!("keyshare-{i}").as_str()), "{file}");
         ks.service
             .policy
             .validate()
