@@ -484,7 +484,11 @@ impl KeyshareService {
     /// Judges a tfhe-track release (manifest and key, without re-executing: the contributing
     /// keyshare re-executes) and records it in the ledger.
     async fn judge_tfhe(&self, t: &TfheRelease) -> Result<String, Refusal> {
-        let key_id = t.key.as_ref().map(|k| k.key_id.as_str()).unwrap_or_default();
+        let key_id = t
+            .key
+            .as_ref()
+            .map(|k| k.key_id.as_str())
+            .unwrap_or_default();
         let key = self.share.key(key_id).ok_or_else(|| {
             refuse(
                 Rule::KnownKey,
@@ -619,7 +623,10 @@ impl KeyshareService {
                 refuse(
                     Rule::CoHolder,
                     Code::Unavailable,
-                    format!("cannot fetch the release records of {name}: {}", s.message()),
+                    format!(
+                        "cannot fetch the release records of {name}: {}",
+                        s.message()
+                    ),
                 )
             })?;
             if page.is_empty() {
@@ -700,8 +707,16 @@ impl KeyshareService {
         for p in peers.coholders() {
             match self.import_records(p).await {
                 Ok(0) => {}
-                Ok(n) => tracing::info!(co_holder = peers.name(p), imported = n, "release records imported"),
-                Err(r) => tracing::debug!(co_holder = peers.name(p), reason = r.status.message(), "co-holder not reached"),
+                Ok(n) => tracing::info!(
+                    co_holder = peers.name(p),
+                    imported = n,
+                    "release records imported"
+                ),
+                Err(r) => tracing::debug!(
+                    co_holder = peers.name(p),
+                    reason = r.status.message(),
+                    "co-holder not reached"
+                ),
             }
         }
         peers.coholders().iter().all(|p| peers.in_contact(*p))
@@ -1296,7 +1311,10 @@ impl Keyshare for KeyshareService {
         };
         if unsettled(lin)? {
             if let Err(x) = self.sync_enrollments().await {
-                tracing::warn!(reason = x.status.message(), "enrollment sync for receipts failed");
+                tracing::warn!(
+                    reason = x.status.message(),
+                    "enrollment sync for receipts failed"
+                );
             }
         }
         let mut answers = Vec::with_capacity(r.meter_ids.len());
@@ -1370,11 +1388,17 @@ impl Keyshare for KeyshareService {
         let lin = self.linear().map_err(|r| r.status)?;
         let mut unknown = false;
         for e in &refs {
-            unknown |= lin.status(&e.meter_id, e.epoch).map_err(|x| x.status)?.is_none();
+            unknown |= lin
+                .status(&e.meter_id, e.epoch)
+                .map_err(|x| x.status)?
+                .is_none();
         }
         if unknown {
             if let Err(x) = self.decide_enrollments().await {
-                tracing::warn!(reason = x.status.message(), "enrollment sync for a co-holder failed");
+                tracing::warn!(
+                    reason = x.status.message(),
+                    "enrollment sync for a co-holder failed"
+                );
             }
         }
         let mut confirmations = Vec::with_capacity(refs.len());
@@ -1418,7 +1442,11 @@ impl Keyshare for KeyshareService {
                 RecordBody::Linear(l)
             }
             Some(psm_proto::v1::confirm_release_request::Release::Tfhe(t)) => RecordBody::Tfhe(t),
-            None => return Err(Status::invalid_argument("the confirmation names no release")),
+            None => {
+                return Err(Status::invalid_argument(
+                    "the confirmation names no release",
+                ))
+            }
         };
         let hash = *blake3::hash(
             &ReleaseRecord {
@@ -1508,14 +1536,20 @@ impl Keyshare for KeyshareService {
                     }
                 }
                 Ok(Err(e)) => {
-                    let _ = tx.send(Err(Status::unavailable(format!("release records: {e}")))).await;
+                    let _ = tx
+                        .send(Err(Status::unavailable(format!("release records: {e}"))))
+                        .await;
                 }
                 Err(e) => {
-                    let _ = tx.send(Err(Status::internal(format!("release records: {e}")))).await;
+                    let _ = tx
+                        .send(Err(Status::internal(format!("release records: {e}"))))
+                        .await;
                 }
             }
         });
-        Ok(Response::new(tokio_stream::wrappers::ReceiverStream::new(rx)))
+        Ok(Response::new(tokio_stream::wrappers::ReceiverStream::new(
+            rx,
+        )))
     }
 }
 

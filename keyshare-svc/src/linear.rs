@@ -260,7 +260,11 @@ impl LinearState {
 
     /// Where (meter, epoch) stands here; `None` when it was never decided.
     pub fn status(&self, meter: &str, epoch: u32) -> Result<Option<EnrollmentStatus>, Refusal> {
-        let Some(v) = self.enrolled.get(enrolled_key(meter, epoch)).map_err(store)? else {
+        let Some(v) = self
+            .enrolled
+            .get(enrolled_key(meter, epoch))
+            .map_err(store)?
+        else {
             return Ok(None);
         };
         if v.len() < 65 {
@@ -711,7 +715,11 @@ impl LinearState {
             .append_many(&records)
             .await
             .map_err(|e| refuse(Rule::Internal, Code::Unavailable, format!("audit log: {e}")))?;
-        tracing::info!(activated, decided = decisions.len(), "enrollments confirmed");
+        tracing::info!(
+            activated,
+            decided = decisions.len(),
+            "enrollments confirmed"
+        );
         Ok(activated)
     }
 
@@ -1571,7 +1579,10 @@ mod tests {
         assert_eq!((r.accepted, r.refused), (0, 2));
         assert_eq!(f.state.status("m1", 1).unwrap(), None);
         let records = f.audit.read(0, 10).unwrap();
-        assert!(records.iter().all(|r| r.rule == "device-signature"), "{records:?}");
+        assert!(
+            records.iter().all(|r| r.rule == "device-signature"),
+            "{records:?}"
+        );
         let genuine = enroll(
             "m1",
             &MeterSeeds::generate(f.scheme, 1),

@@ -123,8 +123,12 @@ impl Peers {
             names,
             channels,
             answer_alone,
-            records: db.open_tree("peer_release_records").map_err(|e| e.to_string())?,
-            imports: db.open_tree("peer_release_imports").map_err(|e| e.to_string())?,
+            records: db
+                .open_tree("peer_release_records")
+                .map_err(|e| e.to_string())?,
+            imports: db
+                .open_tree("peer_release_imports")
+                .map_err(|e| e.to_string())?,
             append_lock: tokio::sync::Mutex::new(()),
             import_lock: tokio::sync::Mutex::new(()),
             db: db.clone(),
@@ -152,9 +156,13 @@ impl Peers {
     }
 
     fn client(&self, p: usize) -> Result<KeyshareClient<Channel>, Status> {
-        let ch = self.channels.get(p).and_then(Option::clone).ok_or_else(|| {
-            Status::internal(format!("party {p} is not a co-holder of this keyshare"))
-        })?;
+        let ch = self
+            .channels
+            .get(p)
+            .and_then(Option::clone)
+            .ok_or_else(|| {
+                Status::internal(format!("party {p} is not a co-holder of this keyshare"))
+            })?;
         Ok(KeyshareClient::new(ch)
             .max_decoding_message_size(MAX_PEER_MESSAGE)
             .max_encoding_message_size(MAX_PEER_MESSAGE))
@@ -213,7 +221,9 @@ impl Peers {
             RecordBody::Linear(l) => psm_proto::v1::confirm_release_request::Release::Linear(l),
             RecordBody::Tfhe(t) => psm_proto::v1::confirm_release_request::Release::Tfhe(t),
         });
-        let records_for_you = self.records_for(p).map_err(|e| Status::internal(e.to_string()))?;
+        let records_for_you = self
+            .records_for(p)
+            .map_err(|e| Status::internal(e.to_string()))?;
         Ok(self
             .client(p)?
             .confirm_release(ConfirmReleaseRequest {
@@ -255,7 +265,11 @@ impl Peers {
     /// sequence number.
     pub async fn append_record(&self, p: usize, body: RecordBody) -> Result<u64, sled::Error> {
         let _g = self.append_lock.lock().await;
-        let last = self.records.scan_prefix([p as u8]).next_back().transpose()?;
+        let last = self
+            .records
+            .scan_prefix([p as u8])
+            .next_back()
+            .transpose()?;
         let (seq, prev) = match last {
             Some((k, v)) => {
                 let prev = ReleaseRecord::decode(v.as_ref())
@@ -315,7 +329,12 @@ impl Peers {
     }
 
     /// Notes that record `seq` (hash `hash`) of co-holder `p` was imported, durably.
-    pub async fn set_imported(&self, p: usize, seq: u64, hash: &[u8; 32]) -> Result<(), sled::Error> {
+    pub async fn set_imported(
+        &self,
+        p: usize,
+        seq: u64,
+        hash: &[u8; 32],
+    ) -> Result<(), sled::Error> {
         let mut v = seq.to_be_bytes().to_vec();
         v.extend_from_slice(hash);
         self.imports.insert([p as u8], v)?;

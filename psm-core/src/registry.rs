@@ -125,15 +125,16 @@ impl Registry {
             return Ok(Registry::default());
         };
         let what = || format!("registry {}", path.display());
-        let meta = std::fs::metadata(path).map_err(|e| RegistryError(format!("{}: {e}", what())))?;
+        let meta =
+            std::fs::metadata(path).map_err(|e| RegistryError(format!("{}: {e}", what())))?;
         if meta.len() > MAX_REGISTRY_BYTES {
             return Err(RegistryError(format!(
                 "{}: larger than {MAX_REGISTRY_BYTES} bytes",
                 what()
             )));
         }
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| RegistryError(format!("{}: {e}", what())))?;
+        let text =
+            std::fs::read_to_string(path).map_err(|e| RegistryError(format!("{}: {e}", what())))?;
         let mut r = Self::parse(&text).map_err(|e| RegistryError(format!("{}: {e}", what())))?;
         r.file_hash = blake3::hash(text.as_bytes()).to_hex().to_string();
         Ok(r)
@@ -167,7 +168,10 @@ impl Registry {
     pub fn upsert(&mut self, e: Entry) -> Result<Option<Entry>, RegistryError> {
         e.check()?;
         let key = e.device_public()?;
-        Ok(self.meters.insert(e.id.clone(), (e, key)).map(|(old, _)| old))
+        Ok(self
+            .meters
+            .insert(e.id.clone(), (e, key))
+            .map(|(old, _)| old))
     }
 
     /// Removes a meter; returns its entry.

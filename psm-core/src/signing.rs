@@ -190,7 +190,10 @@ pub fn batch_message(b: &ReadingBatch) -> Vec<u8> {
     m.extend_from_slice(&(b.track as u32).to_le_bytes());
     put_str(
         &mut m,
-        b.key.as_ref().map(|k| k.key_id.as_str()).unwrap_or_default(),
+        b.key
+            .as_ref()
+            .map(|k| k.key_id.as_str())
+            .unwrap_or_default(),
     );
     m.extend_from_slice(&b.interval_seconds.to_le_bytes());
     m.extend_from_slice(&b.count.to_le_bytes());

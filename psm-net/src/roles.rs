@@ -42,7 +42,10 @@ pub const ROLE_TABLE: &[(&str, &[Role])] = &[
     ("/psm.v1.Keyshare/Release", &[Role::Compute]),
     ("/psm.v1.Keyshare/PartialDecrypt", &[Role::Compute]),
     ("/psm.v1.Keyshare/GetAuditLog", &[Role::Auditor]),
-    ("/psm.v1.Keyshare/GetReceipts", &[Role::Meter, Role::Headend]),
+    (
+        "/psm.v1.Keyshare/GetReceipts",
+        &[Role::Meter, Role::Headend],
+    ),
     ("/psm.v1.Keyshare/ConfirmEnrollments", &[Role::Keyshare]),
     ("/psm.v1.Keyshare/ConfirmRelease", &[Role::Keyshare]),
     ("/psm.v1.Keyshare/GetReleaseRecords", &[Role::Keyshare]),

@@ -211,11 +211,8 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
 
     let meters = psm_core::simulate::town(args.households, args.businesses, SIM_SEED);
     let registry = data.join("registry.toml");
-    fs::write(
-        &registry,
-        registry_toml(&meters, &data.join("meter-keys"))?,
-    )
-    .with_context(|| format!("writing {}", registry.display()))?;
+    fs::write(&registry, registry_toml(&meters, &data.join("meter-keys"))?)
+        .with_context(|| format!("writing {}", registry.display()))?;
     let mut children = Children(Vec::new());
     for s in &services {
         let bin = sibling_binary(s.binary)?;
@@ -236,7 +233,10 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
             for i in 1..=3u16 {
                 let name = format!("keyshare-{i}");
                 if name != s.name {
-                    peers.push_str(&format!("\"{name}\" = \"https://127.0.0.1:{}\"\n", port(10 + i)?));
+                    peers.push_str(&format!(
+                        "\"{name}\" = \"https://127.0.0.1:{}\"\n",
+                        port(10 + i)?
+                    ));
                 }
             }
             let homes = blake3::hash(&demo_tariff().encode_to_vec());

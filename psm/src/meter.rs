@@ -25,8 +25,8 @@ use psm_core::linear::envelope::{self, PublishedKey};
 use psm_core::linear::key::{MeterKey, MeterSeeds};
 use psm_core::linear::{Channel as LinearChannel, INTERVALS, SLOTS_PER_DAY, SLOT_SECONDS};
 use psm_core::readings::{format_day, parse_day};
-use psm_core::simulate::{town, SimMeter};
 use psm_core::signing::{Anchors, SecretKey};
+use psm_core::simulate::{town, SimMeter};
 use psm_core::threshold::Scheme;
 use psm_net::tls::TlsPaths;
 use psm_proto::v1::ingest_client::IngestClient;
@@ -361,9 +361,7 @@ fn enrollment_keys(
         published.push(k);
     }
     envelope::keys_in_party_order(&published, &manifest.party_names, anchors).map_err(|e| {
-        anyhow::anyhow!(
-            "{e}: pass one --enrollment-key and one --anchor per keyshare ({parties})"
-        )
+        anyhow::anyhow!("{e}: pass one --enrollment-key and one --anchor per keyshare ({parties})")
     })
 }
 
@@ -433,7 +431,10 @@ async fn await_receipts(
                     .into_inner();
                 for a in r.answers {
                     let Some(&m) = chunk.iter().find(|m| **m == a.meter_id) else {
-                        bail!("{p} answered for meter {} it was not asked about", a.meter_id);
+                        bail!(
+                            "{p} answered for meter {} it was not asked about",
+                            a.meter_id
+                        );
                     };
                     match EnrollmentState::try_from(a.state).unwrap_or(EnrollmentState::Unknown) {
                         EnrollmentState::Active => {

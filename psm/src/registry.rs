@@ -107,9 +107,8 @@ fn add(a: &AddArgs) -> anyhow::Result<Vec<String>> {
         if a.replace {
             r.upsert(e)?;
         } else {
-            r.insert(e).with_context(|| {
-                format!("meter {m}: pass --replace to change a listed meter")
-            })?;
+            r.insert(e)
+                .with_context(|| format!("meter {m}: pass --replace to change a listed meter"))?;
         }
     }
     r.write(&a.file)?;
@@ -123,7 +122,10 @@ pub fn run(cmd: RegistryCommand) -> anyhow::Result<()> {
             development_allow_all,
         } => {
             if file.exists() {
-                bail!("{} exists; edit it with psm registry add/remove", file.display());
+                bail!(
+                    "{} exists; edit it with psm registry add/remove",
+                    file.display()
+                );
             }
             let mut r = Registry::default();
             r.set_allow_all(development_allow_all);
@@ -140,7 +142,10 @@ pub fn run(cmd: RegistryCommand) -> anyhow::Result<()> {
             let before = r.clone();
             for m in &meters {
                 if r.remove(m).is_none() {
-                    bail!("meter {m} is not in {}; nothing was changed", file.display());
+                    bail!(
+                        "meter {m} is not in {}; nothing was changed",
+                        file.display()
+                    );
                 }
             }
             r.write(&file)?;

@@ -28,14 +28,12 @@ use psm_core::linear::key::{cohort_share_key, MeterKey, MeterSeeds, Seed};
 use psm_core::linear::mask::{mask_sum, SlotRun};
 use psm_core::linear::{dot, Channel, ENCODING, SLOTS_PER_DAY};
 use psm_core::threshold::Scheme;
-use psm_e2e::{enrollment_keys, Proc, System, TestMeter, TestPki};
+use psm_e2e::{enrollment_keys, System, TestMeter, TestPki};
 use psm_net::Role;
 use psm_proto::v1::compute_client::ComputeClient;
 use psm_proto::v1::ingest_client::IngestClient;
-use psm_proto::v1::keyshare_client::KeyshareClient;
 use psm_proto::v1::{
-    AggregateRequest, BillRequest, EnrollRequest, ReadingBatch, StatusRequest, Tariff, TariffBand,
-    TimeRange,
+    AggregateRequest, BillRequest, EnrollRequest, ReadingBatch, Tariff, TariffBand, TimeRange,
 };
 use rand::RngCore;
 use rayon::prelude::*;
@@ -275,19 +273,6 @@ fn dir_bytes(dir: &std::path::Path) -> u64 {
             Err(_) => 0,
         })
         .sum()
-}
-
-async fn audit_lens(pki: &TestPki, keyshares: &[Proc]) -> Vec<u64> {
-    let mut out = Vec::new();
-    for k in keyshares {
-        let st = KeyshareClient::new(pki.channel(k.port, &k.name, Role::Operator, "billing"))
-            .status(StatusRequest {})
-            .await
-            .expect("keyshare status")
-            .into_inner();
-        out.push(st.audit_len);
-    }
-    out
 }
 
 fn two_band_tariff() -> Tariff {
@@ -605,7 +590,6 @@ async fn main() {
 
     // Enrollment (one-off): seal here on every core, send, wait for every keyshare to decide.
     eprintln!("enrolling {} meters", all.len());
-    let base = audit_lens(&pki, &sys.keyshares).await;
     let t = Instant::now();
     let enrollments: Vec<psm_proto::v1::Enrollment> =
         all.par_iter().map(|m| m.enrollment(&ekeys)).collect();
@@ -631,21 +615,8 @@ async fn main() {
     assert_eq!(stored as usize, all.len());
     drop(enrollments);
     let t = Instant::now();
-    loop {
-        let now = audit_lens(&pki, &sys.keyshares).await;
-        if now
-            .iter()
-            .zip(&base)
-            .all(|(n, b)| *n >= b + all.len() as u64)
-        {
-            break;
-        }
-        assert!(
-            t.elapsed() < Duration::from_secs(3600),
-            "keyshares did not decide the enrollments: audit lengths {now:?}, base {base:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let ids: Vec<String> = all.iter().map(|m| m.id.clone()).collect();
+    psm_e2e::wait_active(&pki, &sys.keyshares, &ids, EPOCH, Duration::from_secs(3600)).await;
     let sync_t = t.elapsed();
 
     // Readings (one-off): encrypt and submit.
@@ -873,9 +844,9 @@ async fn main() {
         ),
     ]);
     e2e.row(&[
-        "one-off: until all 3 keyshares fetched, opened, stored and audited them".into(),
+        "one-off: until all 3 keyshares fetched, opened, stored, audited and confirmed them with each other (receipts)".into(),
         fmt_d(sync_t),
-        "sync every 2 s".into(),
+        "GetReceipts triggers the sync".into(),
     ]);
     e2e.row(&[
         format!("one-off: interval masks of the {BILL_DAYS} days used below (all cores)"),

@@ -377,6 +377,68 @@ pub async fn start_ingest_named(
     .await
 }
 
+/// Waits until every keyshare has activated the epoch-`epoch` enrollments of `meters` (its
+/// receipts, asked as headend-1; the first ask makes it fetch and confirm them), at most
+/// `timeout`; panics naming what is still pending or refused.
+pub async fn wait_active(
+    pki: &TestPki,
+    keyshares: &[Proc],
+    meters: &[String],
+    epoch: u32,
+    timeout: Duration,
+) {
+    let deadline = Instant::now() + timeout;
+    for k in keyshares {
+        let mut client = psm_proto::v1::keyshare_client::KeyshareClient::new(pki.channel(
+            k.port,
+            &k.name,
+            Role::Headend,
+            "headend-1",
+        ));
+        let mut waiting: Vec<String> = meters.to_vec();
+        while !waiting.is_empty() {
+            let mut still = Vec::new();
+            for chunk in waiting.chunks(10_000) {
+                let answers = client
+                    .get_receipts(psm_proto::v1::GetReceiptsRequest {
+                        meter_ids: chunk.to_vec(),
+                        epoch,
+                    })
+                    .await
+                    .expect("receipts")
+                    .into_inner()
+                    .answers;
+                for a in answers {
+                    let state = psm_proto::v1::EnrollmentState::try_from(a.state)
+                        .unwrap_or(psm_proto::v1::EnrollmentState::Unspecified);
+                    assert_ne!(
+                        state,
+                        psm_proto::v1::EnrollmentState::Refused,
+                        "{} refused {}: {}",
+                        k.name,
+                        a.meter_id,
+                        a.reason
+                    );
+                    if state != psm_proto::v1::EnrollmentState::Active {
+                        still.push(a.meter_id);
+                    }
+                }
+            }
+            assert!(
+                still.is_empty() || Instant::now() < deadline,
+                "{}: {} enrollment(s) not active (first: {})",
+                k.name,
+                still.len(),
+                still[0]
+            );
+            if !still.is_empty() {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            waiting = still;
+        }
+    }
+}
+
 /// Waits (at most 20 s) until every keyshare has reached every co-holder since it started.
 pub async fn wait_in_contact(pki: &TestPki, keyshares: &[Proc]) {
     let deadline = Instant::now() + Duration::from_secs(20);

@@ -24,7 +24,8 @@ fn import(pki: &TestPki, sys: &System, keyshares: &[Proc], extra: &[&str]) -> Ou
         .arg(pki.dir.path().join("meter-keys"));
     for k in keyshares {
         cmd.arg("--enrollment-key").arg(enrollment_pub(pki, k));
-        cmd.arg("--anchor").arg(enrollment_pub(pki, k).with_file_name("anchor.pub"));
+        cmd.arg("--anchor")
+            .arg(enrollment_pub(pki, k).with_file_name("anchor.pub"));
         cmd.arg("--keyshare")
             .arg(format!("{}=https://127.0.0.1:{}", k.name, k.port));
     }

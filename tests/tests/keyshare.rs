@@ -319,9 +319,7 @@ async fn decrypt_and_release_through_three_keyshares_and_audit() {
     .unwrap();
     assert_eq!(anchor.key().unwrap().to_vec(), st.anchor_public_key);
     let mut anchors = psm_core::signing::Anchors::default();
-    anchors
-        .0
-        .insert("keyshare-1".into(), anchor.key().unwrap());
+    anchors.0.insert("keyshare-1".into(), anchor.key().unwrap());
     anchors
         .verify_enrollment_key(
             "keyshare-1",

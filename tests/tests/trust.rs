@@ -275,8 +275,9 @@ async fn split_view_of_a_release_is_refused_by_the_co_holder() {
     assert!(e.message().starts_with("differencing:"), "{}", e.message());
     let log3 = audit_log(&pki, k3).await;
     assert!(
-        log3.iter().any(|r| r.decision == "allow"
-            && r.caller.contains("keyshare-2 (co-holder confirmation)")),
+        log3.iter()
+            .any(|r| r.decision == "allow"
+                && r.caller.contains("keyshare-2 (co-holder confirmation)")),
         "{log3:#?}"
     );
     assert!(
@@ -328,7 +329,9 @@ async fn ingest_refuses_unsigned_input_and_receipts_need_the_anchors() {
 
     let mut forged = TestMeter::new("home-0", 1);
     forged.device = SecretKey::generate();
-    let e = enroll(&pki, &sys.ingest, &[&forged], &ek).await.unwrap_err();
+    let e = enroll(&pki, &sys.ingest, &[&forged], &ek)
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
     assert!(e.message().contains("device key"), "{}", e.message());
     let stranger = TestMeter::new("stranger", 1);
@@ -371,7 +374,9 @@ async fn ingest_refuses_unsigned_input_and_receipts_need_the_anchors() {
     let h: [u8; 32] = r.manifest_hash.clone().try_into().unwrap();
     let mut forged = r.clone();
     forged.signature = SecretKey::generate()
-        .sign(&psm_core::signing::receipt_message(&r.party, "home-0", 1, &h))
+        .sign(&psm_core::signing::receipt_message(
+            &r.party, "home-0", 1, &h,
+        ))
         .to_vec();
     assert!(anchors.verify_receipt(&forged, "home-0", 1, &h).is_err());
     let mut moved = r.clone();
@@ -459,7 +464,13 @@ async fn one_keyshare_down_enrollment_waits_releases_go_on_and_records_are_impor
         TEST_POLICY,
         &registry,
     );
-    k1 = Proc::start_keyshare(&pki, "keyshare-1", &keys, &[cfg[0].as_str(), cfg[1].as_str()]).await;
+    k1 = Proc::start_keyshare(
+        &pki,
+        "keyshare-1",
+        &keys,
+        &[cfg[0].as_str(), cfg[1].as_str()],
+    )
+    .await;
     let e = as_compute(&pki, &k1)
         .release(aggregate(&all, DAY, "while-down"))
         .await
@@ -482,7 +493,13 @@ async fn one_keyshare_down_enrollment_waits_releases_go_on_and_records_are_impor
         TEST_POLICY,
         &registry,
     );
-    k3 = Proc::start_keyshare(&pki, "keyshare-3", &keys, &[cfg[0].as_str(), cfg[1].as_str()]).await;
+    k3 = Proc::start_keyshare(
+        &pki,
+        "keyshare-3",
+        &keys,
+        &[cfg[0].as_str(), cfg[1].as_str()],
+    )
+    .await;
     psm_e2e::wait_in_contact(&pki, std::slice::from_ref(&k3)).await;
     let log3 = audit_log(&pki, &k3).await;
     for from in ["keyshare-1", "keyshare-2"] {
