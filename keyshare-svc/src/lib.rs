@@ -28,7 +28,7 @@ use psm_proto::v1::{
     ConfirmReleaseRequest, ConfirmReleaseResponse, EnrollmentConfirmation, EnrollmentReceipt,
     EnrollmentState, GetAuditLogRequest, GetReceiptsRequest, GetReceiptsResponse,
     GetReleaseRecordsRequest, HeldKey, KeyshareStatus, LinearRelease, PartialDecryptRequest,
-    PartialDecryptResponse, ReceiptAnswer, ReleaseRecord, ReleaseRequest, ReleaseResponse,
+    PartialDecryptResponse, ReceiptAnswer, ReleaseRecordPage, ReleaseRequest, ReleaseResponse,
     SharePartials, StatusRequest, TfheRelease,
 };
 use serde::Deserialize;
@@ -87,16 +87,19 @@ pub struct KeyshareSection {
     /// `psm registry`). Without one, every enrollment and release is refused. Changes are
     /// audited at start.
     pub registry: Option<PathBuf>,
-    /// This keyshare's anchor (Ed25519) secret key, the regulator's: it signs the enrollment key
-    /// and enrollment receipts. Default `<data_dir>/anchor.key`, created on first start (mode
-    /// 0600) with its public half written next to it as `anchor.pub` — the file the regulator
-    /// provisions into meters, independently of the utility.
+    /// This keyshare's anchor (Ed25519) secret key, the regulator's (`psm anchor init`): it signs
+    /// the enrollment key, enrollment receipts and every answer to a co-holder. Default
+    /// `<data_dir>/anchor.key`, created on first start when missing (mode 0600); its public half
+    /// is (re)written as `<data_dir>/anchor.pub` — what the regulator provisions into meters and
+    /// gives the other keyshares, independently of the utility.
     pub anchor_key: Option<PathBuf>,
-    /// The other keyshares by party name → URL ("https://keyshare-2.example:7411"): every
-    /// co-holder must be listed. Keyshares confirm enrollments and releases with each other
-    /// directly; each checks the other's keyshare certificate.
+    /// The other keyshares by party name: `url` ("https://keyshare-2.example:7411") and
+    /// `anchor` (its regulator's `anchor.pub`, obtained from that regulator); every co-holder
+    /// must be listed. Keyshares confirm enrollments and releases with each other directly; each
+    /// checks the other's keyshare certificate, and every answer must be signed by the
+    /// co-holder's anchor, so the utility's CA cannot stand in for a co-holder.
     #[serde(default)]
-    pub peers: BTreeMap<String, String>,
+    pub peers: BTreeMap<String, peers::PeerConfig>,
     /// Milliseconds to wait for a co-holder before counting it unreachable (default 3000).
     pub peer_timeout_ms: Option<u64>,
     /// Answer a release alone (recording it for the co-holder to import) when a co-holder that
@@ -250,7 +253,7 @@ impl KeyshareService {
             tracing::info!(path = %anchor_path.display(), "anchor key created: give anchor.pub to the regulator's meter provisioning");
         }
         psm_core::signing::AnchorFile::new(&share.party, &anchor.public())
-            .write(&anchor_path.with_file_name("anchor.pub"))?;
+            .write(&settings.data_dir.join("anchor.pub"))?;
         let key_path = section
             .enrollment_key
             .clone()
@@ -526,11 +529,17 @@ impl KeyshareService {
     }
 
     /// Before a release leaves: every co-holder judges the identical release against its own
-    /// ledger (and records it). A refusal refuses here too. A co-holder that cannot be reached
-    /// is answered for alone — only if it was reached since this start and `answer_alone` — and
-    /// the release is appended, durably, to the records it will import. Returns the note for
-    /// the audit record.
-    async fn confirm_with_coholders(&self, body: RecordBody) -> Result<String, Refusal> {
+    /// ledger (and records it). A share is contributed only when every other holder of it
+    /// admitted the release, or — only if it was reached since this start and `answer_alone` —
+    /// cannot be reached at all (its port accepts no connection), in which case the release is
+    /// appended, durably, to the records it will import. A slow co-holder, one that fails after
+    /// the request reached it, or an answer not signed by its anchor, counts as a refusal.
+    /// Returns the note for the audit record and the shares to withhold; refuses when every
+    /// share is withheld.
+    async fn confirm_with_coholders(
+        &self,
+        body: RecordBody,
+    ) -> Result<(String, BTreeSet<usize>), Refusal> {
         let peers = self.peers()?.clone();
         let coholders = peers.coholders();
         let answers = futures::future::join_all(
@@ -540,63 +549,101 @@ impl KeyshareService {
         )
         .await;
         let (mut confirmed, mut alone) = (Vec::new(), Vec::new());
+        // Co-holders whose shares must not be contributed, with why.
+        let mut blocked: Vec<(usize, Code, String)> = Vec::new();
         for (p, a) in coholders.iter().copied().zip(answers) {
             let name = peers.name(p).to_owned();
             match a {
                 Ok(r) if r.admitted => {
                     let (imported, _) = peers.imported(p).map_err(linear_store)?;
-                    if r.records_for_you > imported {
-                        self.import_records(p).await?;
-                    }
-                    peers.set_contact(p);
-                    confirmed.push(name);
-                }
-                Ok(r) => {
-                    return Err(refuse(
-                        Rule::CoHolder,
-                        Code::FailedPrecondition,
-                        format!(
-                            "co-holder {name} refused this release ({}: {})",
-                            r.rule, r.reason
-                        ),
-                    ))
-                }
-                Err(s) if peers::unreachable(&s) => {
-                    if !peers.answer_alone || !peers.in_contact(p) {
-                        return Err(refuse(
-                            Rule::CoHolder,
-                            Code::Unavailable,
+                    if r.records_for_you < imported {
+                        blocked.push((
+                            p,
+                            Code::FailedPrecondition,
                             format!(
-                                "co-holder {name} cannot be reached ({}) and {}; a release needs the confirmation of every co-holder that can be reached",
-                                s.message(),
-                                if peers.answer_alone {
-                                    "has not been reached since this keyshare started, so its release records may be missing here"
-                                } else {
-                                    "answer_alone = false"
-                                }
+                                "co-holder {name} holds {} release record(s) for this keyshare, fewer than the {imported} already imported from it (its store was restored or replaced?); reconcile before releasing shares held with it",
+                                r.records_for_you
                             ),
                         ));
+                        continue;
                     }
-                    alone.push((p, name, s.message().to_owned()));
+                    if r.records_for_you > imported {
+                        if let Err(x) = self.import_records(p).await {
+                            blocked.push((p, Code::Unavailable, x.status.message().to_owned()));
+                            continue;
+                        }
+                    }
+                    confirmed.push(name);
                 }
-                Err(s) => {
-                    return Err(refuse(
-                        Rule::CoHolder,
-                        Code::FailedPrecondition,
-                        format!(
-                            "co-holder {name} did not confirm this release: {:?}: {}",
-                            s.code(),
-                            s.message()
-                        ),
-                    ))
+                Ok(r) => blocked.push((
+                    p,
+                    Code::FailedPrecondition,
+                    format!(
+                        "co-holder {name} refused this release ({}: {})",
+                        r.rule, r.reason
+                    ),
+                )),
+                Err(peers::PeerError::Unreachable(why))
+                    if peers.answer_alone && peers.in_contact(p) =>
+                {
+                    alone.push((p, name, why))
                 }
+                Err(peers::PeerError::Unreachable(why)) => blocked.push((
+                    p,
+                    Code::Unavailable,
+                    format!(
+                        "co-holder {name} cannot be reached ({why}) and {}",
+                        if peers.answer_alone {
+                            "has not been reached since this keyshare started, so its release records may be missing here"
+                        } else {
+                            "answer_alone = false"
+                        }
+                    ),
+                )),
+                Err(peers::PeerError::Failed(why)) => blocked.push((
+                    p,
+                    Code::FailedPrecondition,
+                    format!("co-holder {name} did not confirm this release: {why}"),
+                )),
             }
+        }
+        let scheme = self.share.scheme().map_err(invalid)?;
+        let me = self.share.party_index - 1;
+        let withheld: BTreeSet<usize> = scheme
+            .held_by(me)
+            .into_iter()
+            .filter(|u| {
+                peers::holders_of(scheme, *u, me)
+                    .iter()
+                    .any(|h| blocked.iter().any(|(b, _, _)| b == h))
+            })
+            .collect();
+        if withheld.len() == scheme.held_by(me).len() {
+            let (_, code, why) = blocked.into_iter().next().unwrap_or((
+                0,
+                Code::Internal,
+                "no share to contribute".into(),
+            ));
+            return Err(refuse(Rule::CoHolder, code, why));
         }
         let mut note = String::new();
         if !confirmed.is_empty() {
             note.push_str(&format!("; confirmed by {}", confirmed.join(", ")));
         }
+        for (_, _, why) in &blocked {
+            note.push_str(&format!("; {why}"));
+        }
+        if !withheld.is_empty() {
+            note.push_str(&format!("; shares {withheld:?} withheld"));
+        }
         for (p, name, why) in alone {
+            let used = scheme
+                .held_by(me)
+                .into_iter()
+                .any(|u| !withheld.contains(&u) && scheme.holds(p, u));
+            if !used {
+                continue;
+            }
             let seq = peers
                 .append_record(p, body.clone())
                 .await
@@ -605,34 +652,52 @@ impl KeyshareService {
                 "; answered without {name} (unreachable: {why}): release record {seq} kept for it"
             ));
         }
-        Ok(note)
+        Ok((note, withheld))
     }
 
-    /// Imports co-holder `p`'s records of releases it answered without this keyshare, verifying
-    /// their chain, into this keyshare's ledger; each is audited, and one the ledger refuses is
-    /// audited as a `co-holder-conflict`. Returns how many were imported.
+    /// Imports co-holder `p`'s records of releases it answered without this keyshare (pages
+    /// signed by its anchor, records hash-chained) into this keyshare's ledger; each is audited,
+    /// and one the ledger refuses is audited as a `co-holder-conflict`. Marks `p` as reached.
+    /// Returns how many were imported.
     pub async fn import_records(&self, p: usize) -> Result<usize, Refusal> {
         let peers = self.peers()?.clone();
-        let _g = peers.import_lock.lock().await;
+        let _g = peers.import_lock(p).lock().await;
         let name = peers.name(p).to_owned();
         let who = format!("{name} (imported release record)");
         let mut n = 0;
         loop {
             let (last, mut prev) = peers.imported(p).map_err(linear_store)?;
-            let page = peers.fetch_records(p, last + 1).await.map_err(|s| {
+            let page = peers.fetch_records(p, last + 1).await.map_err(|e| {
                 refuse(
                     Rule::CoHolder,
                     Code::Unavailable,
-                    format!(
-                        "cannot fetch the release records of {name}: {}",
-                        s.message()
-                    ),
+                    format!("cannot fetch the release records of {name}: {e}"),
                 )
             })?;
-            if page.is_empty() {
+            if page.last_seq < last {
+                return Err(refuse(
+                    Rule::CoHolder,
+                    Code::FailedPrecondition,
+                    format!(
+                        "{name} holds {} release record(s) for this keyshare, fewer than the {last} already imported (its store was restored or replaced?)",
+                        page.last_seq
+                    ),
+                ));
+            }
+            if page.records.is_empty() {
+                if page.last_seq > last {
+                    return Err(refuse(
+                        Rule::CoHolder,
+                        Code::FailedPrecondition,
+                        format!(
+                            "{name} claims {} records but sent none after {last}",
+                            page.last_seq
+                        ),
+                    ));
+                }
                 break;
             }
-            for (i, r) in page.iter().enumerate() {
+            for (i, r) in page.records.iter().enumerate() {
                 let want = last + 1 + i as u64;
                 if r.seq != want
                     || r.prev_hash != prev[..]
@@ -698,28 +763,44 @@ impl KeyshareService {
         Ok(n)
     }
 
+    /// Signs an answer to co-holder `caller` with the anchor.
+    fn sign_peer(&self, kind: &str, caller: &str, nonce: &[u8], body: &[u8; 32]) -> Vec<u8> {
+        self.anchor
+            .sign(&psm_core::signing::peer_message(
+                kind,
+                &self.share.party,
+                caller,
+                nonce,
+                body,
+            ))
+            .to_vec()
+    }
+
     /// Reaches every co-holder and imports its records (run periodically by [`run`]); returns
     /// whether every co-holder has been reached since start.
     pub async fn contact_coholders(&self) -> bool {
         let Ok(peers) = self.peers() else {
             return true;
         };
-        for p in peers.coholders() {
-            match self.import_records(p).await {
+        let coholders = peers.coholders();
+        let results =
+            futures::future::join_all(coholders.iter().map(|p| self.import_records(*p))).await;
+        for (p, r) in coholders.iter().zip(results) {
+            match r {
                 Ok(0) => {}
                 Ok(n) => tracing::info!(
-                    co_holder = peers.name(p),
+                    co_holder = peers.name(*p),
                     imported = n,
                     "release records imported"
                 ),
                 Err(r) => tracing::debug!(
-                    co_holder = peers.name(p),
+                    co_holder = peers.name(*p),
                     reason = r.status.message(),
                     "co-holder not reached"
                 ),
             }
         }
-        peers.coholders().iter().all(|p| peers.in_contact(*p))
+        coholders.iter().all(|p| peers.in_contact(*p))
     }
 
     fn linear(&self) -> Result<&Arc<LinearState>, Refusal> {
@@ -796,9 +877,13 @@ impl KeyshareService {
         // Record the release (re-checking the stateful rules atomically) before it leaves, and
         // have every co-holder judge and record the identical release.
         lin.record(&admitted, limits).await?;
-        let confirmed = self
+        let (confirmed, withheld) = self
             .confirm_with_coholders(RecordBody::Linear(pb.clone()))
             .await?;
+        let shares: Vec<(usize, Vec<u128>)> = shares
+            .into_iter()
+            .filter(|(u, _)| !withheld.contains(u))
+            .collect();
         let spec = &admitted.release.spec;
         let members: usize = admitted.release.cohorts.iter().map(Vec::len).sum();
         let subject = match spec.kind {
@@ -995,12 +1080,16 @@ impl KeyshareService {
         self.releases
             .admit(&checked, &self.policy, &release_id, reissue)
             .await?;
-        let confirmed = self
+        let (confirmed, withheld) = self
             .confirm_with_coholders(RecordBody::Tfhe(TfheRelease {
                 key: req.key.clone(),
                 manifest: Some(manifest.clone()),
             }))
             .await?;
+        let partials: Vec<_> = partials
+            .into_iter()
+            .filter(|p| !withheld.contains(&p.share_index))
+            .collect();
         let subject = match checked.kind {
             ComputationKind::Bill => format!("meter {}", checked.meters[0]),
             _ => format!("cohort of {} meters", checked.meters.len()),
@@ -1287,6 +1376,7 @@ impl Keyshare for KeyshareService {
         request: Request<GetReceiptsRequest>,
     ) -> Result<Response<GetReceiptsResponse>, Status> {
         let who = caller(&request)?.clone();
+        self.limiter.admit(&who.to_string()).map_err(|r| r.status)?;
         let r = request.into_inner();
         if r.meter_ids.len() > MAX_RECEIPT_METERS {
             return Err(Status::resource_exhausted(format!(
@@ -1377,7 +1467,9 @@ impl Keyshare for KeyshareService {
                 "{who} is not a co-holder of this keyshare"
             )));
         }
-        let refs = request.into_inner().enrollments;
+        self.limiter.admit(&who.to_string()).map_err(|r| r.status)?;
+        let req = request.into_inner();
+        let (refs, nonce) = (req.enrollments, req.nonce);
         if refs.len() > linear::CONFIRM_BATCH {
             return Err(Status::resource_exhausted(format!(
                 "{} enrollments in one request; the limit is {}",
@@ -1421,7 +1513,16 @@ impl Keyshare for KeyshareService {
                 },
             });
         }
-        Ok(Response::new(ConfirmEnrollmentsResponse { confirmations }))
+        let signature = self.sign_peer(
+            "enrollments",
+            &who.name,
+            &nonce,
+            &peers::enrollments_answer_hash(&confirmations),
+        );
+        Ok(Response::new(ConfirmEnrollmentsResponse {
+            confirmations,
+            signature,
+        }))
     }
 
     async fn confirm_release(
@@ -1448,29 +1549,20 @@ impl Keyshare for KeyshareService {
                 ))
             }
         };
-        let hash = *blake3::hash(
-            &ReleaseRecord {
-                release: Some(body.clone()),
-                ..Default::default()
-            }
-            .encode_to_vec(),
-        )
-        .as_bytes();
+        let hash = peers::release_hash(&body);
         let outcome: Result<(ConfirmReleaseResponse, String), Refusal> = async {
             self.limiter.admit(&who_id.to_string())?;
-            // A co-holder that answered without this keyshare: its records come first.
+            // A co-holder that answered without this keyshare: its records come first (fetched
+            // from it and checked against its anchor; the claim here only says when to look).
             let (imported, _) = peers.imported(p).map_err(linear_store)?;
             if req.records_for_you > imported {
                 self.import_records(p).await?;
             }
-            peers.set_contact(p);
             let reason = self.judge(&body).await?;
             Ok((
                 ConfirmReleaseResponse {
                     admitted: true,
-                    rule: String::new(),
-                    reason: String::new(),
-                    records_for_you: 0,
+                    ..Default::default()
                 },
                 format!("confirmed for co-holder {}: {reason}", peers.name(p)),
             ))
@@ -1481,35 +1573,39 @@ impl Keyshare for KeyshareService {
             .err()
             .map(|r| (r.rule.to_owned(), r.status.message().to_owned()));
         let records_for_you = peers.records_for(p).unwrap_or(0);
+        let signed = |mut r: ConfirmReleaseResponse| {
+            r.records_for_you = records_for_you;
+            r.signature = self.sign_peer(
+                "release",
+                &who_id.name,
+                &req.nonce,
+                &peers::release_answer_hash(&r, &hash),
+            );
+            r
+        };
         match self
             .audited(&who, &hash, "co-holder confirmation", outcome, |_, _| {})
             .await
         {
-            Ok(mut r) => {
-                r.get_mut().records_for_you = records_for_you;
-                Ok(r)
-            }
+            Ok(r) => Ok(Response::new(signed(r.into_inner()))),
             Err(st) => match refused {
                 Some((rule, reason)) if st.message() == reason => {
-                    Ok(Response::new(ConfirmReleaseResponse {
+                    Ok(Response::new(signed(ConfirmReleaseResponse {
                         admitted: false,
                         rule,
                         reason,
-                        records_for_you,
-                    }))
+                        ..Default::default()
+                    })))
                 }
                 _ => Err(st),
             },
         }
     }
 
-    type GetReleaseRecordsStream =
-        tokio_stream::wrappers::ReceiverStream<Result<ReleaseRecord, Status>>;
-
     async fn get_release_records(
         &self,
         request: Request<GetReleaseRecordsRequest>,
-    ) -> Result<Response<Self::GetReleaseRecordsStream>, Status> {
+    ) -> Result<Response<ReleaseRecordPage>, Status> {
         let who = caller(&request)?.clone();
         let peers = self.peers().map_err(|r| r.status)?.clone();
         let Some(p) = peers.party_of(&who) else {
@@ -1517,39 +1613,29 @@ impl Keyshare for KeyshareService {
                 "{who} is not a co-holder of this keyshare"
             )));
         };
-        let from = request.into_inner().from_seq;
-        let (tx, rx) = tokio::sync::mpsc::channel(64);
-        tokio::spawn(async move {
-            let page = {
-                let peers = peers.clone();
-                tokio::task::spawn_blocking(move || {
-                    peers.records_from(p, from, peers::RECORDS_PER_PAGE)
-                })
-                .await
-            };
-            match page {
-                Ok(Ok(records)) => {
-                    for r in records {
-                        if tx.send(Ok(r)).await.is_err() {
-                            return;
-                        }
-                    }
-                }
-                Ok(Err(e)) => {
-                    let _ = tx
-                        .send(Err(Status::unavailable(format!("release records: {e}"))))
-                        .await;
-                }
-                Err(e) => {
-                    let _ = tx
-                        .send(Err(Status::internal(format!("release records: {e}"))))
-                        .await;
-                }
-            }
-        });
-        Ok(Response::new(tokio_stream::wrappers::ReceiverStream::new(
-            rx,
-        )))
+        let r = request.into_inner();
+        let (from, page_peers) = (r.from_seq, peers.clone());
+        let (records, last_seq) = tokio::task::spawn_blocking(move || {
+            Ok::<_, String>((
+                page_peers.records_from(p, from, peers::RECORDS_PER_PAGE)?,
+                page_peers.records_for(p).map_err(|e| e.to_string())?,
+            ))
+        })
+        .await
+        .map_err(|e| Status::internal(format!("release records: {e}")))?
+        .map_err(|e| Status::unavailable(format!("release records: {e}")))?;
+        let mut page = ReleaseRecordPage {
+            records,
+            last_seq,
+            signature: Vec::new(),
+        };
+        page.signature = self.sign_peer(
+            "records",
+            &who.name,
+            &r.nonce,
+            &peers::page_hash(from, &page),
+        );
+        Ok(Response::new(page))
     }
 }
 

@@ -622,9 +622,9 @@ impl LinearState {
         for (p, answer) in coholders.iter().zip(answers) {
             let name = peers.name(*p);
             match answer {
-                Err(s) => {
+                Err(e) => {
                     for o in &mut outcome {
-                        o.1.push(format!("{name} ({})", s.message()));
+                        o.1.push(format!("{name} ({e})"));
                     }
                 }
                 Ok(confs) => {

@@ -8,6 +8,7 @@
 //! the log into its own ledger before it answers for a shared share again.
 
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -19,25 +20,59 @@ use psm_proto::v1::keyshare_client::KeyshareClient;
 use psm_proto::v1::{
     release_record, ConfirmEnrollmentsRequest, ConfirmReleaseRequest, ConfirmReleaseResponse,
     EnrollmentConfirmation, EnrollmentRef, GetReleaseRecordsRequest, ReleaseRecord,
+    ReleaseRecordPage,
 };
+use serde::Deserialize;
 use tonic::transport::Channel;
-use tonic::Status;
 
 /// Release records sent per GetReleaseRecords page.
-pub const RECORDS_PER_PAGE: usize = 1_000;
+pub const RECORDS_PER_PAGE: usize = 100;
 /// Largest message between keyshares (a release of 100,000 members is ~2 MB).
 const MAX_PEER_MESSAGE: usize = 64 << 20;
 
 /// What a release record holds.
 pub type RecordBody = release_record::Release;
 
-/// The co-holders, their clients, whether each has been reached since start, and the release
-/// records kept for them.
+/// One co-holder in `[keyshare.peers]`: where it is, and its anchor public key as its regulator
+/// published it (the pin: a certificate from the utility's CA is not enough to answer for it).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PeerConfig {
+    pub url: String,
+    /// The co-holder's `anchor.pub`.
+    pub anchor: PathBuf,
+}
+
+/// Why a co-holder gave no usable answer.
+#[derive(Debug, Clone)]
+pub enum PeerError {
+    /// It could not be reached at all: its port accepts no connection (the request cannot have
+    /// been judged there).
+    Unreachable(String),
+    /// It was reachable but did not answer, answered late, or answered without its anchor's
+    /// signature: counted as a refusal.
+    Failed(String),
+}
+
+impl std::fmt::Display for PeerError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PeerError::Unreachable(m) | PeerError::Failed(m) => f.write_str(m),
+        }
+    }
+}
+
+/// The co-holders, their clients and anchors, whether each has been reached since start, and the
+/// release records kept for them.
 pub struct Peers {
     me: usize,
     names: Vec<String>,
     /// Per party (None for this keyshare and parties that share nothing with it).
     channels: Vec<Option<Channel>>,
+    /// host:port per party, probed when a call fails.
+    addrs: Vec<Option<String>>,
+    anchors: Vec<Option<[u8; 32]>>,
+    timeout: Duration,
     /// Answer alone (recording the release) when a co-holder that was reached since start is
     /// unreachable now.
     pub answer_alone: bool,
@@ -48,7 +83,7 @@ pub struct Peers {
     imports: sled::Tree,
     append_lock: tokio::sync::Mutex<()>,
     /// One import per co-holder at a time.
-    pub import_lock: tokio::sync::Mutex<()>,
+    import_locks: Vec<tokio::sync::Mutex<()>>,
     db: sled::Db,
 }
 
@@ -62,35 +97,84 @@ pub fn record_hash(r: &ReleaseRecord) -> [u8; 32] {
     *h.finalize().as_bytes()
 }
 
+/// A release's identity between co-holders: BLAKE3 of it as a record with only `release` set.
+pub fn release_hash(body: &RecordBody) -> [u8; 32] {
+    *blake3::hash(
+        &ReleaseRecord {
+            release: Some(body.clone()),
+            ..Default::default()
+        }
+        .encode_to_vec(),
+    )
+    .as_bytes()
+}
+
+/// What a release confirmation's signature covers besides names and nonce.
+pub fn release_answer_hash(r: &ConfirmReleaseResponse, release: &[u8; 32]) -> [u8; 32] {
+    let mut h = blake3::Hasher::new();
+    h.update(&[u8::from(r.admitted)]);
+    for s in [&r.rule, &r.reason] {
+        h.update(&(s.len() as u64).to_le_bytes());
+        h.update(s.as_bytes());
+    }
+    h.update(&r.records_for_you.to_le_bytes());
+    h.update(release);
+    *h.finalize().as_bytes()
+}
+
+/// What an enrollment confirmation's signature covers besides names and nonce.
+pub fn enrollments_answer_hash(c: &[EnrollmentConfirmation]) -> [u8; 32] {
+    let mut h = blake3::Hasher::new();
+    for x in c {
+        let b = x.encode_to_vec();
+        h.update(&(b.len() as u64).to_le_bytes());
+        h.update(&b);
+    }
+    *h.finalize().as_bytes()
+}
+
+/// What a record page's signature covers besides names and nonce.
+pub fn page_hash(from: u64, page: &ReleaseRecordPage) -> [u8; 32] {
+    let mut h = blake3::Hasher::new();
+    h.update(&from.to_le_bytes());
+    h.update(&page.last_seq.to_le_bytes());
+    for r in &page.records {
+        h.update(&(r.record_hash.len() as u64).to_le_bytes());
+        h.update(&r.record_hash);
+    }
+    *h.finalize().as_bytes()
+}
+
+/// 32 fresh random bytes.
+pub fn nonce() -> Vec<u8> {
+    use rand::RngCore;
+    let mut n = vec![0u8; 32];
+    rand::rngs::OsRng.fill_bytes(&mut n);
+    n
+}
+
 fn record_key(peer: usize, seq: u64) -> Vec<u8> {
     let mut k = vec![peer as u8];
     k.extend_from_slice(&seq.to_be_bytes());
     k
 }
 
-/// Whether a failed call means the co-holder could not be reached (rather than that it answered).
-pub fn unreachable(s: &Status) -> bool {
-    matches!(
-        s.code(),
-        tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Cancelled
-    ) || (s.code() == tonic::Code::Unknown && s.message().contains("transport"))
-}
-
 impl Peers {
-    /// Clients for every co-holder: `urls` maps each co-holder's party name to its URL; the
-    /// server must present that party's keyshare certificate.
+    /// Clients for every co-holder: `config` maps each co-holder's party name to its URL and
+    /// anchor file; the server must present that party's keyshare certificate, and its answers
+    /// must be signed by that anchor.
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         db: &sled::Db,
         scheme: Scheme,
         me: usize,
         names: Vec<String>,
-        urls: &BTreeMap<String, String>,
+        config: &BTreeMap<String, PeerConfig>,
         tls: &TlsPaths,
         timeout: Duration,
         answer_alone: bool,
     ) -> Result<Self, String> {
-        for n in urls.keys() {
+        for n in config.keys() {
             if !names.contains(n) || *n == names[me] {
                 return Err(format!(
                     "[keyshare.peers] names {n:?}, which is not another party of this deployment ({})",
@@ -99,13 +183,28 @@ impl Peers {
             }
         }
         let mut channels = vec![None; names.len()];
+        let mut addrs = vec![None; names.len()];
+        let mut anchors = vec![None; names.len()];
         for p in coholders_of(scheme, me) {
             let name = &names[p];
-            let url = urls.get(name).ok_or_else(|| {
-                format!("[keyshare.peers] has no URL for co-holder {name}: keyshares that hold the same shares confirm enrollments and releases with each other directly")
+            let c = config.get(name).ok_or_else(|| {
+                format!("[keyshare.peers] has no entry for co-holder {name}: keyshares that hold the same shares confirm enrollments and releases with each other directly (url and anchor)")
             })?;
+            let anchor = psm_core::signing::AnchorFile::read(&c.anchor)
+                .and_then(|f| {
+                    if f.party == *name {
+                        f.key()
+                    } else {
+                        Err(psm_core::signing::SigningError::Key(format!(
+                            "{} is the anchor of {}, not of {name}",
+                            c.anchor.display(),
+                            f.party
+                        )))
+                    }
+                })
+                .map_err(|e| format!("co-holder {name}: {e}"))?;
             let ch = psm_net::client::channel(
-                url,
+                &c.url,
                 name,
                 Some(Role::Keyshare),
                 tls,
@@ -116,12 +215,23 @@ impl Peers {
             )
             .map_err(|e| format!("co-holder {name}: {e}"))?;
             channels[p] = Some(ch);
+            addrs[p] = c
+                .url
+                .strip_prefix("https://")
+                .map(|r| r.trim_end_matches('/').to_owned());
+            anchors[p] = Some(anchor);
         }
         Ok(Peers {
             me,
             contact: Mutex::new(vec![false; names.len()]),
+            import_locks: (0..names.len())
+                .map(|_| tokio::sync::Mutex::new(()))
+                .collect(),
             names,
             channels,
+            addrs,
+            anchors,
+            timeout,
             answer_alone,
             records: db
                 .open_tree("peer_release_records")
@@ -130,7 +240,6 @@ impl Peers {
                 .open_tree("peer_release_imports")
                 .map_err(|e| e.to_string())?,
             append_lock: tokio::sync::Mutex::new(()),
-            import_lock: tokio::sync::Mutex::new(()),
             db: db.clone(),
         })
     }
@@ -146,6 +255,11 @@ impl Peers {
         &self.names[p]
     }
 
+    /// The import lock of co-holder `p`.
+    pub fn import_lock(&self, p: usize) -> &tokio::sync::Mutex<()> {
+        &self.import_locks[p]
+    }
+
     /// The co-holder a caller is, or `None` when it is not another party's keyshare.
     pub fn party_of(&self, caller: &SpiffeId) -> Option<usize> {
         if caller.role != Role::Keyshare {
@@ -155,17 +269,64 @@ impl Peers {
         (p != self.me && self.channels[p].is_some()).then_some(p)
     }
 
-    fn client(&self, p: usize) -> Result<KeyshareClient<Channel>, Status> {
+    fn client(&self, p: usize) -> Result<KeyshareClient<Channel>, PeerError> {
         let ch = self
             .channels
             .get(p)
             .and_then(Option::clone)
             .ok_or_else(|| {
-                Status::internal(format!("party {p} is not a co-holder of this keyshare"))
+                PeerError::Failed(format!("party {p} is not a co-holder of this keyshare"))
             })?;
         Ok(KeyshareClient::new(ch)
             .max_decoding_message_size(MAX_PEER_MESSAGE)
             .max_encoding_message_size(MAX_PEER_MESSAGE))
+    }
+
+    /// Whether co-holder `p`'s port accepts a TCP connection within the timeout. A failed call
+    /// counts as "unreachable" only when this fails too: a co-holder that is up but slow, or that
+    /// failed after the request reached it, is a refusal, never a reason to answer alone.
+    async fn reachable(&self, p: usize) -> bool {
+        let Some(addr) = self.addrs.get(p).and_then(Option::as_deref) else {
+            return false;
+        };
+        matches!(
+            tokio::time::timeout(self.timeout, tokio::net::TcpStream::connect(addr)).await,
+            Ok(Ok(_))
+        )
+    }
+
+    async fn classify(&self, p: usize, s: tonic::Status) -> PeerError {
+        let what = format!("{:?}: {}", s.code(), s.message());
+        if self.reachable(p).await {
+            PeerError::Failed(what)
+        } else {
+            PeerError::Unreachable(what)
+        }
+    }
+
+    fn verify(
+        &self,
+        p: usize,
+        kind: &str,
+        nonce: &[u8],
+        body: &[u8; 32],
+        sig: &[u8],
+    ) -> Result<(), PeerError> {
+        let msg = psm_core::signing::peer_message(
+            kind,
+            &self.names[p],
+            &self.names[self.me],
+            nonce,
+            body,
+        );
+        if self.anchors[p].is_some_and(|a| psm_core::signing::verify(&a, &msg, sig)) {
+            Ok(())
+        } else {
+            Err(PeerError::Failed(format!(
+                "the answer of {} is not signed by its anchor (an impostor with a certificate of the service CA?)",
+                self.names[p]
+            )))
+        }
     }
 
     /// Whether co-holder `p` has been reached (and its records imported) since this start.
@@ -189,20 +350,34 @@ impl Peers {
         }
     }
 
-    /// Asks co-holder `p` for its decisions on enrollments.
+    /// Asks co-holder `p` for its (anchor-signed) decisions on enrollments.
     pub async fn confirm_enrollments(
         &self,
         p: usize,
         refs: Vec<EnrollmentRef>,
-    ) -> Result<Vec<EnrollmentConfirmation>, Status> {
+    ) -> Result<Vec<EnrollmentConfirmation>, PeerError> {
         let n = refs.len();
-        let r = self
+        let nonce = nonce();
+        let r = match self
             .client(p)?
-            .confirm_enrollments(ConfirmEnrollmentsRequest { enrollments: refs })
-            .await?
-            .into_inner();
+            .confirm_enrollments(ConfirmEnrollmentsRequest {
+                enrollments: refs,
+                nonce: nonce.clone(),
+            })
+            .await
+        {
+            Ok(r) => r.into_inner(),
+            Err(s) => return Err(self.classify(p, s).await),
+        };
+        self.verify(
+            p,
+            "enrollments",
+            &nonce,
+            &enrollments_answer_hash(&r.confirmations),
+            &r.signature,
+        )?;
         if r.confirmations.len() != n {
-            return Err(Status::internal(format!(
+            return Err(PeerError::Failed(format!(
                 "co-holder {} answered {} confirmations for {n} enrollments",
                 self.names[p],
                 r.confirmations.len()
@@ -211,44 +386,73 @@ impl Peers {
         Ok(r.confirmations)
     }
 
-    /// Asks co-holder `p` to judge a release.
+    /// Asks co-holder `p` to judge a release; its answer must be signed by its anchor.
     pub async fn confirm_release(
         &self,
         p: usize,
         body: RecordBody,
-    ) -> Result<ConfirmReleaseResponse, Status> {
+    ) -> Result<ConfirmReleaseResponse, PeerError> {
+        let hash = release_hash(&body);
         let release = Some(match body {
             RecordBody::Linear(l) => psm_proto::v1::confirm_release_request::Release::Linear(l),
             RecordBody::Tfhe(t) => psm_proto::v1::confirm_release_request::Release::Tfhe(t),
         });
         let records_for_you = self
             .records_for(p)
-            .map_err(|e| Status::internal(e.to_string()))?;
-        Ok(self
+            .map_err(|e| PeerError::Failed(format!("release records: {e}")))?;
+        let nonce = nonce();
+        let r = match self
             .client(p)?
             .confirm_release(ConfirmReleaseRequest {
                 release,
                 records_for_you,
+                nonce: nonce.clone(),
             })
-            .await?
-            .into_inner())
+            .await
+        {
+            Ok(r) => r.into_inner(),
+            Err(s) => return Err(self.classify(p, s).await),
+        };
+        self.verify(
+            p,
+            "release",
+            &nonce,
+            &release_answer_hash(&r, &hash),
+            &r.signature,
+        )?;
+        Ok(r)
     }
 
-    /// Fetches co-holder `p`'s records for this keyshare from `from` on (one page at most).
-    pub async fn fetch_records(&self, p: usize, from: u64) -> Result<Vec<ReleaseRecord>, Status> {
-        let mut s = self
+    /// Fetches one page of co-holder `p`'s records for this keyshare from `from` on, checked
+    /// against its anchor.
+    pub async fn fetch_records(&self, p: usize, from: u64) -> Result<ReleaseRecordPage, PeerError> {
+        let nonce = nonce();
+        let page = match self
             .client(p)?
-            .get_release_records(GetReleaseRecordsRequest { from_seq: from })
-            .await?
-            .into_inner();
-        let mut out = Vec::new();
-        while let Some(r) = s.message().await? {
-            out.push(r);
-            if out.len() >= RECORDS_PER_PAGE {
-                break;
-            }
+            .get_release_records(GetReleaseRecordsRequest {
+                from_seq: from,
+                nonce: nonce.clone(),
+            })
+            .await
+        {
+            Ok(r) => r.into_inner(),
+            Err(s) => return Err(self.classify(p, s).await),
+        };
+        self.verify(
+            p,
+            "records",
+            &nonce,
+            &page_hash(from, &page),
+            &page.signature,
+        )?;
+        if page.records.len() > RECORDS_PER_PAGE {
+            return Err(PeerError::Failed(format!(
+                "{} sent {} records in one page",
+                self.names[p],
+                page.records.len()
+            )));
         }
-        Ok(out)
+        Ok(page)
     }
 
     /// Records kept for co-holder `p` (the last sequence number; they start at 1).

@@ -154,9 +154,31 @@ pub fn receipt_message(party: &str, meter: &str, epoch: u32, manifest_hash: &[u8
     m
 }
 
-/// The enrollment manifest a meter signs: (meter, epoch, scheme, every commitment h_U). The
-/// envelopes are not in it: each holder checks its seed against h_U, and the co-holders of a
-/// share compare the manifest hash, so envelopes cannot be swapped unnoticed.
+/// What a keyshare's anchor signs when it answers a co-holder: the kind of answer, who answers
+/// whom, the asker's fresh nonce and a hash of the answer. Co-holders are pinned by their anchors,
+/// so an impostor holding a certificate from the utility's CA cannot answer for one.
+pub fn peer_message(
+    kind: &str,
+    callee: &str,
+    caller: &str,
+    nonce: &[u8],
+    body: &[u8; 32],
+) -> Vec<u8> {
+    let mut m = b"psm/v2/anchor/peer/".to_vec();
+    m.extend_from_slice(kind.as_bytes());
+    put_str(&mut m, callee);
+    put_str(&mut m, caller);
+    m.extend_from_slice(&(nonce.len() as u64).to_le_bytes());
+    m.extend_from_slice(nonce);
+    m.extend_from_slice(body);
+    m
+}
+
+/// The enrollment manifest a meter signs: (meter, epoch, scheme, every commitment h_U, every
+/// envelope). With the envelopes signed, a relay that alters one makes a signature failure —
+/// refused without being recorded — rather than an enrollment that fails to open and blocks the
+/// meter's own; each holder still checks its seed against h_U, and co-holders compare the
+/// manifest hash.
 pub fn manifest_message(e: &Enrollment) -> Vec<u8> {
     let mut m = b"psm/v2/enrollment-manifest".to_vec();
     put_str(&mut m, &e.meter_id);
@@ -167,6 +189,15 @@ pub fn manifest_message(e: &Enrollment) -> Vec<u8> {
     for c in &e.commitments {
         m.extend_from_slice(&(c.len() as u64).to_le_bytes());
         m.extend_from_slice(c);
+    }
+    m.extend_from_slice(&(e.envelopes.len() as u32).to_le_bytes());
+    for env in &e.envelopes {
+        m.extend_from_slice(&env.share_index.to_le_bytes());
+        put_str(&mut m, &env.recipient);
+        for b in [&env.encapsulated_key, &env.ciphertext] {
+            m.extend_from_slice(&(b.len() as u64).to_le_bytes());
+            m.extend_from_slice(b);
+        }
     }
     m
 }
@@ -395,6 +426,18 @@ mod tests {
         let mut renamed = e.clone();
         renamed.meter_id = "m2".into();
         assert!(verify_enrollment(&renamed, &k.public()).is_err());
+        // An envelope altered in transit breaks the signature too.
+        let mut with_env = e.clone();
+        with_env.envelopes.push(psm_proto::v1::SeedEnvelope {
+            share_index: 0,
+            recipient: "ks-2".into(),
+            encapsulated_key: vec![1; 4],
+            ciphertext: vec![2; 4],
+        });
+        sign_enrollment(&mut with_env, &k);
+        verify_enrollment(&with_env, &k.public()).unwrap();
+        with_env.envelopes[0].ciphertext[0] ^= 1;
+        assert!(verify_enrollment(&with_env, &k.public()).is_err());
         // A signature moved onto a batch does not verify there.
         let mut b = ReadingBatch {
             meter_id: "m1".into(),

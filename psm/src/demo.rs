@@ -138,6 +138,19 @@ fn registry_toml(
     ))
 }
 
+/// Keyshare `name`'s anchor public key in its data directory, made first when missing (the
+/// keyshare reads the same `anchor.key` when it starts).
+fn anchor_pub(data: &Path, name: &str) -> anyhow::Result<PathBuf> {
+    let dir = data.join(name);
+    let public = dir.join("anchor.pub");
+    if !public.exists() {
+        let (key, _) = psm_core::signing::SecretKey::read_or_create(&dir.join("anchor.key"))
+            .with_context(|| format!("the anchor key of {name}"))?;
+        psm_core::signing::AnchorFile::new(name, &key.public()).write(&public)?;
+    }
+    Ok(public)
+}
+
 fn log_tail(path: &Path) -> String {
     let text = fs::read_to_string(path).unwrap_or_default();
     let lines: Vec<&str> = text.lines().collect();
@@ -229,13 +242,16 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
             // keyshares repeating every demand charge would triple its cost (production keeps
             // the default, "always").
             let cfg = data.join(format!("{}.toml", s.name));
+            // The co-holders: where they are and their anchors (made here before any keyshare
+            // starts, as each regulator would hand its anchor to the others).
             let mut peers = String::from("[keyshare.peers]\n");
             for i in 1..=3u16 {
                 let name = format!("keyshare-{i}");
                 if name != s.name {
                     peers.push_str(&format!(
-                        "\"{name}\" = \"https://127.0.0.1:{}\"\n",
-                        port(10 + i)?
+                        "\"{name}\" = {{ url = \"https://127.0.0.1:{}\", anchor = {} }}\n",
+                        port(10 + i)?,
+                        toml_path(&anchor_pub(data, &name)?)?
                     ));
                 }
             }

@@ -50,6 +50,11 @@ enum Command {
         #[command(subcommand)]
         command: registry::RegistryCommand,
     },
+    /// A keyshare's anchor key (the regulator's, separate from TLS and the utility's CA).
+    Anchor {
+        #[command(subcommand)]
+        command: AnchorCommand,
+    },
     /// Print which certificate roles may call which RPC.
     Roles,
     /// Probe a service's plaintext health port (for container and systemd health checks):
@@ -68,6 +73,20 @@ enum Command {
     /// Start the whole system locally (dev PKI, 3 keyshares, ingest, compute) and keep it
     /// running until Ctrl-C.
     Demo(demo::DemoArgs),
+}
+
+#[derive(Subcommand)]
+enum AnchorCommand {
+    /// Create `<dir>/<party>.key` (Ed25519 secret, mode 0600) and `<dir>/<party>.pub` (what
+    /// meters and the other keyshares are given), unless the key exists; set the keyshare's
+    /// `[keyshare] anchor_key` to the `.key`.
+    Init {
+        /// The keyshare's party name (keyshare-1, ...).
+        #[arg(long)]
+        party: String,
+        #[arg(long, default_value = "psm-data/anchors")]
+        dir: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -159,6 +178,21 @@ fn main() -> anyhow::Result<()> {
         Command::Audit { command } => audit::run(command)?,
         Command::Meter { command } => meter::run(command)?,
         Command::Registry { command } => registry::run(command)?,
+        Command::Anchor {
+            command: AnchorCommand::Init { party, dir },
+        } => {
+            psm_net::identity::validate_label("party", &party).map_err(anyhow::Error::msg)?;
+            let key = dir.join(format!("{party}.key"));
+            let (anchor, created) = psm_core::signing::SecretKey::read_or_create(&key)?;
+            let public = key.with_extension("pub");
+            psm_core::signing::AnchorFile::new(&party, &anchor.public()).write(&public)?;
+            println!(
+                "{} {} and {}",
+                if created { "created" } else { "kept" },
+                key.display(),
+                public.display()
+            );
+        }
         Command::Roles => print!("{}", psm_net::roles::table_markdown()),
         Command::Health {
             addr,

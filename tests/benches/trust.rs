@@ -242,6 +242,7 @@ async fn main() {
                     &cohort, d,
                 ))),
                 records_for_you: 0,
+                nonce: vec![0; 32],
             })
             .await
             .expect("confirm")

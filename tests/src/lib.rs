@@ -59,6 +59,21 @@ impl TestPki {
         }
     }
 
+    /// Keyshare `name`'s anchor public key file (`anchor.pub` in its data directory), made
+    /// before the keyshare first starts, as a regulator would hand it to the other keyshares.
+    pub fn anchor(&self, name: &str) -> PathBuf {
+        let dir = self.dir.path().join(format!("{name}-data"));
+        let public = dir.join("anchor.pub");
+        if !public.exists() {
+            let (key, _) = psm_core::signing::SecretKey::read_or_create(&dir.join("anchor.key"))
+                .expect("anchor key");
+            psm_core::signing::AnchorFile::new(name, &key.public())
+                .write(&public)
+                .expect("anchor.pub");
+        }
+        public
+    }
+
     /// The port keyshare `name` listens on in this test.
     pub fn keyshare_port(&self, name: &str) -> u16 {
         *self
@@ -209,6 +224,16 @@ impl Proc {
     }
 
     /// Sends `signal` and waits up to `within` for the process to exit.
+    /// Sends `signal` to the process (SIGSTOP / SIGCONT to make it hang and resume).
+    pub fn signal(&self, signal: i32) {
+        if let Some(pid) = self.child.as_ref().and_then(|c| i32::try_from(c.id()).ok()) {
+            // SAFETY: kill(2) on a child we spawned.
+            unsafe {
+                libc::kill(pid, signal);
+            }
+        }
+    }
+
     pub fn signal_and_wait(&mut self, signal: i32, within: Duration) -> Option<ExitStatus> {
         let child = self.child.as_mut()?;
         let pid = i32::try_from(child.id()).ok()?;
@@ -273,7 +298,7 @@ pub fn keyshare_config_with_registry(
     fs::write(&reg, registry).expect("registry file");
     let mut cfg = String::from("[keyshare]\n");
     cfg.push_str(&format!(
-        "registry = {:?}\nenrollment_sync_secs = 2\n",
+        "registry = {:?}\nenrollment_sync_secs = 2\npeer_timeout_ms = 1500\n",
         reg.to_str().expect("utf-8 path")
     ));
     let mut peers = String::from("\n[keyshare.peers]\n");
@@ -289,8 +314,9 @@ pub fn keyshare_config_with_registry(
             .party_names;
         for p in parties.iter().filter(|p| *p != name) {
             peers.push_str(&format!(
-                "{p:?} = \"https://127.0.0.1:{}\"\n",
-                pki.keyshare_port(p)
+                "{p:?} = {{ url = \"https://127.0.0.1:{}\", anchor = {:?} }}\n",
+                pki.keyshare_port(p),
+                pki.anchor(p).to_str().expect("utf-8 path")
             ));
         }
     }

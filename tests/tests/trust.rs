@@ -341,7 +341,25 @@ async fn ingest_refuses_unsigned_input_and_receipts_need_the_anchors() {
     assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
     assert!(e.message().contains("registry"), "{}", e.message());
 
+    // The meter's own enrollment with one envelope altered in transit: the signature covers the
+    // envelopes, so it is refused at the door and does not block the genuine one.
     let home = TestMeter::new("home-0", 1);
+    let mut tampered = home.enrollment(&ek);
+    tampered.envelopes[3].ciphertext[0] ^= 1;
+    let mut he = psm_proto::v1::ingest_client::IngestClient::new(pki.channel(
+        sys.ingest.port,
+        "ingest",
+        Role::Headend,
+        "headend-1",
+    ));
+    let e = he
+        .enroll(psm_proto::v1::EnrollRequest {
+            idempotency_key: "tampered".into(),
+            enrollments: vec![tampered],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
     enroll(&pki, &sys.ingest, &[&home], &ek).await.unwrap();
     let good = home.batch(DAY, Channel::Import, 900, 0, &readings(1));
     let mut altered = good.clone();
@@ -360,14 +378,17 @@ async fn ingest_refuses_unsigned_input_and_receipts_need_the_anchors() {
     // Receipts: every keyshare's verifies under its anchor; nothing else does.
     let anchors = anchors_of(&pki, &sys.keyshares);
     let answers = settled_receipts(&pki, &sys.keyshares, &["home-0"]).await;
-    // A fresh sealing differs only in its envelopes: the signed manifest is the same.
-    let manifest = psm_core::signing::manifest_hash(&home.enrollment(&ek));
-    let mut first = None;
+    let mut first: Option<psm_proto::v1::EnrollmentReceipt> = None;
     for a in answers.iter().map(|a| &a[0]) {
         let r = a.receipt.clone().expect("active with a receipt");
         let h: [u8; 32] = r.manifest_hash.clone().try_into().unwrap();
         anchors.verify_receipt(&r, "home-0", 1, &h).unwrap();
-        assert_eq!(h, manifest);
+        if let Some(f) = &first {
+            assert_eq!(
+                f.manifest_hash, r.manifest_hash,
+                "every keyshare activated one manifest"
+            );
+        }
         first.get_or_insert(r);
     }
     let r = first.unwrap();
@@ -401,7 +422,7 @@ async fn ingest_refuses_unsigned_input_and_receipts_need_the_anchors() {
 /// One keyshare down (2-of-3): an enrollment waits (it needs every holder), releases go on —
 /// each answering keyshare records them for the one that is down — and the keyshare imports
 /// those records when it is back, so it refuses what would difference against them. A keyshare
-/// that restarts while a co-holder is still down answers nothing held with it.
+/// that restarts while a co-holder is still down withholds the share it holds with it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_keyshare_down_enrollment_waits_releases_go_on_and_records_are_imported() {
     let pki = TestPki::new("psm.test");
@@ -471,15 +492,20 @@ async fn one_keyshare_down_enrollment_waits_releases_go_on_and_records_are_impor
         &[cfg[0].as_str(), cfg[1].as_str()],
     )
     .await;
-    let e = as_compute(&pki, &k1)
+    let r = as_compute(&pki, &k1)
         .release(aggregate(&all, DAY, "while-down"))
         .await
-        .unwrap_err();
-    assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+        .expect("the share held with keyshare-2 is answered")
+        .into_inner();
+    let held: Vec<u32> = r.shares.iter().map(|s| s.share_index).collect();
+    assert_eq!(held, vec![2], "the share held with keyshare-3 is withheld");
+    let log1 = audit_log(&pki, &k1).await;
     assert!(
-        e.message().starts_with("co-holder:") && e.message().contains("keyshare-3"),
-        "{}",
-        e.message()
+        log1.iter()
+            .any(|r| r.reason.contains("keyshare-3 cannot be reached")
+                && r.reason
+                    .contains("has not been reached since this keyshare started")),
+        "{log1:#?}"
     );
     sys.keyshares.insert(0, k1);
 
@@ -527,5 +553,113 @@ async fn one_keyshare_down_enrollment_waits_releases_go_on_and_records_are_impor
             .iter()
             .all(|a| a[0].state == EnrollmentState::Active as i32),
         "{answers:?}"
+    );
+}
+
+/// The utility stands in for a co-holder with a certificate from its own CA (a keyshare-1
+/// process with an anchor of its own, at keyshare-1's address), and a co-holder that hangs
+/// (SIGSTOP: its port still accepts connections) is not "unreachable": neither makes keyshare-2
+/// answer alone. Keyshare-2 withholds the share it holds with that co-holder and audits why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_impostor_or_a_hung_co_holder_is_a_refusal_not_an_absence() {
+    let pki = TestPki::new("psm.test");
+    let keys = psm_e2e::keys::key_set(3, 2);
+    let ids: Vec<String> = (0..5).map(|i| format!("home-{i}")).collect();
+    let registry: String = ids.iter().map(|m| registry_entry(m, "meter")).collect();
+    let mut sys = System::start_with_registry(&pki, &keys, "", TEST_POLICY, &registry).await;
+    let ek = enrollment_keys(&pki, &sys.keyshares).await;
+    let homes: Vec<TestMeter> = ids.iter().map(|m| TestMeter::new(m, 1)).collect();
+    enroll(&pki, &sys.ingest, &homes.iter().collect::<Vec<_>>(), &ek)
+        .await
+        .unwrap();
+    let all: Vec<&str> = ids.iter().map(String::as_str).collect();
+    let answers = settled_receipts(&pki, &sys.keyshares, &all).await;
+    assert!(answers
+        .iter()
+        .flatten()
+        .all(|a| a.state == EnrollmentState::Active as i32));
+    psm_e2e::wait_in_contact(&pki, &sys.keyshares).await;
+
+    // keyshare-3 hangs: keyshare-1 gives only the share it holds with keyshare-2.
+    sys.keyshares[2].signal(libc::SIGSTOP);
+    let t = std::time::Instant::now();
+    let r = as_compute(&pki, &sys.keyshares[0])
+        .release(aggregate(&all, DAY, "hung"))
+        .await;
+    sys.keyshares[2].signal(libc::SIGCONT);
+    let r = r
+        .expect("the share held with keyshare-2 is answered")
+        .into_inner();
+    assert!(
+        t.elapsed() < Duration::from_secs(20),
+        "bounded: {:?}",
+        t.elapsed()
+    );
+    let held: Vec<u32> = r.shares.iter().map(|s| s.share_index).collect();
+    assert_eq!(
+        held,
+        vec![2],
+        "only the share keyshare-1 holds with keyshare-2"
+    );
+    let log1 = audit_log(&pki, &sys.keyshares[0]).await;
+    assert!(
+        log1.iter()
+            .any(|r| r.reason.contains("keyshare-3 did not confirm")
+                && r.reason.contains("withheld")),
+        "{log1:#?}"
+    );
+    assert!(!log1.iter().any(|r| r.reason.contains("answered without")));
+
+    // An impostor keyshare-1: the real process stops, one with another anchor takes its
+    // address. Keyshare-2 refuses its word and withholds the share it holds with keyshare-1.
+    let mut k1 = sys.keyshares.remove(0);
+    assert!(k1
+        .signal_and_wait(libc::SIGTERM, Duration::from_secs(15))
+        .is_some_and(|s| s.success()));
+    let cfg = psm_e2e::keyshare_config_with_registry(
+        &pki,
+        "keyshare-1",
+        Some(&sys.ingest),
+        Some(keys.public_dir.as_path()),
+        TEST_POLICY,
+        &registry,
+    );
+    let impostor_key = pki.dir.path().join("impostor-anchor.key");
+    let text = std::fs::read_to_string(&cfg[1]).unwrap();
+    std::fs::write(
+        &cfg[1],
+        text.replacen(
+            "[keyshare]\n",
+            &format!(
+                "[keyshare]\nanchor_key = {:?}\n",
+                impostor_key.to_str().unwrap()
+            ),
+            1,
+        ),
+    )
+    .unwrap();
+    let _impostor = Proc::start_keyshare(
+        &pki,
+        "keyshare-1",
+        &keys,
+        &[cfg[0].as_str(), cfg[1].as_str()],
+    )
+    .await;
+    let r = as_compute(&pki, &sys.keyshares[0])
+        .release(aggregate(&all, DAY + 1, "impostor"))
+        .await
+        .expect("the share held with keyshare-3 is answered")
+        .into_inner();
+    let held: Vec<u32> = r.shares.iter().map(|s| s.share_index).collect();
+    assert_eq!(
+        held,
+        vec![0],
+        "only the share keyshare-2 holds with keyshare-3"
+    );
+    let log2 = audit_log(&pki, &sys.keyshares[0]).await;
+    assert!(
+        log2.iter()
+            .any(|r| r.reason.contains("keyshare-1 is not signed by its anchor")),
+        "{log2:#?}"
     );
 }
