@@ -573,6 +573,8 @@ impl KeyshareService {
                             continue;
                         }
                     }
+                    // Its signed count says this keyshare holds all its records: in contact.
+                    peers.set_contact(p);
                     confirmed.push(name);
                 }
                 Ok(r) => blocked.push((

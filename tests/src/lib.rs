@@ -362,6 +362,9 @@ pub async fn start_keyshares_with_registry(
         let args: Vec<&str> = cfg.iter().map(String::as_str).collect();
         procs.push(Proc::start_keyshare(pki, name, keys, &args).await);
     }
+    // Every keyshare reaches its co-holders before the test goes on (a test that stops one
+    // must not depend on how far the others got).
+    wait_in_contact(pki, &procs).await;
     procs
 }
 
