@@ -42,7 +42,7 @@ enum Command {
     /// submit its encrypted readings to ingest.
     Meter {
         #[command(subcommand)]
-        command: meter::MeterCommand,
+        command: Box<meter::MeterCommand>,
     },
     /// A regulator's meter registry: meter ids, device keys, billing cycles, where encryption
     /// happens. Keyshares audit every change when they start.
@@ -176,7 +176,7 @@ fn main() -> anyhow::Result<()> {
         },
         Command::Ceremony(args) => ceremony::run(args)?,
         Command::Audit { command } => audit::run(command)?,
-        Command::Meter { command } => meter::run(command)?,
+        Command::Meter { command } => meter::run(*command)?,
         Command::Registry { command } => registry::run(command)?,
         Command::Anchor {
             command: AnchorCommand::Init { party, dir },
