@@ -490,6 +490,22 @@ mod tests {
         psm_core::wire::linear_batch_to_proto(meter, DAY, epoch, ch, interval, first, &bodies)
     }
 
+    /// Reopens a store just closed in this process: sled's flusher thread may hold the file
+    /// lock for a moment after the last handle is dropped.
+    fn reopen(dir: &std::path::Path) -> SledStore {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            match SledStore::open(dir) {
+                Ok(s) => return s,
+                Err(e) if std::time::Instant::now() < deadline => {
+                    let _ = e;
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
+    }
+
     fn tfhe(meter: &str, day: &str, byte: u8) -> ReadingBatch {
         ReadingBatch {
             meter_id: meter.into(),
@@ -558,7 +574,7 @@ mod tests {
             assert!(s.scan("m3", "2026-01-01", "2026-12-31").unwrap().is_empty());
             assert_eq!(s.meters().unwrap(), ["m1", "m2"]);
         }
-        let s = SledStore::open(dir.path()).unwrap();
+        let s = reopen(dir.path());
         let got = s.scan("m1", "2026-01-01", "2026-01-02").unwrap();
         let order: Vec<(&str, i32, u32, i32)> = got
             .iter()
@@ -667,7 +683,7 @@ mod tests {
             ));
             assert!(!s.is_enrolled("m4", 1).unwrap());
         }
-        let s = SledStore::open(dir.path()).unwrap();
+        let s = reopen(dir.path());
         assert_eq!(
             s.put_enrollments(&[enrollment("m3", 1, 8)]).unwrap(),
             outcome(1, 0)

@@ -60,7 +60,7 @@ pub struct AddArgs {
     /// meter).
     #[arg(long)]
     meter_keys: Option<PathBuf>,
-    /// Change meters that are listed already instead of refusing.
+    /// Change meters that are listed already instead of refusing (every field as given here).
     #[arg(long)]
     replace: bool,
 }
