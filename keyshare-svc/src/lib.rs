@@ -667,7 +667,16 @@ impl KeyshareService {
         let name = peers.name(p).to_owned();
         let who = format!("{name} (imported release record)");
         let mut n = 0;
-        loop {
+        for pages in 0.. {
+            if pages >= peers::PAGES_PER_IMPORT {
+                return Err(refuse(
+                    Rule::CoHolder,
+                    Code::Unavailable,
+                    format!(
+                        "{name} has more release records for this keyshare than one import takes ({n} imported now); the rest follows on the next pass"
+                    ),
+                ));
+            }
             let (last, mut prev) = peers.imported(p).map_err(linear_store)?;
             let page = peers.fetch_records(p, last + 1).await.map_err(|e| {
                 refuse(
@@ -1615,6 +1624,7 @@ impl Keyshare for KeyshareService {
                 "{who} is not a co-holder of this keyshare"
             )));
         };
+        self.limiter.admit(&who.to_string()).map_err(|r| r.status)?;
         let r = request.into_inner();
         let (from, page_peers) = (r.from_seq, peers.clone());
         let (records, last_seq) = tokio::task::spawn_blocking(move || {

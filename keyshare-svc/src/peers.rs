@@ -27,6 +27,12 @@ use tonic::transport::Channel;
 
 /// Release records sent per GetReleaseRecords page.
 pub const RECORDS_PER_PAGE: usize = 100;
+/// Bytes of records per page (at least one record is always sent; a release is at most a few
+/// tens of MB).
+pub const PAGE_BYTES: usize = 16 << 20;
+/// Pages one import fetches before it stops for this time (the rest follows on the next pass,
+/// and until then the shares held with that co-holder are withheld).
+pub const PAGES_PER_IMPORT: usize = 20;
 /// Largest message between keyshares (a release of 100,000 members is ~2 MB).
 const MAX_PEER_MESSAGE: usize = 64 << 20;
 
@@ -69,8 +75,8 @@ pub struct Peers {
     names: Vec<String>,
     /// Per party (None for this keyshare and parties that share nothing with it).
     channels: Vec<Option<Channel>>,
-    /// host:port per party, probed when a call fails.
-    addrs: Vec<Option<String>>,
+    /// (host, port) per party, probed when a call fails.
+    addrs: Vec<Option<(String, u16)>>,
     anchors: Vec<Option<[u8; 32]>>,
     timeout: Duration,
     /// Answer alone (recording the release) when a co-holder that was reached since start is
@@ -215,10 +221,7 @@ impl Peers {
             )
             .map_err(|e| format!("co-holder {name}: {e}"))?;
             channels[p] = Some(ch);
-            addrs[p] = c
-                .url
-                .strip_prefix("https://")
-                .map(|r| r.trim_end_matches('/').to_owned());
+            addrs[p] = Some(host_port(&c.url).map_err(|e| format!("co-holder {name}: {e}"))?);
             anchors[p] = Some(anchor);
         }
         Ok(Peers {
@@ -285,14 +288,29 @@ impl Peers {
     /// Whether co-holder `p`'s port accepts a TCP connection within the timeout. A failed call
     /// counts as "unreachable" only when this fails too: a co-holder that is up but slow, or that
     /// failed after the request reached it, is a refusal, never a reason to answer alone.
+    /// Only a refused connection, a connect timeout or an unreachable host or network count as
+    /// absent; any other error (a local one, such as running out of file descriptors) counts as
+    /// reachable, so it is a refusal.
     async fn reachable(&self, p: usize) -> bool {
-        let Some(addr) = self.addrs.get(p).and_then(Option::as_deref) else {
-            return false;
+        let Some((host, port)) = self.addrs.get(p).and_then(Option::as_ref) else {
+            return true;
         };
-        matches!(
-            tokio::time::timeout(self.timeout, tokio::net::TcpStream::connect(addr)).await,
-            Ok(Ok(_))
+        match tokio::time::timeout(
+            self.timeout,
+            tokio::net::TcpStream::connect((host.as_str(), *port)),
         )
+        .await
+        {
+            Err(_) => false,
+            Ok(Ok(_)) => true,
+            Ok(Err(e)) => !matches!(
+                e.kind(),
+                std::io::ErrorKind::ConnectionRefused
+                    | std::io::ErrorKind::HostUnreachable
+                    | std::io::ErrorKind::NetworkUnreachable
+                    | std::io::ErrorKind::TimedOut
+            ),
+        }
     }
 
     async fn classify(&self, p: usize, s: tonic::Status) -> PeerError {
@@ -499,7 +517,8 @@ impl Peers {
         Ok(seq)
     }
 
-    /// Records kept for co-holder `p` from `from` on, at most `limit`.
+    /// Records kept for co-holder `p` from `from` on: at most `limit`, and no more than
+    /// [`PAGE_BYTES`] after the first.
     pub fn records_from(
         &self,
         p: usize,
@@ -507,11 +526,16 @@ impl Peers {
         limit: usize,
     ) -> Result<Vec<ReleaseRecord>, String> {
         let mut out = Vec::new();
+        let mut bytes = 0;
         for kv in self
             .records
             .range(record_key(p, from.max(1))..record_key(p, u64::MAX))
         {
             let (_, v) = kv.map_err(|e| e.to_string())?;
+            if !out.is_empty() && bytes + v.len() > PAGE_BYTES {
+                break;
+            }
+            bytes += v.len();
             out.push(ReleaseRecord::decode(v.as_ref()).map_err(|e| e.to_string())?);
             if out.len() >= limit {
                 break;
@@ -547,6 +571,23 @@ impl Peers {
     }
 }
 
+/// (host, port) of an `https://` URL, port 443 when none is given — as the client connects.
+pub fn host_port(url: &str) -> Result<(String, u16), String> {
+    let uri: http::Uri = url
+        .parse()
+        .map_err(|e| format!("URL {url:?} does not parse: {e}"))?;
+    if uri.scheme_str() != Some("https") {
+        return Err(format!("URL {url:?} must start with https://"));
+    }
+    let host = uri
+        .host()
+        .ok_or_else(|| format!("URL {url:?} names no host"))?
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_owned();
+    Ok((host, uri.port_u16().unwrap_or(443)))
+}
+
 /// Parties other than `me` that hold at least one share `me` holds.
 pub fn coholders_of(scheme: Scheme, me: usize) -> Vec<usize> {
     let mine = scheme.held_by(me);
@@ -577,6 +618,21 @@ fn unix_now() -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn probe_addresses_are_the_client_s() {
+        assert_eq!(
+            host_port("https://keyshare-2").unwrap(),
+            ("keyshare-2".into(), 443)
+        );
+        assert_eq!(host_port("https://h:1/x").unwrap(), ("h".into(), 1));
+        assert_eq!(
+            host_port("https://127.0.0.1:7411").unwrap(),
+            ("127.0.0.1".into(), 7411)
+        );
+        assert!(host_port("http://h:1").is_err());
+        assert!(host_port("not a url").is_err());
+    }
 
     #[test]
     fn every_other_party_co_holds_in_two_of_three_and_records_chain() {

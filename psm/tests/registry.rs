@@ -113,6 +113,8 @@ fn registry_add_change_remove_and_list() {
             "m-1",
             "--encryption",
             "headend",
+            "--billing-day",
+            "5",
             "--device-key",
             &device,
             "--replace",
