@@ -168,6 +168,20 @@ fn invalid(e: ThresholdError) -> Refusal {
     refuse(rule, Code::InvalidArgument, e)
 }
 
+/// Runs an enrollment sync as its own task, so a caller that goes away cannot cut it between
+/// storing decisions and auditing them.
+async fn own_task(
+    sync: impl std::future::Future<Output = Result<linear::SyncReport, Refusal>> + Send + 'static,
+) -> Result<linear::SyncReport, Refusal> {
+    tokio::spawn(sync).await.map_err(|e| {
+        refuse(
+            Rule::Internal,
+            Code::Internal,
+            format!("enrollment sync task failed: {e}"),
+        )
+    })?
+}
+
 fn linear_store(e: sled::Error) -> Refusal {
     refuse(
         Rule::Internal,
@@ -248,12 +262,14 @@ impl KeyshareService {
             .anchor_key
             .clone()
             .unwrap_or_else(|| settings.data_dir.join("anchor.key"));
-        let (anchor, created) = SecretKey::read_or_create(&anchor_path)?;
+        let (anchor, created) = psm_core::signing::AnchorFile::init(
+            &share.party,
+            &anchor_path,
+            &settings.data_dir.join("anchor.pub"),
+        )?;
         if created {
             tracing::info!(path = %anchor_path.display(), "anchor key created: give anchor.pub to the regulator's meter provisioning");
         }
-        psm_core::signing::AnchorFile::new(&share.party, &anchor.public())
-            .write(&settings.data_dir.join("anchor.pub"))?;
         let key_path = section
             .enrollment_key
             .clone()
@@ -350,30 +366,14 @@ impl KeyshareService {
             self.audit.clone(),
             self.peers()?.clone(),
         );
-        tokio::spawn(async move { lin.sync(&audit, &peers).await })
-            .await
-            .map_err(|e| {
-                refuse(
-                    Rule::Internal,
-                    Code::Internal,
-                    format!("enrollment sync task failed: {e}"),
-                )
-            })?
+        own_task(async move { lin.sync(&audit, &peers).await }).await
     }
 
     /// Fetches and decides new enrollments without confirming them (what answering a
     /// co-holder's confirmation may do: it never calls a co-holder back).
     async fn decide_enrollments(&self) -> Result<linear::SyncReport, Refusal> {
         let (lin, audit) = (self.linear()?.clone(), self.audit.clone());
-        tokio::spawn(async move { lin.fetch_and_decide(&audit).await })
-            .await
-            .map_err(|e| {
-                refuse(
-                    Rule::Internal,
-                    Code::Internal,
-                    format!("enrollment sync task failed: {e}"),
-                )
-            })?
+        own_task(async move { lin.fetch_and_decide(&audit).await }).await
     }
 
     fn peers(&self) -> Result<&Arc<Peers>, Refusal> {
@@ -710,10 +710,8 @@ impl KeyshareService {
             }
             for (i, r) in page.records.iter().enumerate() {
                 let want = last + 1 + i as u64;
-                if r.seq != want
-                    || r.prev_hash != prev[..]
-                    || r.record_hash != peers::record_hash(r)
-                {
+                let hash = peers::record_hash(r);
+                if r.seq != want || r.prev_hash != prev[..] || r.record_hash != hash {
                     return Err(refuse(
                         Rule::CoHolder,
                         Code::FailedPrecondition,
@@ -730,7 +728,6 @@ impl KeyshareService {
                         format!("release record {want} of {name} holds no release"),
                     )
                 })?;
-                let hash = peers::record_hash(r);
                 let outcome = self.judge(&body).await;
                 let (allow, rule, reason) = match &outcome {
                     Ok(reason) => (

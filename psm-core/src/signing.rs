@@ -313,6 +313,15 @@ impl AnchorFile {
         Ok(f)
     }
 
+    /// The anchor key of `party` at `key` (read, or made there first, mode 0600) with its public
+    /// file written to `public`; returns the key and whether it was made now. What a regulator
+    /// runs once (`psm anchor init`) and a keyshare at every start.
+    pub fn init(party: &str, key: &Path, public: &Path) -> Result<(SecretKey, bool), SigningError> {
+        let (secret, created) = SecretKey::read_or_create(key)?;
+        AnchorFile::new(party, &secret.public()).write(public)?;
+        Ok((secret, created))
+    }
+
     /// Writes the file (mode 0644).
     pub fn write(&self, path: &Path) -> Result<(), SigningError> {
         let text = toml::to_string(self).map_err(|e| KeyFileError::Invalid {

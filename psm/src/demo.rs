@@ -144,9 +144,8 @@ fn anchor_pub(data: &Path, name: &str) -> anyhow::Result<PathBuf> {
     let dir = data.join(name);
     let public = dir.join("anchor.pub");
     if !public.exists() {
-        let (key, _) = psm_core::signing::SecretKey::read_or_create(&dir.join("anchor.key"))
+        psm_core::signing::AnchorFile::init(name, &dir.join("anchor.key"), &public)
             .with_context(|| format!("the anchor key of {name}"))?;
-        psm_core::signing::AnchorFile::new(name, &key.public()).write(&public)?;
     }
     Ok(public)
 }

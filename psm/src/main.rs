@@ -183,9 +183,8 @@ fn main() -> anyhow::Result<()> {
         } => {
             psm_net::identity::validate_label("party", &party).map_err(anyhow::Error::msg)?;
             let key = dir.join(format!("{party}.key"));
-            let (anchor, created) = psm_core::signing::SecretKey::read_or_create(&key)?;
             let public = key.with_extension("pub");
-            psm_core::signing::AnchorFile::new(&party, &anchor.public()).write(&public)?;
+            let (_, created) = psm_core::signing::AnchorFile::init(&party, &key, &public)?;
             println!(
                 "{} {} and {}",
                 if created { "created" } else { "kept" },

@@ -65,11 +65,8 @@ impl TestPki {
         let dir = self.dir.path().join(format!("{name}-data"));
         let public = dir.join("anchor.pub");
         if !public.exists() {
-            let (key, _) = psm_core::signing::SecretKey::read_or_create(&dir.join("anchor.key"))
+            psm_core::signing::AnchorFile::init(name, &dir.join("anchor.key"), &public)
                 .expect("anchor key");
-            psm_core::signing::AnchorFile::new(name, &key.public())
-                .write(&public)
-                .expect("anchor.pub");
         }
         public
     }
@@ -404,6 +401,28 @@ pub async fn start_ingest_named(
         &["--public-dir", &public, "--config", &icfg],
     )
     .await
+}
+
+/// The whole audit log of keyshare `k`, read as the auditor.
+pub async fn audit_log(pki: &TestPki, k: &Proc) -> Vec<psm_proto::v1::AuditRecord> {
+    let mut s = psm_proto::v1::keyshare_client::KeyshareClient::new(pki.channel(
+        k.port,
+        &k.name,
+        Role::Auditor,
+        "regulator",
+    ))
+    .get_audit_log(psm_proto::v1::GetAuditLogRequest {
+        from_seq: 0,
+        limit: 0,
+    })
+    .await
+    .expect("audit log")
+    .into_inner();
+    let mut out = Vec::new();
+    while let Some(r) = s.message().await.expect("audit record") {
+        out.push(r);
+    }
+    out
 }
 
 /// Waits until every keyshare has activated the epoch-`epoch` enrollments of `meters` (its

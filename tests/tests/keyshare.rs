@@ -17,13 +17,13 @@ use psm_core::lwe::{words_from_le_bytes, SQUASHED_BLOCK};
 use psm_core::squashed::uint_batch;
 use psm_core::threshold::{combine_bodies, PartyResponse, Scheme, SharePartial};
 use psm_core::wire::batch_to_proto;
-use psm_e2e::{enroll, enrollment_keys, Proc, TestMeter, TestPki};
+use psm_e2e::{audit_log, enroll, enrollment_keys, Proc, TestMeter, TestPki};
 use psm_net::Role;
 use psm_proto::v1::keyshare_client::KeyshareClient;
 use psm_proto::v1::{
-    AggregateProgram, AuditRecord, Cohort, ComputationKind, ComputationManifest,
-    GetAuditLogRequest, InputRef, KeyRef, LinearRelease, PartialDecryptRequest, ReleaseOutput,
-    ReleaseRequest, ReleaseResponse, TimeRange, Track,
+    AggregateProgram, AuditRecord, Cohort, ComputationKind, ComputationManifest, InputRef, KeyRef,
+    LinearRelease, PartialDecryptRequest, ReleaseOutput, ReleaseRequest, ReleaseResponse,
+    TimeRange, Track,
 };
 use tfhe::prelude::*;
 use tfhe::{CompactCiphertextList, FheUint64};
@@ -152,23 +152,6 @@ fn refused(r: Result<impl Sized, Status>, code: Code, prefix: &str) -> Status {
         e.message()
     );
     e
-}
-
-/// The whole audit log of keyshare `k`, read as the auditor.
-async fn audit_log(pki: &TestPki, k: &Proc) -> Vec<AuditRecord> {
-    let mut s = KeyshareClient::new(pki.channel(k.port, &k.name, Role::Auditor, "regulator"))
-        .get_audit_log(GetAuditLogRequest {
-            from_seq: 0,
-            limit: 0,
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let mut out = Vec::new();
-    while let Some(r) = s.message().await.unwrap() {
-        out.push(r);
-    }
-    out
 }
 
 /// The enrollment decisions in `k`'s audit log once there are at least `n` (they are written by

@@ -10,13 +10,14 @@ use prost::Message;
 use psm_core::linear::Channel;
 use psm_core::signing::{AnchorFile, Anchors, SecretKey};
 use psm_e2e::{
-    enroll, enrollment_keys, registry_entry, submit, Proc, System, TestMeter, TestPki, TEST_POLICY,
+    audit_log, enroll, enrollment_keys, registry_entry, submit, Proc, System, TestMeter, TestPki,
+    TEST_POLICY,
 };
 use psm_net::Role;
 use psm_proto::v1::keyshare_client::KeyshareClient;
 use psm_proto::v1::{
-    AggregateProgram, AuditRecord, Cohort, ComputationKind, EnrollmentState, GetAuditLogRequest,
-    GetReceiptsRequest, LinearRelease, ReceiptAnswer, ReleaseOutput, ReleaseRequest, TimeRange,
+    AggregateProgram, Cohort, ComputationKind, EnrollmentState, GetReceiptsRequest, LinearRelease,
+    ReceiptAnswer, ReleaseOutput, ReleaseRequest, TimeRange,
 };
 use tonic::transport::Channel as GrpcChannel;
 use tonic::Code;
@@ -59,22 +60,6 @@ fn aggregate(ids: &[&str], day: i64, key: &str) -> ReleaseRequest {
             reissue_reason: String::new(),
         }),
     }
-}
-
-async fn audit_log(pki: &TestPki, k: &Proc) -> Vec<AuditRecord> {
-    let mut s = KeyshareClient::new(pki.channel(k.port, &k.name, Role::Auditor, "regulator"))
-        .get_audit_log(GetAuditLogRequest {
-            from_seq: 0,
-            limit: 0,
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let mut out = Vec::new();
-    while let Some(r) = s.message().await.unwrap() {
-        out.push(r);
-    }
-    out
 }
 
 /// What keyshare `k` says about `meters`' epoch-1 enrollments, asked as headend-1.
@@ -124,14 +109,16 @@ fn anchors_of(pki: &TestPki, ks: &[Proc]) -> Anchors {
     a
 }
 
-/// Keyshare `name` over `ingest_name`'s ingest (a keyshare may be shown an ingest of the
-/// utility's choosing).
-async fn start_keyshare_on(
+/// Starts keyshare `name` over `ingest` with `registry` and the test policy, its `[keyshare]`
+/// section starting with the lines `extra` (what an attack changes: another ingest, another
+/// anchor). Keyshares keep their address and data directory, so this also restarts one.
+async fn start_keyshare_with(
     pki: &TestPki,
     keys: &psm_core::ceremony::CeremonyOutput,
     name: &str,
     ingest: &Proc,
     registry: &str,
+    extra: &str,
 ) -> Proc {
     let cfg = psm_e2e::keyshare_config_with_registry(
         pki,
@@ -144,14 +131,23 @@ async fn start_keyshare_on(
     let text = std::fs::read_to_string(&cfg[1]).unwrap();
     std::fs::write(
         &cfg[1],
-        text.replacen(
-            "[keyshare]\n",
-            &format!("[keyshare]\ningest_server_name = {:?}\n", ingest.name),
-            1,
-        ),
+        text.replacen("[keyshare]\n", &format!("[keyshare]\n{extra}"), 1),
     )
     .unwrap();
     Proc::start_keyshare(pki, name, keys, &[cfg[0].as_str(), cfg[1].as_str()]).await
+}
+
+/// Keyshare `name` over `ingest`'s ingest (a keyshare may be shown an ingest of the utility's
+/// choosing).
+async fn start_keyshare_on(
+    pki: &TestPki,
+    keys: &psm_core::ceremony::CeremonyOutput,
+    name: &str,
+    ingest: &Proc,
+    registry: &str,
+) -> Proc {
+    let extra = format!("ingest_server_name = {:?}\n", ingest.name);
+    start_keyshare_with(pki, keys, name, ingest, registry, &extra).await
 }
 
 /// The utility shows the holders of one share different enrollments of meter V: keyshare-1 and
@@ -477,21 +473,7 @@ async fn one_keyshare_down_enrollment_waits_releases_go_on_and_records_are_impor
     assert!(k1
         .signal_and_wait(libc::SIGTERM, Duration::from_secs(15))
         .is_some_and(|s| s.success()));
-    let cfg = psm_e2e::keyshare_config_with_registry(
-        &pki,
-        "keyshare-1",
-        Some(&sys.ingest),
-        Some(keys.public_dir.as_path()),
-        TEST_POLICY,
-        &registry,
-    );
-    k1 = Proc::start_keyshare(
-        &pki,
-        "keyshare-1",
-        &keys,
-        &[cfg[0].as_str(), cfg[1].as_str()],
-    )
-    .await;
+    k1 = start_keyshare_with(&pki, &keys, "keyshare-1", &sys.ingest, &registry, "").await;
     let r = as_compute(&pki, &k1)
         .release(aggregate(&all, DAY, "while-down"))
         .await
@@ -511,21 +493,7 @@ async fn one_keyshare_down_enrollment_waits_releases_go_on_and_records_are_impor
 
     // keyshare-3 comes back (same address and data), imports both records, and then refuses
     // the differencing release that its own ledger alone would have answered.
-    let cfg = psm_e2e::keyshare_config_with_registry(
-        &pki,
-        "keyshare-3",
-        Some(&sys.ingest),
-        Some(keys.public_dir.as_path()),
-        TEST_POLICY,
-        &registry,
-    );
-    k3 = Proc::start_keyshare(
-        &pki,
-        "keyshare-3",
-        &keys,
-        &[cfg[0].as_str(), cfg[1].as_str()],
-    )
-    .await;
+    k3 = start_keyshare_with(&pki, &keys, "keyshare-3", &sys.ingest, &registry, "").await;
     psm_e2e::wait_in_contact(&pki, std::slice::from_ref(&k3)).await;
     let log3 = audit_log(&pki, &k3).await;
     for from in ["keyshare-1", "keyshare-2"] {
@@ -616,35 +584,10 @@ async fn an_impostor_or_a_hung_co_holder_is_a_refusal_not_an_absence() {
     assert!(k1
         .signal_and_wait(libc::SIGTERM, Duration::from_secs(15))
         .is_some_and(|s| s.success()));
-    let cfg = psm_e2e::keyshare_config_with_registry(
-        &pki,
-        "keyshare-1",
-        Some(&sys.ingest),
-        Some(keys.public_dir.as_path()),
-        TEST_POLICY,
-        &registry,
-    );
     let impostor_key = pki.dir.path().join("impostor-anchor.key");
-    let text = std::fs::read_to_string(&cfg[1]).unwrap();
-    std::fs::write(
-        &cfg[1],
-        text.replacen(
-            "[keyshare]\n",
-            &format!(
-                "[keyshare]\nanchor_key = {:?}\n",
-                impostor_key.to_str().unwrap()
-            ),
-            1,
-        ),
-    )
-    .unwrap();
-    let _impostor = Proc::start_keyshare(
-        &pki,
-        "keyshare-1",
-        &keys,
-        &[cfg[0].as_str(), cfg[1].as_str()],
-    )
-    .await;
+    let extra = format!("anchor_key = {:?}\n", impostor_key.to_str().unwrap());
+    let _impostor =
+        start_keyshare_with(&pki, &keys, "keyshare-1", &sys.ingest, &registry, &extra).await;
     let r = as_compute(&pki, &sys.keyshares[0])
         .release(aggregate(&all, DAY + 1, "impostor"))
         .await
