@@ -42,7 +42,13 @@ impl Jobs {
     /// A key this node remembers (running, or among the last KEEP_FINISHED finished) that named
     /// another request is refused with ALREADY_EXISTS; the same request again runs again and,
     /// every release being deterministic, returns the same result.
-    pub fn start(&self, key: &str, request: [u8; 32]) -> Result<JobHandle, ComputeError> {
+    /// `kind` (bill, aggregate, analytics) labels the job's metrics.
+    pub fn start(
+        &self,
+        key: &str,
+        kind: &'static str,
+        request: [u8; 32],
+    ) -> Result<JobHandle, ComputeError> {
         let (tx, _) = watch::channel(JobProgress {
             idempotency_key: key.to_owned(),
             step: "queued".into(),
@@ -60,6 +66,8 @@ impl Jobs {
         t.requests.insert(key.to_owned(), request);
         Ok(JobHandle {
             key: key.to_owned(),
+            kind,
+            started: std::time::Instant::now(),
             tx,
             jobs: self.clone(),
         })
@@ -75,6 +83,8 @@ impl Jobs {
 /// A running job's side of its progress channel.
 pub struct JobHandle {
     key: String,
+    kind: &'static str,
+    started: std::time::Instant,
     tx: watch::Sender<JobProgress>,
     jobs: Jobs,
 }
@@ -92,12 +102,19 @@ impl JobHandle {
 
 impl Drop for JobHandle {
     fn drop(&mut self) {
+        let mut failed = false;
         self.tx.send_modify(|p| {
             p.done = true;
-            if !p.step.starts_with("failed") {
+            failed = p.step.starts_with("failed");
+            if !failed {
                 p.percent = 100;
             }
         });
+        let outcome = if failed { "failed" } else { "ok" };
+        metrics::counter!("psm_compute_jobs_total", "kind" => self.kind, "outcome" => outcome)
+            .increment(1);
+        metrics::histogram!("psm_compute_job_duration_seconds", "kind" => self.kind)
+            .record(self.started.elapsed().as_secs_f64());
         let mut t = self
             .jobs
             .table
@@ -131,7 +148,7 @@ mod tests {
     async fn watchers_see_steps_and_the_end() {
         let jobs = Jobs::default();
         assert!(jobs.watch("a").is_none());
-        let h = jobs.start("a", [1; 32]).unwrap();
+        let h = jobs.start("a", "bill", [1; 32]).unwrap();
         let mut rx = jobs.watch("a").unwrap();
         h.step("summing", 40);
         rx.changed().await.unwrap();
@@ -142,13 +159,13 @@ mod tests {
         // A late watcher still sees the finished job.
         assert!(jobs.watch("a").unwrap().borrow().done);
         // The key names that request: another request under it is refused, the same one runs.
-        let Err(e) = jobs.start("a", [2; 32]) else {
+        let Err(e) = jobs.start("a", "bill", [2; 32]) else {
             panic!("another request under a used key was accepted");
         };
         assert!(
             matches!(e, crate::error::ComputeError::AlreadyExists(_)),
             "{e}"
         );
-        assert!(jobs.start("a", [1; 32]).is_ok());
+        assert!(jobs.start("a", "bill", [1; 32]).is_ok());
     }
 }

@@ -153,7 +153,7 @@ impl Compute for ComputeService {
                 ..req.clone()
             },
         );
-        let job = self.jobs.start(&req.idempotency_key, request)?;
+        let job = self.jobs.start(&req.idempotency_key, "bill", request)?;
         let biller = bill::Biller {
             ingest: e.ingest.clone(),
             decryptor: &e.decryptor,
@@ -177,7 +177,7 @@ impl Compute for ComputeService {
                 ..req.clone()
             },
         );
-        let job = self.jobs.start(&req.idempotency_key, request)?;
+        let job = self.jobs.start(&req.idempotency_key, "aggregate", request)?;
         let agg = aggregate::Aggregator {
             ingest: e.ingest.clone(),
             decryptor: &e.decryptor,
@@ -201,7 +201,7 @@ impl Compute for ComputeService {
                 ..req.clone()
             },
         );
-        let job = self.jobs.start(&req.idempotency_key, request)?;
+        let job = self.jobs.start(&req.idempotency_key, "analytics", request)?;
         let analyst = analytics::Analyst {
             ingest: e.ingest.clone(),
             decryptor: &e.decryptor,

@@ -68,6 +68,22 @@ impl IngestError {
 
 impl From<IngestError> for Status {
     fn from(e: IngestError) -> Self {
+        let reason = match &e {
+            IngestError::Invalid(_) => "invalid",
+            IngestError::NotPermitted(_) => "not_permitted",
+            IngestError::Precondition(_) => "precondition",
+            IngestError::Exhausted(_) => "quota",
+            IngestError::NotFound(_) => "not_found",
+            IngestError::Unavailable(_) => "unavailable",
+            IngestError::Corrupt(_) => "corrupt",
+            IngestError::Internal(_) => "internal",
+            IngestError::Store(StoreError::Conflict { .. } | StoreError::EnrollmentConflict { .. }) => {
+                "conflict"
+            }
+            IngestError::Store(StoreError::Invalid(_)) => "invalid",
+            IngestError::Store(_) => "store_unavailable",
+        };
+        metrics::counter!("psm_ingest_refusals_total", "reason" => reason).increment(1);
         match e {
             IngestError::Invalid(m) => Status::invalid_argument(m),
             IngestError::NotPermitted(m) => Status::permission_denied(m),

@@ -59,6 +59,10 @@ pub struct IngestSection {
     /// checks no signatures (the keyshares still check enrollments and the inputs they
     /// re-execute).
     pub registry: Option<PathBuf>,
+    /// Where readings and enrollments are kept (`[ingest.store]`): sled by default, or
+    /// PostgreSQL for several replicas.
+    #[serde(default)]
+    pub store: crate::store::StoreConfig,
 }
 
 /// How much one caller (certificate identity) may submit, per minute: a token bucket each,
@@ -638,6 +642,10 @@ impl Ingest for IngestService {
             .map_err(join_error)?
             .map_err(IngestError::from)?;
         tracing::info!(caller = %who, key = %req.idempotency_key, stored = outcome.stored, duplicates = outcome.duplicates, "readings stored durably");
+        metrics::counter!("psm_ingest_batches_total", "outcome" => "stored")
+            .increment(outcome.stored.into());
+        metrics::counter!("psm_ingest_batches_total", "outcome" => "duplicate")
+            .increment(outcome.duplicates.into());
         Ok(Response::new(SubmitReadingsResponse {
             stored: outcome.stored,
             duplicates: outcome.duplicates,
@@ -660,6 +668,10 @@ impl Ingest for IngestService {
             .map_err(join_error)?
             .map_err(IngestError::from)?;
         tracing::info!(caller = %who, key = %req.idempotency_key, stored = outcome.stored, duplicates = outcome.duplicates, "enrollments stored durably");
+        metrics::counter!("psm_ingest_enrollments_total", "outcome" => "stored")
+            .increment(outcome.stored.into());
+        metrics::counter!("psm_ingest_enrollments_total", "outcome" => "duplicate")
+            .increment(outcome.duplicates.into());
         Ok(Response::new(EnrollResponse {
             stored: outcome.stored,
             duplicates: outcome.duplicates,

@@ -26,10 +26,10 @@ async fn main() -> anyhow::Result<()> {
         "ingest-data",
     )?;
     let public_dir = cli.public_dir.or(file.service.public_dir);
-    let store = ingest_svc::store::SledStore::open(&settings.data_dir.join("readings"))?;
+    let store = file.service.store.open(&settings.data_dir).await?;
     let mut svc = ingest_svc::IngestService::new(
         public_dir.as_deref(),
-        std::sync::Arc::new(store),
+        store,
         file.service.headends,
         &file.service.quota,
     )?;

@@ -10,6 +10,12 @@
 //!
 //! Enrollments are keyed by (meter, epoch) and numbered in store order, so keyshares can fetch
 //! what they have not seen yet.
+//!
+//! Two backends answer the same contract (one suite of tests runs against both): [`SledStore`],
+//! embedded, for one replica; and [`postgres::PgStore`], for any number of ingest replicas over
+//! one PostgreSQL database. `[ingest.store]` picks one ([`StoreConfig`]).
+
+pub mod postgres;
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -84,6 +90,72 @@ pub trait ReadingStore: Send + Sync + 'static {
     ) -> Result<Vec<Enrollment>, StoreError>;
     /// Whether `meter_id` has enrolled `epoch`.
     fn is_enrolled(&self, meter_id: &str, epoch: u32) -> Result<bool, StoreError>;
+}
+
+/// Which store ingest keeps readings and enrollments in (`[ingest.store]`).
+#[derive(Debug, Clone, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreConfig {
+    /// `sled` (the default: embedded, in `<data_dir>/readings`, one replica) or `postgres`.
+    #[serde(default)]
+    pub backend: BackendKind,
+    /// PostgreSQL URL (`postgres://user@host:5432/db?sslmode=verify-full&sslrootcert=ca.pem`);
+    /// `PSM_INGEST_DATABASE_URL` overrides it, so a password need not be in the file.
+    pub url: Option<String>,
+    /// Connections this replica keeps open (default 16).
+    pub max_connections: Option<u32>,
+    /// Seconds a request waits for a free connection before it fails (default 10).
+    pub acquire_timeout_secs: Option<u64>,
+}
+
+/// The store backends.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendKind {
+    #[default]
+    Sled,
+    Postgres,
+}
+
+/// Environment variable that overrides `[ingest.store] url`.
+pub const DATABASE_URL_ENV: &str = "PSM_INGEST_DATABASE_URL";
+
+impl StoreConfig {
+    /// Opens the configured store (`data_dir` holds the sled one). Call inside the runtime that
+    /// will serve the service.
+    pub async fn open(
+        &self,
+        data_dir: &std::path::Path,
+    ) -> Result<std::sync::Arc<dyn ReadingStore>, StoreError> {
+        match self.backend {
+            BackendKind::Sled => {
+                if self.url.is_some() {
+                    return Err(StoreError::Invalid(
+                        "[ingest.store] url is set but backend is sled; set backend = \"postgres\" or remove the url".into(),
+                    ));
+                }
+                Ok(std::sync::Arc::new(SledStore::open(&data_dir.join("readings"))?))
+            }
+            BackendKind::Postgres => {
+                let url = std::env::var(DATABASE_URL_ENV)
+                    .ok()
+                    .or_else(|| self.url.clone())
+                    .ok_or_else(|| {
+                        StoreError::Invalid(format!(
+                            "[ingest.store] backend = \"postgres\" needs url (or {DATABASE_URL_ENV})"
+                        ))
+                    })?;
+                let settings = postgres::PgSettings {
+                    url,
+                    max_connections: self.max_connections.unwrap_or(16),
+                    acquire_timeout: std::time::Duration::from_secs(
+                        self.acquire_timeout_secs.unwrap_or(10),
+                    ),
+                };
+                Ok(std::sync::Arc::new(postgres::PgStore::connect(&settings).await?))
+            }
+        }
+    }
 }
 
 fn backend(e: impl std::fmt::Display) -> StoreError {
@@ -490,8 +562,8 @@ mod tests {
         psm_core::wire::linear_batch_to_proto(meter, DAY, epoch, ch, interval, first, &bodies)
     }
 
-    /// Reopens a store just closed in this process: sled's flusher thread may hold the file
-    /// lock for a moment after the last handle is dropped.
+    /// Reopens a sled store just closed in this process: sled's flusher thread may hold the
+    /// file lock for a moment after the last handle is dropped.
     fn reopen(dir: &std::path::Path) -> SledStore {
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
         loop {
@@ -503,6 +575,41 @@ mod tests {
                 }
                 Err(e) => panic!("{e}"),
             }
+        }
+    }
+
+    /// Opens the store under test again: the same data, a new handle (a restart).
+    type Open<'a> = &'a dyn Fn() -> Box<dyn ReadingStore>;
+
+    /// Runs `contract` against a fresh sled store and a fresh PostgreSQL database.
+    fn both(contract: fn(Open)) {
+        let dir = tempfile::tempdir().unwrap();
+        contract(&|| Box::new(reopen(dir.path())));
+        let pg = Pg::start();
+        contract(&|| Box::new(pg.open()));
+    }
+
+    /// A throwaway PostgreSQL server and the runtime its stores run on.
+    struct Pg {
+        rt: tokio::runtime::Runtime,
+        server: psm_testpg::TestPostgres,
+    }
+
+    impl Pg {
+        fn start() -> Pg {
+            Pg {
+                rt: tokio::runtime::Runtime::new().unwrap(),
+                server: psm_testpg::TestPostgres::start().unwrap(),
+            }
+        }
+
+        fn open(&self) -> postgres::PgStore {
+            let settings = postgres::PgSettings {
+                url: self.server.url("psm"),
+                max_connections: 8,
+                acquire_timeout: std::time::Duration::from_secs(10),
+            };
+            self.rt.block_on(postgres::PgStore::connect(&settings)).unwrap()
         }
     }
 
@@ -530,12 +637,15 @@ mod tests {
 
     #[test]
     fn batches_are_idempotent_disjoint_atomic_and_reopened() {
-        let dir = tempfile::tempdir().unwrap();
+        both(batches_contract);
+    }
+
+    fn batches_contract(open: Open) {
         let full = lin("m1", 1, Channel::Import, 900, 0, 96, 1);
         let morning = lin("m2", 1, Channel::Import, 900, 0, 40, 2);
         let afternoon = lin("m2", 1, Channel::Import, 900, 40, 56, 3);
         {
-            let s = SledStore::open(dir.path()).unwrap();
+            let s = open();
             let a = [
                 full.clone(),
                 tfhe("m1", "2026-01-01", 1),
@@ -574,7 +684,7 @@ mod tests {
             assert!(s.scan("m3", "2026-01-01", "2026-12-31").unwrap().is_empty());
             assert_eq!(s.meters().unwrap(), ["m1", "m2"]);
         }
-        let s = reopen(dir.path());
+        let s = open();
         let got = s.scan("m1", "2026-01-01", "2026-01-02").unwrap();
         let order: Vec<(&str, i32, u32, i32)> = got
             .iter()
@@ -602,8 +712,11 @@ mod tests {
 
     #[test]
     fn overlapping_slots_are_refused() {
-        let dir = tempfile::tempdir().unwrap();
-        let s = SledStore::open(dir.path()).unwrap();
+        both(overlap_contract);
+    }
+
+    fn overlap_contract(open: Open) {
+        let s = open();
         // A partial day, then the full day.
         let partial = lin("m1", 1, Channel::Import, 900, 0, 40, 1);
         assert_eq!(
@@ -653,9 +766,12 @@ mod tests {
 
     #[test]
     fn enrollments_are_numbered_idempotent_and_durable() {
-        let dir = tempfile::tempdir().unwrap();
+        both(enrollment_contract);
+    }
+
+    fn enrollment_contract(open: Open) {
         {
-            let s = SledStore::open(dir.path()).unwrap();
+            let s = open();
             assert!(!s.is_enrolled("m1", 1).unwrap());
             let a = [
                 enrollment("m1", 1, 1),
@@ -683,7 +799,7 @@ mod tests {
             ));
             assert!(!s.is_enrolled("m4", 1).unwrap());
         }
-        let s = reopen(dir.path());
+        let s = open();
         assert_eq!(
             s.put_enrollments(&[enrollment("m3", 1, 8)]).unwrap(),
             outcome(1, 0)
@@ -707,6 +823,105 @@ mod tests {
         assert!(s.enrollments_after(4, None, 10).unwrap().is_empty());
         assert!(s.enrollments_after(u64::MAX, None, 10).unwrap().is_empty());
         assert!(s.enrollments_after(0, None, 0).unwrap().is_empty());
+    }
+
+    /// Two replicas (store handles with their own pools), four writers each, submitting the
+    /// same batches in different orders and, for some meter-days, different bodies for the
+    /// same slots at the same time; and enrollments from both while a keyshare-like reader
+    /// pages through them by sequence number.
+    #[test]
+    fn concurrent_replicas_keep_the_contract_on_postgres() {
+        let pg = Pg::start();
+        let replicas = [pg.open(), pg.open()];
+        let meters: Vec<String> = (0..12).map(|m| format!("m{m}")).collect();
+        let quarter = |m: &str, q: u32| lin(m, 1, Channel::Import, 900, q * 24, 24, 1);
+        let results = std::sync::Mutex::new(Vec::new());
+        std::thread::scope(|sc| {
+            for (r, store) in replicas.iter().enumerate() {
+                for w in 0..4u32 {
+                    let (meters, results) = (&meters, &results);
+                    sc.spawn(move || {
+                        for (k, m) in meters.iter().enumerate() {
+                            // Every writer sends every quarter of every day, two per request,
+                            // starting at a different quarter.
+                            let qs: Vec<u32> = (0..4).map(|i| (i + w + k as u32) % 4).collect();
+                            for pair in qs.chunks(2) {
+                                let batch: Vec<ReadingBatch> =
+                                    pair.iter().map(|&q| quarter(m, q)).collect();
+                                let out = store.put_all(&batch).unwrap();
+                                results.lock().unwrap().push((r, out));
+                            }
+                            // The contested meter-day: each replica's own body for slots
+                            // 0..48 of day 2.
+                            let mut mine = lin(m, 1, Channel::Import, 900, 0, 48, 10 + r as u128);
+                            mine.day = "2026-01-02".into();
+                            let _ = store.put_all(&[mine]);
+                        }
+                    });
+                }
+            }
+        });
+        let s = &replicas[0];
+        let stored: u32 = results.lock().unwrap().iter().map(|(_, o)| o.stored).sum();
+        let dups: u32 = results.lock().unwrap().iter().map(|(_, o)| o.duplicates).sum();
+        assert_eq!(stored, 12 * 4, "each quarter stored exactly once");
+        assert_eq!(stored + dups, 2 * 4 * 12 * 4);
+        for m in &meters {
+            let day1 = s.scan(m, "2026-01-01", "2026-01-01").unwrap();
+            assert_eq!(day1, (0..4).map(|q| quarter(m, q)).collect::<Vec<_>>());
+            // Exactly one body for the contested slots: one of the two, never both or a mix.
+            let day2 = s.scan(m, "2026-01-02", "2026-01-02").unwrap();
+            assert_eq!(day2.len(), 1, "{m}: {day2:?}");
+            let winner = [10u128, 11].map(|v| {
+                let mut b = lin(m, 1, Channel::Import, 900, 0, 48, v);
+                b.day = "2026-01-02".into();
+                b
+            });
+            assert!(winner.contains(&day2[0]));
+        }
+        assert_eq!(s.meters().unwrap().len(), 12);
+
+        // Enrollments from both replicas while a reader pages by sequence number: the reader
+        // sees every one exactly once, numbered 1..=n without a gap, however commits
+        // interleave.
+        let done = std::sync::atomic::AtomicBool::new(false);
+        let seen = std::thread::scope(|sc| {
+            let reader = sc.spawn(|| {
+                let mut seen = Vec::new();
+                loop {
+                    let finished = done.load(std::sync::atomic::Ordering::SeqCst);
+                    let after = seen.last().copied().unwrap_or(0);
+                    let page = s.enrollments_after(after, None, 7).unwrap();
+                    seen.extend(page.iter().map(|e| e.seq));
+                    if finished && page.is_empty() {
+                        return seen;
+                    }
+                }
+            });
+            let writers: Vec<_> = replicas
+                .iter()
+                .enumerate()
+                .flat_map(|(r, store)| {
+                    (0..3).map(move |w| (r, w, store))
+                })
+                .map(|(r, w, store)| {
+                    sc.spawn(move || {
+                        for k in 0..20 {
+                            let meter = format!("e{r}-{w}-{k}");
+                            store
+                                .put_enrollments(&[enrollment(&meter, 1, k as u8)])
+                                .unwrap();
+                        }
+                    })
+                })
+                .collect();
+            for w in writers {
+                w.join().unwrap();
+            }
+            done.store(true, std::sync::atomic::Ordering::SeqCst);
+            reader.join().unwrap()
+        });
+        assert_eq!(seen, (1..=120).collect::<Vec<u64>>());
     }
 
     #[test]

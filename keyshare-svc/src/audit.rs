@@ -69,6 +69,7 @@ impl AuditLog {
                 prev_hash: GENESIS,
             },
         };
+        metrics::gauge!("psm_keyshare_audit_records").set(head.next_seq as f64);
         let log = AuditLog {
             db,
             tree,
@@ -201,6 +202,19 @@ impl AuditLog {
         head.next_seq = seq;
         head.prev_hash = prev;
         self.db.flush_async().await?;
+        for d in ds {
+            // Rule names are a fixed set (crate::rules); anything else is counted as "other" so
+            // the label cannot grow without bound.
+            let rule = crate::rules::Rule::ALL
+                .iter()
+                .map(|r| r.name())
+                .find(|n| *n == d.rule)
+                .unwrap_or("other");
+            let decision = if d.allow { "allow" } else { "refuse" };
+            metrics::counter!("psm_keyshare_decisions_total", "rule" => rule, "decision" => decision)
+                .increment(1);
+        }
+        metrics::gauge!("psm_keyshare_audit_records").set(seq as f64);
         Ok(first)
     }
 

@@ -1039,9 +1039,14 @@ impl KeyshareService {
         let recomputed = match key.kind {
             KeyKind::Tfhe => {
                 let registry = self.linear()?.registry();
-                self.reexec
+                let started = std::time::Instant::now();
+                let r = self
+                    .reexec
                     .tfhe(manifest, &checked, registry, permit.clone())
-                    .await?
+                    .await;
+                metrics::histogram!("psm_keyshare_reexecution_seconds", "track" => "tfhe")
+                    .record(started.elapsed().as_secs_f64());
+                r?
             }
         };
         if recomputed.hash() != output_hash {

@@ -9,6 +9,7 @@ pub mod client;
 pub mod config;
 pub mod error;
 pub mod identity;
+pub mod metrics;
 pub mod pki;
 pub mod quorum;
 pub mod quota;

@@ -89,6 +89,7 @@ pub async fn serve(
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
     let router = Server::builder()
         .tls_config(tls)?
+        .layer(crate::metrics::RpcMetricsLayer::new(service_names))
         .layer(AuthLayer::new(
             &settings.trust_domain,
             settings.tls.revocations()?,
@@ -143,26 +144,38 @@ async fn set_all(reporter: &HealthReporter, names: &[&'static str], status: Serv
     }
 }
 
-/// Plaintext port with only the health service, sharing the main server's health state.
+/// Plaintext port for probes and scrapers: the gRPC health service (sharing the main server's
+/// health state) and `GET /metrics` in the Prometheus text format. Neither reveals more than
+/// counts and timings; it carries no credentials, so bind it where only the cluster reaches.
 async fn spawn_probe_port(
     addr: SocketAddr,
     reporter: HealthReporter,
 ) -> Result<tokio::task::JoinHandle<()>, NetError> {
     let listener = bind(addr).await?;
-    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
     let health = tonic_health::pb::health_server::HealthServer::new(
         tonic_health::server::HealthService::from_health_reporter(reporter),
     );
-    tracing::info!(address = %addr, "serving plaintext health checks for probes");
+    crate::metrics::handle();
+    let app = Routes::new(health)
+        .prepare()
+        .into_axum_router()
+        .route("/metrics", axum::routing::get(metrics_page));
+    tracing::info!(address = %addr, "serving plaintext health checks and /metrics for probes");
     Ok(tokio::spawn(async move {
-        if let Err(e) = Server::builder()
-            .add_service(health)
-            .serve_with_incoming(incoming)
-            .await
-        {
+        if let Err(e) = axum::serve(listener, app).await {
             tracing::error!(error = %e, "health probe port failed");
         }
     }))
+}
+
+async fn metrics_page() -> impl axum::response::IntoResponse {
+    (
+        [(
+            http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        crate::metrics::render(),
+    )
 }
 
 /// Binds `settings.listen` and serves until SIGTERM or SIGINT: what a service `main` calls.
