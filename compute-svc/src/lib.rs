@@ -177,7 +177,9 @@ impl Compute for ComputeService {
                 ..req.clone()
             },
         );
-        let job = self.jobs.start(&req.idempotency_key, "aggregate", request)?;
+        let job = self
+            .jobs
+            .start(&req.idempotency_key, "aggregate", request)?;
         let agg = aggregate::Aggregator {
             ingest: e.ingest.clone(),
             decryptor: &e.decryptor,
@@ -201,7 +203,9 @@ impl Compute for ComputeService {
                 ..req.clone()
             },
         );
-        let job = self.jobs.start(&req.idempotency_key, "analytics", request)?;
+        let job = self
+            .jobs
+            .start(&req.idempotency_key, "analytics", request)?;
         let analyst = analytics::Analyst {
             ingest: e.ingest.clone(),
             decryptor: &e.decryptor,

@@ -77,9 +77,9 @@ impl From<IngestError> for Status {
             IngestError::Unavailable(_) => "unavailable",
             IngestError::Corrupt(_) => "corrupt",
             IngestError::Internal(_) => "internal",
-            IngestError::Store(StoreError::Conflict { .. } | StoreError::EnrollmentConflict { .. }) => {
-                "conflict"
-            }
+            IngestError::Store(
+                StoreError::Conflict { .. } | StoreError::EnrollmentConflict { .. },
+            ) => "conflict",
             IngestError::Store(StoreError::Invalid(_)) => "invalid",
             IngestError::Store(_) => "store_unavailable",
         };

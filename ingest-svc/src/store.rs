@@ -134,7 +134,9 @@ impl StoreConfig {
                         "[ingest.store] url is set but backend is sled; set backend = \"postgres\" or remove the url".into(),
                     ));
                 }
-                Ok(std::sync::Arc::new(SledStore::open(&data_dir.join("readings"))?))
+                Ok(std::sync::Arc::new(SledStore::open(
+                    &data_dir.join("readings"),
+                )?))
             }
             BackendKind::Postgres => {
                 let url = std::env::var(DATABASE_URL_ENV)
@@ -152,7 +154,9 @@ impl StoreConfig {
                         self.acquire_timeout_secs.unwrap_or(10),
                     ),
                 };
-                Ok(std::sync::Arc::new(postgres::PgStore::connect(&settings).await?))
+                Ok(std::sync::Arc::new(
+                    postgres::PgStore::connect(&settings).await?,
+                ))
             }
         }
     }
@@ -609,7 +613,9 @@ mod tests {
                 max_connections: 8,
                 acquire_timeout: std::time::Duration::from_secs(10),
             };
-            self.rt.block_on(postgres::PgStore::connect(&settings)).unwrap()
+            self.rt
+                .block_on(postgres::PgStore::connect(&settings))
+                .unwrap()
         }
     }
 
@@ -863,7 +869,12 @@ mod tests {
         });
         let s = &replicas[0];
         let stored: u32 = results.lock().unwrap().iter().map(|(_, o)| o.stored).sum();
-        let dups: u32 = results.lock().unwrap().iter().map(|(_, o)| o.duplicates).sum();
+        let dups: u32 = results
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(_, o)| o.duplicates)
+            .sum();
         assert_eq!(stored, 12 * 4, "each quarter stored exactly once");
         assert_eq!(stored + dups, 2 * 4 * 12 * 4);
         for m in &meters {
@@ -901,9 +912,7 @@ mod tests {
             let writers: Vec<_> = replicas
                 .iter()
                 .enumerate()
-                .flat_map(|(r, store)| {
-                    (0..3).map(move |w| (r, w, store))
-                })
+                .flat_map(|(r, store)| (0..3).map(move |w| (r, w, store)))
                 .map(|(r, w, store)| {
                     sc.spawn(move || {
                         for k in 0..20 {

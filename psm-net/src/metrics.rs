@@ -36,7 +36,9 @@ pub fn handle() -> &'static PrometheusHandle {
         let recorder = builder.build_recorder();
         let handle = recorder.handle();
         if metrics::set_global_recorder(recorder).is_err() {
-            tracing::warn!("a metrics recorder was already installed; /metrics shows only this one's series");
+            tracing::warn!(
+                "a metrics recorder was already installed; /metrics shows only this one's series"
+            );
         }
         // Histograms keep raw samples until upkeep folds them into buckets.
         let upkeep = handle.clone();
@@ -140,7 +142,12 @@ fn code_name(code: Code) -> &'static str {
 }
 
 fn status_of(headers: &http::HeaderMap) -> Option<Code> {
-    let v = headers.get("grpc-status")?.to_str().ok()?.parse::<i32>().ok()?;
+    let v = headers
+        .get("grpc-status")?
+        .to_str()
+        .ok()?
+        .parse::<i32>()
+        .ok()?;
     Some(Code::from_i32(v))
 }
 
@@ -277,7 +284,12 @@ mod tests {
             labels("/grpc.health.v1.Health/Check", svc),
             ("grpc.health.v1.Health", "Check".to_string())
         );
-        for junk in ["/attacker.Made/Up", "/psm.v1.Ingest/", "/", "/psm.v1.Ingest/a/b"] {
+        for junk in [
+            "/attacker.Made/Up",
+            "/psm.v1.Ingest/",
+            "/",
+            "/psm.v1.Ingest/a/b",
+        ] {
             assert_eq!(labels(junk, svc), ("other", "other".to_string()), "{junk}");
         }
         let long = format!("/psm.v1.Ingest/{}", "x".repeat(65));
@@ -289,6 +301,9 @@ mod tests {
         handle();
         metrics::counter!("psm_test_events_total", "kind" => "a").increment(3);
         let text = render();
-        assert!(text.contains("psm_test_events_total{kind=\"a\"} 3"), "{text}");
+        assert!(
+            text.contains("psm_test_events_total{kind=\"a\"} 3"),
+            "{text}"
+        );
     }
 }

@@ -238,7 +238,9 @@ mod tests {
     #[test]
     fn a_server_starts_takes_queries_and_stops() {
         let pg = super::TestPostgres::start().unwrap();
-        let out = pg.client("psql", &["-d", "psm", "-Atc", "SELECT 40 + 2"]).unwrap();
+        let out = pg
+            .client("psql", &["-d", "psm", "-Atc", "SELECT 40 + 2"])
+            .unwrap();
         assert_eq!(String::from_utf8_lossy(&out).trim(), "42");
         let url = pg.create_database("other").unwrap();
         assert!(url.ends_with("/other"));

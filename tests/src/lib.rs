@@ -379,6 +379,19 @@ pub async fn start_ingest_named(
     name: &str,
     registry: &str,
 ) -> Proc {
+    start_ingest_with(pki, keys, name, registry, "", &[]).await
+}
+
+/// As [`start_ingest_named`], with `store` appended to the config file (an `[ingest.store]`
+/// section) and `extra` flags.
+pub async fn start_ingest_with(
+    pki: &TestPki,
+    keys: &psm_core::ceremony::CeremonyOutput,
+    name: &str,
+    registry: &str,
+    store: &str,
+    extra: &[&str],
+) -> Proc {
     let public = keys.public_dir.to_str().expect("utf-8 path").to_owned();
     let reg = pki.dir.path().join(format!("{name}-registry.toml"));
     fs::write(&reg, registry).expect("registry file");
@@ -386,19 +399,21 @@ pub async fn start_ingest_named(
     fs::write(
         &icfg,
         format!(
-            "[ingest]\nregistry = {:?}\n[ingest.headends]\n\"headend-1\" = [\"*\"]\n",
+            "[ingest]\nregistry = {:?}\n[ingest.headends]\n\"headend-1\" = [\"*\"]\n{store}\n",
             reg.to_str().expect("utf-8 path")
         ),
     )
     .expect("ingest config");
     let icfg = icfg.to_str().expect("utf-8 path").to_owned();
+    let mut args = vec!["--public-dir", &public, "--config", &icfg];
+    args.extend_from_slice(extra);
     Proc::start(
         pki,
         "ingest-svc",
         Role::Ingest,
         name,
         psm_proto::service_names::INGEST,
-        &["--public-dir", &public, "--config", &icfg],
+        &args,
     )
     .await
 }
@@ -577,8 +592,20 @@ impl System {
         policy: &str,
         registry: &str,
     ) -> System {
-        let public = keys.public_dir.to_str().expect("utf-8 path").to_owned();
         let ingest = start_ingest_named(pki, keys, "ingest", registry).await;
+        Self::start_over(pki, keys, compute_extra, policy, registry, ingest).await
+    }
+
+    /// Starts the keyshares and compute over an ingest already running.
+    pub async fn start_over(
+        pki: &TestPki,
+        keys: &psm_core::ceremony::CeremonyOutput,
+        compute_extra: &str,
+        policy: &str,
+        registry: &str,
+        ingest: Proc,
+    ) -> System {
+        let public = keys.public_dir.to_str().expect("utf-8 path").to_owned();
         let keyshares =
             start_keyshares_with_registry(pki, keys, Some(&ingest), policy, registry).await;
         let mut ccfg = format!(
@@ -777,4 +804,42 @@ pub async fn submit(
         total.duplicates += r.duplicates;
     }
     Ok(total)
+}
+
+/// The Prometheus text a service serves on its plaintext health port (`GET /metrics`, plain
+/// HTTP/1.1, as a scraper sends it).
+pub async fn scrape(port: u16) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("metrics port");
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+        .await
+        .expect("send scrape");
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).await.expect("read scrape");
+    let text = String::from_utf8(out).expect("utf-8 metrics");
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    text
+}
+
+/// The sum of every series of `name` whose labels include all of `labels`, in scraped `text`
+/// (0 when there is none).
+pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            let (n, rest) = match series.split_once('{') {
+                Some((n, rest)) => (n, rest),
+                None => (series, ""),
+            };
+            (n == name
+                && labels
+                    .iter()
+                    .all(|(k, v)| rest.contains(&format!("{k}=\"{v}\""))))
+            .then(|| value.parse::<f64>().ok())
+            .flatten()
+        })
+        .sum()
 }

@@ -85,8 +85,7 @@ impl PgStore {
     /// Connects, and migrates the schema to this version's. Must run inside a tokio runtime,
     /// which then serves every later call.
     pub async fn connect(settings: &PgSettings) -> Result<Self, StoreError> {
-        if !(settings.url.starts_with("postgres://") || settings.url.starts_with("postgresql://"))
-        {
+        if !(settings.url.starts_with("postgres://") || settings.url.starts_with("postgresql://")) {
             return Err(StoreError::Invalid(
                 "the PostgreSQL URL must start with postgres:// (postgres://user:password@host:port/database)".into(),
             ));
@@ -178,13 +177,21 @@ fn row_of(i: usize, b: &ReadingBatch) -> Result<Row_, StoreError> {
             let lb = psm_core::wire::linear_batch(b).map_err(|e| {
                 StoreError::Invalid(format!("batch {i} ({} {}): {e}", b.meter_id, b.day))
             })?;
-            (Track::Linear as i16, epoch, i16::from(lb.channel.tag()), slots)
+            (
+                Track::Linear as i16,
+                epoch,
+                i16::from(lb.channel.tag()),
+                slots,
+            )
         }
         _ => (Track::Tfhe as i16, 0, 0, (0, slots_per_day)),
     };
     let slot = |s: u64| {
         i32::try_from(s).map_err(|_| {
-            StoreError::Invalid(format!("batch {i} ({} {}): slots out of range", b.meter_id, b.day))
+            StoreError::Invalid(format!(
+                "batch {i} ({} {}): slots out of range",
+                b.meter_id, b.day
+            ))
         })
     };
     Ok(Row_ {
@@ -287,14 +294,22 @@ impl ReadingStore for PgStore {
         // One order for every writer, so concurrent requests over the same meter-days wait for
         // each other instead of deadlocking (a deadlock is retried anyway).
         rows.sort_by(|a, b| {
-            (&a.meter_id, &a.day, a.track, a.epoch, a.channel, a.first_slot).cmp(&(
-                &b.meter_id,
-                &b.day,
-                b.track,
-                b.epoch,
-                b.channel,
-                b.first_slot,
-            ))
+            (
+                &a.meter_id,
+                &a.day,
+                a.track,
+                a.epoch,
+                a.channel,
+                a.first_slot,
+            )
+                .cmp(&(
+                    &b.meter_id,
+                    &b.day,
+                    b.track,
+                    b.epoch,
+                    b.channel,
+                    b.first_slot,
+                ))
         });
         let meters: BTreeSet<&str> = rows.iter().map(|r| r.meter_id.as_str()).collect();
         let meters: Vec<String> = meters.into_iter().map(str::to_owned).collect();
@@ -350,7 +365,9 @@ impl ReadingStore for PgStore {
 
     fn meters(&self) -> Result<Vec<String>, StoreError> {
         let rows = self
-            .block(sqlx::query("SELECT meter_id FROM meters ORDER BY meter_id").fetch_all(&self.pool))
+            .block(
+                sqlx::query("SELECT meter_id FROM meters ORDER BY meter_id").fetch_all(&self.pool),
+            )
             .map_err(backend)?;
         rows.iter()
             .map(|r| r.try_get("meter_id").map_err(backend))
@@ -484,7 +501,10 @@ mod tests {
             acquire_timeout: Duration::from_secs(1),
         };
         let err = rt.block_on(PgStore::connect(&settings)).err().unwrap();
-        assert!(err.to_string().contains("must start with postgres://"), "{err}");
+        assert!(
+            err.to_string().contains("must start with postgres://"),
+            "{err}"
+        );
         // A server that is not there: the error names where it looked, and not the password.
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
@@ -497,7 +517,10 @@ mod tests {
         };
         let err = rt.block_on(PgStore::connect(&settings)).err().unwrap();
         let m = err.to_string();
-        assert!(m.contains(&format!("127.0.0.1:{port}")) && m.contains("readings"), "{m}");
+        assert!(
+            m.contains(&format!("127.0.0.1:{port}")) && m.contains("readings"),
+            "{m}"
+        );
         assert!(!m.contains("secret"), "{m}");
     }
 }
