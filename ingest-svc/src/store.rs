@@ -139,23 +139,16 @@ impl StoreConfig {
                 )?))
             }
             BackendKind::Postgres => {
-                let url = std::env::var(DATABASE_URL_ENV)
-                    .ok()
-                    .or_else(|| self.url.clone())
-                    .ok_or_else(|| {
-                        StoreError::Invalid(format!(
-                            "[ingest.store] backend = \"postgres\" needs url (or {DATABASE_URL_ENV})"
-                        ))
-                    })?;
-                let settings = postgres::PgSettings {
-                    url,
-                    max_connections: self.max_connections.unwrap_or(16),
-                    acquire_timeout: std::time::Duration::from_secs(
-                        self.acquire_timeout_secs.unwrap_or(10),
-                    ),
+                let pg = psm_pg::PgConfig {
+                    url: self.url.clone(),
+                    max_connections: self.max_connections,
+                    acquire_timeout_secs: self.acquire_timeout_secs,
                 };
+                let url = pg
+                    .resolved_url(DATABASE_URL_ENV)
+                    .map_err(|e| StoreError::Invalid(format!("[ingest.store]: {e}")))?;
                 Ok(std::sync::Arc::new(
-                    postgres::PgStore::connect(&settings).await?,
+                    postgres::PgStore::connect(&pg, &url).await?,
                 ))
             }
         }
@@ -608,13 +601,12 @@ mod tests {
         }
 
         fn open(&self) -> postgres::PgStore {
-            let settings = postgres::PgSettings {
-                url: self.server.url("psm"),
-                max_connections: 8,
-                acquire_timeout: std::time::Duration::from_secs(10),
+            let config = psm_pg::PgConfig {
+                max_connections: Some(8),
+                ..Default::default()
             };
             self.rt
-                .block_on(postgres::PgStore::connect(&settings))
+                .block_on(postgres::PgStore::connect(&config, &self.server.url("psm")))
                 .unwrap()
         }
     }

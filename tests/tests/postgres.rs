@@ -318,12 +318,7 @@ async fn ingest_replicas_share_one_postgres_database() {
         "the kill came mid-stream: {} acknowledged",
         acked.len()
     );
-    let settings = ingest_svc::store::postgres::PgSettings {
-        url: url.clone(),
-        max_connections: 2,
-        acquire_timeout: Duration::from_secs(10),
-    };
-    let store = ingest_svc::store::postgres::PgStore::connect(&settings)
+    let store = ingest_svc::store::postgres::PgStore::connect(&Default::default(), &url)
         .await
         .unwrap();
     let store = std::sync::Arc::new(store);

@@ -9,29 +9,21 @@
 //! never skips one.
 
 use std::collections::BTreeSet;
-use std::str::FromStr;
-use std::time::Duration;
 
 use prost::Message;
 use psm_core::readings::validate_meter_id;
 use psm_proto::v1::{Enrollment, ReadingBatch, Track};
-use sqlx::migrate::{Migration, MigrationType, Migrator};
-use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
-use sqlx::{Row, SqlSafeStr};
+use sqlx::postgres::PgPool;
+use sqlx::Row;
 
 use super::{prepare, slot_time, PutOutcome, ReadingStore, StoreError};
 
-/// Schema versions, applied in order at start-up (sqlx's migration table, under its lock, so
-/// replicas starting together migrate once).
-fn migrator() -> Migrator {
-    Migrator::with_migrations(vec![Migration::new(
-        1,
-        "readings and enrollments".into(),
-        MigrationType::Simple,
-        include_str!("../../migrations/0001_readings_and_enrollments.sql").into_sql_str(),
-        false,
-    )])
-}
+/// Ingest's schema versions (migration table `_psm_ingest_migrations`).
+pub const SCHEMA: &[psm_pg::Version] = &[psm_pg::Version {
+    version: 1,
+    description: "readings and enrollments",
+    sql: include_str!("../../migrations/0001_readings_and_enrollments.sql"),
+}];
 
 /// Key of the advisory lock that serialises enrollment numbering ("psm-enro").
 const ENROLLMENT_LOCK: i64 = 0x7073_6d2d_656e_726f;
@@ -40,26 +32,8 @@ const ENROLLMENT_LOCK: i64 = 0x7073_6d2d_656e_726f;
 /// failure (concurrent replicas writing the same meter-days in different orders).
 const RETRIES: usize = 5;
 
-/// Connection settings (`[ingest.store]` with `backend = "postgres"`).
-#[derive(Debug, Clone)]
-pub struct PgSettings {
-    /// `postgres://user:password@host:port/db?sslmode=verify-full&sslrootcert=ca.pem`: TLS to the
-    /// database is chosen by `sslmode` (disable, prefer, require, verify-ca, verify-full).
-    pub url: String,
-    /// Pool size of this replica.
-    pub max_connections: u32,
-    /// How long a request waits for a free connection before it fails as UNAVAILABLE.
-    pub acquire_timeout: Duration,
-}
-
 fn backend(e: impl std::fmt::Display) -> StoreError {
     StoreError::Backend(e.to_string())
-}
-
-fn retryable(e: &sqlx::Error) -> bool {
-    e.as_database_error()
-        .and_then(|d| d.code())
-        .is_some_and(|c| c == "40P01" || c == "40001")
 }
 
 /// Why a request's transaction ended: a store rule, or a database error that may be retried.
@@ -82,36 +56,16 @@ pub struct PgStore {
 }
 
 impl PgStore {
-    /// Connects, and migrates the schema to this version's. Must run inside a tokio runtime,
-    /// which then serves every later call.
-    pub async fn connect(settings: &PgSettings) -> Result<Self, StoreError> {
-        if !(settings.url.starts_with("postgres://") || settings.url.starts_with("postgresql://")) {
-            return Err(StoreError::Invalid(
-                "the PostgreSQL URL must start with postgres:// (postgres://user:password@host:port/database)".into(),
-            ));
-        }
-        let opts = PgConnectOptions::from_str(&settings.url).map_err(|e| {
-            StoreError::Invalid(format!(
-                "the PostgreSQL URL is not usable: {e} (expected postgres://user:password@host:port/database)"
-            ))
-        })?;
-        let pool = PgPoolOptions::new()
-            .max_connections(settings.max_connections.max(1))
-            .acquire_timeout(settings.acquire_timeout)
-            .connect_with(opts.clone())
+    /// Connects to `url` with `config`'s pool settings and migrates the schema to this
+    /// version's. Must run inside a tokio runtime, which then serves every later call.
+    pub async fn connect(config: &psm_pg::PgConfig, url: &str) -> Result<Self, StoreError> {
+        let pool = config
+            .connect(url, "ingest", SCHEMA)
             .await
-            .map_err(|e| {
-                backend(format!(
-                    "cannot connect to PostgreSQL at {}:{} (database {:?}): {e}",
-                    opts.get_host(),
-                    opts.get_port(),
-                    opts.get_database().unwrap_or("(default)")
-                ))
+            .map_err(|e| match e {
+                psm_pg::PgError::Config(m) => StoreError::Invalid(m),
+                e => backend(e),
             })?;
-        migrator()
-            .run(&pool)
-            .await
-            .map_err(|e| backend(format!("migrating the PostgreSQL schema: {e}")))?;
         Ok(PgStore {
             pool,
             rt: tokio::runtime::Handle::current(),
@@ -145,7 +99,7 @@ impl PgStore {
                 match res {
                     Ok(v) => return Ok(v),
                     Err(TxError::Store(e)) => return Err(e),
-                    Err(TxError::Sql(e)) if retryable(&e) && tries < RETRIES => {
+                    Err(TxError::Sql(e)) if psm_pg::retryable(&e) && tries < RETRIES => {
                         tracing::debug!(error = %e, tries, "PostgreSQL aborted a write; retrying");
                     }
                     Err(TxError::Sql(e)) => return Err(backend(e)),
@@ -485,42 +439,5 @@ impl ReadingStore for PgStore {
             )
             .map_err(backend)?;
         row.try_get("e").map_err(backend)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_url_that_is_not_postgres_is_refused_with_a_readable_error() {
-        let rt = tokio::runtime::Runtime::new().unwrap();
-        let settings = PgSettings {
-            url: "mysql://nobody@127.0.0.1/x".into(),
-            max_connections: 1,
-            acquire_timeout: Duration::from_secs(1),
-        };
-        let err = rt.block_on(PgStore::connect(&settings)).err().unwrap();
-        assert!(
-            err.to_string().contains("must start with postgres://"),
-            "{err}"
-        );
-        // A server that is not there: the error names where it looked, and not the password.
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let settings = PgSettings {
-            url: format!("postgres://psm:secret@127.0.0.1:{port}/readings"),
-            ..settings
-        };
-        let err = rt.block_on(PgStore::connect(&settings)).err().unwrap();
-        let m = err.to_string();
-        assert!(
-            m.contains(&format!("127.0.0.1:{port}")) && m.contains("readings"),
-            "{m}"
-        );
-        assert!(!m.contains("secret"), "{m}");
     }
 }
