@@ -8,15 +8,18 @@ pub mod bill;
 pub mod decrypt;
 pub mod error;
 pub mod inputs;
+pub mod job_queue;
 pub mod jobs;
 pub mod tfhe;
 
 use crate::error::ComputeError;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use psm_core::ceremony::PublicBundle;
 
+use prost::Message;
 use psm_net::config::{ServerSettings, DEFAULT_MAX_RESPONSE_BYTES};
 use psm_proto::v1::compute_server::{Compute, ComputeServer};
 use psm_proto::v1::{
@@ -51,6 +54,10 @@ pub struct ComputeSection {
     /// How long to wait for a keyshare's answer, seconds (default 600: keyshares that
     /// re-execute a tfhe program take as long as compute did).
     pub keyshare_timeout_secs: Option<u64>,
+    /// Where jobs and their progress live (`[compute.jobs]`): in this replica's memory by
+    /// default, or in PostgreSQL so that several replicas share them.
+    #[serde(default)]
+    pub jobs: job_queue::JobsConfig,
 }
 
 /// Default smallest cohort for aggregates.
@@ -106,20 +113,147 @@ impl Engine {
 }
 
 /// The Compute gRPC service.
-#[derive(Default)]
+#[derive(Default, Clone)]
 pub struct ComputeService {
-    engine: Option<Engine>,
-    jobs: jobs::Jobs,
+    inner: Arc<Inner>,
 }
 
-impl ComputeService {
-    pub fn new(engine: Option<Engine>) -> Self {
-        ComputeService {
-            engine,
-            jobs: jobs::Jobs::default(),
+#[derive(Default)]
+struct Inner {
+    engine: Option<Engine>,
+    /// Progress of the jobs this replica runs (WatchJob's source without a queue).
+    jobs: jobs::Jobs,
+    /// The jobs table shared with other replicas, when configured.
+    queue: Option<Arc<job_queue::JobQueue>>,
+}
+
+/// One of the three job requests, as a job.
+#[derive(Clone)]
+enum JobRequest {
+    Bill(BillRequest),
+    Aggregate(AggregateRequest),
+    Analytics(AnalyticsRequest),
+}
+
+impl JobRequest {
+    fn kind(&self) -> &'static str {
+        match self {
+            JobRequest::Bill(_) => "bill",
+            JobRequest::Aggregate(_) => "aggregate",
+            JobRequest::Analytics(_) => "analytics",
         }
     }
 
+    fn key(&self) -> &str {
+        match self {
+            JobRequest::Bill(r) => &r.idempotency_key,
+            JobRequest::Aggregate(r) => &r.idempotency_key,
+            JobRequest::Analytics(r) => &r.idempotency_key,
+        }
+    }
+
+    /// What the key promises to name: the request without its key.
+    fn fingerprint(&self) -> [u8; 32] {
+        match self {
+            JobRequest::Bill(r) => jobs::fingerprint(
+                self.kind(),
+                &BillRequest {
+                    idempotency_key: String::new(),
+                    ..r.clone()
+                },
+            ),
+            JobRequest::Aggregate(r) => jobs::fingerprint(
+                self.kind(),
+                &AggregateRequest {
+                    idempotency_key: String::new(),
+                    ..r.clone()
+                },
+            ),
+            JobRequest::Analytics(r) => jobs::fingerprint(
+                self.kind(),
+                &AnalyticsRequest {
+                    idempotency_key: String::new(),
+                    ..r.clone()
+                },
+            ),
+        }
+    }
+
+    fn encode(&self) -> Vec<u8> {
+        match self {
+            JobRequest::Bill(r) => r.encode_to_vec(),
+            JobRequest::Aggregate(r) => r.encode_to_vec(),
+            JobRequest::Analytics(r) => r.encode_to_vec(),
+        }
+    }
+
+    /// A request stored in the jobs table by another replica.
+    fn decode(kind: &str, bytes: &[u8]) -> Result<Self, ComputeError> {
+        let corrupt = |e: prost::DecodeError| {
+            ComputeError::internal(format!("a stored {kind} request is corrupt: {e}"))
+        };
+        Ok(match kind {
+            "bill" => JobRequest::Bill(BillRequest::decode(bytes).map_err(corrupt)?),
+            "aggregate" => JobRequest::Aggregate(AggregateRequest::decode(bytes).map_err(corrupt)?),
+            "analytics" => JobRequest::Analytics(AnalyticsRequest::decode(bytes).map_err(corrupt)?),
+            other => {
+                return Err(ComputeError::internal(format!(
+                    "the jobs table holds a job of unknown kind {other:?}"
+                )))
+            }
+        })
+    }
+}
+
+/// Aborts a task when dropped: a job's lease renewal ends with the job, also when the request
+/// that ran it is cancelled (the lease then runs out and another replica finishes the job).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Longest a request waits for the same job running on another replica before answering
+/// UNAVAILABLE (WatchJob and a retry with the same key still get its result).
+const MAX_WAIT_ELSEWHERE: Duration = Duration::from_secs(3_600);
+
+impl ComputeService {
+    /// A service with in-memory jobs.
+    pub fn new(engine: Option<Engine>) -> Self {
+        Self::with_queue(engine, None)
+    }
+
+    /// A service whose jobs live in `queue` (shared with other replicas) when given. Call
+    /// [`ComputeService::spawn_orphan_worker`] too, so that jobs of stopped replicas finish.
+    pub fn with_queue(engine: Option<Engine>, queue: Option<job_queue::JobQueue>) -> Self {
+        ComputeService {
+            inner: Arc::new(Inner {
+                engine,
+                jobs: jobs::Jobs::default(),
+                queue: queue.map(Arc::new),
+            }),
+        }
+    }
+
+    /// Looks for jobs whose replica stopped (lease run out) every half lease, and runs them.
+    /// Without a queue there is nothing to do.
+    pub fn spawn_orphan_worker(&self) {
+        let Some(lease) = self.inner.queue.as_ref().map(|q| q.lease()) else {
+            return;
+        };
+        let inner = self.inner.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(lease / 2).await;
+                inner.take_over_orphans().await;
+            }
+        });
+    }
+}
+
+impl Inner {
     fn engine(&self) -> Result<&Engine, ComputeError> {
         self.engine.as_ref().ok_or_else(|| {
             ComputeError::precondition(
@@ -127,14 +261,160 @@ impl ComputeService {
             )
         })
     }
+
+    /// Runs a request as a job, or returns the result the same key already has.
+    async fn submit(&self, req: JobRequest) -> Result<Vec<u8>, ComputeError> {
+        self.engine()?;
+        inputs::check_idempotency_key(req.key())?;
+        let Some(q) = &self.queue else {
+            let job = self.jobs.start(req.key(), req.kind(), req.fingerprint())?;
+            return self.execute(&req, &job).await;
+        };
+        let (fingerprint, bytes) = (req.fingerprint(), req.encode());
+        let deadline = tokio::time::Instant::now() + MAX_WAIT_ELSEWHERE;
+        loop {
+            match q
+                .submit(req.key(), req.kind(), &fingerprint, &bytes)
+                .await?
+            {
+                job_queue::Claim::Done(bytes) => return Ok(bytes),
+                job_queue::Claim::Run => return self.run_shared(q, &req).await,
+                job_queue::Claim::Running => {}
+            }
+            // Another replica runs it: wait for its outcome, or for its lease to run out
+            // (then the next submit takes it over).
+            tokio::time::sleep(Duration::from_millis(250)).await;
+            if let Some(row) = q.get(req.key()).await? {
+                match (row.state.as_str(), row.result, row.error) {
+                    ("done", Some(bytes), _) => return Ok(bytes),
+                    ("failed", _, Some(status)) => return Err(ComputeError::Upstream(status)),
+                    _ => {}
+                }
+            }
+            if tokio::time::Instant::now() > deadline {
+                return Err(ComputeError::unavailable(format!(
+                    "job {:?} is still running on another compute replica; follow it with WatchJob or retry with the same key",
+                    req.key()
+                )));
+            }
+        }
+    }
+
+    /// Runs a job this replica holds the lease of, mirroring its progress to the jobs table
+    /// and storing its outcome there.
+    async fn run_shared(
+        &self,
+        q: &Arc<job_queue::JobQueue>,
+        req: &JobRequest,
+    ) -> Result<Vec<u8>, ComputeError> {
+        let key = req.key().to_owned();
+        let job = self.jobs.start(&key, req.kind(), req.fingerprint())?;
+        let Some(mut rx) = self.jobs.watch(&key) else {
+            return Err(ComputeError::internal(
+                "a started job has no progress channel",
+            ));
+        };
+        let renew = q.lease() / 3;
+        let pool_q = q.clone();
+        let mirror = AbortOnDrop(tokio::spawn(async move {
+            loop {
+                let changed = tokio::time::timeout(renew, rx.changed()).await;
+                let p = rx.borrow_and_update().clone();
+                if let Err(e) = pool_q
+                    .progress(&p.idempotency_key, &p.step, p.percent)
+                    .await
+                {
+                    tracing::warn!(error = %e, job = %p.idempotency_key, "could not record job progress");
+                }
+                if matches!(changed, Ok(Err(_))) || p.done {
+                    return;
+                }
+            }
+        }));
+        let outcome = self.execute(req, &job).await.map_err(Status::from);
+        drop(mirror);
+        if let Err(e) = q.finish(&key, &outcome).await {
+            tracing::error!(error = %e, job = %key, "could not record the job's outcome; another replica will run it again after the lease");
+        }
+        drop(job);
+        outcome.map_err(ComputeError::Upstream)
+    }
+
+    /// Runs every job whose replica stopped, one at a time.
+    async fn take_over_orphans(&self) {
+        let Some(q) = &self.queue else { return };
+        loop {
+            let orphan = match q.claim_orphan().await {
+                Ok(Some(o)) => o,
+                Ok(None) => return,
+                Err(e) => {
+                    tracing::warn!(error = %e, "could not look for jobs of stopped replicas");
+                    return;
+                }
+            };
+            tracing::info!(job = %orphan.key, kind = %orphan.kind, "taking over a job whose replica stopped");
+            metrics::counter!("psm_compute_jobs_taken_over_total").increment(1);
+            let req = match JobRequest::decode(&orphan.kind, &orphan.request) {
+                Ok(r) => r,
+                Err(e) => {
+                    let _ = q.finish(&orphan.key, &Err(Status::from(e))).await;
+                    continue;
+                }
+            };
+            if let Err(e) = self.run_shared(q, &req).await {
+                tracing::info!(job = %orphan.key, error = %e, "a job taken over failed");
+            }
+        }
+    }
+
+    /// Runs one job and encodes its response.
+    async fn execute(
+        &self,
+        req: &JobRequest,
+        job: &jobs::JobHandle,
+    ) -> Result<Vec<u8>, ComputeError> {
+        let e = self.engine()?;
+        let r = match req.clone() {
+            JobRequest::Bill(req) => bill::Biller {
+                ingest: e.ingest.clone(),
+                decryptor: &e.decryptor,
+                tfhe: &e.tfhe,
+                job,
+            }
+            .run(req)
+            .await
+            .map(|r| r.encode_to_vec()),
+            JobRequest::Aggregate(req) => aggregate::Aggregator {
+                ingest: e.ingest.clone(),
+                decryptor: &e.decryptor,
+                min_cohort: e.min_cohort,
+                job,
+            }
+            .run(req)
+            .await
+            .map(|r| r.encode_to_vec()),
+            JobRequest::Analytics(req) => analytics::Analyst {
+                ingest: e.ingest.clone(),
+                decryptor: &e.decryptor,
+                tfhe: &e.tfhe,
+                min_cohort: e.min_cohort,
+                job,
+            }
+            .run(req)
+            .await
+            .map(|r| r.encode_to_vec()),
+        };
+        if let Err(e) = &r {
+            job.step(&format!("failed: {e}"), 100);
+        }
+        r
+    }
 }
 
-/// A job's outcome: a failure is published to watchers before the handle ends the job.
-fn finish<T>(job: &jobs::JobHandle, r: Result<T, ComputeError>) -> Result<Response<T>, Status> {
-    if let Err(e) = &r {
-        job.step(&format!("failed: {e}"), 100);
-    }
-    r.map(Response::new).map_err(Status::from)
+fn response<T: prost::Message + Default>(bytes: Vec<u8>) -> Result<Response<T>, Status> {
+    T::decode(bytes.as_slice())
+        .map(Response::new)
+        .map_err(|e| Status::internal(format!("a stored job result is corrupt: {e}")))
 }
 
 type ProgressStream =
@@ -143,77 +423,29 @@ type ProgressStream =
 #[tonic::async_trait]
 impl Compute for ComputeService {
     async fn bill(&self, r: Request<BillRequest>) -> Result<Response<BillResponse>, Status> {
-        let e = self.engine()?;
-        let req = r.into_inner();
-        inputs::check_idempotency_key(&req.idempotency_key)?;
-        let request = jobs::fingerprint(
-            "bill",
-            &BillRequest {
-                idempotency_key: String::new(),
-                ..req.clone()
-            },
-        );
-        let job = self.jobs.start(&req.idempotency_key, "bill", request)?;
-        let biller = bill::Biller {
-            ingest: e.ingest.clone(),
-            decryptor: &e.decryptor,
-            tfhe: &e.tfhe,
-            job: &job,
-        };
-        finish(&job, biller.run(req).await)
+        response(self.inner.submit(JobRequest::Bill(r.into_inner())).await?)
     }
 
     async fn aggregate(
         &self,
         r: Request<AggregateRequest>,
     ) -> Result<Response<AggregateResponse>, Status> {
-        let e = self.engine()?;
-        let req = r.into_inner();
-        inputs::check_idempotency_key(&req.idempotency_key)?;
-        let request = jobs::fingerprint(
-            "aggregate",
-            &AggregateRequest {
-                idempotency_key: String::new(),
-                ..req.clone()
-            },
-        );
-        let job = self
-            .jobs
-            .start(&req.idempotency_key, "aggregate", request)?;
-        let agg = aggregate::Aggregator {
-            ingest: e.ingest.clone(),
-            decryptor: &e.decryptor,
-            min_cohort: e.min_cohort,
-            job: &job,
-        };
-        finish(&job, agg.run(req).await)
+        response(
+            self.inner
+                .submit(JobRequest::Aggregate(r.into_inner()))
+                .await?,
+        )
     }
 
     async fn analytics(
         &self,
         r: Request<AnalyticsRequest>,
     ) -> Result<Response<AnalyticsResponse>, Status> {
-        let e = self.engine()?;
-        let req = r.into_inner();
-        inputs::check_idempotency_key(&req.idempotency_key)?;
-        let request = jobs::fingerprint(
-            "analytics",
-            &AnalyticsRequest {
-                idempotency_key: String::new(),
-                ..req.clone()
-            },
-        );
-        let job = self
-            .jobs
-            .start(&req.idempotency_key, "analytics", request)?;
-        let analyst = analytics::Analyst {
-            ingest: e.ingest.clone(),
-            decryptor: &e.decryptor,
-            tfhe: &e.tfhe,
-            min_cohort: e.min_cohort,
-            job: &job,
-        };
-        finish(&job, analyst.run(req).await)
+        response(
+            self.inner
+                .submit(JobRequest::Analytics(r.into_inner()))
+                .await?,
+        )
     }
 
     type WatchJobStream = ProgressStream;
@@ -222,12 +454,10 @@ impl Compute for ComputeService {
         &self,
         r: Request<WatchJobRequest>,
     ) -> Result<Response<Self::WatchJobStream>, Status> {
-        let key = &r.get_ref().idempotency_key;
-        let rx = self.jobs.watch(key).ok_or_else(|| {
-            ComputeError::not_found(format!(
-                "no running or recently finished job with idempotency key {key:?}"
-            ))
-        })?;
+        let key = r.get_ref().idempotency_key.clone();
+        let Some(rx) = self.inner.jobs.watch(&key) else {
+            return self.watch_shared(key).await;
+        };
         // Every change until (and including) the one that marks the job done.
         let stream = futures::stream::unfold((rx, false), |(mut rx, ended)| async move {
             if ended {
@@ -241,6 +471,46 @@ impl Compute for ComputeService {
             let done = p.done;
             Some((Ok(p), (rx, done)))
         });
+        Ok(Response::new(Box::pin(stream)))
+    }
+}
+
+impl ComputeService {
+    /// WatchJob of a job this replica does not run: its row in the shared jobs table, polled
+    /// until it ends.
+    async fn watch_shared(&self, key: String) -> Result<Response<ProgressStream>, Status> {
+        let not_found = || {
+            Status::from(ComputeError::not_found(format!(
+                "no running or recently finished job with idempotency key {key:?}"
+            )))
+        };
+        let Some(q) = self.inner.queue.clone() else {
+            return Err(not_found());
+        };
+        if q.get(&key).await?.is_none() {
+            return Err(not_found());
+        }
+        // Every change, polled, until (and including) the one that marks the job done.
+        let stream = futures::stream::unfold(
+            (q, key, None::<JobProgress>, false),
+            |(q, key, last, ended)| async move {
+                if ended {
+                    return None;
+                }
+                loop {
+                    let p = match q.get(&key).await {
+                        Ok(Some(row)) => row.progress,
+                        Ok(None) => return None,
+                        Err(e) => return Some((Err(Status::from(e)), (q, key, last, true))),
+                    };
+                    if last.as_ref() != Some(&p) {
+                        let done = p.done;
+                        return Some((Ok(p.clone()), (q, key, Some(p), done)));
+                    }
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                }
+            },
+        );
         Ok(Response::new(Box::pin(stream)))
     }
 }

@@ -25,6 +25,11 @@ async fn main() -> anyhow::Result<()> {
     if engine.is_none() {
         tracing::warn!("no [compute] public_dir, ingest_url and keyshares configured: Aggregate and Bill will be refused");
     }
-    compute_svc::run(settings, compute_svc::ComputeService::new(engine)).await?;
+    let queue = compute_svc::job_queue::JobQueue::open(&file.service.jobs)
+        .await
+        .map_err(|e| anyhow::anyhow!("[compute.jobs]: {e}"))?;
+    let svc = compute_svc::ComputeService::with_queue(engine, queue);
+    svc.spawn_orphan_worker();
+    compute_svc::run(settings, svc).await?;
     Ok(())
 }

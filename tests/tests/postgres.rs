@@ -383,3 +383,138 @@ async fn ingest_replicas_share_one_postgres_database() {
         assert_eq!(after.total, before.total, "{meter}");
     }
 }
+
+/// Two compute replicas share their jobs in PostgreSQL (the database ingest uses too): a
+/// replica killed with SIGKILL in the middle of a bill leaves the job to the other, which
+/// finishes it from the stored request once the lease runs out; WatchJob on the survivor
+/// reports it, and the same key there returns the same bill without running it again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_compute_replica_killed_mid_job_leaves_it_to_the_other() {
+    use psm_proto::v1::WatchJobRequest;
+    let pg = psm_testpg::TestPostgres::start().unwrap();
+    let url = pg.url("psm");
+    let pki = TestPki::new("psm.test");
+    let keys = psm_e2e::keys::key_set(3, 2);
+    let ingest = ingest_on(&pki, &keys, "ingest", &url, psm_e2e::free_port()).await;
+    let jobs = format!(
+        "[compute.jobs]\nbackend = \"postgres\"\nurl = {url:?}\nlease_secs = 2\nreplica = \"compute-a\"\n"
+    );
+    let sys = System::start_over(&pki, &keys, &jobs, TEST_POLICY, DEV_REGISTRY, ingest).await;
+    // Replica B: the same configuration under its own name and certificate.
+    let config = std::fs::read_to_string(pki.dir.path().join("compute.toml"))
+        .unwrap()
+        .replace("replica = \"compute-a\"", "replica = \"compute-b\"");
+    let config_b = pki.dir.path().join("compute-b.toml");
+    std::fs::write(&config_b, config).unwrap();
+    let health_b = psm_e2e::free_port();
+    let b = Proc::start(
+        &pki,
+        "compute-svc",
+        Role::Compute,
+        "compute-b",
+        psm_proto::service_names::COMPUTE,
+        &[
+            "--config",
+            config_b.to_str().unwrap(),
+            "--health-listen",
+            &format!("127.0.0.1:{health_b}"),
+        ],
+    )
+    .await;
+
+    let ekeys = enrollment_keys(&pki, &sys.keyshares).await;
+    let (warm, target) = (
+        TestMeter::new("warm-1", EPOCH),
+        TestMeter::new("kill-1", EPOCH),
+    );
+    enroll(&pki, &sys.ingest, &[&warm, &target], &ekeys)
+        .await
+        .unwrap();
+    let (w, _) = day_of(&warm, 5);
+    let (t, sum) = day_of(&target, 7);
+    psm_e2e::submit(&pki, &sys.ingest, [w, t].concat())
+        .await
+        .unwrap();
+    // Once this bill is answered, the keyshares know both enrollments.
+    bill(&pki, &sys, "warm", "warm-1").await.unwrap();
+
+    // Ingest stopped: replica A claims the job and then waits on its readings; kill A there.
+    sys.ingest.signal(libc::SIGSTOP);
+    let mut a =
+        ComputeClient::new(pki.channel(sys.compute.port, "compute", Role::Operator, "billing"));
+    let call = tokio::spawn(async move { a.bill(bill_request("killed", "kill-1")).await });
+    let mut watcher =
+        ComputeClient::new(pki.channel(b.port, "compute-b", Role::Operator, "billing"));
+    let mut seen = None;
+    for _ in 0..100 {
+        if let Ok(r) = watcher
+            .watch_job(WatchJobRequest {
+                idempotency_key: "killed".into(),
+            })
+            .await
+        {
+            seen = Some(r.into_inner());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut progress = seen.expect("the job never appeared in the shared table");
+    let owner = pg
+        .client(
+            "psql",
+            &[
+                "-d",
+                "psm",
+                "-Atc",
+                "SELECT replica, state FROM compute_jobs WHERE idempotency_key = 'killed'",
+            ],
+        )
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&owner).trim(), "compute-a|running");
+    sys.compute.signal(libc::SIGKILL);
+    assert!(call.await.unwrap().is_err(), "the killed replica answered");
+    sys.ingest.signal(libc::SIGCONT);
+
+    // WatchJob on B follows the job to its end, which B reaches once A's lease ran out.
+    let mut last = None;
+    let ended = tokio::time::timeout(Duration::from_secs(60), async {
+        while let Some(p) = progress.message().await.unwrap() {
+            last = Some(p);
+        }
+    })
+    .await;
+    assert!(ended.is_ok(), "WatchJob did not end: last {last:?}");
+    let last = last.unwrap();
+    assert!(
+        last.done && last.percent == 100 && !last.step.starts_with("failed"),
+        "{last:?}"
+    );
+    let row = pg
+        .client("psql", &["-d", "psm", "-Atc", "SELECT replica, state, attempts FROM compute_jobs WHERE idempotency_key = 'killed'"])
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&row).trim(), "compute-b|done|2");
+
+    // The same key on B: the stored bill, the whole day's energy.
+    let resp = watcher
+        .bill(bill_request("killed", "kill-1"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(resp.lines[0].energy_wh, sum);
+    // The key names that request only.
+    let mut other = bill_request("killed", "warm-1");
+    other.epoch = EPOCH;
+    let e = watcher.bill(other).await.unwrap_err();
+    assert_eq!(e.code(), Code::AlreadyExists, "{e:?}");
+
+    let m = scrape(health_b).await;
+    assert_eq!(metric(&m, "psm_compute_jobs_taken_over_total", &[]), 1.0);
+    assert_eq!(
+        metric(
+            &m,
+            "psm_compute_jobs_total",
+            &[("kind", "bill"), ("outcome", "ok")]
+        ),
+        1.0
+    );
+}

@@ -1,0 +1,353 @@
+//! Jobs shared by compute replicas in PostgreSQL (`[compute.jobs] backend = "postgres"`).
+//!
+//! A Bill, Aggregate or Analytics request is recorded under its idempotency key with the
+//! request itself and a lease held by the replica that runs it. Progress goes to the row (which
+//! renews the lease), so WatchJob answers on any replica; the response or the final status goes
+//! there too, so the same key on another replica returns the same result without running again.
+//! A replica that stops mid-job stops renewing: once the lease has run out, the next replica
+//! that looks claims the job (`FOR UPDATE SKIP LOCKED`, so two never claim one) and runs it from
+//! the stored request. Running a job twice is harmless: every release is deterministic and the
+//! keyshares treat the same release again as the same release.
+
+use std::time::Duration;
+
+use psm_proto::v1::JobProgress;
+use sqlx::postgres::PgPool;
+use sqlx::Row;
+
+use crate::error::ComputeError;
+
+/// Compute's schema versions (migration table `_psm_compute_migrations`).
+pub const SCHEMA: &[psm_pg::Version] = &[psm_pg::Version {
+    version: 1,
+    description: "jobs",
+    sql: include_str!("../migrations/0001_jobs.sql"),
+}];
+
+/// Environment variable that overrides `[compute.jobs] url`.
+pub const DATABASE_URL_ENV: &str = "PSM_COMPUTE_DATABASE_URL";
+
+/// A job that stopped this many replicas is failed rather than handed to another.
+pub const MAX_ATTEMPTS: i32 = 3;
+
+/// Where compute keeps its jobs (`[compute.jobs]`).
+#[derive(Debug, Clone, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobsConfig {
+    /// `memory` (the default: this replica only) or `postgres` (shared by every replica).
+    #[serde(default)]
+    pub backend: JobsBackend,
+    /// PostgreSQL URL; `PSM_COMPUTE_DATABASE_URL` overrides it. May be ingest's database:
+    /// each service has its own tables and migration table.
+    pub url: Option<String>,
+    /// Connections this replica keeps open (default 16).
+    pub max_connections: Option<u32>,
+    /// Seconds a request waits for a free connection (default 10).
+    pub acquire_timeout_secs: Option<u64>,
+    /// Seconds a replica's lease on a running job lasts without renewal (default 30; renewed
+    /// every third of it). After a replica stops, its jobs are taken over this long after.
+    pub lease_secs: Option<u64>,
+    /// This replica's name in the jobs table (default: host name and process id).
+    pub replica: Option<String>,
+}
+
+/// The job backends.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum JobsBackend {
+    #[default]
+    Memory,
+    Postgres,
+}
+
+/// The shared jobs table of one replica.
+pub struct JobQueue {
+    pool: PgPool,
+    replica: String,
+    lease: Duration,
+}
+
+/// What a replica should do with a request it received.
+pub enum Claim {
+    /// Run it: this replica holds the lease.
+    Run,
+    /// It finished before: its stored response.
+    Done(Vec<u8>),
+    /// Another replica holds the lease: wait for its outcome.
+    Running,
+}
+
+/// A job to take over from a replica that stopped.
+pub struct Orphan {
+    pub key: String,
+    pub kind: String,
+    pub request: Vec<u8>,
+}
+
+/// A job's row as WatchJob reports it.
+pub struct Row_ {
+    pub progress: JobProgress,
+    pub state: String,
+    pub result: Option<Vec<u8>>,
+    pub error: Option<tonic::Status>,
+}
+
+fn db(e: sqlx::Error) -> ComputeError {
+    tracing::error!(error = %e, "compute jobs database failed");
+    ComputeError::unavailable(format!(
+        "the compute jobs database is unavailable ({e}); retry with the same idempotency key"
+    ))
+}
+
+fn default_replica() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "compute".into());
+    format!("{host}/{}", std::process::id())
+}
+
+impl JobQueue {
+    /// Connects and migrates, when `config` asks for PostgreSQL; `None` for in-memory jobs.
+    pub async fn open(config: &JobsConfig) -> Result<Option<Self>, psm_pg::PgError> {
+        if config.backend == JobsBackend::Memory {
+            if config.url.is_some() {
+                return Err(psm_pg::PgError::Config(
+                    "[compute.jobs] url is set but backend is memory; set backend = \"postgres\" or remove the url".into(),
+                ));
+            }
+            return Ok(None);
+        }
+        let pg = psm_pg::PgConfig {
+            url: config.url.clone(),
+            max_connections: config.max_connections,
+            acquire_timeout_secs: config.acquire_timeout_secs,
+        };
+        let url = pg.resolved_url(DATABASE_URL_ENV)?;
+        let pool = pg.connect(&url, "compute", SCHEMA).await?;
+        Ok(Some(JobQueue {
+            pool,
+            replica: config.replica.clone().unwrap_or_else(default_replica),
+            lease: Duration::from_secs(config.lease_secs.unwrap_or(30).max(1)),
+        }))
+    }
+
+    /// How long a lease lasts.
+    pub fn lease(&self) -> Duration {
+        self.lease
+    }
+
+    fn lease_interval(&self) -> sqlx::postgres::types::PgInterval {
+        sqlx::postgres::types::PgInterval {
+            months: 0,
+            days: 0,
+            microseconds: i64::try_from(self.lease.as_micros()).unwrap_or(i64::MAX),
+        }
+    }
+
+    /// Records a request under `key`, or finds it: [`Claim::Run`] when this replica is to run
+    /// it (new, failed before, or its replica's lease ran out), [`Claim::Done`] with the stored
+    /// response, [`Claim::Running`] while another replica holds the lease. A key recorded for
+    /// another request is ALREADY_EXISTS.
+    pub async fn submit(
+        &self,
+        key: &str,
+        kind: &str,
+        fingerprint: &[u8; 32],
+        request: &[u8],
+    ) -> Result<Claim, ComputeError> {
+        let mut tx = self.pool.begin().await.map_err(db)?;
+        let inserted = sqlx::query(
+            "INSERT INTO compute_jobs (idempotency_key, kind, fingerprint, request, state, replica,
+                 lease_until, step, percent)
+             VALUES ($1, $2, $3, $4, 'running', $5, now() + $6, 'queued', 0)
+             ON CONFLICT DO NOTHING",
+        )
+        .bind(key)
+        .bind(kind)
+        .bind(fingerprint.as_slice())
+        .bind(request)
+        .bind(&self.replica)
+        .bind(self.lease_interval())
+        .execute(&mut *tx)
+        .await
+        .map_err(db)?
+        .rows_affected();
+        if inserted == 1 {
+            tx.commit().await.map_err(db)?;
+            return Ok(Claim::Run);
+        }
+        let row = sqlx::query(
+            "SELECT fingerprint, state, result, lease_until < now() AS expired
+             FROM compute_jobs WHERE idempotency_key = $1 FOR UPDATE",
+        )
+        .bind(key)
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(db)?;
+        let stored: Vec<u8> = row.try_get("fingerprint").map_err(db)?;
+        if stored != fingerprint.as_slice() {
+            return Err(ComputeError::already_exists(format!(
+                "idempotency key {key:?} was already used for a different request; choose a new key for a new request"
+            )));
+        }
+        let state: String = row.try_get("state").map_err(db)?;
+        let expired: bool = row.try_get("expired").map_err(db)?;
+        match state.as_str() {
+            "done" => {
+                let result: Option<Vec<u8>> = row.try_get("result").map_err(db)?;
+                Ok(Claim::Done(result.unwrap_or_default()))
+            }
+            "running" if !expired => Ok(Claim::Running),
+            _ => {
+                // Failed before (run again, as the same request again runs again) or its
+                // replica stopped: this replica takes it.
+                sqlx::query(
+                    "UPDATE compute_jobs SET state = 'running', replica = $2, lease_until = now() + $3,
+                         attempts = attempts + 1, step = 'queued', percent = 0, result = NULL,
+                         error_code = NULL, error_message = NULL, updated = now()
+                     WHERE idempotency_key = $1",
+                )
+                .bind(key)
+                .bind(&self.replica)
+                .bind(self.lease_interval())
+                .execute(&mut *tx)
+                .await
+                .map_err(db)?;
+                tx.commit().await.map_err(db)?;
+                Ok(Claim::Run)
+            }
+        }
+    }
+
+    /// Claims one running job whose lease ran out, if any. Jobs that already stopped
+    /// [`MAX_ATTEMPTS`] replicas are failed instead.
+    pub async fn claim_orphan(&self) -> Result<Option<Orphan>, ComputeError> {
+        sqlx::query(
+            "UPDATE compute_jobs SET state = 'failed', error_code = $1, percent = 100,
+                 error_message = 'abandoned: the job stopped ' || attempts || ' compute replicas; submit it again with the same key to retry',
+                 step = 'failed: abandoned', updated = now()
+             WHERE state = 'running' AND lease_until < now() AND attempts >= $2",
+        )
+        .bind(tonic::Code::Aborted as i32)
+        .bind(MAX_ATTEMPTS)
+        .execute(&self.pool)
+        .await
+        .map_err(db)?;
+        let row = sqlx::query(
+            "UPDATE compute_jobs SET replica = $1, lease_until = now() + $2,
+                 attempts = attempts + 1, updated = now()
+             WHERE idempotency_key = (
+                 SELECT idempotency_key FROM compute_jobs
+                 WHERE state = 'running' AND lease_until < now()
+                 ORDER BY lease_until LIMIT 1 FOR UPDATE SKIP LOCKED)
+             RETURNING idempotency_key, kind, request",
+        )
+        .bind(&self.replica)
+        .bind(self.lease_interval())
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db)?;
+        row.map(|r| {
+            Ok(Orphan {
+                key: r.try_get("idempotency_key").map_err(db)?,
+                kind: r.try_get("kind").map_err(db)?,
+                request: r.try_get("request").map_err(db)?,
+            })
+        })
+        .transpose()
+    }
+
+    /// Publishes progress and renews this replica's lease (a no-op once the job ended or
+    /// another replica took it over).
+    pub async fn progress(&self, key: &str, step: &str, percent: u32) -> Result<(), ComputeError> {
+        sqlx::query(
+            "UPDATE compute_jobs SET step = $3, percent = $4, lease_until = now() + $5, updated = now()
+             WHERE idempotency_key = $1 AND replica = $2 AND state = 'running'",
+        )
+        .bind(key)
+        .bind(&self.replica)
+        .bind(step)
+        .bind(i32::try_from(percent.min(100)).unwrap_or(100))
+        .bind(self.lease_interval())
+        .execute(&self.pool)
+        .await
+        .map_err(db)?;
+        Ok(())
+    }
+
+    /// Stores a job's outcome: the encoded response, or the status it failed with.
+    pub async fn finish(
+        &self,
+        key: &str,
+        outcome: &Result<Vec<u8>, tonic::Status>,
+    ) -> Result<(), ComputeError> {
+        let (state, result, code, message, step) = match outcome {
+            Ok(bytes) => (
+                "done",
+                Some(bytes.as_slice()),
+                None,
+                None,
+                "done".to_string(),
+            ),
+            Err(s) => (
+                "failed",
+                None,
+                Some(s.code() as i32),
+                Some(s.message()),
+                format!("failed: {}", s.message()),
+            ),
+        };
+        sqlx::query(
+            "UPDATE compute_jobs SET state = $2, result = $3, error_code = $4, error_message = $5,
+                 step = $6, percent = 100, updated = now()
+             WHERE idempotency_key = $1 AND state = 'running'",
+        )
+        .bind(key)
+        .bind(state)
+        .bind(result)
+        .bind(code)
+        .bind(message)
+        .bind(step)
+        .execute(&self.pool)
+        .await
+        .map_err(db)?;
+        Ok(())
+    }
+
+    /// The job's row, if the key is known.
+    pub async fn get(&self, key: &str) -> Result<Option<Row_>, ComputeError> {
+        let row = sqlx::query(
+            "SELECT state, step, percent, result, error_code, error_message
+             FROM compute_jobs WHERE idempotency_key = $1",
+        )
+        .bind(key)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db)?;
+        let Some(r) = row else { return Ok(None) };
+        let state: String = r.try_get("state").map_err(db)?;
+        let percent: i32 = r.try_get("percent").map_err(db)?;
+        let error = match r.try_get::<Option<i32>, _>("error_code").map_err(db)? {
+            Some(code) => Some(tonic::Status::new(
+                tonic::Code::from_i32(code),
+                r.try_get::<Option<String>, _>("error_message")
+                    .map_err(db)?
+                    .unwrap_or_default(),
+            )),
+            None => None,
+        };
+        Ok(Some(Row_ {
+            progress: JobProgress {
+                idempotency_key: key.to_owned(),
+                step: r.try_get("step").map_err(db)?,
+                percent: u32::try_from(percent).unwrap_or(0),
+                done: state != "running",
+            },
+            result: r.try_get("result").map_err(db)?,
+            state,
+            error,
+        }))
+    }
+}
