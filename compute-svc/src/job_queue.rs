@@ -351,3 +351,120 @@ impl JobQueue {
         }))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn replica(url: &str, name: &str) -> JobQueue {
+        JobQueue::open(&JobsConfig {
+            backend: JobsBackend::Postgres,
+            url: Some(url.to_owned()),
+            lease_secs: Some(1),
+            replica: Some(name.into()),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .unwrap()
+    }
+
+    fn claimed_by_b(pg: &psm_testpg::TestPostgres, key: &str) -> bool {
+        let out = pg
+            .client(
+                "psql",
+                &[
+                    "-d",
+                    "psm",
+                    "-Atc",
+                    &format!("SELECT replica FROM compute_jobs WHERE idempotency_key = '{key}'"),
+                ],
+            )
+            .unwrap();
+        String::from_utf8_lossy(&out).trim() == "b"
+    }
+
+    #[tokio::test]
+    async fn claims_leases_takeovers_and_poison_jobs() {
+        let pg = psm_testpg::TestPostgres::start().unwrap();
+        let (a, b) = (
+            replica(&pg.url("psm"), "a").await,
+            replica(&pg.url("psm"), "b").await,
+        );
+        let fp = [7u8; 32];
+        assert!(matches!(
+            a.submit("k", "bill", &fp, b"req").await.unwrap(),
+            Claim::Run
+        ));
+        // B sees it running under A's lease, and may not reuse the key for another request.
+        assert!(matches!(
+            b.submit("k", "bill", &fp, b"req").await.unwrap(),
+            Claim::Running
+        ));
+        let e = b
+            .submit("k", "bill", &[8; 32], b"other")
+            .await
+            .err()
+            .unwrap();
+        assert!(matches!(e, ComputeError::AlreadyExists(_)), "{e}");
+        // Nothing to take over while A renews its lease.
+        a.progress("k", "summing", 40).await.unwrap();
+        assert!(b.claim_orphan().await.unwrap().is_none());
+        let row = b.get("k").await.unwrap().unwrap();
+        assert_eq!(
+            (row.progress.step.as_str(), row.progress.percent),
+            ("summing", 40)
+        );
+        assert!(!row.progress.done);
+        // A stops renewing: after the lease, exactly one replica claims it, with the request.
+        tokio::time::sleep(Duration::from_millis(1_200)).await;
+        let (ca, cb) = tokio::join!(a.claim_orphan(), b.claim_orphan());
+        let claimed: Vec<Orphan> = [ca.unwrap(), cb.unwrap()].into_iter().flatten().collect();
+        assert_eq!(claimed.len(), 1);
+        assert_eq!(
+            (claimed[0].kind.as_str(), claimed[0].request.as_slice()),
+            ("bill", &b"req"[..])
+        );
+        // The claimer finishes it; a late outcome from anyone after that changes nothing.
+        let (holder, other) = if claimed_by_b(&pg, "k") {
+            (&b, &a)
+        } else {
+            (&a, &b)
+        };
+        holder.finish("k", &Ok(b"resp".to_vec())).await.unwrap();
+        other
+            .finish("k", &Err(tonic::Status::internal("late")))
+            .await
+            .unwrap();
+        assert!(
+            matches!(a.submit("k", "bill", &fp, b"req").await.unwrap(), Claim::Done(r) if r == b"resp")
+        );
+
+        // A poison job (one that stops every replica that runs it) is failed after
+        // MAX_ATTEMPTS, not handed on forever.
+        assert!(matches!(
+            a.submit("p", "bill", &fp, b"req").await.unwrap(),
+            Claim::Run
+        ));
+        for _ in 1..MAX_ATTEMPTS {
+            tokio::time::sleep(Duration::from_millis(1_100)).await;
+            assert!(b.claim_orphan().await.unwrap().is_some());
+        }
+        tokio::time::sleep(Duration::from_millis(1_100)).await;
+        assert!(b.claim_orphan().await.unwrap().is_none());
+        let row = a.get("p").await.unwrap().unwrap();
+        assert_eq!(row.state, "failed");
+        let status = row.error.unwrap();
+        assert_eq!(status.code(), tonic::Code::Aborted);
+        assert!(
+            status.message().contains("abandoned"),
+            "{}",
+            status.message()
+        );
+        // Submitted again, it runs again.
+        assert!(matches!(
+            b.submit("p", "bill", &fp, b"req").await.unwrap(),
+            Claim::Run
+        ));
+    }
+}
