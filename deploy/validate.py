@@ -52,7 +52,9 @@ def example(name):
 
 
 # 1. Kubernetes schemas.
-manifests = sorted(glob.glob(os.path.join(HERE, "k8s", "*.yaml")))
+manifests = sorted(m for m in glob.glob(os.path.join(HERE, "k8s", "**", "*.yaml"), recursive=True)
+                   if os.path.basename(m) != "kustomization.yaml")
+kustomizations = sorted(glob.glob(os.path.join(HERE, "k8s", "**", "kustomization.yaml"), recursive=True))
 r = subprocess.run(
     [sys.executable, "-m", "kubernetes_validate", "--strict", "--quiet", *manifests],
     capture_output=True,
@@ -63,11 +65,31 @@ if r.returncode != 0:
 else:
     print(f"ok   {len(manifests)} Kubernetes manifests valid against the schemas")
 
+# Kustomizations: every resource exists, and every manifest belongs to one.
+listed = set()
+for k in kustomizations:
+    with open(k) as f:
+        kz = yaml.safe_load(f)
+    base = os.path.dirname(k)
+    for res in kz.get("resources", []):
+        path = os.path.normpath(os.path.join(base, res))
+        if not os.path.exists(path):
+            fail(f"{os.path.relpath(k, HERE)}: resource {res} does not exist")
+        elif os.path.isdir(path) and not os.path.exists(os.path.join(path, "kustomization.yaml")):
+            fail(f"{os.path.relpath(k, HERE)}: {res} is a directory without a kustomization")
+        listed.add(path)
+for m in manifests:
+    if m not in listed:
+        fail(f"{os.path.relpath(m, HERE)} is in no kustomization")
+print(f"ok   {len(kustomizations)} kustomizations list every manifest")
+
 # 2. ConfigMap TOML against the examples (which list every key they use and are parsed by the
 # services' own types in tests/tests/deploy.rs): a ConfigMap may use only those keys. Server-specific values (host keys such as the
 # head-end names) are compared by section, not by value.
 service_of = {"ingest.toml": "ingest.toml", "compute.toml": "compute.toml", "keyshare.toml": "keyshare-1.toml",
               "registry.toml": "registry.toml"}
+# The PostgreSQL choice's ConfigMaps follow the PostgreSQL examples.
+postgres_of = {"ingest.toml": "ingest-postgres.toml", "compute.toml": "compute-postgres.toml"}
 docs = []
 for m in manifests:
     with open(m) as f:
@@ -76,15 +98,17 @@ for path, d in docs:
     if d.get("kind") != "ConfigMap":
         continue
     for fname, text in d.get("data", {}).items():
-        want = keys(example(service_of[fname]))
+        in_postgres = os.path.basename(os.path.dirname(path)) == "postgres"
+        ex = postgres_of.get(fname, service_of[fname]) if in_postgres else service_of[fname]
+        want = keys(example(ex))
         got = keys(tomllib.loads(text))
         strip = lambda s: {k for k in s
                            if not k.startswith(("ingest.headends.", "keyshare.peers."))}
         if strip(got) - strip(want):
-            fail(f"{os.path.basename(path)} {fname}: keys not in deploy/config/{service_of[fname]}: "
+            fail(f"{os.path.relpath(path, HERE)} {fname}: keys not in deploy/config/{ex}: "
                  f"{sorted(strip(got) - strip(want))}")
         else:
-            print(f"ok   {os.path.basename(path)} {fname} matches deploy/config/{service_of[fname]}")
+            print(f"ok   {os.path.relpath(path, HERE)} {fname} matches deploy/config/{ex}")
 
 # Probes and ports agree with the configs.
 for path, d in docs:
@@ -95,7 +119,12 @@ for path, d in docs:
         for probe in ("readinessProbe", "livenessProbe"):
             if c[probe]["grpc"]["port"] != ports["health"]:
                 fail(f"{d['metadata']['name']}: {probe} is not on the health port")
-print("ok   probes use the plaintext health ports")
+        notes = d["spec"]["template"]["metadata"].get("annotations", {})
+        if notes.get("prometheus.io/port") != str(ports["health"]) or notes.get("prometheus.io/path") != "/metrics":
+            fail(f"{d['metadata']['name']}: Prometheus is not told to scrape /metrics on the health port")
+    if os.path.basename(os.path.dirname(path)) == "postgres" and d["spec"]["replicas"] < 2:
+        fail(f"{os.path.relpath(path, HERE)}: the PostgreSQL choice runs at least 2 replicas")
+print("ok   probes and Prometheus scrapes use the plaintext health ports")
 
 # 3. docker-compose.
 with open(os.path.join(HERE, "docker-compose.yml")) as f:

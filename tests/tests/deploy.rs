@@ -34,6 +34,27 @@ fn example_configs_parse_with_the_services_own_types() {
         .collect();
     assert_eq!(names, ["keyshare-1", "keyshare-2", "keyshare-3"]);
 
+    // The PostgreSQL choice (deploy/k8s/postgres, docker-compose.yml).
+    let ingest = load_file::<ingest_svc::IngestSection>(
+        Some(&deploy("ingest-postgres.toml")),
+        "ingest",
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        ingest.service.store.backend,
+        ingest_svc::store::BackendKind::Postgres
+    );
+    assert!(ingest.service.store.url.is_some());
+    let compute = load_file::<compute_svc::ComputeSection>(
+        Some(&deploy("compute-postgres.toml")),
+        "compute",
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        compute.service.jobs.backend,
+        compute_svc::job_queue::JobsBackend::Postgres
+    );
+
     for i in 1..=3 {
         let file = format!("keyshare-{i}.toml");
         let ks = load_file::<keyshare_svc::KeyshareSection>(Some(&deploy(&file)), "keyshare")
