@@ -35,21 +35,17 @@ fn example_configs_parse_with_the_services_own_types() {
     assert_eq!(names, ["keyshare-1", "keyshare-2", "keyshare-3"]);
 
     // The PostgreSQL choice (deploy/k8s/postgres, docker-compose.yml).
-    let ingest = load_file::<ingest_svc::IngestSection>(
-        Some(&deploy("ingest-postgres.toml")),
-        "ingest",
-    )
-    .unwrap_or_else(|e| panic!("{e}"));
+    let ingest =
+        load_file::<ingest_svc::IngestSection>(Some(&deploy("ingest-postgres.toml")), "ingest")
+            .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(
         ingest.service.store.backend,
         ingest_svc::store::BackendKind::Postgres
     );
     assert!(ingest.service.store.url.is_some());
-    let compute = load_file::<compute_svc::ComputeSection>(
-        Some(&deploy("compute-postgres.toml")),
-        "compute",
-    )
-    .unwrap_or_else(|e| panic!("{e}"));
+    let compute =
+        load_file::<compute_svc::ComputeSection>(Some(&deploy("compute-postgres.toml")), "compute")
+            .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(
         compute.service.jobs.backend,
         compute_svc::job_queue::JobsBackend::Postgres
