@@ -95,6 +95,9 @@ pub const MAX_ENROLLMENTS_PER_REQUEST: usize = 1_000;
 pub const MAX_METERS_PER_STREAM: usize = 100_000;
 /// Longest time range of one StreamReadings request, days.
 pub const MAX_STREAM_DAYS: i64 = 400;
+/// Most meter-days StreamReadings reads from the store at a time (linear track; bounds its
+/// memory to a few MB).
+pub const STREAM_GROUP_METER_DAYS: usize = 2_048;
 /// Enrollments StreamEnrollments reads from the store at a time (bounds its memory).
 pub const ENROLLMENT_PAGE: usize = 1_000;
 
@@ -786,12 +789,23 @@ impl Ingest for IngestService {
             } else {
                 req.meter_ids
             };
-            for m in meters {
+            // Meters are read a group at a time (one round trip on PostgreSQL), the group sized
+            // so that it holds at most STREAM_GROUP_METER_DAYS meter-days; tfhe-track registers
+            // are large, so streams that may hold them go one meter at a time.
+            let days = usize::try_from(last - first + 1).unwrap_or(1).max(1);
+            let group = if track == Track::Linear as i32 {
+                (STREAM_GROUP_METER_DAYS / days).max(1)
+            } else {
+                1
+            };
+            for m in meters.chunks(group) {
                 if tx.is_closed() {
                     return; // the caller went away
                 }
-                let (st, from, to) = (store.clone(), from_day.clone(), to_day.clone());
-                let Some(batches) = read_or_send(&tx, move || st.scan(&m, &from, &to)).await else {
+                let (st, from, to, m) =
+                    (store.clone(), from_day.clone(), to_day.clone(), m.to_vec());
+                let Some(batches) = read_or_send(&tx, move || st.scan_many(&m, &from, &to)).await
+                else {
                     return;
                 };
                 for b in batches {

@@ -78,11 +78,13 @@ fn ingest(replicas: &[Arc<dyn ReadingStore>], writers: usize, meters: usize, day
     meters as f64 / start.elapsed().as_secs_f64()
 }
 
-/// Reads one day of every meter with `threads` readers; returns (time, batches read).
+/// Reads one day of every meter with `threads` readers, `group` meters per read (1: `scan`,
+/// more: `scan_many`, as StreamReadings reads a linear-track stream); returns (time, batches).
 fn read_all(
     store: &Arc<dyn ReadingStore>,
     threads: usize,
     meters: usize,
+    group: usize,
     day: &str,
 ) -> (Duration, usize) {
     let next = std::sync::atomic::AtomicUsize::new(0);
@@ -92,13 +94,18 @@ fn read_all(
         for _ in 0..threads {
             let (next, read) = (&next, &read);
             s.spawn(move || loop {
-                let m = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let m = next.fetch_add(group, std::sync::atomic::Ordering::Relaxed);
                 if m >= meters {
                     return;
                 }
-                let got = store
-                    .scan(&format!("meter-{m:06}"), day, day)
-                    .expect("scan");
+                let ids: Vec<String> = (m..(m + group).min(meters))
+                    .map(|i| format!("meter-{i:06}"))
+                    .collect();
+                let got = if group == 1 {
+                    store.scan(&ids[0], day, day).expect("scan")
+                } else {
+                    store.scan_many(&ids, day, day).expect("scan_many")
+                };
                 read.fetch_add(got.len(), std::sync::atomic::Ordering::Relaxed);
             });
         }
@@ -151,20 +158,24 @@ fn main() {
     let day_s = psm_core::readings::format_day(day);
     ingest(std::slice::from_ref(&sled), writers, agg, day);
     ingest(&[pg_a.clone(), pg_b.clone()], writers, agg, day);
-    let (t_sled, n_sled) = read_all(&sled, writers, agg, &day_s);
-    let (t_pg, n_pg) = read_all(&pg_a, writers, agg, &day_s);
-    assert_eq!((n_sled, n_pg), (agg, agg));
-    println!(
-        "  sled:        {:>8.2} s ({:.0} meter-days/s)",
-        t_sled.as_secs_f64(),
-        agg as f64 / t_sled.as_secs_f64()
-    );
-    println!(
-        "  PostgreSQL:  {:>8.2} s ({:.0} meter-days/s, {:.2}× sled)",
-        t_pg.as_secs_f64(),
-        agg as f64 / t_pg.as_secs_f64(),
-        t_pg.as_secs_f64() / t_sled.as_secs_f64()
-    );
+    let group = ingest_svc::STREAM_GROUP_METER_DAYS;
+    for (what, g) in [("one meter per read", 1), ("StreamReadings' groups", group)] {
+        let (t_sled, n_sled) = read_all(&sled, writers, agg, g, &day_s);
+        let (t_pg, n_pg) = read_all(&pg_a, writers, agg, g, &day_s);
+        assert_eq!((n_sled, n_pg), (agg, agg));
+        println!("  {what} ({g} meters):");
+        println!(
+            "    sled:        {:>8.2} s ({:.0} meter-days/s)",
+            t_sled.as_secs_f64(),
+            agg as f64 / t_sled.as_secs_f64()
+        );
+        println!(
+            "    PostgreSQL:  {:>8.2} s ({:.0} meter-days/s, {:.2}× sled's time)",
+            t_pg.as_secs_f64(),
+            agg as f64 / t_pg.as_secs_f64(),
+            t_pg.as_secs_f64() / t_sled.as_secs_f64()
+        );
+    }
     let size = pg
         .client(
             "psql",

@@ -317,6 +317,43 @@ impl ReadingStore for PgStore {
             .collect()
     }
 
+    fn scan_many(
+        &self,
+        meters: &[String],
+        from_day: &str,
+        to_day: &str,
+    ) -> Result<Vec<ReadingBatch>, StoreError> {
+        for d in [from_day, to_day] {
+            psm_core::readings::parse_day(d).map_err(|e| StoreError::Invalid(e.to_string()))?;
+        }
+        let rows = self
+            .block(
+                sqlx::query(
+                    // LATERAL: one primary-key range scan per meter, whatever the planner's
+                    // statistics say (a hash join would read the whole table per group).
+                    "SELECT b.body FROM unnest($1::text[]) WITH ORDINALITY AS m(meter_id, ord)
+                     CROSS JOIN LATERAL (
+                         SELECT body, day, track, epoch, channel, first_slot FROM batches
+                         WHERE meter_id = m.meter_id
+                           AND day BETWEEN $2::text::date AND $3::text::date
+                         ORDER BY day, track, epoch, channel, first_slot) b
+                     ORDER BY m.ord, b.day, b.track, b.epoch, b.channel, b.first_slot",
+                )
+                .bind(meters)
+                .bind(from_day)
+                .bind(to_day)
+                .fetch_all(&self.pool),
+            )
+            .map_err(backend)?;
+        rows.iter()
+            .map(|row| {
+                let body: Vec<u8> = row.try_get("body").map_err(backend)?;
+                ReadingBatch::decode(body.as_slice())
+                    .map_err(|e| backend(format!("a stored batch is corrupt: {e}")))
+            })
+            .collect()
+    }
+
     fn meters(&self) -> Result<Vec<String>, StoreError> {
         let rows = self
             .block(
