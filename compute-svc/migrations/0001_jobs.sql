@@ -15,8 +15,12 @@ CREATE TABLE compute_jobs (
     -- claimed by the next replica that looks (FOR UPDATE SKIP LOCKED).
     replica         text     NOT NULL,
     lease_until     timestamptz NOT NULL,
-    -- Replicas that started it: a job that stopped its replica too often is failed.
+    -- Replicas that started it since it was last submitted: a job that stopped its replica
+    -- too often is failed.
     attempts        integer  NOT NULL DEFAULT 1,
+    -- Raised on every claim: progress and outcomes count only from the current holder, so a
+    -- replica that lost its lease cannot overwrite what the new holder reports.
+    lease_token     bigint   NOT NULL DEFAULT 1,
     step            text     NOT NULL,
     percent         integer  NOT NULL,
     -- The protobuf response of a done job; the status of a failed one.

@@ -49,6 +49,15 @@ pub struct JobsConfig {
     pub lease_secs: Option<u64>,
     /// This replica's name in the jobs table (default: host name and process id).
     pub replica: Option<String>,
+    /// Longest a job may run, seconds (default 3600); then it fails with DEADLINE_EXCEEDED
+    /// rather than hold its lease for ever.
+    pub max_job_secs: Option<u64>,
+    /// Finished and failed jobs (their requests and results) are deleted this many days after
+    /// they ended (default 30); a key is free again after that.
+    pub keep_finished_days: Option<u32>,
+    /// Longest statement (default 60 s) and lock wait (default 10 s).
+    pub statement_timeout_secs: Option<u64>,
+    pub lock_timeout_secs: Option<u64>,
 }
 
 /// The job backends.
@@ -65,12 +74,14 @@ pub struct JobQueue {
     pool: PgPool,
     replica: String,
     lease: Duration,
+    max_job: Duration,
+    keep_finished_days: i32,
 }
 
 /// What a replica should do with a request it received.
 pub enum Claim {
-    /// Run it: this replica holds the lease.
-    Run,
+    /// Run it: this replica holds the lease with this token.
+    Run(i64),
     /// It finished before: its stored response.
     Done(Vec<u8>),
     /// Another replica holds the lease: wait for its outcome.
@@ -81,13 +92,18 @@ pub enum Claim {
 pub struct Orphan {
     pub key: String,
     pub kind: String,
+    pub fingerprint: Vec<u8>,
     pub request: Vec<u8>,
+    /// The lease token this replica now holds.
+    pub token: i64,
 }
 
 /// A job's row as WatchJob reports it.
 pub struct Row_ {
     pub progress: JobProgress,
     pub state: String,
+    /// A running job whose lease ran out (its replica stopped).
+    pub expired: bool,
     pub result: Option<Vec<u8>>,
     pub error: Option<tonic::Status>,
 }
@@ -96,6 +112,13 @@ fn db(e: sqlx::Error) -> ComputeError {
     tracing::error!(error = %e, "compute jobs database failed");
     ComputeError::unavailable(format!(
         "the compute jobs database is unavailable ({e}); retry with the same idempotency key"
+    ))
+}
+
+/// The status of a job that stopped `attempts` replicas.
+fn abandoned(attempts: i32) -> tonic::Status {
+    tonic::Status::aborted(format!(
+        "abandoned: the job stopped {attempts} compute replicas; submit it again with the same key to retry"
     ))
 }
 
@@ -123,6 +146,8 @@ impl JobQueue {
             url: config.url.clone(),
             max_connections: config.max_connections,
             acquire_timeout_secs: config.acquire_timeout_secs,
+            statement_timeout_secs: config.statement_timeout_secs,
+            lock_timeout_secs: config.lock_timeout_secs,
         };
         let url = pg.resolved_url(DATABASE_URL_ENV)?;
         let pool = pg.connect(&url, "compute", SCHEMA).await?;
@@ -130,12 +155,20 @@ impl JobQueue {
             pool,
             replica: config.replica.clone().unwrap_or_else(default_replica),
             lease: Duration::from_secs(config.lease_secs.unwrap_or(30).max(1)),
+            max_job: Duration::from_secs(config.max_job_secs.unwrap_or(3_600).max(1)),
+            keep_finished_days: i32::try_from(config.keep_finished_days.unwrap_or(30).max(1))
+                .unwrap_or(i32::MAX),
         }))
     }
 
     /// How long a lease lasts.
     pub fn lease(&self) -> Duration {
         self.lease
+    }
+
+    /// How long a job may run.
+    pub fn max_job(&self) -> Duration {
+        self.max_job
     }
 
     fn lease_interval(&self) -> sqlx::postgres::types::PgInterval {
@@ -176,10 +209,10 @@ impl JobQueue {
         .rows_affected();
         if inserted == 1 {
             tx.commit().await.map_err(db)?;
-            return Ok(Claim::Run);
+            return Ok(Claim::Run(1));
         }
         let row = sqlx::query(
-            "SELECT fingerprint, state, result, lease_until < now() AS expired
+            "SELECT fingerprint, state, result, lease_until < now() AS expired, attempts
              FROM compute_jobs WHERE idempotency_key = $1 FOR UPDATE",
         )
         .bind(key)
@@ -194,55 +227,80 @@ impl JobQueue {
         }
         let state: String = row.try_get("state").map_err(db)?;
         let expired: bool = row.try_get("expired").map_err(db)?;
-        match state.as_str() {
+        let attempts: i32 = row.try_get("attempts").map_err(db)?;
+        let attempts = match state.as_str() {
             "done" => {
                 let result: Option<Vec<u8>> = row.try_get("result").map_err(db)?;
-                Ok(Claim::Done(result.unwrap_or_default()))
+                return result.map(Claim::Done).ok_or_else(|| {
+                    ComputeError::internal(format!(
+                        "job {key:?} is marked done but has no stored result"
+                    ))
+                });
             }
-            "running" if !expired => Ok(Claim::Running),
-            _ => {
-                // Failed before (run again, as the same request again runs again) or its
-                // replica stopped: this replica takes it.
+            "running" if !expired => return Ok(Claim::Running),
+            "running" if attempts >= MAX_ATTEMPTS => {
+                let status = abandoned(attempts);
                 sqlx::query(
-                    "UPDATE compute_jobs SET state = 'running', replica = $2, lease_until = now() + $3,
-                         attempts = attempts + 1, step = 'queued', percent = 0, result = NULL,
-                         error_code = NULL, error_message = NULL, updated = now()
+                    "UPDATE compute_jobs SET state = 'failed', error_code = $2, error_message = $3,
+                         step = 'failed: abandoned', percent = 100, updated = now()
                      WHERE idempotency_key = $1",
                 )
                 .bind(key)
-                .bind(&self.replica)
-                .bind(self.lease_interval())
+                .bind(status.code() as i32)
+                .bind(status.message())
                 .execute(&mut *tx)
                 .await
                 .map_err(db)?;
                 tx.commit().await.map_err(db)?;
-                Ok(Claim::Run)
+                return Err(ComputeError::Upstream(status));
             }
-        }
+            // Its replica stopped: one more attempt.
+            "running" => attempts + 1,
+            // Failed before: the same request again runs again, counted afresh.
+            _ => 1,
+        };
+        let token: i64 = sqlx::query(
+            "UPDATE compute_jobs SET state = 'running', replica = $2, lease_until = now() + $3,
+                 attempts = $4, lease_token = lease_token + 1, step = 'queued', percent = 0,
+                 result = NULL, error_code = NULL, error_message = NULL, updated = now()
+             WHERE idempotency_key = $1 RETURNING lease_token",
+        )
+        .bind(key)
+        .bind(&self.replica)
+        .bind(self.lease_interval())
+        .bind(attempts)
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(db)?
+        .try_get("lease_token")
+        .map_err(db)?;
+        tx.commit().await.map_err(db)?;
+        Ok(Claim::Run(token))
     }
 
     /// Claims one running job whose lease ran out, if any. Jobs that already stopped
     /// [`MAX_ATTEMPTS`] replicas are failed instead.
     pub async fn claim_orphan(&self) -> Result<Option<Orphan>, ComputeError> {
+        let status = abandoned(MAX_ATTEMPTS);
         sqlx::query(
             "UPDATE compute_jobs SET state = 'failed', error_code = $1, percent = 100,
-                 error_message = 'abandoned: the job stopped ' || attempts || ' compute replicas; submit it again with the same key to retry',
-                 step = 'failed: abandoned', updated = now()
+                 error_message = $3, step = 'failed: abandoned', updated = now()
              WHERE state = 'running' AND lease_until < now() AND attempts >= $2",
         )
-        .bind(tonic::Code::Aborted as i32)
+        .bind(status.code() as i32)
         .bind(MAX_ATTEMPTS)
+        .bind(status.message())
         .execute(&self.pool)
         .await
         .map_err(db)?;
         let row = sqlx::query(
             "UPDATE compute_jobs SET replica = $1, lease_until = now() + $2,
-                 attempts = attempts + 1, updated = now()
+                 attempts = attempts + 1, lease_token = lease_token + 1, updated = now()
              WHERE idempotency_key = (
                  SELECT idempotency_key FROM compute_jobs
                  WHERE state = 'running' AND lease_until < now()
                  ORDER BY lease_until LIMIT 1 FOR UPDATE SKIP LOCKED)
-             RETURNING idempotency_key, kind, request",
+             RETURNING idempotency_key, kind, fingerprint, request, lease_token",
         )
         .bind(&self.replica)
         .bind(self.lease_interval())
@@ -253,36 +311,48 @@ impl JobQueue {
             Ok(Orphan {
                 key: r.try_get("idempotency_key").map_err(db)?,
                 kind: r.try_get("kind").map_err(db)?,
+                fingerprint: r.try_get("fingerprint").map_err(db)?,
                 request: r.try_get("request").map_err(db)?,
+                token: r.try_get("lease_token").map_err(db)?,
             })
         })
         .transpose()
     }
 
-    /// Publishes progress and renews this replica's lease (a no-op once the job ended or
-    /// another replica took it over).
-    pub async fn progress(&self, key: &str, step: &str, percent: u32) -> Result<(), ComputeError> {
-        sqlx::query(
+    /// Publishes progress and renews the lease held with `token`. False when the lease is
+    /// no longer this replica's (the job ended, or another replica took it over): stop.
+    pub async fn progress(
+        &self,
+        key: &str,
+        token: i64,
+        step: &str,
+        percent: u32,
+    ) -> Result<bool, ComputeError> {
+        let n = sqlx::query(
             "UPDATE compute_jobs SET step = $3, percent = $4, lease_until = now() + $5, updated = now()
-             WHERE idempotency_key = $1 AND replica = $2 AND state = 'running'",
+             WHERE idempotency_key = $1 AND lease_token = $2 AND state = 'running'",
         )
         .bind(key)
-        .bind(&self.replica)
+        .bind(token)
         .bind(step)
         .bind(i32::try_from(percent.min(100)).unwrap_or(100))
         .bind(self.lease_interval())
         .execute(&self.pool)
         .await
-        .map_err(db)?;
-        Ok(())
+        .map_err(db)?
+        .rows_affected();
+        Ok(n == 1)
     }
 
-    /// Stores a job's outcome: the encoded response, or the status it failed with.
+    /// Stores a job's outcome (the encoded response, or the status it failed with) if this
+    /// replica still holds its lease with `token`; false when it does not (the new holder's
+    /// outcome counts).
     pub async fn finish(
         &self,
         key: &str,
+        token: i64,
         outcome: &Result<Vec<u8>, tonic::Status>,
-    ) -> Result<(), ComputeError> {
+    ) -> Result<bool, ComputeError> {
         let (state, result, code, message, step) = match outcome {
             Ok(bytes) => (
                 "done",
@@ -299,10 +369,10 @@ impl JobQueue {
                 format!("failed: {}", s.message()),
             ),
         };
-        sqlx::query(
+        let n = sqlx::query(
             "UPDATE compute_jobs SET state = $2, result = $3, error_code = $4, error_message = $5,
                  step = $6, percent = 100, updated = now()
-             WHERE idempotency_key = $1 AND state = 'running'",
+             WHERE idempotency_key = $1 AND state = 'running' AND lease_token = $7",
         )
         .bind(key)
         .bind(state)
@@ -310,16 +380,31 @@ impl JobQueue {
         .bind(code)
         .bind(message)
         .bind(step)
+        .bind(token)
         .execute(&self.pool)
         .await
-        .map_err(db)?;
-        Ok(())
+        .map_err(db)?
+        .rows_affected();
+        Ok(n == 1)
+    }
+
+    /// Deletes jobs that ended more than `keep_finished_days` ago; returns how many.
+    pub async fn prune(&self) -> Result<u64, ComputeError> {
+        Ok(sqlx::query(
+            "DELETE FROM compute_jobs WHERE state <> 'running' AND updated < now() - make_interval(days => $1)",
+        )
+        .bind(self.keep_finished_days)
+        .execute(&self.pool)
+        .await
+        .map_err(db)?
+        .rows_affected())
     }
 
     /// The job's row, if the key is known.
     pub async fn get(&self, key: &str) -> Result<Option<Row_>, ComputeError> {
         let row = sqlx::query(
-            "SELECT state, step, percent, result, error_code, error_message
+            "SELECT state, step, percent, result, error_code, error_message,
+                 lease_until < now() AS expired
              FROM compute_jobs WHERE idempotency_key = $1",
         )
         .bind(key)
@@ -346,6 +431,7 @@ impl JobQueue {
                 done: state != "running",
             },
             result: r.try_get("result").map_err(db)?,
+            expired: state == "running" && r.try_get::<bool, _>("expired").map_err(db)?,
             state,
             error,
         }))
@@ -384,6 +470,19 @@ mod tests {
         String::from_utf8_lossy(&out).trim() == "b"
     }
 
+    fn run_token(c: Claim) -> i64 {
+        match c {
+            Claim::Run(t) => t,
+            Claim::Done(_) => panic!("expected Run, got Done"),
+            Claim::Running => panic!("expected Run, got Running"),
+        }
+    }
+
+    /// Past a 1-second lease, with margin for a loaded machine.
+    async fn lease_runs_out() {
+        tokio::time::sleep(Duration::from_millis(1_500)).await;
+    }
+
     #[tokio::test]
     async fn claims_leases_takeovers_and_poison_jobs() {
         let pg = psm_testpg::TestPostgres::start().unwrap();
@@ -392,10 +491,7 @@ mod tests {
             replica(&pg.url("psm"), "b").await,
         );
         let fp = [7u8; 32];
-        assert!(matches!(
-            a.submit("k", "bill", &fp, b"req").await.unwrap(),
-            Claim::Run
-        ));
+        let ta = run_token(a.submit("k", "bill", &fp, b"req").await.unwrap());
         // B sees it running under A's lease, and may not reuse the key for another request.
         assert!(matches!(
             b.submit("k", "bill", &fp, b"req").await.unwrap(),
@@ -408,63 +504,93 @@ mod tests {
             .unwrap();
         assert!(matches!(e, ComputeError::AlreadyExists(_)), "{e}");
         // Nothing to take over while A renews its lease.
-        a.progress("k", "summing", 40).await.unwrap();
+        assert!(a.progress("k", ta, "summing", 40).await.unwrap());
         assert!(b.claim_orphan().await.unwrap().is_none());
         let row = b.get("k").await.unwrap().unwrap();
         assert_eq!(
             (row.progress.step.as_str(), row.progress.percent),
             ("summing", 40)
         );
-        assert!(!row.progress.done);
-        // A stops renewing: after the lease, exactly one replica claims it, with the request.
-        tokio::time::sleep(Duration::from_millis(1_200)).await;
+        assert!(!row.progress.done && !row.expired);
+
+        // A stops renewing: after the lease, exactly one replica claims it, with the request
+        // and a new token.
+        lease_runs_out().await;
+        assert!(b.get("k").await.unwrap().unwrap().expired);
         let (ca, cb) = tokio::join!(a.claim_orphan(), b.claim_orphan());
         let claimed: Vec<Orphan> = [ca.unwrap(), cb.unwrap()].into_iter().flatten().collect();
         assert_eq!(claimed.len(), 1);
+        let o = &claimed[0];
         assert_eq!(
-            (claimed[0].kind.as_str(), claimed[0].request.as_slice()),
+            (o.kind.as_str(), o.request.as_slice()),
             ("bill", &b"req"[..])
         );
-        // The claimer finishes it; a late outcome from anyone after that changes nothing.
-        let (holder, other) = if claimed_by_b(&pg, "k") {
-            (&b, &a)
-        } else {
-            (&a, &b)
-        };
-        holder.finish("k", &Ok(b"resp".to_vec())).await.unwrap();
-        other
-            .finish("k", &Err(tonic::Status::internal("late")))
+        assert_eq!(o.fingerprint, fp);
+        assert!(o.token > ta);
+        // The old lease is worthless: its progress is refused (so it stops) and its outcome
+        // is not stored, even when it comes first.
+        assert!(!a.progress("k", ta, "late", 90).await.unwrap());
+        assert!(!a
+            .finish("k", ta, &Err(tonic::Status::internal("stale")))
             .await
-            .unwrap();
+            .unwrap());
+        assert_eq!(a.get("k").await.unwrap().unwrap().state, "running");
+        let holder = if claimed_by_b(&pg, "k") { &b } else { &a };
+        assert!(holder
+            .finish("k", o.token, &Ok(b"resp".to_vec()))
+            .await
+            .unwrap());
+        assert!(!holder
+            .finish("k", o.token, &Ok(b"again".to_vec()))
+            .await
+            .unwrap());
         assert!(
             matches!(a.submit("k", "bill", &fp, b"req").await.unwrap(), Claim::Done(r) if r == b"resp")
         );
 
         // A poison job (one that stops every replica that runs it) is failed after
-        // MAX_ATTEMPTS, not handed on forever.
-        assert!(matches!(
-            a.submit("p", "bill", &fp, b"req").await.unwrap(),
-            Claim::Run
-        ));
-        for _ in 1..MAX_ATTEMPTS {
-            tokio::time::sleep(Duration::from_millis(1_100)).await;
-            assert!(b.claim_orphan().await.unwrap().is_some());
-        }
-        tokio::time::sleep(Duration::from_millis(1_100)).await;
-        assert!(b.claim_orphan().await.unwrap().is_none());
-        let row = a.get("p").await.unwrap().unwrap();
-        assert_eq!(row.state, "failed");
-        let status = row.error.unwrap();
+        // MAX_ATTEMPTS, whether replicas find it through their orphan worker or through a
+        // waiting caller's submit.
+        run_token(a.submit("p", "bill", &fp, b"req").await.unwrap());
+        lease_runs_out().await;
+        assert!(b.claim_orphan().await.unwrap().is_some());
+        lease_runs_out().await;
+        run_token(b.submit("p", "bill", &fp, b"req").await.unwrap());
+        lease_runs_out().await;
+        let e = a.submit("p", "bill", &fp, b"req").await.err().unwrap();
+        let ComputeError::Upstream(status) = e else {
+            panic!("{e}")
+        };
         assert_eq!(status.code(), tonic::Code::Aborted);
         assert!(
             status.message().contains("abandoned"),
             "{}",
             status.message()
         );
-        // Submitted again, it runs again.
-        assert!(matches!(
-            b.submit("p", "bill", &fp, b"req").await.unwrap(),
-            Claim::Run
-        ));
+        assert!(b.claim_orphan().await.unwrap().is_none());
+        let row = a.get("p").await.unwrap().unwrap();
+        assert_eq!(row.state, "failed");
+        assert_eq!(row.error.unwrap().code(), tonic::Code::Aborted);
+        // Submitted again, it runs again, its attempts counted afresh: one more stop is not
+        // the end of it.
+        let t = run_token(b.submit("p", "bill", &fp, b"req").await.unwrap());
+        lease_runs_out().await;
+        let o = b.claim_orphan().await.unwrap().expect("a second attempt");
+        assert!(o.token > t);
+
+        // Finished jobs are deleted after keep_finished_days; running ones never.
+        assert_eq!(a.prune().await.unwrap(), 0);
+        pg.client(
+            "psql",
+            &[
+                "-d",
+                "psm",
+                "-c",
+                "UPDATE compute_jobs SET updated = now() - interval '31 days'",
+            ],
+        )
+        .unwrap();
+        assert_eq!(a.prune().await.unwrap(), 1, "only the finished job k");
+        assert!(a.get("k").await.unwrap().is_none() && a.get("p").await.unwrap().is_some());
     }
 }

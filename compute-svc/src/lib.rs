@@ -113,18 +113,19 @@ impl Engine {
 }
 
 /// The Compute gRPC service.
-#[derive(Default, Clone)]
+#[derive(Clone)]
 pub struct ComputeService {
     inner: Arc<Inner>,
 }
 
-#[derive(Default)]
 struct Inner {
     engine: Option<Engine>,
     /// Progress of the jobs this replica runs (WatchJob's source without a queue).
     jobs: jobs::Jobs,
     /// The jobs table shared with other replicas, when configured.
     queue: Option<Arc<job_queue::JobQueue>>,
+    /// Jobs of stopped replicas this replica runs at once.
+    takeovers: Arc<tokio::sync::Semaphore>,
 }
 
 /// One of the three job requests, as a job.
@@ -215,9 +216,16 @@ impl Drop for AbortOnDrop {
     }
 }
 
-/// Longest a request waits for the same job running on another replica before answering
-/// UNAVAILABLE (WatchJob and a retry with the same key still get its result).
-const MAX_WAIT_ELSEWHERE: Duration = Duration::from_secs(3_600);
+/// Jobs of stopped replicas one replica runs at once.
+const MAX_TAKEOVERS: usize = 4;
+
+/// How a job run on the shared table ended here.
+enum Ran {
+    /// With this outcome, stored.
+    Outcome(Result<Vec<u8>, ComputeError>),
+    /// This replica lost the lease (another one took the job over): its outcome counts.
+    Lost,
+}
 
 impl ComputeService {
     /// A service with in-memory jobs.
@@ -233,21 +241,32 @@ impl ComputeService {
                 engine,
                 jobs: jobs::Jobs::default(),
                 queue: queue.map(Arc::new),
+                takeovers: Arc::new(tokio::sync::Semaphore::new(MAX_TAKEOVERS)),
             }),
         }
     }
 
-    /// Looks for jobs whose replica stopped (lease run out) every half lease, and runs them.
-    /// Without a queue there is nothing to do.
+    /// Looks for jobs whose replica stopped (lease run out) every half lease and runs them
+    /// (at most MAX_TAKEOVERS at once), and deletes long-finished jobs hourly. Without a queue
+    /// there is nothing to do.
     pub fn spawn_orphan_worker(&self) {
-        let Some(lease) = self.inner.queue.as_ref().map(|q| q.lease()) else {
+        let Some(q) = self.inner.queue.clone() else {
             return;
         };
         let inner = self.inner.clone();
         tokio::spawn(async move {
+            let mut last_prune: Option<tokio::time::Instant> = None;
             loop {
-                tokio::time::sleep(lease / 2).await;
-                inner.take_over_orphans().await;
+                tokio::time::sleep(q.lease() / 2).await;
+                Inner::take_over_orphans(&inner).await;
+                if last_prune.is_none_or(|t| t.elapsed() > Duration::from_secs(3_600)) {
+                    match q.prune().await {
+                        Ok(n) if n > 0 => tracing::info!(deleted = n, "deleted long-finished jobs"),
+                        Ok(_) => {}
+                        Err(e) => tracing::warn!(error = %e, "could not delete finished jobs"),
+                    }
+                    last_prune = Some(tokio::time::Instant::now());
+                }
             }
         });
     }
@@ -271,79 +290,121 @@ impl Inner {
             return self.execute(&req, &job).await;
         };
         let (fingerprint, bytes) = (req.fingerprint(), req.encode());
-        let deadline = tokio::time::Instant::now() + MAX_WAIT_ELSEWHERE;
+        // A caller waits for a job another replica runs as long as a job may run, and a lease.
+        let deadline = tokio::time::Instant::now() + q.max_job() + q.lease();
         loop {
             match q
                 .submit(req.key(), req.kind(), &fingerprint, &bytes)
                 .await?
             {
                 job_queue::Claim::Done(bytes) => return Ok(bytes),
-                job_queue::Claim::Run => return self.run_shared(q, &req).await,
+                job_queue::Claim::Run(token) => match self.run_shared(q, &req, token).await {
+                    Ran::Outcome(r) => return r,
+                    Ran::Lost => {}
+                },
                 job_queue::Claim::Running => {}
             }
-            // Another replica runs it: wait for its outcome, or for its lease to run out
-            // (then the next submit takes it over).
-            tokio::time::sleep(Duration::from_millis(250)).await;
-            if let Some(row) = q.get(req.key()).await? {
-                match (row.state.as_str(), row.result, row.error) {
-                    ("done", Some(bytes), _) => return Ok(bytes),
-                    ("failed", _, Some(status)) => return Err(ComputeError::Upstream(status)),
-                    _ => {}
+            // Another replica runs it: wait for its outcome, or for its lease to run out (then
+            // the next submit takes it over).
+            loop {
+                if tokio::time::Instant::now() > deadline {
+                    return Err(ComputeError::unavailable(format!(
+                        "job {:?} is still running on another compute replica; follow it with WatchJob or retry with the same key",
+                        req.key()
+                    )));
                 }
-            }
-            if tokio::time::Instant::now() > deadline {
-                return Err(ComputeError::unavailable(format!(
-                    "job {:?} is still running on another compute replica; follow it with WatchJob or retry with the same key",
-                    req.key()
-                )));
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                match q.get(req.key()).await? {
+                    Some(row) => match (row.state.as_str(), row.result, row.error) {
+                        ("done", Some(bytes), _) => return Ok(bytes),
+                        ("failed", _, Some(status)) => return Err(ComputeError::Upstream(status)),
+                        _ if row.expired => break,
+                        _ => {}
+                    },
+                    // Pruned meanwhile: submit afresh.
+                    None => break,
+                }
             }
         }
     }
 
-    /// Runs a job this replica holds the lease of, mirroring its progress to the jobs table
-    /// and storing its outcome there.
-    async fn run_shared(
-        &self,
-        q: &Arc<job_queue::JobQueue>,
-        req: &JobRequest,
-    ) -> Result<Vec<u8>, ComputeError> {
+    /// Runs a job this replica holds the lease of (with `token`), mirroring its progress to
+    /// the jobs table, which also renews the lease, and storing its outcome there. Stops as
+    /// soon as the lease turns out to be another replica's.
+    async fn run_shared(&self, q: &Arc<job_queue::JobQueue>, req: &JobRequest, token: i64) -> Ran {
         let key = req.key().to_owned();
-        let job = self.jobs.start(&key, req.kind(), req.fingerprint())?;
+        let job = match self.jobs.start(&key, req.kind(), req.fingerprint()) {
+            Ok(j) => j,
+            Err(e) => return Ran::Outcome(Err(e)),
+        };
         let Some(mut rx) = self.jobs.watch(&key) else {
-            return Err(ComputeError::internal(
+            return Ran::Outcome(Err(ComputeError::internal(
                 "a started job has no progress channel",
-            ));
+            )));
         };
         let renew = q.lease() / 3;
-        let pool_q = q.clone();
+        let (lost_tx, lost_rx) = tokio::sync::oneshot::channel::<()>();
+        let mirror_q = q.clone();
         let mirror = AbortOnDrop(tokio::spawn(async move {
             loop {
                 let changed = tokio::time::timeout(renew, rx.changed()).await;
                 let p = rx.borrow_and_update().clone();
-                if let Err(e) = pool_q
-                    .progress(&p.idempotency_key, &p.step, p.percent)
+                match mirror_q
+                    .progress(&p.idempotency_key, token, &p.step, p.percent)
                     .await
                 {
-                    tracing::warn!(error = %e, job = %p.idempotency_key, "could not record job progress");
+                    Ok(true) => {}
+                    Ok(false) if !p.done => {
+                        let _ = lost_tx.send(());
+                        return;
+                    }
+                    Ok(false) => return,
+                    Err(e) => {
+                        tracing::warn!(error = %e, job = %p.idempotency_key, "could not record job progress")
+                    }
                 }
                 if matches!(changed, Ok(Err(_))) || p.done {
                     return;
                 }
             }
         }));
-        let outcome = self.execute(req, &job).await.map_err(Status::from);
+        let max = q.max_job();
+        let outcome = tokio::select! {
+            r = tokio::time::timeout(max, self.execute(req, &job)) => match r {
+                Ok(r) => r.map_err(Status::from),
+                Err(_) => Err(Status::deadline_exceeded(format!(
+                    "the job ran longer than {} s ([compute.jobs] max_job_secs) and was stopped",
+                    max.as_secs()
+                ))),
+            },
+            Ok(()) = lost_rx => {
+                job.step("failed: another compute replica took this job over", 100);
+                return Ran::Lost;
+            }
+        };
         drop(mirror);
-        if let Err(e) = q.finish(&key, &outcome).await {
-            tracing::error!(error = %e, job = %key, "could not record the job's outcome; another replica will run it again after the lease");
+        match q.finish(&key, token, &outcome).await {
+            Ok(true) => {}
+            Ok(false) => {
+                job.step("failed: another compute replica took this job over", 100);
+                return Ran::Lost;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, job = %key, "could not record the job's outcome; another replica will run it again after the lease");
+            }
         }
         drop(job);
-        outcome.map_err(ComputeError::Upstream)
+        Ran::Outcome(outcome.map_err(ComputeError::Upstream))
     }
 
-    /// Runs every job whose replica stopped, one at a time.
-    async fn take_over_orphans(&self) {
-        let Some(q) = &self.queue else { return };
+    /// Claims jobs whose replica stopped while a takeover slot is free, each run in its own
+    /// task.
+    async fn take_over_orphans(this: &Arc<Inner>) {
+        let Some(q) = this.queue.clone() else { return };
         loop {
+            let Ok(permit) = this.takeovers.clone().try_acquire_owned() else {
+                return;
+            };
             let orphan = match q.claim_orphan().await {
                 Ok(Some(o)) => o,
                 Ok(None) => return,
@@ -354,16 +415,36 @@ impl Inner {
             };
             tracing::info!(job = %orphan.key, kind = %orphan.kind, "taking over a job whose replica stopped");
             metrics::counter!("psm_compute_jobs_taken_over_total").increment(1);
-            let req = match JobRequest::decode(&orphan.kind, &orphan.request) {
-                Ok(r) => r,
-                Err(e) => {
-                    let _ = q.finish(&orphan.key, &Err(Status::from(e))).await;
-                    continue;
+            let inner = this.clone();
+            let q = q.clone();
+            tokio::spawn(async move {
+                let _permit = permit;
+                // The stored request must be the one its key and fingerprint name (a replica of
+                // another version could decode it into something else).
+                let req = JobRequest::decode(&orphan.kind, &orphan.request).and_then(|r| {
+                    if r.key() == orphan.key && r.fingerprint().as_slice() == orphan.fingerprint {
+                        Ok(r)
+                    } else {
+                        Err(ComputeError::precondition(format!(
+                            "the stored request of job {:?} does not match its key and fingerprint on this replica; submit it again",
+                            orphan.key
+                        )))
+                    }
+                });
+                match req {
+                    Ok(req) => {
+                        if let Ran::Outcome(Err(e)) = inner.run_shared(&q, &req, orphan.token).await
+                        {
+                            tracing::info!(job = %orphan.key, error = %e, "a job taken over failed");
+                        }
+                    }
+                    Err(e) => {
+                        let _ = q
+                            .finish(&orphan.key, orphan.token, &Err(Status::from(e)))
+                            .await;
+                    }
                 }
-            };
-            if let Err(e) = self.run_shared(q, &req).await {
-                tracing::info!(job = %orphan.key, error = %e, "a job taken over failed");
-            }
+            });
         }
     }
 
@@ -455,7 +536,14 @@ impl Compute for ComputeService {
         r: Request<WatchJobRequest>,
     ) -> Result<Response<Self::WatchJobStream>, Status> {
         let key = r.get_ref().idempotency_key.clone();
-        let Some(rx) = self.inner.jobs.watch(&key) else {
+        // With a shared table, a job this replica no longer runs (finished here, cancelled, or
+        // taken over) is followed in the table, which has the last word.
+        let rx = self
+            .inner
+            .jobs
+            .watch(&key)
+            .filter(|rx| self.inner.queue.is_none() || !rx.borrow().done);
+        let Some(rx) = rx else {
             return self.watch_shared(key).await;
         };
         // Every change until (and including) the one that marks the job done.
@@ -490,14 +578,21 @@ impl ComputeService {
         if q.get(&key).await?.is_none() {
             return Err(not_found());
         }
-        // Every change, polled, until (and including) the one that marks the job done.
+        // Every change, polled, until (and including) the one that marks the job done, for at
+        // most as long as a job may run.
+        let deadline = tokio::time::Instant::now() + q.max_job() + q.lease();
         let stream = futures::stream::unfold(
             (q, key, None::<JobProgress>, false),
-            |(q, key, last, ended)| async move {
+            move |(q, key, last, ended)| async move {
                 if ended {
                     return None;
                 }
                 loop {
+                    if tokio::time::Instant::now() > deadline {
+                        let e =
+                            Status::deadline_exceeded("the job did not end within max_job_secs");
+                        return Some((Err(e), (q, key, last, true)));
+                    }
                     let p = match q.get(&key).await {
                         Ok(Some(row)) => row.progress,
                         Ok(None) => return None,

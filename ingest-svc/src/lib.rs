@@ -804,7 +804,8 @@ impl Ingest for IngestService {
                 }
                 let (st, from, to, m) =
                     (store.clone(), from_day.clone(), to_day.clone(), m.to_vec());
-                let Some(batches) = read_or_send(&tx, move || st.scan_many(&m, &from, &to)).await
+                let Some(batches) =
+                    read_or_send(&tx, move || st.scan_many(&m, &from, &to, track)).await
                 else {
                     return;
                 };

@@ -237,6 +237,8 @@ pub fn load_service<S: DeserializeOwned + Default>(
     let file = load_file::<S>(args.config.as_deref(), service_section)?;
     let settings = args.resolve(&file, default_listen, default_data_dir)?;
     crate::telemetry::init(settings.log_format);
+    // Before anything is counted (a keyshare audits its registry before it serves).
+    crate::metrics::handle();
     Ok((file, settings))
 }
 

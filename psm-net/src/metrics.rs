@@ -96,27 +96,34 @@ pub struct RpcMetrics<S> {
     services: std::sync::Arc<[&'static str]>,
 }
 
-const ALSO_KNOWN: [&str; 3] = [
-    "grpc.health.v1.Health",
-    "grpc.reflection.v1.ServerReflection",
-    "grpc.reflection.v1alpha.ServerReflection",
+/// Methods of health and reflection, which every server has.
+const OPEN_METHODS: [&str; 4] = [
+    "/grpc.health.v1.Health/Check",
+    "/grpc.health.v1.Health/Watch",
+    "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+    "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
 ];
 
-/// (service, method) of a request path, when the service is one this server has.
-fn labels(path: &str, services: &[&'static str]) -> (&'static str, String) {
-    let mut parts = path.trim_start_matches('/').splitn(2, '/');
-    let (svc, method) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-    let known = services
+/// (service, method) of a request path when it is an RPC this server has (the role table's,
+/// of one of `services`, or health and reflection); ("other", "other") for anything else, so
+/// that no caller — not even one the auth layer turns away — can add series.
+fn labels(path: &str, services: &[&'static str]) -> (&'static str, &'static str) {
+    let known = crate::roles::ROLE_TABLE
         .iter()
-        .chain(ALSO_KNOWN.iter())
-        .find(|s| **s == svc)
-        .copied();
-    match known {
-        Some(s) if !method.is_empty() && method.len() <= 64 && !method.contains('/') => {
-            (s, method.to_string())
-        }
-        _ => ("other", "other".to_string()),
-    }
+        .map(|(p, _)| *p)
+        .filter(|p| {
+            services.iter().any(|s| {
+                p.strip_prefix('/')
+                    .and_then(|r| r.strip_prefix(s))
+                    .is_some_and(|r| r.starts_with('/'))
+            })
+        })
+        .chain(OPEN_METHODS)
+        .find(|p| *p == path);
+    known
+        .and_then(|p| p.strip_prefix('/'))
+        .and_then(|p| p.split_once('/'))
+        .unwrap_or(("other", "other"))
 }
 
 fn code_name(code: Code) -> &'static str {
@@ -155,7 +162,7 @@ fn status_of(headers: &http::HeaderMap) -> Option<Code> {
 /// CANCELLED unless a code was already seen).
 struct Observation {
     service: &'static str,
-    method: String,
+    method: &'static str,
     started: Instant,
     code: Option<Code>,
     done: bool,
@@ -167,12 +174,8 @@ impl Observation {
             return;
         }
         self.done = true;
-        let (service, method) = if code == Code::Unimplemented {
-            ("other", "other".to_string())
-        } else {
-            (self.service, std::mem::take(&mut self.method))
-        };
-        metrics::counter!("psm_rpc_requests_total", "service" => service, "method" => method.clone(), "code" => code_name(code)).increment(1);
+        let (service, method) = (self.service, self.method);
+        metrics::counter!("psm_rpc_requests_total", "service" => service, "method" => method, "code" => code_name(code)).increment(1);
         metrics::histogram!("psm_rpc_duration_seconds", "service" => service, "method" => method)
             .record(self.started.elapsed().as_secs_f64());
     }
@@ -278,22 +281,27 @@ mod tests {
         let svc: &[&str] = &["psm.v1.Ingest"];
         assert_eq!(
             labels("/psm.v1.Ingest/SubmitReadings", svc),
-            ("psm.v1.Ingest", "SubmitReadings".to_string())
+            ("psm.v1.Ingest", "SubmitReadings")
         );
         assert_eq!(
             labels("/grpc.health.v1.Health/Check", svc),
-            ("grpc.health.v1.Health", "Check".to_string())
+            ("grpc.health.v1.Health", "Check")
         );
+        // Methods this server does not have, under a known service or not, and another
+        // service's RPC: one series for all of them, whoever sends them.
+        let long = format!("/psm.v1.Ingest/{}", "x".repeat(65));
         for junk in [
             "/attacker.Made/Up",
             "/psm.v1.Ingest/",
             "/",
             "/psm.v1.Ingest/a/b",
+            "/psm.v1.Ingest/Bogus",
+            "/grpc.health.v1.Health/Bogus",
+            "/psm.v1.Compute/Bill",
+            long.as_str(),
         ] {
-            assert_eq!(labels(junk, svc), ("other", "other".to_string()), "{junk}");
+            assert_eq!(labels(junk, svc), ("other", "other"), "{junk}");
         }
-        let long = format!("/psm.v1.Ingest/{}", "x".repeat(65));
-        assert_eq!(labels(&long, svc).0, "other");
     }
 
     #[test]

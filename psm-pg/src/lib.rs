@@ -23,6 +23,10 @@ pub struct PgConfig {
     pub max_connections: Option<u32>,
     /// Seconds a request waits for a free connection before it fails (default 10).
     pub acquire_timeout_secs: Option<u64>,
+    /// Longest statement, seconds (default 60), and longest wait for a lock (default 10): a
+    /// stuck database or a held lock becomes an error the caller sees, not a hung thread.
+    pub statement_timeout_secs: Option<u64>,
+    pub lock_timeout_secs: Option<u64>,
 }
 
 /// Connection failures, with messages that name the server but never the password.
@@ -70,6 +74,17 @@ impl PgConfig {
                 "the PostgreSQL URL is not usable: {e} (expected postgres://user:password@host:port/database)"
             ))
         })?;
+        let opts = opts.options([
+            (
+                "statement_timeout",
+                format!("{}s", self.statement_timeout_secs.unwrap_or(60).max(1)),
+            ),
+            (
+                "lock_timeout",
+                format!("{}s", self.lock_timeout_secs.unwrap_or(10).max(1)),
+            ),
+            ("idle_in_transaction_session_timeout", "60s".to_string()),
+        ]);
         let where_ = format!(
             "{}:{} (database {:?})",
             opts.get_host(),

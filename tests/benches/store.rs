@@ -104,7 +104,9 @@ fn read_all(
                 let got = if group == 1 {
                     store.scan(&ids[0], day, day).expect("scan")
                 } else {
-                    store.scan_many(&ids, day, day).expect("scan_many")
+                    store
+                        .scan_many(&ids, day, day, psm_proto::v1::Track::Linear as i32)
+                        .expect("scan_many")
                 };
                 read.fetch_add(got.len(), std::sync::atomic::Ordering::Relaxed);
             });

@@ -130,13 +130,16 @@ impl TestPki {
 pub struct Proc {
     pub name: String,
     pub port: u16,
+    /// The plaintext health and `/metrics` port ([`scrape`] it).
+    pub health_port: u16,
     pub log: PathBuf,
     child: Option<Child>,
 }
 
 impl Proc {
     /// Starts `binary` as `role`/`name` on a free port with the PKI's certificate, plus `extra`
-    /// flags, and waits until it reports SERVING for `grpc_service`.
+    /// flags, and waits until it reports SERVING for `grpc_service`. Its plaintext health port
+    /// is `--health-listen` from `extra`, else a free one.
     pub async fn start(
         pki: &TestPki,
         binary: &str,
@@ -153,6 +156,20 @@ impl Proc {
         let tls = pki.tls(role, name);
         let log = pki.dir.path().join(format!("{name}.log"));
         let out = fs::File::create(&log).expect("log file");
+        let given = extra
+            .iter()
+            .position(|a| *a == "--health-listen")
+            .and_then(|i| extra.get(i + 1))
+            .and_then(|a| a.rsplit(':').next())
+            .and_then(|p| p.parse::<u16>().ok());
+        let health_port = given.unwrap_or_else(free_port);
+        let mut health = Vec::new();
+        if given.is_none() {
+            health = vec![
+                "--health-listen".to_owned(),
+                format!("127.0.0.1:{health_port}"),
+            ];
+        }
         let child = Command::new(bin(binary))
             .arg("--listen")
             .arg(format!("127.0.0.1:{port}"))
@@ -167,6 +184,7 @@ impl Proc {
             .arg("--data-dir")
             .arg(pki.dir.path().join(format!("{name}-data")))
             .args(extra)
+            .args(&health)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(out.try_clone().expect("log file"))
@@ -176,6 +194,7 @@ impl Proc {
         let proc = Proc {
             name: name.to_owned(),
             port,
+            health_port,
             log,
             child: Some(child),
         };

@@ -236,6 +236,35 @@ async fn ingest_replicas_share_one_postgres_database() {
         bills.push(resp);
     }
 
+    // Each keyshare's metrics agree with its audit log: the log's length, and one decision
+    // counted per record (all since start), among them the bills' releases.
+    for k in &sys.keyshares {
+        let before = psm_e2e::audit_log(&pki, k).await.len() as f64;
+        let text = scrape(k.health_port).await;
+        let after = psm_e2e::audit_log(&pki, k).await.len() as f64;
+        for (name, labels) in [
+            ("psm_keyshare_audit_records", &[][..]),
+            ("psm_keyshare_decisions_total", &[][..]),
+        ] {
+            let v = metric(&text, name, labels);
+            assert!(
+                before <= v && v <= after,
+                "{} {name}: {v} not in {before}..={after}",
+                k.name
+            );
+        }
+        let allowed = metric(
+            &text,
+            "psm_keyshare_decisions_total",
+            &[("decision", "allow")],
+        );
+        assert!(
+            allowed >= bills.len() as f64,
+            "{}: {allowed} allowed",
+            k.name
+        );
+    }
+
     // What the metrics say the two replicas did.
     let (ma, mb) = (scrape(health_a).await, scrape(health_b).await);
     let both =

@@ -275,6 +275,81 @@ async fn health_reports_serving_for_every_service() {
         .await
         .expect_err("the probe port served the API");
     assert_eq!(err.code(), Code::Unimplemented);
+
+    // /metrics on the probe port counts what the API port answered: the health checks, and a
+    // refusal by the role layer under its code.
+    let ingest = &procs[0].0;
+    let err = IngestClient::new(pki.channel(ingest.port, "ingest", Role::Auditor, "regulator"))
+        .submit_readings(SubmitReadingsRequest::default())
+        .await
+        .expect_err("an auditor submitted readings");
+    assert_eq!(err.code(), Code::PermissionDenied);
+    let text = psm_e2e::scrape(probe_port).await;
+    let count = |labels: &[(&str, &str)]| psm_e2e::metric(&text, "psm_rpc_requests_total", labels);
+    // (At least the two above; start-up's readiness checks add more.)
+    let checks = count(&[
+        ("service", "grpc.health.v1.Health"),
+        ("method", "Check"),
+        ("code", "OK"),
+    ]);
+    assert!(checks >= 2.0, "{text}");
+    assert_eq!(
+        count(&[("method", "SubmitReadings"), ("code", "PERMISSION_DENIED")]),
+        1.0
+    );
+    // Made-up methods, from a caller the server accepts and from one it refuses, all land in
+    // one series: no caller can add series.
+    let series = |t: &str| {
+        t.lines()
+            .filter(|l| l.starts_with("psm_rpc_requests_total"))
+            .count()
+    };
+    let before = series(&text);
+    for (i, method) in [
+        "/psm.v1.Ingest/Bogus1",
+        "/psm.v1.Ingest/Bogus2",
+        "/made.Up/X",
+    ]
+    .iter()
+    .enumerate()
+    {
+        let ch = pki.channel(
+            ingest.port,
+            "ingest",
+            Role::Headend,
+            &format!("headend-{i}"),
+        );
+        let mut grpc = tonic::client::Grpc::new(ch);
+        grpc.ready().await.unwrap();
+        let codec = tonic_prost::ProstCodec::<StatusRequest, StatusRequest>::default();
+        let err = grpc
+            .unary(
+                tonic::Request::new(StatusRequest {}),
+                http::uri::PathAndQuery::from_static(method),
+                codec,
+            )
+            .await
+            .expect_err("a made-up method answered");
+        assert!(
+            matches!(err.code(), Code::Unimplemented | Code::PermissionDenied),
+            "{err:?}"
+        );
+    }
+    let text = psm_e2e::scrape(probe_port).await;
+    assert!(
+        !text.contains("Bogus") && !text.contains("made.Up"),
+        "{text}"
+    );
+    assert!(
+        series(&text) <= before + 2,
+        "made-up methods added series:\n{text}"
+    );
+    let other = psm_e2e::metric(
+        &text,
+        "psm_rpc_requests_total",
+        &[("service", "other"), ("method", "other")],
+    );
+    assert_eq!(other, 3.0, "{text}");
 }
 
 #[tokio::test]

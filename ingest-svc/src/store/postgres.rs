@@ -292,9 +292,6 @@ impl ReadingStore for PgStore {
         from_day: &str,
         to_day: &str,
     ) -> Result<Vec<ReadingBatch>, StoreError> {
-        for d in [from_day, to_day] {
-            psm_core::readings::parse_day(d).map_err(|e| StoreError::Invalid(e.to_string()))?;
-        }
         let rows = self
             .block(
                 sqlx::query(
@@ -322,10 +319,8 @@ impl ReadingStore for PgStore {
         meters: &[String],
         from_day: &str,
         to_day: &str,
+        track: i32,
     ) -> Result<Vec<ReadingBatch>, StoreError> {
-        for d in [from_day, to_day] {
-            psm_core::readings::parse_day(d).map_err(|e| StoreError::Invalid(e.to_string()))?;
-        }
         let rows = self
             .block(
                 sqlx::query(
@@ -336,12 +331,14 @@ impl ReadingStore for PgStore {
                          SELECT body, day, track, epoch, channel, first_slot FROM batches
                          WHERE meter_id = m.meter_id
                            AND day BETWEEN $2::text::date AND $3::text::date
+                           AND ($4::int4 = 0 OR track = $4::int4)
                          ORDER BY day, track, epoch, channel, first_slot) b
                      ORDER BY m.ord, b.day, b.track, b.epoch, b.channel, b.first_slot",
                 )
                 .bind(meters)
                 .bind(from_day)
                 .bind(to_day)
+                .bind(track)
                 .fetch_all(&self.pool),
             )
             .map_err(backend)?;
