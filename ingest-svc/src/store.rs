@@ -978,6 +978,38 @@ mod tests {
         assert_eq!(seen, (1..=120).collect::<Vec<u64>>());
     }
 
+    /// A held lock (another session, a stuck replica) turns into an error the caller sees
+    /// within lock_timeout, with nothing stored, instead of a blocked thread.
+    #[test]
+    fn a_held_enrollment_lock_times_out_as_unavailable_and_stores_nothing() {
+        let pg = Pg::start();
+        let config = psm_pg::PgConfig {
+            lock_timeout_secs: Some(1),
+            ..Default::default()
+        };
+        let url = pg.server.url("psm");
+        let s = pg
+            .rt
+            .block_on(postgres::PgStore::connect(&config, &url))
+            .unwrap();
+        let holder = pg.rt.block_on(async {
+            let mut tx = s.pool().begin().await.unwrap();
+            sqlx::query("SELECT pg_advisory_xact_lock($1)")
+                .bind(postgres::ENROLLMENT_LOCK)
+                .execute(&mut *tx)
+                .await
+                .unwrap();
+            tx
+        });
+        let started = std::time::Instant::now();
+        let err = s.put_enrollments(&[enrollment("m1", 1, 1)]).unwrap_err();
+        assert!(matches!(err, StoreError::Backend(_)), "{err}");
+        assert!(started.elapsed() < std::time::Duration::from_secs(10));
+        pg.rt.block_on(async move { holder.rollback().await.unwrap() });
+        assert!(!s.is_enrolled("m1", 1).unwrap());
+        assert_eq!(s.put_enrollments(&[enrollment("m1", 1, 1)]).unwrap(), outcome(1, 0));
+    }
+
     #[test]
     fn an_old_data_directory_is_refused() {
         let dir = tempfile::tempdir().unwrap();

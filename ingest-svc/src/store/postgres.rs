@@ -26,7 +26,7 @@ pub const SCHEMA: &[psm_pg::Version] = &[psm_pg::Version {
 }];
 
 /// Key of the advisory lock that serialises enrollment numbering ("psm-enro").
-const ENROLLMENT_LOCK: i64 = 0x7073_6d2d_656e_726f;
+pub(crate) const ENROLLMENT_LOCK: i64 = 0x7073_6d2d_656e_726f;
 
 /// Times a request is retried when PostgreSQL aborts it for a deadlock or a serialization
 /// failure (concurrent replicas writing the same meter-days in different orders).
