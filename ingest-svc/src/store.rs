@@ -1005,9 +1005,13 @@ mod tests {
         let err = s.put_enrollments(&[enrollment("m1", 1, 1)]).unwrap_err();
         assert!(matches!(err, StoreError::Backend(_)), "{err}");
         assert!(started.elapsed() < std::time::Duration::from_secs(10));
-        pg.rt.block_on(async move { holder.rollback().await.unwrap() });
+        pg.rt
+            .block_on(async move { holder.rollback().await.unwrap() });
         assert!(!s.is_enrolled("m1", 1).unwrap());
-        assert_eq!(s.put_enrollments(&[enrollment("m1", 1, 1)]).unwrap(), outcome(1, 0));
+        assert_eq!(
+            s.put_enrollments(&[enrollment("m1", 1, 1)]).unwrap(),
+            outcome(1, 0)
+        );
     }
 
     #[test]
