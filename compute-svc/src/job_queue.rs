@@ -99,7 +99,7 @@ pub struct Orphan {
 }
 
 /// A job's row as WatchJob reports it.
-pub struct Row_ {
+pub struct JobRow {
     pub progress: JobProgress,
     pub state: String,
     /// A running job whose lease ran out (its replica stopped).
@@ -401,7 +401,7 @@ impl JobQueue {
     }
 
     /// The job's row, if the key is known.
-    pub async fn get(&self, key: &str) -> Result<Option<Row_>, ComputeError> {
+    pub async fn get(&self, key: &str) -> Result<Option<JobRow>, ComputeError> {
         let row = sqlx::query(
             "SELECT state, step, percent, result, error_code, error_message,
                  lease_until < now() AS expired
@@ -423,7 +423,7 @@ impl JobQueue {
             )),
             None => None,
         };
-        Ok(Some(Row_ {
+        Ok(Some(JobRow {
             progress: JobProgress {
                 idempotency_key: key.to_owned(),
                 step: r.try_get("step").map_err(db)?,

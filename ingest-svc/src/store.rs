@@ -248,6 +248,36 @@ fn slot_time(slot: u64) -> String {
     format!("{:02}:{:02}", minutes / 60, minutes % 60)
 }
 
+/// A tfhe-track batch for a meter-day that already holds another one.
+fn tfhe_conflict(b: &ReadingBatch) -> StoreError {
+    StoreError::Conflict {
+        meter_id: b.meter_id.clone(),
+        day: b.day.clone(),
+        detail:
+            "a different tfhe-track batch is already stored (a meter-day is immutable once stored)"
+                .into(),
+    }
+}
+
+/// A linear-track batch whose slots `overlap` (of its day) already hold other bodies.
+fn slot_conflict(
+    b: &ReadingBatch,
+    epoch: u32,
+    channel: psm_core::linear::Channel,
+    (lo, hi): (u64, u64),
+) -> StoreError {
+    StoreError::Conflict {
+        meter_id: b.meter_id.clone(),
+        day: b.day.clone(),
+        detail: format!(
+            "epoch {epoch} channel {} already holds other bodies for {}–{} UTC; a slot is encrypted once, ever; corrections go under a new epoch",
+            channel.name(),
+            slot_time(lo),
+            slot_time(hi)
+        ),
+    }
+}
+
 /// Where a batch goes and what it covers.
 struct Prepared {
     key: Vec<u8>,
@@ -255,8 +285,8 @@ struct Prepared {
     slots: Option<(u64, u64)>,
     /// The batch as stored (a linear batch without an empty key reference).
     batch: ReadingBatch,
-    /// (epoch, channel name), for messages.
-    linear: Option<(u32, &'static str)>,
+    /// (epoch, channel) on the linear track.
+    linear: Option<(u32, psm_core::linear::Channel)>,
 }
 
 fn slots_of_day(b: &ReadingBatch) -> (u64, u64) {
@@ -282,7 +312,7 @@ fn prepare(i: usize, b: &ReadingBatch) -> Result<Prepared, StoreError> {
                 ),
                 slots: Some(slots_of_day(b)),
                 batch,
-                linear: Some((lb.epoch, lb.channel.name())),
+                linear: Some((lb.epoch, lb.channel)),
             })
         }
         Ok(Track::Tfhe) => {
@@ -305,29 +335,22 @@ fn add_to(list: &mut Vec<ReadingBatch>, p: &Prepared) -> Result<bool, StoreError
     if list.contains(&p.batch) {
         return Ok(false);
     }
-    let conflict = |detail: String| StoreError::Conflict {
-        meter_id: p.batch.meter_id.clone(),
-        day: p.batch.day.clone(),
-        detail,
-    };
     let (Some((lo, hi)), Some((epoch, channel))) = (p.slots, p.linear) else {
         if list.is_empty() {
             list.push(p.batch.clone());
             return Ok(true);
         }
-        return Err(conflict(
-            "a different tfhe-track batch is already stored (a meter-day is immutable once stored)"
-                .into(),
-        ));
+        return Err(tfhe_conflict(&p.batch));
     };
     for s in list.iter() {
         let (slo, shi) = slots_of_day(s);
         if slo < hi && lo < shi {
-            return Err(conflict(format!(
-                "epoch {epoch} channel {channel} already holds other bodies for {}–{} UTC; a slot is encrypted once, ever; corrections go under a new epoch",
-                slot_time(lo.max(slo)),
-                slot_time(hi.min(shi))
-            )));
+            return Err(slot_conflict(
+                &p.batch,
+                epoch,
+                channel,
+                (lo.max(slo), hi.min(shi)),
+            ));
         }
     }
     let at = list.partition_point(|s| s.first_interval < p.batch.first_interval);

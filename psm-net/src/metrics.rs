@@ -64,7 +64,7 @@ pub fn render() -> String {
 /// responses that carry it at the end, the trailers.
 #[derive(Clone)]
 pub struct RpcMetricsLayer {
-    services: std::sync::Arc<[&'static str]>,
+    known: Known,
 }
 
 impl RpcMetricsLayer {
@@ -73,7 +73,7 @@ impl RpcMetricsLayer {
     pub fn new(services: &[&'static str]) -> Self {
         handle();
         RpcMetricsLayer {
-            services: services.into(),
+            known: known_rpcs(services),
         }
     }
 }
@@ -84,7 +84,7 @@ impl<S> tower::Layer<S> for RpcMetricsLayer {
     fn layer(&self, inner: S) -> Self::Service {
         RpcMetrics {
             inner,
-            services: self.services.clone(),
+            known: self.known.clone(),
         }
     }
 }
@@ -93,7 +93,7 @@ impl<S> tower::Layer<S> for RpcMetricsLayer {
 #[derive(Clone)]
 pub struct RpcMetrics<S> {
     inner: S,
-    services: std::sync::Arc<[&'static str]>,
+    known: Known,
 }
 
 /// Methods of health and reflection, which every server has.
@@ -104,26 +104,28 @@ const OPEN_METHODS: [&str; 4] = [
     "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
 ];
 
-/// (service, method) of a request path when it is an RPC this server has (the role table's,
-/// of one of `services`, or health and reflection); ("other", "other") for anything else, so
-/// that no caller — not even one the auth layer turns away — can add series.
-fn labels(path: &str, services: &[&'static str]) -> (&'static str, &'static str) {
-    let known = crate::roles::ROLE_TABLE
+/// The RPCs a server has, path → (service, method): made once per server, looked up per call.
+type Known = std::sync::Arc<[(&'static str, (&'static str, &'static str))]>;
+
+/// The RPCs of `services` in the role table, and health and reflection.
+fn known_rpcs(services: &[&'static str]) -> Known {
+    crate::roles::ROLE_TABLE
         .iter()
         .map(|(p, _)| *p)
-        .filter(|p| {
-            services.iter().any(|s| {
-                p.strip_prefix('/')
-                    .and_then(|r| r.strip_prefix(s))
-                    .is_some_and(|r| r.starts_with('/'))
-            })
-        })
         .chain(OPEN_METHODS)
-        .find(|p| *p == path);
+        .filter_map(|p| Some((p, p.strip_prefix('/')?.split_once('/')?)))
+        .filter(|(p, (svc, _))| OPEN_METHODS.contains(p) || services.contains(svc))
+        .collect()
+}
+
+/// (service, method) of a request path when it is an RPC this server has (`known`);
+/// ("other", "other") for anything else, so that no caller — not even one the auth layer turns
+/// away — can add series.
+fn labels(path: &str, known: &Known) -> (&'static str, &'static str) {
     known
-        .and_then(|p| p.strip_prefix('/'))
-        .and_then(|p| p.split_once('/'))
-        .unwrap_or(("other", "other"))
+        .iter()
+        .find(|(p, _)| *p == path)
+        .map_or(("other", "other"), |(_, l)| *l)
 }
 
 fn code_name(code: Code) -> &'static str {
@@ -248,7 +250,7 @@ where
     }
 
     fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
-        let (service, method) = labels(req.uri().path(), &self.services);
+        let (service, method) = labels(req.uri().path(), &self.known);
         let mut obs = Observation {
             service,
             method,
@@ -278,7 +280,7 @@ mod tests {
 
     #[test]
     fn labels_come_only_from_known_services() {
-        let svc: &[&str] = &["psm.v1.Ingest"];
+        let svc = &known_rpcs(&["psm.v1.Ingest"]);
         assert_eq!(
             labels("/psm.v1.Ingest/SubmitReadings", svc),
             ("psm.v1.Ingest", "SubmitReadings")

@@ -53,16 +53,6 @@ const POLICY: &str = "min_cohort = 5\nallow_any_program = true\nrate_limit_per_m
 /// Sequential warm meter-month bills (after the first, cold one).
 const WARM_BILLS: usize = 5;
 
-fn env(name: &str, default: usize) -> usize {
-    match std::env::var(name) {
-        Ok(v) => v
-            .replace('_', "")
-            .parse()
-            .unwrap_or_else(|_| panic!("{name}={v:?} is not a number")),
-        Err(_) => default,
-    }
-}
-
 fn fmt_s(s: f64) -> String {
     if s >= 1.0 {
         format!("{s:.2} s")
@@ -325,12 +315,12 @@ fn bill_request(key: &str, meter: &str, tariff: &Tariff) -> BillRequest {
 
 #[tokio::main]
 async fn main() {
-    let enc_meters = env("PSM_BENCH_ENC_METERS", 1_000);
-    let enc_days = env("PSM_BENCH_ENC_DAYS", 10);
-    let agg_meters = env("PSM_BENCH_METERS", 1_000);
-    let bills = env("PSM_BENCH_BILLS", 100);
-    let concurrency = env("PSM_BENCH_BILL_CONCURRENCY", 8).max(1);
-    let warm_reps = env("PSM_BENCH_WARM", 5).max(1);
+    let enc_meters = psm_e2e::bench_size("PSM_BENCH_ENC_METERS", 1_000);
+    let enc_days = psm_e2e::bench_size("PSM_BENCH_ENC_DAYS", 10);
+    let agg_meters = psm_e2e::bench_size("PSM_BENCH_METERS", 1_000);
+    let bills = psm_e2e::bench_size("PSM_BENCH_BILLS", 100);
+    let concurrency = psm_e2e::bench_size("PSM_BENCH_BILL_CONCURRENCY", 8).max(1);
+    let warm_reps = psm_e2e::bench_size("PSM_BENCH_WARM", 5).max(1);
     assert!(
         agg_meters >= 5,
         "PSM_BENCH_METERS must be at least the cohort minimum (5)"

@@ -25,17 +25,6 @@ use psm_proto::v1::ReadingBatch;
 
 const FIRST_DAY: i64 = 20_454;
 
-fn env(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .map(|v| {
-            v.replace('_', "")
-                .parse()
-                .unwrap_or_else(|_| panic!("{name}={v:?} is not a number"))
-        })
-        .unwrap_or(default)
-}
-
 /// One meter-day: 96 bodies of 15 minutes.
 fn meter_day(meter: usize, day: i64) -> ReadingBatch {
     let bodies: Vec<u128> = (0..96u128)
@@ -116,9 +105,9 @@ fn read_all(
 }
 
 fn main() {
-    let meters = env("PSM_BENCH_METERS", 20_000);
-    let agg = env("PSM_BENCH_AGG_METERS", 100_000);
-    let writers = env("PSM_BENCH_WRITERS", 4);
+    let meters = psm_e2e::bench_size("PSM_BENCH_METERS", 20_000);
+    let agg = psm_e2e::bench_size("PSM_BENCH_AGG_METERS", 100_000);
+    let writers = psm_e2e::bench_size("PSM_BENCH_WRITERS", 4);
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     let pg = psm_testpg::TestPostgres::start().expect("PostgreSQL");
     let dir = tempfile::tempdir().expect("temp dir");

@@ -30,17 +30,6 @@ use rayon::prelude::*;
 const FIRST_DAY: i64 = 20_454;
 const POLICY: &str = "min_cohort = 5\nallow_any_program = true\nrate_limit_per_minute = 1000000\n";
 
-fn env(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .map(|v| {
-            v.replace('_', "")
-                .parse()
-                .unwrap_or_else(|_| panic!("{name}={v:?} is not a number"))
-        })
-        .unwrap_or(default)
-}
-
 fn ms(d: Duration) -> String {
     format!("{:.1} ms", d.as_secs_f64() * 1e3)
 }
@@ -102,9 +91,9 @@ async fn time_releases(pki: &TestPki, k: &Proc, ids: &[String], days: &[i64]) ->
 
 #[tokio::main(flavor = "multi_thread")]
 async fn main() {
-    let n = env("PSM_BENCH_ENROLL_METERS", 10_000);
-    let m = env("PSM_BENCH_METERS", 1_000).min(n).max(5);
-    let reps = env("PSM_BENCH_REPEATS", 10).max(1);
+    let n = psm_e2e::bench_size("PSM_BENCH_ENROLL_METERS", 10_000);
+    let m = psm_e2e::bench_size("PSM_BENCH_METERS", 1_000).min(n).max(5);
+    let reps = psm_e2e::bench_size("PSM_BENCH_REPEATS", 10).max(1);
     println!(
         "command: PSM_BENCH_ENROLL_METERS={n} PSM_BENCH_METERS={m} PSM_BENCH_REPEATS={reps} cargo bench -p psm-e2e --bench trust"
     );

@@ -862,3 +862,15 @@ pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
         })
         .sum()
 }
+
+/// A benchmark's size from environment variable `name` (underscores allowed: `100_000`), or
+/// `default`. A value that is not a number stops the benchmark with a message.
+pub fn bench_size(name: &str, default: usize) -> usize {
+    match std::env::var(name) {
+        Ok(v) => v
+            .replace('_', "")
+            .parse()
+            .unwrap_or_else(|_| panic!("{name}={v:?} is not a number")),
+        Err(_) => default,
+    }
+}

@@ -16,7 +16,7 @@ use psm_proto::v1::{Enrollment, ReadingBatch, Track};
 use sqlx::postgres::PgPool;
 use sqlx::Row;
 
-use super::{prepare, slot_time, PutOutcome, ReadingStore, StoreError};
+use super::{prepare, slot_conflict, tfhe_conflict, PutOutcome, ReadingStore, StoreError};
 
 /// Ingest's schema versions (migration table `_psm_ingest_migrations`).
 pub const SCHEMA: &[psm_pg::Version] = &[psm_pg::Version {
@@ -110,7 +110,7 @@ impl PgStore {
 }
 
 /// A batch as one row.
-struct Row_ {
+struct BatchRow {
     meter_id: String,
     day: String,
     track: i16,
@@ -119,26 +119,23 @@ struct Row_ {
     first_slot: i32,
     end_slot: i32,
     body: Vec<u8>,
-    /// (epoch, channel name) on the linear track, for messages.
-    linear: Option<(u32, &'static str)>,
+    /// The batch as stored, and (epoch, channel) on the linear track, for messages.
+    batch: ReadingBatch,
+    linear: Option<(u32, psm_core::linear::Channel)>,
 }
 
-fn row_of(i: usize, b: &ReadingBatch) -> Result<Row_, StoreError> {
+fn row_of(i: usize, b: &ReadingBatch) -> Result<BatchRow, StoreError> {
     let p = prepare(i, b)?;
-    let slots_per_day = 86_400 / psm_core::linear::SLOT_SECONDS as u64;
     let (track, epoch, channel, (lo, hi)) = match (p.linear, p.slots) {
-        (Some((epoch, _)), Some(slots)) => {
-            let lb = psm_core::wire::linear_batch(b).map_err(|e| {
-                StoreError::Invalid(format!("batch {i} ({} {}): {e}", b.meter_id, b.day))
-            })?;
-            (
-                Track::Linear as i16,
-                epoch,
-                i16::from(lb.channel.tag()),
-                slots,
-            )
+        (Some((epoch, channel)), Some(slots)) => {
+            (Track::Linear as i16, epoch, i16::from(channel.tag()), slots)
         }
-        _ => (Track::Tfhe as i16, 0, 0, (0, slots_per_day)),
+        _ => (
+            Track::Tfhe as i16,
+            0,
+            0,
+            (0, psm_core::linear::SLOTS_PER_DAY as u64),
+        ),
     };
     let slot = |s: u64| {
         i32::try_from(s).map_err(|_| {
@@ -148,7 +145,7 @@ fn row_of(i: usize, b: &ReadingBatch) -> Result<Row_, StoreError> {
             ))
         })
     };
-    Ok(Row_ {
+    Ok(BatchRow {
         meter_id: p.batch.meter_id.clone(),
         day: p.batch.day.clone(),
         track,
@@ -158,12 +155,13 @@ fn row_of(i: usize, b: &ReadingBatch) -> Result<Row_, StoreError> {
         end_slot: slot(hi)?,
         body: p.batch.encode_to_vec(),
         linear: p.linear,
+        batch: p.batch,
     })
 }
 
 /// Stores `r` in the open transaction: Ok(true) when stored, Ok(false) for a duplicate, a
 /// conflict when it overlaps a stored row (or one of this transaction) with other bytes.
-async fn insert_batch(conn: &mut sqlx::PgConnection, r: &Row_) -> Result<bool, TxError> {
+async fn insert_batch(conn: &mut sqlx::PgConnection, r: &BatchRow) -> Result<bool, TxError> {
     let inserted = sqlx::query(
         "INSERT INTO batches (meter_id, day, track, epoch, channel, first_slot, end_slot, body)
          VALUES ($1, $2::text::date, $3, $4, $5, $6, $7, $8) ON CONFLICT DO NOTHING",
@@ -206,23 +204,6 @@ async fn insert_batch(conn: &mut sqlx::PgConnection, r: &Row_) -> Result<bool, T
             return Ok(false);
         }
     }
-    let conflict = |detail: String| StoreError::Conflict {
-        meter_id: r.meter_id.clone(),
-        day: r.day.clone(),
-        detail,
-    };
-    let Some((epoch, channel)) = r.linear else {
-        return Err(TxError::Store(conflict(
-            "a different tfhe-track batch is already stored (a meter-day is immutable once stored)"
-                .into(),
-        )));
-    };
-    let (mut lo, mut hi) = (r.end_slot, r.first_slot);
-    for row in &overlapping {
-        let (s, e): (i32, i32) = (row.try_get("first_slot")?, row.try_get("end_slot")?);
-        lo = lo.min(s.max(r.first_slot));
-        hi = hi.max(e.min(r.end_slot));
-    }
     if overlapping.is_empty() {
         // The insert gave way to a row that is gone again (rolled back meanwhile): let the
         // caller retry rather than report a conflict that is not there.
@@ -230,12 +211,23 @@ async fn insert_batch(conn: &mut sqlx::PgConnection, r: &Row_) -> Result<bool, T
             "a concurrent write of the same slots was rolled back; retry the request",
         )));
     }
-    let slot = |s: i32| slot_time(u64::try_from(s).unwrap_or(0));
-    Err(TxError::Store(conflict(format!(
-        "epoch {epoch} channel {channel} already holds other bodies for {}–{} UTC; a slot is encrypted once, ever; corrections go under a new epoch",
-        slot(lo),
-        slot(hi)
-    ))))
+    let Some((epoch, channel)) = r.linear else {
+        return Err(TxError::Store(tfhe_conflict(&r.batch)));
+    };
+    // The part of this batch's slots that the stored rows cover.
+    let (mut lo, mut hi) = (r.end_slot, r.first_slot);
+    for row in &overlapping {
+        let (s, e): (i32, i32) = (row.try_get("first_slot")?, row.try_get("end_slot")?);
+        lo = lo.min(s.max(r.first_slot));
+        hi = hi.max(e.min(r.end_slot));
+    }
+    let slot = |s: i32| u64::try_from(s).unwrap_or(0);
+    Err(TxError::Store(slot_conflict(
+        &r.batch,
+        epoch,
+        channel,
+        (slot(lo), slot(hi)),
+    )))
 }
 
 impl ReadingStore for PgStore {
@@ -292,26 +284,7 @@ impl ReadingStore for PgStore {
         from_day: &str,
         to_day: &str,
     ) -> Result<Vec<ReadingBatch>, StoreError> {
-        let rows = self
-            .block(
-                sqlx::query(
-                    "SELECT body FROM batches
-                     WHERE meter_id = $1 AND day BETWEEN $2::text::date AND $3::text::date
-                     ORDER BY day, track, epoch, channel, first_slot",
-                )
-                .bind(meter_id)
-                .bind(from_day)
-                .bind(to_day)
-                .fetch_all(&self.pool),
-            )
-            .map_err(backend)?;
-        rows.iter()
-            .map(|row| {
-                let body: Vec<u8> = row.try_get("body").map_err(backend)?;
-                ReadingBatch::decode(body.as_slice())
-                    .map_err(|e| backend(format!("a stored batch is corrupt: {e}")))
-            })
-            .collect()
+        self.scan_many(&[meter_id.to_owned()], from_day, to_day, 0)
     }
 
     fn scan_many(
