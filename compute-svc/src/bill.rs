@@ -8,13 +8,13 @@ use prost::Message;
 use psm_core::linear::release::{release_from_proto, MAX_BILL_DAYS};
 use psm_core::linear::{Channel, SLOT_SECONDS};
 use psm_core::readings::{validate_meter_id, DAY_SECONDS};
-use psm_core::tariff::{demand_line, price, tier_line, Tariff, Tier};
 use psm_core::tfhe_program::bill_registers;
 use psm_core::wire::LinearBatch;
 use psm_proto::v1::{
     BillLine, BillRequest, BillResponse, Cohort, ComputationKind, InputRef, LinearRelease,
     QuorumReport, ReleaseOutput, TimeRange,
 };
+use psm_tariff::{demand_line, price, tier_line, Tariff, Tier};
 use tonic::transport::Channel as GrpcChannel;
 
 use crate::decrypt::{manifest, merge_report, ThresholdDecryptor};
@@ -39,7 +39,7 @@ pub fn tariff_from_proto(
     t: &psm_proto::v1::Tariff,
 ) -> Result<(Tariff, i64, Vec<Tier>), ComputeError> {
     let bad = |e: String| ComputeError::invalid(e);
-    let tariff = psm_core::wire::tariff_from_proto(t).map_err(|e| bad(e.to_string()))?;
+    let tariff = psm_tariff::from_proto(t).map_err(|e| bad(e.to_string()))?;
     if !(0..=100_000_000).contains(&t.demand_rate_per_kw_milli) {
         return Err(bad("tariff: demand rate out of range".into()));
     }
@@ -48,7 +48,7 @@ pub fn tariff_from_proto(
         .iter()
         .map(|x| (x.up_to_kwh, x.price_milli))
         .collect();
-    let tiers = psm_core::tariff::tiers(&tiers).map_err(|e| bad(e.to_string()))?;
+    let tiers = psm_tariff::tiers(&tiers).map_err(|e| bad(e.to_string()))?;
     Ok((tariff, t.demand_rate_per_kw_milli, tiers))
 }
 
@@ -360,7 +360,7 @@ impl Biller<'_> {
         demand_rate: i64,
         tiers: &[Tier],
         program: Vec<u8>,
-    ) -> Result<(Vec<psm_core::tariff::Line>, QuorumReport), ComputeError> {
+    ) -> Result<(Vec<psm_tariff::Line>, QuorumReport), ComputeError> {
         self.job.step("loading the tfhe server key", 25);
         let loaded = self.tfhe.loaded().await?;
         let meters = [req.meter_id.clone()];

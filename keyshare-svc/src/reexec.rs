@@ -171,7 +171,7 @@ impl Reexecutor {
                         .iter()
                         .map(|x| (x.up_to_kwh, x.price_milli))
                         .collect();
-                    let tiers = psm_core::tariff::tiers(&tiers)
+                    let tiers = psm_tariff::tiers(&tiers)
                         .map_err(|e| refuse(Rule::Manifest, Code::InvalidArgument, e))?;
                     psm_core::tfhe_program::bill_registers(
                         expanded,

@@ -3,7 +3,6 @@
 
 pub mod audit;
 pub mod ceremony;
-pub mod import;
 pub mod keys;
 pub mod linear;
 pub mod lwe;
@@ -11,9 +10,7 @@ pub mod readings;
 pub mod registers;
 pub mod registry;
 pub mod signing;
-pub mod simulate;
 pub mod squashed;
-pub mod tariff;
 pub mod tfhe_program;
 pub mod threshold;
 pub mod wire;

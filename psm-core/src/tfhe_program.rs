@@ -13,7 +13,7 @@ use tfhe::{FheBool, FheUint16, FheUint32, FheUint64, ServerKey};
 
 use crate::lwe::LweBatch;
 use crate::squashed::uint_batch;
-use crate::tariff::Tier;
+use psm_tariff::Tier;
 
 /// Most register inputs (meter-days) one tfhe-track program may take. Compute and the
 /// re-executing keyshares hold every input's expansion in memory at once (about 0.5 MB each), so

@@ -121,33 +121,6 @@ pub fn audit_from_proto(
     ))
 }
 
-/// A tariff from the wire, validated (demand charges and tiers are not part of the linear
-/// track's bill and are not checked here).
-pub fn tariff_from_proto(
-    t: &psm_proto::v1::Tariff,
-) -> Result<crate::tariff::Tariff, crate::tariff::TariffError> {
-    let bands = t
-        .bands
-        .iter()
-        .map(|b| crate::tariff::Band {
-            name: b.name.clone(),
-            weekday_mask: b.weekday_mask,
-            start_hour: b.start_hour,
-            end_hour: b.end_hour,
-            import_price_milli: b.import_price_milli,
-            export_price_milli: b.export_price_milli,
-        })
-        .collect();
-    crate::tariff::Tariff::new(
-        &t.name,
-        &t.time_zone,
-        bands,
-        t.standing_charge_per_day,
-        t.vat_basis_points,
-        &t.currency,
-    )
-}
-
 /// A linear-track reading batch, checked: what it covers and its bodies.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LinearBatch {

@@ -118,7 +118,7 @@ fn toml_path(path: &Path) -> anyhow::Result<String> {
 /// The regulators' meter registry: every simulated meter, encrypting its own readings, with the
 /// device key `psm meter` keeps for it in `meter_keys` (made here first: provisioning).
 fn registry_toml(
-    meters: &[psm_core::simulate::SimMeter],
+    meters: &[psm_meterdata::simulate::SimMeter],
     meter_keys: &Path,
 ) -> anyhow::Result<String> {
     crate::meter::create_key_dir(meter_keys)?;
@@ -221,7 +221,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         port: port(2)?,
     });
 
-    let meters = psm_core::simulate::town(args.households, args.businesses, SIM_SEED);
+    let meters = psm_meterdata::simulate::town(args.households, args.businesses, SIM_SEED);
     let registry = data.join("registry.toml");
     fs::write(&registry, registry_toml(&meters, &data.join("meter-keys"))?)
         .with_context(|| format!("writing {}", registry.display()))?;
@@ -471,7 +471,7 @@ async fn town_demo(
         "simulated-{}-{}-{}-{}.done",
         sim.start, args.days, args.households, args.businesses
     ));
-    let meters = psm_core::simulate::town(args.households, args.businesses, sim.seed);
+    let meters = psm_meterdata::simulate::town(args.households, args.businesses, sim.seed);
     if marker.exists() {
         println!(
             "  reusing the readings ingested by an earlier run ({})",
@@ -617,7 +617,7 @@ async fn town_demo(
     let t = std::time::Instant::now();
     let households: Vec<_> = meters
         .iter()
-        .filter(|m| m.site != psm_core::simulate::Site::Business)
+        .filter(|m| m.site != psm_meterdata::simulate::Site::Business)
         .collect();
     for m in &households {
         let b = compute
@@ -659,7 +659,7 @@ async fn town_demo(
     let business_tariff = demo_business_tariff();
     let businesses: Vec<_> = meters
         .iter()
-        .filter(|m| m.site == psm_core::simulate::Site::Business)
+        .filter(|m| m.site == psm_meterdata::simulate::Site::Business)
         .collect();
     if !businesses.is_empty() {
         println!(

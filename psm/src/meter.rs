@@ -15,10 +15,6 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
 use prost::Message;
-use psm_core::import::{
-    is_green_button_csv, parse_green_button, parse_green_button_csv, parse_plain_csv, to_days,
-    MeterDay,
-};
 use psm_core::keys::Manifest;
 use psm_core::linear::encrypt::IntervalMasks;
 use psm_core::linear::envelope::{self, PublishedKey};
@@ -26,8 +22,12 @@ use psm_core::linear::key::{MeterKey, MeterSeeds};
 use psm_core::linear::{Channel as LinearChannel, INTERVALS, SLOTS_PER_DAY, SLOT_SECONDS};
 use psm_core::readings::{format_day, parse_day};
 use psm_core::signing::{Anchors, SecretKey};
-use psm_core::simulate::{town, SimMeter};
 use psm_core::threshold::Scheme;
+use psm_meterdata::import::{
+    is_green_button_csv, parse_green_button, parse_green_button_csv, parse_plain_csv, to_days,
+    MeterDay,
+};
+use psm_meterdata::simulate::{town, SimMeter};
 use psm_net::tls::TlsPaths;
 use psm_proto::v1::ingest_client::IngestClient;
 use psm_proto::v1::{
@@ -320,7 +320,7 @@ pub async fn simulate_and_submit(ch: Channel, a: &SimulateArgs) -> anyhow::Resul
         .filter(|d| {
             meters
                 .iter()
-                .any(|m| m.id == d.meter_id && m.site == psm_core::simulate::Site::Business)
+                .any(|m| m.id == d.meter_id && m.site == psm_meterdata::simulate::Site::Business)
         })
         .collect();
     if !business_days.is_empty() {

@@ -156,7 +156,7 @@ impl Table {
 
 /// Import readings of a simulated household (the simulator reports net energy; solar export
 /// goes on the other channel, so import is its positive part).
-fn import_day(sim: &psm_core::simulate::SimMeter, day: i64) -> Vec<i64> {
+fn import_day(sim: &psm_meterdata::simulate::SimMeter, day: i64) -> Vec<i64> {
     sim.day(day, INTERVAL)
         .into_iter()
         .map(|v| v.max(0))
@@ -286,7 +286,7 @@ fn two_band_tariff() -> Tariff {
 }
 
 /// The bill a plaintext system would compute from the same readings.
-fn plain_bill(t: &psm_core::tariff::Tariff, month: &[Vec<i64>]) -> i64 {
+fn plain_bill(t: &psm_tariff::Tariff, month: &[Vec<i64>]) -> i64 {
     let mut band_wh = vec![0i64; t.bands.len()];
     for (d, values) in month.iter().enumerate() {
         let day0 = (FIRST_DAY + d as i64) * 86_400;
@@ -296,7 +296,7 @@ fn plain_bill(t: &psm_core::tariff::Tariff, month: &[Vec<i64>]) -> i64 {
     }
     let start = FIRST_DAY * 86_400;
     let days = t.started_days(start, start + BILL_DAYS * 86_400);
-    psm_core::tariff::price(t, &band_wh, &[], days, Vec::new()).total
+    psm_tariff::price(t, &band_wh, &[], days, Vec::new()).total
 }
 
 fn bill_request(key: &str, meter: &str, tariff: &Tariff) -> BillRequest {
@@ -338,7 +338,7 @@ async fn main() {
 
     // ---------------------------------------------------------------- 2. head-end encryption
     let t = Instant::now();
-    let enc_sims = psm_core::simulate::town(enc_meters, 0, 11);
+    let enc_sims = psm_meterdata::simulate::town(enc_meters, 0, 11);
     let enc_values: Vec<Vec<Vec<i64>>> = enc_sims
         .par_iter()
         .map(|s| {
@@ -556,7 +556,7 @@ async fn main() {
 
     let bill_meters = bills + 1 + WARM_BILLS;
     let t = Instant::now();
-    let sims = psm_core::simulate::town(agg_meters + bill_meters, 0, 7);
+    let sims = psm_meterdata::simulate::town(agg_meters + bill_meters, 0, 7);
     let agg: Vec<TestMeter> = (0..agg_meters)
         .map(|i| TestMeter::new(&format!("agg-{i:06}"), EPOCH))
         .collect();
@@ -924,7 +924,7 @@ async fn main() {
     // Bills.
     eprintln!("billing");
     let tariff = two_band_tariff();
-    let core_tariff = psm_core::wire::tariff_from_proto(&tariff).expect("tariff");
+    let core_tariff = psm_tariff::from_proto(&tariff).expect("tariff");
     let t = Instant::now();
     let plain_totals: Vec<i64> = bill_values
         .iter()

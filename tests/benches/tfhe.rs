@@ -12,11 +12,11 @@ use psm_core::keys::ShareFile;
 use psm_core::lwe::SQUASHED_BLOCK;
 use psm_core::registers::{prove, Registers};
 use psm_core::squashed::recompose;
-use psm_core::tariff::tiers;
 use psm_core::tfhe_program::{
     band_counts_clear, bill_registers, concat, histogram, install_server_key, max_sequential,
     max_tree, sum_tree, tiered_cost, tiered_cost_clear,
 };
+use psm_tariff::tiers;
 use rand::{Rng, SeedableRng};
 use rayon::prelude::*;
 use tfhe::{CompactCiphertextList, FheUint32};

@@ -140,7 +140,7 @@ impl Readings {
 
     /// The bill a plaintext computation gives over [start, end): per band and channel the sum
     /// of the intervals starting in the period, priced.
-    fn reference(&self, t: &Tariff, (start, end): (i64, i64), days: i64) -> psm_core::tariff::Bill {
+    fn reference(&self, t: &Tariff, (start, end): (i64, i64), days: i64) -> psm_tariff::Bill {
         let mut import = vec![0i64; t.bands.len()];
         let mut export = vec![0i64; t.bands.len()];
         let mut exports = false;
@@ -157,9 +157,9 @@ impl Readings {
                 }
             }
         }
-        let core = psm_core::wire::tariff_from_proto(t).unwrap();
+        let core = psm_tariff::from_proto(t).unwrap();
         let export = if exports { export } else { Vec::new() };
-        psm_core::tariff::price(&core, &import, &export, days, Vec::new())
+        psm_tariff::price(&core, &import, &export, days, Vec::new())
     }
 }
 
@@ -177,7 +177,7 @@ fn request(key: &str, meter: &str, (start, end): (i64, i64), t: &Tariff) -> Bill
     }
 }
 
-fn check(resp: &BillResponse, want: &psm_core::tariff::Bill, what: &str) {
+fn check(resp: &BillResponse, want: &psm_tariff::Bill, what: &str) {
     let got: Vec<(&str, i64, i64)> = resp
         .lines
         .iter()

@@ -8,7 +8,7 @@ use std::process::Command;
 /// each of those sends an export batch for both days.
 fn exporting(households: usize) -> usize {
     let day0 = psm_core::readings::parse_day("2026-01-05").unwrap();
-    psm_core::simulate::town(households, 2, 1)
+    psm_meterdata::simulate::town(households, 2, 1)
         .iter()
         .filter(|m| (0..2).any(|d| m.day(day0 + d, 900).iter().any(|v| *v < 0)))
         .count()

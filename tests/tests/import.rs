@@ -92,12 +92,12 @@ async fn green_button_import_then_bill() {
     let sys = System::start(&pki, &keys, "").await;
     let file = format!("{SAMPLES}/15minLP_15Days.xml");
     let series =
-        psm_core::import::parse_green_button(&std::fs::read_to_string(&file).unwrap(), "gb")
+        psm_meterdata::import::parse_green_button(&std::fs::read_to_string(&file).unwrap(), "gb")
             .unwrap();
-    let (days, partial) = psm_core::import::to_days(&series).unwrap();
+    let (days, partial) = psm_meterdata::import::to_days(&series).unwrap();
     assert_eq!(days.len(), 13);
     assert!(!partial.is_empty(), "the sample starts and ends mid-day");
-    let runs: Vec<&psm_core::import::MeterDay> = days
+    let runs: Vec<&psm_meterdata::import::MeterDay> = days
         .iter()
         .chain(partial.iter().flat_map(|p| &p.runs))
         .collect();

@@ -121,7 +121,7 @@ fn value(m: usize, i: usize) -> i64 {
 
 /// The plaintext bill of meter `m` on a UTC tariff over `days` whole days: every 15-minute
 /// interval's Wh in the band of its hour.
-fn reference(t: &Tariff, m: usize, days: i64) -> psm_core::tariff::Bill {
+fn reference(t: &Tariff, m: usize, days: i64) -> psm_tariff::Bill {
     let mut import = vec![0i64; t.bands.len()];
     for _ in 0..days {
         for i in 0..96 {
@@ -134,11 +134,11 @@ fn reference(t: &Tariff, m: usize, days: i64) -> psm_core::tariff::Bill {
             import[b] += value(m, i);
         }
     }
-    let core = psm_core::wire::tariff_from_proto(t).unwrap();
-    psm_core::tariff::price(&core, &import, &[], days, Vec::new())
+    let core = psm_tariff::from_proto(t).unwrap();
+    psm_tariff::price(&core, &import, &[], days, Vec::new())
 }
 
-fn check_bill(resp: &BillResponse, want: &psm_core::tariff::Bill, what: &str) {
+fn check_bill(resp: &BillResponse, want: &psm_tariff::Bill, what: &str) {
     let got: Vec<(&str, i64, i64)> = resp
         .lines
         .iter()

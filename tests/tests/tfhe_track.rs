@@ -11,7 +11,6 @@ use std::time::Duration;
 use psm_core::ceremony::PublicBundle;
 use psm_core::linear::Channel;
 use psm_core::registers::{prove, Registers};
-use psm_core::tariff::{demand_line, tier_line, tiers};
 use psm_core::tfhe_program::{band_counts_clear, tiered_cost_clear};
 use psm_e2e::{enroll, enrollment_keys, System, TestMeter, TestPki};
 use psm_net::Role;
@@ -21,6 +20,7 @@ use psm_proto::v1::{
     AnalyticsRequest, BillRequest, KeyRef, ReadingBatch, StreamReadingsRequest,
     SubmitReadingsRequest, Tariff, TariffBand, TariffTier, TimeRange, Track, WatchJobRequest,
 };
+use psm_tariff::{demand_line, tier_line, tiers};
 use rand::{Rng, SeedableRng};
 use tonic::{Code, Status};
 

@@ -16,8 +16,8 @@ use super::{
 };
 use crate::linear::envelope::MAX_EPOCH;
 use crate::readings::validate_meter_id;
-use crate::tariff::Tariff;
 use crate::threshold::{FloodKey, Scheme};
+use psm_tariff::Tariff;
 
 /// Longest re-issue reason, bytes (it goes into every keyshare's audit log).
 pub const MAX_REISSUE_REASON_BYTES: usize = 200;
@@ -189,7 +189,7 @@ pub fn release_from_proto(r: &LinearRelease) -> Result<Release, LinearError> {
             }
             let t = psm_proto::v1::Tariff::decode(r.program.as_slice())
                 .map_err(|e| bad(format!("the program is not a Tariff: {e}")))?;
-            let tariff = crate::wire::tariff_from_proto(&t).map_err(|e| bad(e.to_string()))?;
+            let tariff = psm_tariff::from_proto(&t).map_err(|e| bad(e.to_string()))?;
             Program::Bill(Box::new(tariff))
         }
         _ => {

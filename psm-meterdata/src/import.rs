@@ -8,8 +8,8 @@ use std::collections::{BTreeMap, HashMap};
 use quick_xml::events::Event;
 use quick_xml::Reader;
 
-use crate::linear::INTERVALS;
-use crate::readings::{is_label, DAY_SECONDS};
+use psm_core::linear::INTERVALS;
+use psm_core::readings::{is_label, DAY_SECONDS};
 
 /// Why an import failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -351,7 +351,7 @@ pub fn parse_green_button(xml: &str, prefix: &str) -> Result<Vec<MeterSeries>, I
                     v.saturating_mul(10i64.saturating_pow(rt.power_of_ten as u32))
                 } else {
                     let d = 10i128.pow(rt.power_of_ten.unsigned_abs().min(18));
-                    crate::tariff::div_round(i128::from(v), d) as i64
+                    psm_tariff::div_round(i128::from(v), d) as i64
                 }
             };
             let blocks_up = format!("{}/IntervalBlock", mr.self_href);

@@ -1,4 +1,5 @@
-//! Time-of-use tariffs and the itemized bill computed from decrypted per-band totals.
+//! Tariffs and pricing: time-of-use tariffs and the itemized bill computed from decrypted
+//! per-band totals.
 //!
 //! Every 5-minute slot is placed in a band by the local weekday and hour (in the tariff's IANA
 //! time zone) of its start, so days with 23 or 25 local hours are handled by construction; a
@@ -145,6 +146,31 @@ impl Tariff {
             None => 0, // unreachable for whole-second UTC instants
         }
     }
+}
+
+/// A tariff from the wire, validated (demand charges and tiers are not part of the linear
+/// track's bill and are not checked here).
+pub fn from_proto(t: &psm_proto::v1::Tariff) -> Result<Tariff, TariffError> {
+    let bands = t
+        .bands
+        .iter()
+        .map(|b| Band {
+            name: b.name.clone(),
+            weekday_mask: b.weekday_mask,
+            start_hour: b.start_hour,
+            end_hour: b.end_hour,
+            import_price_milli: b.import_price_milli,
+            export_price_milli: b.export_price_milli,
+        })
+        .collect();
+    Tariff::new(
+        &t.name,
+        &t.time_zone,
+        bands,
+        t.standing_charge_per_day,
+        t.vat_basis_points,
+        &t.currency,
+    )
 }
 
 /// One block of a tiered tariff: energy of the period up to `up_to_wh` (the previous tier's
