@@ -14,7 +14,7 @@ use psm_proto::v1::{
     BillLine, BillRequest, BillResponse, Cohort, ComputationKind, InputRef, LinearRelease,
     QuorumReport, ReleaseOutput, TimeRange,
 };
-use psm_tariff::{demand_line, price, tier_line, Tariff, Tier};
+use psm_tariff::{demand_line, price, tier_line, Tier};
 use tonic::transport::Channel as GrpcChannel;
 
 use crate::decrypt::{manifest, merge_report, ThresholdDecryptor};
@@ -31,25 +31,6 @@ pub struct Biller<'a> {
     pub decryptor: &'a ThresholdDecryptor,
     pub tfhe: &'a TfheEngine,
     pub job: &'a JobHandle,
-}
-
-/// The tariff of a request, validated: time-of-use bands, and the tfhe-track parts (demand rate
-/// per kW, tiers).
-pub fn tariff_from_proto(
-    t: &psm_proto::v1::Tariff,
-) -> Result<(Tariff, i64, Vec<Tier>), ComputeError> {
-    let bad = |e: String| ComputeError::invalid(e);
-    let tariff = psm_tariff::from_proto(t).map_err(|e| bad(e.to_string()))?;
-    if !(0..=100_000_000).contains(&t.demand_rate_per_kw_milli) {
-        return Err(bad("tariff: demand rate out of range".into()));
-    }
-    let tiers: Vec<(u64, i64)> = t
-        .tiers
-        .iter()
-        .map(|x| (x.up_to_kwh, x.price_milli))
-        .collect();
-    let tiers = psm_tariff::tiers(&tiers).map_err(|e| bad(e.to_string()))?;
-    Ok((tariff, t.demand_rate_per_kw_milli, tiers))
 }
 
 /// The bands of a period: the band of every slot (as the keyshares derive it) and the tariff's
@@ -146,7 +127,9 @@ impl Biller<'_> {
             .tariff
             .clone()
             .ok_or_else(|| ComputeError::invalid("a tariff is required"))?;
-        let (tariff, demand_rate, tiers) = tariff_from_proto(&proto_tariff)?;
+        let tariff = psm_tariff::from_proto(&proto_tariff)
+            .map_err(|e| ComputeError::invalid(e.to_string()))?;
+        let (demand_rate, tiers) = (tariff.demand_rate_per_kw_milli, tariff.tiers.clone());
         let period = check_range(
             req.period.as_ref(),
             SLOT_SECONDS,
@@ -250,8 +233,13 @@ impl Biller<'_> {
         } else {
             Vec::new()
         };
-        let started_days = tariff.started_days(period.start_unix, period.end_unix);
-        let bill = price(&tariff, &import_wh, &export_wh, started_days, extra);
+        let bill = price(
+            &tariff,
+            &import_wh,
+            &export_wh,
+            (period.start_unix, period.end_unix),
+            extra,
+        );
         Ok(BillResponse {
             meter_id: req.meter_id,
             period: Some(period),

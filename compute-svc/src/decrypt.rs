@@ -681,6 +681,7 @@ mod tests {
             end_hour: e,
             import_price_milli: 1,
             export_price_milli: 1,
+            month_mask: 0,
         };
         let tariff = psm_proto::v1::Tariff {
             name: "t".into(),

@@ -1677,6 +1677,7 @@ mod tests {
                 end_hour,
                 import_price_milli: 10_000,
                 export_price_milli: 5_000,
+                month_mask: 0,
             };
             psm_proto::v1::Tariff {
                 name: name.into(),

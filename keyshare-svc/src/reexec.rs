@@ -166,17 +166,12 @@ impl Reexecutor {
                             format!("tariff: {e}"),
                         )
                     })?;
-                    let tiers: Vec<(u64, i64)> = t
-                        .tiers
-                        .iter()
-                        .map(|x| (x.up_to_kwh, x.price_milli))
-                        .collect();
-                    let tiers = psm_tariff::tiers(&tiers)
+                    let t = psm_tariff::from_proto(&t)
                         .map_err(|e| refuse(Rule::Manifest, Code::InvalidArgument, e))?;
                     psm_core::tfhe_program::bill_registers(
                         expanded,
                         t.demand_rate_per_kw_milli > 0,
-                        &tiers,
+                        &t.tiers,
                         &quiet,
                     )
                     .map_err(eval)

@@ -1,27 +1,41 @@
-//! Tariffs and pricing: time-of-use tariffs and the itemized bill computed from decrypted
-//! per-band totals.
+//! Tariffs and pricing: what a bill charges, from the per-band totals the keyshares release.
 //!
-//! Every 5-minute slot is placed in a band by the local weekday and hour (in the tariff's IANA
-//! time zone) of its start, so days with 23 or 25 local hours are handled by construction; a
-//! bill needs each of the meter's intervals to fall in one band. Money is in integer minor
-//! units; prices are milli-minor units per kWh.
+//! Every 5-minute slot is placed in a band by the local month, day type (weekday, or holiday
+//! from the tariff's date list) and hour of its start, in the tariff's IANA time zone, so days
+//! with 23 or 25 local hours are handled by construction; a bill needs each of the meter's
+//! intervals to fall in one band. Keyshares derive slots from the same code, so what compute
+//! sums and what a keyshare releases cannot drift apart. Money is in integer minor units;
+//! prices are milli-minor units per kWh. Tariff files (TOML) are in [`file`].
 
+use std::collections::BTreeSet;
 use std::str::FromStr;
 
-use chrono::{Datelike, TimeZone, Timelike};
+use chrono::{Datelike, Months, NaiveDate, TimeZone, Timelike};
 use chrono_tz::Tz;
+
+pub mod file;
 
 /// Why a tariff was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("tariff: {0}")]
 pub struct TariffError(pub String);
 
+fn bad(m: impl Into<String>) -> TariffError {
+    TariffError(m.into())
+}
+
+/// Day-type bit of holidays in [`Band::weekday_mask`] (bits 0..=6 are Monday..=Sunday).
+pub const HOLIDAY_BIT: u32 = 1 << 7;
+
 /// One time-of-use band.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Band {
     pub name: String,
-    /// Bit 0 = Monday … bit 6 = Sunday.
+    /// Bit 0 = Monday … bit 6 = Sunday, bit 7 = the tariff's holidays (which then take the
+    /// place of their weekday).
     pub weekday_mask: u32,
+    /// Bit 0 = January … bit 11 = December; 0 = every month (seasons).
+    pub month_mask: u32,
     /// Local hours [start_hour, end_hour).
     pub start_hour: u32,
     pub end_hour: u32,
@@ -29,21 +43,43 @@ pub struct Band {
     pub export_price_milli: i64,
 }
 
-/// A validated time-of-use tariff.
+/// A validated tariff.
 #[derive(Debug, Clone)]
 pub struct Tariff {
     pub name: String,
     pub tz: Tz,
     pub bands: Vec<Band>,
     pub standing_charge_per_day: i64,
+    /// Charged per month of the period (pro rata for a part month), minor units.
+    pub fixed_charge_per_month: i64,
+    /// The least a month of the period costs before VAT, minor units; 0 = none.
+    pub minimum_charge_per_month: i64,
     pub vat_basis_points: u32,
     pub currency: String,
-    /// Band index of every (weekday, hour) of the week.
-    grid: [[usize; 24]; 7],
+    /// Local dates on which the holiday bands apply.
+    pub holidays: BTreeSet<NaiveDate>,
+    /// Local dates [from, to) the tariff is in force; a bill's period must lie inside.
+    pub effective_from: Option<NaiveDate>,
+    pub effective_to: Option<NaiveDate>,
+    /// Demand charge per kW of the period's highest daily peak (tfhe track); 0 = none.
+    pub demand_rate_per_kw_milli: i64,
+    /// Tiered charge on the period's total import (tfhe track); empty = none.
+    pub tiers: Vec<Tier>,
+    /// Band index of every (month, day type, hour): day type 7 is a holiday.
+    grid: Box<[[[u8; 24]; 8]; 12]>,
 }
 
 /// Largest price accepted (milli-minor units per kWh): 1,000 currency units per kWh.
-const MAX_PRICE_MILLI: i64 = 100_000_000;
+pub const MAX_PRICE_MILLI: i64 = 100_000_000;
+
+/// Largest standing, fixed or minimum charge (minor units per day or month).
+pub const MAX_CHARGE: i64 = 100_000_000;
+
+/// Most bands of a tariff (one release output each).
+pub const MAX_BANDS: usize = 32;
+
+/// Most holiday dates of a tariff.
+pub const MAX_HOLIDAYS: usize = 1_000;
 
 /// Longest period a tiered cost is computed over, days (the longest bill).
 pub const MAX_TIERED_DAYS: u64 = 62;
@@ -53,73 +89,43 @@ pub const MAX_TIERED_DAYS: u64 = 62;
 /// so no price may let that product wrap. About 690 currency units per kWh.
 pub const MAX_TIER_PRICE_MILLI: u64 = u64::MAX / (MAX_TIERED_DAYS * u32::MAX as u64);
 
+const MONTHS: [&str; 12] = [
+    "January",
+    "February",
+    "March",
+    "April",
+    "May",
+    "June",
+    "July",
+    "August",
+    "September",
+    "October",
+    "November",
+    "December",
+];
+const DAY_TYPES: [&str; 8] = [
+    "Monday",
+    "Tuesday",
+    "Wednesday",
+    "Thursday",
+    "Friday",
+    "Saturday",
+    "Sunday",
+    "holidays",
+];
+
+/// Parses a canonical local date ("2027-01-31").
+pub fn parse_date(s: &str) -> Result<NaiveDate, TariffError> {
+    NaiveDate::parse_from_str(s, "%Y-%m-%d")
+        .ok()
+        .filter(|d| d.format("%Y-%m-%d").to_string() == s)
+        .ok_or_else(|| bad(format!("{s:?} is not a date written YYYY-MM-DD")))
+}
+
 impl Tariff {
-    /// Checks the time zone and that every local hour of the week falls in exactly one band.
-    pub fn new(
-        name: &str,
-        time_zone: &str,
-        bands: Vec<Band>,
-        standing_charge_per_day: i64,
-        vat_basis_points: u32,
-        currency: &str,
-    ) -> Result<Self, TariffError> {
-        let tz = Tz::from_str(time_zone)
-            .map_err(|_| TariffError(format!("unknown IANA time zone {time_zone:?}")))?;
-        if bands.is_empty() || bands.len() > 32 {
-            return Err(TariffError("a tariff needs 1..=32 bands".into()));
-        }
-        if !(0..=100_000_000).contains(&standing_charge_per_day) || vat_basis_points > 10_000 {
-            return Err(TariffError("standing charge or VAT out of range".into()));
-        }
-        let mut grid = [[usize::MAX; 24]; 7];
-        for (i, b) in bands.iter().enumerate() {
-            if b.start_hour >= b.end_hour
-                || b.end_hour > 24
-                || b.weekday_mask == 0
-                || b.weekday_mask > 0x7F
-            {
-                return Err(TariffError(format!("band {:?}: hours must be start < end <= 24 and weekdays a non-empty mask of 7 bits", b.name)));
-            }
-            if b.import_price_milli.abs() > MAX_PRICE_MILLI
-                || b.export_price_milli.abs() > MAX_PRICE_MILLI
-            {
-                return Err(TariffError(format!(
-                    "band {:?}: price out of range",
-                    b.name
-                )));
-            }
-            for (d, row) in grid.iter_mut().enumerate() {
-                if b.weekday_mask & (1 << d) == 0 {
-                    continue;
-                }
-                for slot in &mut row[b.start_hour as usize..b.end_hour as usize] {
-                    if *slot != usize::MAX {
-                        return Err(TariffError(format!(
-                            "bands {:?} and {:?} overlap",
-                            bands[*slot].name, b.name
-                        )));
-                    }
-                    *slot = i;
-                }
-            }
-        }
-        for (d, row) in grid.iter().enumerate() {
-            if let Some(h) = row.iter().position(|s| *s == usize::MAX) {
-                return Err(TariffError(format!(
-                    "no band covers weekday {} (0 = Monday) hour {h}",
-                    d
-                )));
-            }
-        }
-        Ok(Tariff {
-            name: name.to_owned(),
-            tz,
-            bands,
-            standing_charge_per_day,
-            vat_basis_points,
-            currency: currency.to_owned(),
-            grid,
-        })
+    /// The local date and time of a UTC instant.
+    fn local(&self, unix: i64) -> Option<chrono::DateTime<Tz>> {
+        self.tz.timestamp_opt(unix, 0).single()
     }
 
     /// Local days (in the tariff's time zone) that [start, end) touches: what a standing
@@ -129,7 +135,7 @@ impl Tariff {
         if end_unix <= start_unix {
             return 0;
         }
-        let date = |u: i64| self.tz.timestamp_opt(u, 0).single().map(|d| d.date_naive());
+        let date = |u: i64| self.local(u).map(|d| d.date_naive());
         match (date(start_unix), date(end_unix - 1)) {
             (Some(a), Some(b)) => (b - a).num_days() + 1,
             // Unreachable for whole-second UTC instants in chrono's range.
@@ -137,40 +143,211 @@ impl Tariff {
         }
     }
 
+    /// Months of [start, end) as a fraction (numerator, denominator): whole months from the
+    /// first local day (the 15th to the 15th is one), then the started days left over as a
+    /// share of the month they fall in. What fixed and minimum monthly charges scale by.
+    pub fn months(&self, start_unix: i64, end_unix: i64) -> (i64, i64) {
+        let days = self.started_days(start_unix, end_unix);
+        let Some(first) = self.local(start_unix).map(|d| d.date_naive()) else {
+            return (days, 30);
+        };
+        let Some(end) = first.checked_add_days(chrono::Days::new(days.max(0) as u64)) else {
+            return (days, 30);
+        };
+        let mut whole = 0u32;
+        while first
+            .checked_add_months(Months::new(whole + 1))
+            .is_some_and(|d| d <= end)
+        {
+            whole += 1;
+        }
+        let (Some(from), Some(next)) = (
+            first.checked_add_months(Months::new(whole)),
+            first.checked_add_months(Months::new(whole + 1)),
+        ) else {
+            return (days, 30);
+        };
+        let (den, rest) = ((next - from).num_days(), (end - from).num_days());
+        if rest == 0 {
+            return (i64::from(whole), 1);
+        }
+        (i64::from(whole) * den + rest, den)
+    }
+
+    /// Checks that [start, end) lies inside the tariff's effective dates.
+    pub fn check_in_force(&self, start_unix: i64, end_unix: i64) -> Result<(), TariffError> {
+        let first = self.local(start_unix).map(|d| d.date_naive());
+        let last = self.local(end_unix - 1).map(|d| d.date_naive());
+        if let (Some(from), Some(first)) = (self.effective_from, first) {
+            if first < from {
+                return Err(bad(format!(
+                    "tariff {:?} is in force from {from}; the period starts {first}",
+                    self.name
+                )));
+            }
+        }
+        if let (Some(to), Some(last)) = (self.effective_to, last) {
+            if last >= to {
+                return Err(bad(format!(
+                    "tariff {:?} is in force until {to} (exclusive); the period runs to {last}",
+                    self.name
+                )));
+            }
+        }
+        Ok(())
+    }
+
     /// The band of the interval starting at `unix` (UTC seconds).
     pub fn band_at(&self, unix: i64) -> usize {
-        match self.tz.timestamp_opt(unix, 0).single() {
+        match self.local(unix) {
             Some(local) => {
-                self.grid[local.weekday().num_days_from_monday() as usize][local.hour() as usize]
+                let day = if self.holidays.contains(&local.date_naive()) {
+                    7
+                } else {
+                    local.weekday().num_days_from_monday() as usize
+                };
+                usize::from(self.grid[local.month0() as usize][day][local.hour() as usize])
             }
             None => 0, // unreachable for whole-second UTC instants
         }
     }
 }
 
-/// A tariff from the wire, validated (demand charges and tiers are not part of the linear
-/// track's bill and are not checked here).
+/// A tariff from the wire, validated: the one way a tariff is built (files convert to the wire
+/// form first, so a file and the request made from it hash alike). Checks the time zone, that
+/// every local hour of every month and day type falls in exactly one band, prices and charges
+/// in range, holidays and effective dates, demand rate and tiers.
 pub fn from_proto(t: &psm_proto::v1::Tariff) -> Result<Tariff, TariffError> {
-    let bands = t
-        .bands
-        .iter()
-        .map(|b| Band {
+    let tz = Tz::from_str(&t.time_zone)
+        .map_err(|_| bad(format!("unknown IANA time zone {:?}", t.time_zone)))?;
+    if t.bands.is_empty() || t.bands.len() > MAX_BANDS {
+        return Err(bad(format!("a tariff needs 1..={MAX_BANDS} bands")));
+    }
+    for (what, v) in [
+        ("standing_charge_per_day", t.standing_charge_per_day),
+        ("fixed_charge_per_month", t.fixed_charge_per_month),
+        ("minimum_charge_per_month", t.minimum_charge_per_month),
+    ] {
+        if !(0..=MAX_CHARGE).contains(&v) {
+            return Err(bad(format!("{what} must be 0..={MAX_CHARGE} minor units")));
+        }
+    }
+    if t.vat_basis_points > 10_000 {
+        return Err(bad("VAT must be 0..=10000 basis points"));
+    }
+    if !(0..=MAX_PRICE_MILLI).contains(&t.demand_rate_per_kw_milli) {
+        return Err(bad("demand rate out of range"));
+    }
+    if t.holidays.len() > MAX_HOLIDAYS {
+        return Err(bad(format!("at most {MAX_HOLIDAYS} holidays")));
+    }
+    let mut holidays = BTreeSet::new();
+    for h in &t.holidays {
+        if !holidays.insert(parse_date(h)?) {
+            return Err(bad(format!("holiday {h} is listed twice")));
+        }
+    }
+    let date = |s: &str| (!s.is_empty()).then(|| parse_date(s)).transpose();
+    let (effective_from, effective_to) = (date(&t.effective_from)?, date(&t.effective_to)?);
+    if let (Some(f), Some(e)) = (effective_from, effective_to) {
+        if e <= f {
+            return Err(bad("effective_to must be after effective_from"));
+        }
+    }
+    let day_types = if holidays.is_empty() { 7 } else { 8 };
+    let mut grid = Box::new([[[u8::MAX; 24]; 8]; 12]);
+    let mut bands = Vec::with_capacity(t.bands.len());
+    for (i, b) in t.bands.iter().enumerate() {
+        if b.start_hour >= b.end_hour
+            || b.end_hour > 24
+            || b.weekday_mask == 0
+            || b.weekday_mask > 0xFF
+            || b.month_mask > 0xFFF
+        {
+            return Err(bad(format!("band {:?}: hours must be start < end <= 24, days a non-empty mask of 8 bits (Monday..Sunday, holidays), months a mask of 12 bits", b.name)));
+        }
+        if b.weekday_mask & HOLIDAY_BIT != 0 && holidays.is_empty() {
+            return Err(bad(format!(
+                "band {:?} applies on holidays, but the tariff lists no holidays",
+                b.name
+            )));
+        }
+        if b.import_price_milli.abs() > MAX_PRICE_MILLI
+            || b.export_price_milli.abs() > MAX_PRICE_MILLI
+        {
+            return Err(bad(format!("band {:?}: price out of range", b.name)));
+        }
+        let months = if b.month_mask == 0 {
+            0xFFF
+        } else {
+            b.month_mask
+        };
+        for (m, per_month) in grid.iter_mut().enumerate() {
+            if months & (1 << m) == 0 {
+                continue;
+            }
+            for (d, row) in per_month.iter_mut().enumerate().take(day_types) {
+                if b.weekday_mask & (1 << d) == 0 {
+                    continue;
+                }
+                for slot in &mut row[b.start_hour as usize..b.end_hour as usize] {
+                    if *slot != u8::MAX {
+                        return Err(bad(format!(
+                            "bands {:?} and {:?} overlap ({} {})",
+                            t.bands[*slot as usize].name, b.name, MONTHS[m], DAY_TYPES[d]
+                        )));
+                    }
+                    *slot = i as u8;
+                }
+            }
+        }
+        bands.push(Band {
             name: b.name.clone(),
             weekday_mask: b.weekday_mask,
+            month_mask: b.month_mask,
             start_hour: b.start_hour,
             end_hour: b.end_hour,
             import_price_milli: b.import_price_milli,
             export_price_milli: b.export_price_milli,
-        })
+        });
+    }
+    for (m, per_month) in grid.iter().enumerate() {
+        for (d, row) in per_month.iter().enumerate().take(day_types) {
+            if let Some(h) = row.iter().position(|s| *s == u8::MAX) {
+                return Err(bad(format!(
+                    "no band covers {} on {} at hour {h}",
+                    MONTHS[m], DAY_TYPES[d]
+                )));
+            }
+        }
+    }
+    let tier_list: Vec<(u64, i64)> = t
+        .tiers
+        .iter()
+        .map(|x| (x.up_to_kwh, x.price_milli))
         .collect();
-    Tariff::new(
-        &t.name,
-        &t.time_zone,
+    Ok(Tariff {
+        name: t.name.clone(),
+        tz,
         bands,
-        t.standing_charge_per_day,
-        t.vat_basis_points,
-        &t.currency,
-    )
+        standing_charge_per_day: t.standing_charge_per_day,
+        fixed_charge_per_month: t.fixed_charge_per_month,
+        minimum_charge_per_month: t.minimum_charge_per_month,
+        vat_basis_points: t.vat_basis_points,
+        currency: t.currency.clone(),
+        holidays,
+        effective_from,
+        effective_to,
+        demand_rate_per_kw_milli: t.demand_rate_per_kw_milli,
+        tiers: tiers(&tier_list)?,
+        grid,
+    })
+}
+
+/// BLAKE3-256 of a tariff's wire encoding: what keyshares allow a tariff by.
+pub fn hash(t: &psm_proto::v1::Tariff) -> [u8; 32] {
+    use prost::Message;
+    *blake3::hash(&t.encode_to_vec()).as_bytes()
 }
 
 /// One block of a tiered tariff: energy of the period up to `up_to_wh` (the previous tier's
@@ -244,6 +421,17 @@ pub fn tier_line(cost: u128, tiers: usize) -> Line {
     }
 }
 
+/// "1 month", "2 months", "1 month and 3/31".
+fn months_text(months: i64, per: i64) -> String {
+    let (whole, rest) = (months / per.max(1), months % per.max(1));
+    let unit = if whole == 1 { "month" } else { "months" };
+    match (whole, rest) {
+        (_, 0) => format!("{whole} {unit}"),
+        (0, r) => format!("{r}/{per} month"),
+        (w, r) => format!("{w} {unit} and {r}/{per}"),
+    }
+}
+
 /// Rounds a/b to the nearest integer, halves away from zero.
 pub fn div_round(a: i128, b: i128) -> i128 {
     let q = a / b;
@@ -273,19 +461,20 @@ pub struct Bill {
     pub total: i64,
 }
 
-/// Prices per-band totals, each line rounded half away from zero: an import line per band at
-/// its import price (`import_wh[i]`, 0 where missing) and, per band with export
-/// (`export_wh[i]` > 0; empty when the meter exports nothing), an export line of negative energy
-/// credited at the band's export price. Import and export are billed separately, never netted:
-/// they are separate registers with separate prices. The standing charge is per started day
-/// (`days`, from [`Tariff::started_days`]); VAT applies to a positive subtotal only
-/// (export credits carry none). `extra` lines (demand charge, tiered charge) are added before
-/// the subtotal.
+/// Prices per-band totals over the period [start, end) (UTC seconds), each line rounded half
+/// away from zero: an import line per band at its import price (`import_wh[i]`, 0 where
+/// missing) and, per band with export (`export_wh[i]` > 0; empty when the meter exports
+/// nothing), an export line of negative energy credited at the band's export price. Import and
+/// export are billed separately, never netted: they are separate registers with separate
+/// prices. `extra` lines (demand charge, tiered charge) follow; then the fixed monthly charge
+/// (pro rata, [`Tariff::months`]) as a line. The standing charge is per started local day.
+/// A subtotal under the monthly minimum (pro rata) is raised to it by an adjustment line. VAT
+/// applies to a positive subtotal only (export credits carry none).
 pub fn price(
     t: &Tariff,
     import_wh: &[i64],
     export_wh: &[i64],
-    days: i64,
+    (start_unix, end_unix): (i64, i64),
     extra: Vec<Line>,
 ) -> Bill {
     let mut lines: Vec<Line> = Vec::new();
@@ -309,8 +498,32 @@ pub fn price(
         }
     }
     lines.extend(extra);
+    let days = t.started_days(start_unix, end_unix);
+    let (months, per) = t.months(start_unix, end_unix);
+    let share = |monthly: i64| {
+        div_round(
+            i128::from(monthly) * i128::from(months),
+            i128::from(per.max(1)),
+        ) as i64
+    };
+    if t.fixed_charge_per_month > 0 {
+        lines.push(Line {
+            description: format!("fixed charge, {}", months_text(months, per)),
+            energy_wh: 0,
+            amount: share(t.fixed_charge_per_month),
+        });
+    }
     let standing_charge = t.standing_charge_per_day * days;
-    let subtotal = lines.iter().map(|l| l.amount).sum::<i64>() + standing_charge;
+    let mut subtotal = lines.iter().map(|l| l.amount).sum::<i64>() + standing_charge;
+    let minimum = share(t.minimum_charge_per_month);
+    if t.minimum_charge_per_month > 0 && subtotal < minimum {
+        lines.push(Line {
+            description: format!("minimum bill, {}", months_text(months, per)),
+            energy_wh: 0,
+            amount: minimum - subtotal,
+        });
+        subtotal = minimum;
+    }
     let vat = if subtotal > 0 {
         div_round(
             i128::from(subtotal) * i128::from(t.vat_basis_points),
@@ -345,15 +558,41 @@ mod tests {
         assert!(tiers(&[(100, 1), (0, MAX_PRICE_MILLI)]).is_err());
     }
 
-    fn band(name: &str, mask: u32, s: u32, e: u32, imp: i64, exp: i64) -> Band {
-        Band {
+    use psm_proto::v1::{Tariff as Wire, TariffBand};
+
+    fn band(name: &str, mask: u32, s: u32, e: u32, imp: i64, exp: i64) -> TariffBand {
+        TariffBand {
             name: name.into(),
             weekday_mask: mask,
             start_hour: s,
             end_hour: e,
             import_price_milli: imp,
             export_price_milli: exp,
+            month_mask: 0,
         }
+    }
+
+    fn wire(tz: &str, bands: Vec<TariffBand>, standing: i64, vat: u32) -> Wire {
+        Wire {
+            name: "t".into(),
+            time_zone: tz.into(),
+            bands,
+            standing_charge_per_day: standing,
+            vat_basis_points: vat,
+            currency: "GBP".into(),
+            ..Default::default()
+        }
+    }
+
+    fn build(
+        _name: &str,
+        tz: &str,
+        bands: Vec<TariffBand>,
+        standing: i64,
+        vat: u32,
+        _cur: &str,
+    ) -> Result<Tariff, TariffError> {
+        from_proto(&wire(tz, bands, standing, vat))
     }
 
     #[test]
@@ -364,25 +603,25 @@ mod tests {
             band("eve", 0x1F, 19, 24, 20_000, 5_000),
             band("weekend", 0x60, 0, 24, 15_000, 5_000),
         ];
-        assert!(Tariff::new("t", "Europe/London", ok.clone(), 50, 500, "GBP").is_ok());
+        assert!(build("t", "Europe/London", ok.clone(), 50, 500, "GBP").is_ok());
         let mut gap = ok.clone();
         gap.pop();
-        assert!(Tariff::new("t", "Europe/London", gap, 50, 500, "GBP")
+        assert!(build("t", "Europe/London", gap, 50, 500, "GBP")
             .unwrap_err()
             .0
-            .contains("weekday 5"));
+            .contains("no band covers January on Saturday at hour 0"));
         let mut overlap = ok.clone();
         overlap.push(band("x", 1, 3, 4, 1, 1));
-        assert!(Tariff::new("t", "Europe/London", overlap, 50, 500, "GBP")
+        assert!(build("t", "Europe/London", overlap, 50, 500, "GBP")
             .unwrap_err()
             .0
             .contains("overlap"));
-        assert!(Tariff::new("t", "Mars/Olympus", ok, 50, 500, "GBP").is_err());
+        assert!(build("t", "Mars/Olympus", ok, 50, 500, "GBP").is_err());
     }
 
     #[test]
     fn dst_days_have_23_and_25_local_hours() {
-        let t = Tariff::new(
+        let t = build(
             "t",
             "Europe/London",
             (0..24)
@@ -423,7 +662,7 @@ mod tests {
 
     #[test]
     fn started_days_are_local_days() {
-        let t = Tariff::new(
+        let t = build(
             "t",
             "Europe/London",
             vec![band("all", 0x7F, 0, 24, 1, 1)],
@@ -439,7 +678,7 @@ mod tests {
         // A started day counts: 00:00 to 00:05 the next day is 2.
         assert_eq!(t.started_days(1_774_224_000, 1_774_224_000 + 86_700), 2);
         assert_eq!(t.started_days(1_774_224_000, 1_774_224_000), 0);
-        let utc = Tariff::new(
+        let utc = build(
             "t",
             "UTC",
             vec![band("all", 0x7F, 0, 24, 1, 1)],
@@ -453,7 +692,7 @@ mod tests {
 
     #[test]
     fn pricing_rounds_and_credits() {
-        let t = Tariff::new(
+        let t = build(
             "t",
             "UTC",
             vec![
@@ -467,7 +706,13 @@ mod tests {
         )
         .unwrap();
         // Import in every band; export in the night band only.
-        let b = price(&t, &[10_000, 2_000, 1], &[0, 2_500, 0], 30, Vec::new());
+        let b = price(
+            &t,
+            &[10_000, 2_000, 1],
+            &[0, 2_500, 0],
+            (0, 30 * 86_400),
+            Vec::new(),
+        );
         let lines: Vec<(&str, i64, i64)> = b
             .lines
             .iter()
@@ -488,17 +733,109 @@ mod tests {
         assert_eq!(b.total, 1_669 + 83);
         // No export register: import lines only; a credit larger than the charges carries no
         // VAT.
-        let b = price(&t, &[0, 0, 0], &[], 1, Vec::new());
+        let b = price(&t, &[0, 0, 0], &[], (0, 86_400), Vec::new());
         assert_eq!(b.lines.len(), 3);
         assert_eq!(b.total, 45 + 2);
-        let b = price(&t, &[0, 0, 0], &[1_000_000, 0, 0], 1, Vec::new());
+        let b = price(&t, &[0, 0, 0], &[1_000_000, 0, 0], (0, 86_400), Vec::new());
         assert_eq!(b.lines[1].amount, -15_000);
         assert_eq!((b.subtotal, b.vat, b.total), (45 - 15_000, 0, 45 - 15_000));
         // Halves round away from zero on credits too.
-        let b = price(&t, &[], &[100, 0, 0], 0, Vec::new());
+        let b = price(&t, &[], &[100, 0, 0], (0, 0), Vec::new());
         assert_eq!(b.lines[0].amount, 0);
         assert_eq!(b.lines[1].amount, -2); // 0.1 kWh × 15.0 = 1.5 → −2
         assert_eq!(div_round(-5, 2), -3);
         assert_eq!(div_round(5, 2), 3);
+    }
+
+    #[test]
+    fn months_are_whole_from_the_first_day_then_pro_rata() {
+        let t = build(
+            "t",
+            "America/New_York",
+            vec![band("all", 0x7F, 0, 24, 1, 1)],
+            0,
+            0,
+            "USD",
+        )
+        .unwrap();
+        let ny = |y, m, d| {
+            t.tz.with_ymd_and_hms(y, m, d, 0, 0, 0)
+                .single()
+                .unwrap()
+                .timestamp()
+        };
+        // Local midnight to local midnight: January is one month, so is a 15th-to-15th cycle
+        // over the March DST change, and February.
+        assert_eq!(t.months(ny(2027, 1, 1), ny(2027, 2, 1)), (1, 1));
+        assert_eq!(t.months(ny(2027, 2, 15), ny(2027, 3, 15)), (1, 1));
+        assert_eq!(t.months(ny(2027, 2, 1), ny(2027, 4, 1)), (2, 1));
+        // Ten days of April: 10/30. From January 31: one month to February 28 (the month's
+        // last day), then 3 days of the 31 to March 31.
+        assert_eq!(t.months(ny(2027, 4, 1), ny(2027, 4, 11)), (10, 30));
+        assert_eq!(t.months(ny(2027, 1, 31), ny(2027, 3, 3)), (31 + 3, 31));
+    }
+
+    #[test]
+    fn fixed_and_minimum_monthly_charges() {
+        let mut w = wire("UTC", vec![band("all", 0x7F, 0, 24, 10_000, 0)], 10, 1_000);
+        w.fixed_charge_per_month = 1_000;
+        w.minimum_charge_per_month = 2_000;
+        let t = from_proto(&w).unwrap();
+        let jan = (1_798_761_600, 1_798_761_600 + 31 * 86_400); // 2027-01-01 .. 2027-02-01 UTC
+                                                                // 50 kWh at 10.0 = 500, standing 31 × 10 = 310, fixed 1,000: 1,810 < 2,000, so the
+                                                                // minimum line adds 190, and VAT is 10 % of 2,000.
+        let b = price(&t, &[50_000], &[], jan, Vec::new());
+        let lines: Vec<(&str, i64)> = b
+            .lines
+            .iter()
+            .map(|l| (l.description.as_str(), l.amount))
+            .collect();
+        assert_eq!(
+            lines,
+            vec![
+                ("all import", 500),
+                ("fixed charge, 1 month", 1_000),
+                ("minimum bill, 1 month", 190)
+            ]
+        );
+        assert_eq!(
+            (b.standing_charge, b.subtotal, b.vat, b.total),
+            (310, 2_000, 200, 2_200)
+        );
+        // Above the minimum: no adjustment. Half of a 30-day month: half the fixed charge.
+        let b = price(&t, &[500_000], &[], jan, Vec::new());
+        assert_eq!(b.lines.len(), 2);
+        let apr = (1_806_537_600, 1_806_537_600 + 15 * 86_400); // 2027-04-01 + 15 days
+        let b = price(&t, &[500_000], &[], apr, Vec::new());
+        assert_eq!(b.lines[1].description, "fixed charge, 15/30 month");
+        assert_eq!(b.lines[1].amount, 500);
+    }
+
+    #[test]
+    fn effective_dates_bound_the_period() {
+        let mut w = wire("Europe/London", vec![band("all", 0x7F, 0, 24, 1, 1)], 0, 0);
+        w.effective_from = "2027-01-01".into();
+        w.effective_to = "2027-07-01".into();
+        let t = from_proto(&w).unwrap();
+        let london = |y, m, d| {
+            t.tz.with_ymd_and_hms(y, m, d, 0, 0, 0)
+                .single()
+                .unwrap()
+                .timestamp()
+        };
+        assert!(t
+            .check_in_force(london(2027, 1, 1), london(2027, 2, 1))
+            .is_ok());
+        assert!(t
+            .check_in_force(london(2027, 6, 1), london(2027, 7, 1))
+            .is_ok());
+        let e = t
+            .check_in_force(london(2026, 12, 31), london(2027, 2, 1))
+            .unwrap_err();
+        assert!(e.0.contains("in force from 2027-01-01"), "{e}");
+        // One slot past the end is outside.
+        assert!(t
+            .check_in_force(london(2027, 6, 1), london(2027, 7, 1) + 300)
+            .is_err());
     }
 }

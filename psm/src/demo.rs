@@ -876,6 +876,7 @@ fn demo_tariff() -> psm_proto::v1::Tariff {
         end_hour: e,
         import_price_milli: imp,
         export_price_milli: 15_000,
+        month_mask: 0,
     };
     psm_proto::v1::Tariff {
         name: "PSM demo time-of-use".into(),

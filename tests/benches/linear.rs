@@ -273,6 +273,7 @@ fn two_band_tariff() -> Tariff {
         end_hour: e,
         import_price_milli: imp,
         export_price_milli: 15_000,
+        month_mask: 0,
     };
     Tariff {
         name: "two-band".into(),
@@ -295,8 +296,14 @@ fn plain_bill(t: &psm_tariff::Tariff, month: &[Vec<i64>]) -> i64 {
         }
     }
     let start = FIRST_DAY * 86_400;
-    let days = t.started_days(start, start + BILL_DAYS * 86_400);
-    psm_tariff::price(t, &band_wh, &[], days, Vec::new()).total
+    psm_tariff::price(
+        t,
+        &band_wh,
+        &[],
+        (start, start + BILL_DAYS * 86_400),
+        Vec::new(),
+    )
+    .total
 }
 
 fn bill_request(key: &str, meter: &str, tariff: &Tariff) -> BillRequest {

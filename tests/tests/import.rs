@@ -58,6 +58,7 @@ fn flat(time_zone: &str, currency: &str) -> Tariff {
             end_hour: 24,
             import_price_milli: 10_000,
             export_price_milli: 0,
+            month_mask: 0,
         }],
         currency: currency.into(),
         ..Default::default()

@@ -48,6 +48,7 @@ fn band(name: &str, start_hour: u32, end_hour: u32, price: i64) -> TariffBand {
         end_hour,
         import_price_milli: price,
         export_price_milli: price / 2,
+        month_mask: 0,
     }
 }
 
@@ -135,7 +136,8 @@ fn reference(t: &Tariff, m: usize, days: i64) -> psm_tariff::Bill {
         }
     }
     let core = psm_tariff::from_proto(t).unwrap();
-    psm_tariff::price(&core, &import, &[], days, Vec::new())
+    // A UTC tariff with no monthly charges: only the number of days matters.
+    psm_tariff::price(&core, &import, &[], (0, days * 86_400), Vec::new())
 }
 
 fn check_bill(resp: &BillResponse, want: &psm_tariff::Bill, what: &str) {

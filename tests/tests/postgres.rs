@@ -79,6 +79,7 @@ fn flat_tariff() -> Tariff {
             end_hour: 24,
             import_price_milli: 30_000,
             export_price_milli: 0,
+            month_mask: 0,
         }],
         currency: "GBP".into(),
         ..Default::default()

@@ -42,6 +42,7 @@ fn tariff() -> Tariff {
             end_hour: 24,
             import_price_milli: 25_000,
             export_price_milli: 10_000,
+            month_mask: 0,
         }],
         standing_charge_per_day: 50,
         vat_basis_points: 0,

@@ -189,6 +189,7 @@ fn flat(name: &str, demand: i64, tiers: &[(u64, i64)]) -> Tariff {
             end_hour: 24,
             import_price_milli: 0,
             export_price_milli: 0,
+            month_mask: 0,
         }],
         standing_charge_per_day: 100,
         vat_basis_points: 0,
@@ -201,6 +202,7 @@ fn flat(name: &str, demand: i64, tiers: &[(u64, i64)]) -> Tariff {
             })
             .collect(),
         currency: "EUR".into(),
+        ..Default::default()
     }
 }
 

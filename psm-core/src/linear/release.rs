@@ -190,6 +190,9 @@ pub fn release_from_proto(r: &LinearRelease) -> Result<Release, LinearError> {
             let t = psm_proto::v1::Tariff::decode(r.program.as_slice())
                 .map_err(|e| bad(format!("the program is not a Tariff: {e}")))?;
             let tariff = psm_tariff::from_proto(&t).map_err(|e| bad(e.to_string()))?;
+            tariff
+                .check_in_force(range.start_unix, range.end_unix)
+                .map_err(|e| bad(e.to_string()))?;
             Program::Bill(Box::new(tariff))
         }
         _ => {
