@@ -40,7 +40,8 @@ use crate::audit::{AuditLog, Decision};
 use crate::linear::{LinearState, Party};
 use crate::peers::{Peers, RecordBody};
 use crate::policy::{
-    check_manifest, kind_name, refuse, Checked, PolicyConfig, RateLimiter, Refusal, Releases,
+    check_billing_cycle, check_manifest, kind_name, refuse, Checked, PolicyConfig, RateLimiter,
+    Refusal, Releases,
 };
 use crate::reexec::Reexecutor;
 use crate::rules::Rule;
@@ -249,6 +250,9 @@ impl KeyshareService {
         if policy.allow_any_program {
             tracing::warn!("allow_any_program = true: any tariff or analytics query is allowed (development only)");
         }
+        if policy.billing_cycle == crate::policy::BillingCycle::Any {
+            tracing::warn!("billing_cycle = \"any\": bills may cover any period of at least min_bill_days, not only the meters' registered billing cycles (development only)");
+        }
         tracing::info!(
             min_cohort = policy.min_cohort,
             allowed_programs = allowed_programs.len(),
@@ -451,7 +455,11 @@ impl KeyshareService {
 
     /// The registry rules of a tfhe-track manifest: every member registered, and a histogram's
     /// meter-encrypted members at least `min_cohort`.
-    fn tfhe_cohort_rules(&self, checked: &Checked) -> Result<(), Refusal> {
+    fn tfhe_cohort_rules(
+        &self,
+        checked: &Checked,
+        manifest: &psm_proto::v1::ComputationManifest,
+    ) -> Result<(), Refusal> {
         // The registry decides which meters exist and who encrypts for them, on this track too:
         // invented meters and head-end-encrypted ones do not make a cohort anonymous.
         let registry = self
@@ -470,6 +478,28 @@ impl KeyshareService {
             .map_err(linear::not_registered)?
             .0
             .len();
+        if checked.kind == ComputationKind::Bill {
+            let tariff = psm_proto::v1::Tariff::decode(manifest.program.as_slice())
+                .map_err(|e| e.to_string())
+                .and_then(|t| psm_tariff::from_proto(&t).map_err(|e| e.0))
+                .map_err(|e| {
+                    refuse(
+                        Rule::Manifest,
+                        Code::InvalidArgument,
+                        format!("the bill's program is not a valid tariff: {e}"),
+                    )
+                })?;
+            check_billing_cycle(
+                self.policy.billing_cycle,
+                registry,
+                checked.meters.first().map_or("", String::as_str),
+                &tariff,
+                (
+                    checked.first_day * psm_core::readings::DAY_SECONDS,
+                    checked.end_day * psm_core::readings::DAY_SECONDS,
+                ),
+            )?;
+        }
         if checked.kind == ComputationKind::Analytics && private < self.policy.min_cohort {
             return Err(refuse(
                 Rule::KAnonymity,
@@ -507,7 +537,7 @@ impl KeyshareService {
             )
         })?;
         let checked = check_manifest(&self.policy, &self.allowed_programs, manifest, key.kind)?;
-        self.tfhe_cohort_rules(&checked)?;
+        self.tfhe_cohort_rules(&checked, manifest)?;
         let id = tfhe_release_hash(key_id, manifest);
         self.releases
             .admit(&checked, &self.policy, &id, &manifest.reissue_reason)
@@ -1015,7 +1045,7 @@ impl KeyshareService {
             )
         })?;
         let checked = check_manifest(&self.policy, &self.allowed_programs, manifest, key.kind)?;
-        self.tfhe_cohort_rules(&checked)?;
+        self.tfhe_cohort_rules(&checked, manifest)?;
         let output_hash = batch.hash();
         if manifest.output_hash != output_hash {
             return Err(refuse(

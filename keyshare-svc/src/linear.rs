@@ -15,8 +15,8 @@ use prost::Message;
 use psm_core::linear::envelope::{open_enrollment, EnrollmentSecret};
 use psm_core::linear::key::{cohort_share_key, MeterKey, Seed};
 use psm_core::linear::mask::{mask_sum, SlotRun};
-use psm_core::linear::release::{contribution, Release};
-use psm_core::linear::SLOTS_PER_DAY;
+use psm_core::linear::release::{contribution, Program, Release};
+use psm_core::linear::{SLOTS_PER_DAY, SLOT_SECONDS};
 use psm_core::threshold::{FloodKey, Scheme};
 use psm_proto::v1::{ComputationKind, Enrollment, StreamEnrollmentsRequest};
 use tonic::transport::Channel;
@@ -158,6 +158,7 @@ pub struct Limits {
     pub min_bill_days: u32,
     /// Narrowest tariff band a bill may release, hours per week on average over the period.
     pub min_band_hours_per_week: u32,
+    pub billing_cycle: crate::policy::BillingCycle,
 }
 
 fn seed_key(meter: &str, epoch: u32, share: usize) -> Vec<u8> {
@@ -758,6 +759,19 @@ impl LinearState {
                 ),
             ));
         }
+        if let (ComputationKind::Bill, Program::Bill(tariff)) = (spec.kind, &spec.program) {
+            let meter = release.cohorts.first().and_then(|c| c.first());
+            crate::policy::check_billing_cycle(
+                limits.billing_cycle,
+                &self.registry,
+                meter.map_or("", String::as_str),
+                tariff,
+                (
+                    spec.start_slot as i64 * SLOT_SECONDS,
+                    spec.end_slot as i64 * SLOT_SECONDS,
+                ),
+            )?;
+        }
         let mut headend = Vec::new();
         let mut private_members = Vec::with_capacity(release.cohorts.len());
         for (c, members) in release.cohorts.iter().enumerate() {
@@ -1283,6 +1297,7 @@ mod tests {
             max_reissues: 1,
             min_bill_days: 1,
             min_band_hours_per_week: 4,
+            billing_cycle: crate::policy::BillingCycle::Any,
         }
     }
 

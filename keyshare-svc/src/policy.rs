@@ -4,7 +4,7 @@
 //! are remembered in sled, written durably before the partials leave.
 
 use std::collections::{BTreeSet, HashMap};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use prost::Message;
@@ -64,6 +64,21 @@ pub struct PolicyConfig {
     pub min_bill_days: u32,
     /// Narrowest tariff band a bill may release, in hours per week averaged over the period.
     pub min_band_hours_per_week: u32,
+    /// Tariff files (TOML, docs/tariffs.md) this keyshare allows, in addition to
+    /// `allowed_programs`: each is allowed by the hash `psm tariff check` prints for it.
+    pub allowed_tariffs: Vec<PathBuf>,
+    /// `"registered"`: a bill covers exactly one billing cycle of the meter's registry
+    /// `billing_day`, local midnight to local midnight in the tariff's time zone. `"any"`: any
+    /// period of at least `min_bill_days` (development and tests; logged at start).
+    pub billing_cycle: BillingCycle,
+}
+
+/// Which periods bills may cover (`[keyshare.policy] billing_cycle`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BillingCycle {
+    Registered,
+    Any,
 }
 
 impl Default for PolicyConfig {
@@ -76,6 +91,8 @@ impl Default for PolicyConfig {
             max_reissues: 1,
             min_bill_days: 28,
             min_band_hours_per_week: 4,
+            allowed_tariffs: Vec::new(),
+            billing_cycle: BillingCycle::Registered,
         }
     }
 }
@@ -92,7 +109,8 @@ impl PolicyConfig {
         if self.min_bill_days == 0 || self.min_bill_days > 62 {
             return Err("[keyshare.policy] min_bill_days is 1..=62".into());
         }
-        self.allowed_programs
+        let mut allowed = self
+            .allowed_programs
             .iter()
             .map(|h| {
                 hex::decode(h)
@@ -102,7 +120,13 @@ impl PolicyConfig {
                         format!("[keyshare.policy] allowed_programs: {h:?} is not a BLAKE3-256 hex hash")
                     })
             })
-            .collect()
+            .collect::<Result<BTreeSet<_>, _>>()?;
+        for path in &self.allowed_tariffs {
+            let checked = psm_tariff::file::load(path)
+                .map_err(|e| format!("[keyshare.policy] allowed_tariffs: {e}"))?;
+            allowed.insert(checked.hash);
+        }
+        Ok(allowed)
     }
 
     /// The numbers linear-track releases are judged by.
@@ -112,8 +136,30 @@ impl PolicyConfig {
             max_reissues: self.max_reissues,
             min_bill_days: self.min_bill_days,
             min_band_hours_per_week: self.min_band_hours_per_week,
+            billing_cycle: self.billing_cycle,
         }
     }
+}
+
+/// The billing-cycle rule, for bills on both tracks: with `billing_cycle = "registered"`, the
+/// period must be exactly one cycle of the meter's registered billing day in the tariff's time
+/// zone.
+pub fn check_billing_cycle(
+    cycle: BillingCycle,
+    registry: &psm_core::registry::Registry,
+    meter: &str,
+    tariff: &psm_tariff::Tariff,
+    (start_unix, end_unix): (i64, i64),
+) -> Result<(), Refusal> {
+    if cycle == BillingCycle::Any {
+        return Ok(());
+    }
+    let day = registry
+        .billing_day(meter)
+        .ok_or_else(|| crate::linear::not_registered(meter))?;
+    tariff
+        .check_cycle(day, start_unix, end_unix)
+        .map_err(|e| precondition(Rule::BillingCycle, format!("meter {meter}: {}", e.0)))
 }
 
 /// Per-caller request quota, and a tally of refusals not yet written to the audit log.

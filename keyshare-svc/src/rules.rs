@@ -20,6 +20,7 @@ pub enum Rule {
     KAnonymity,
     BillShape,
     BillPeriod,
+    BillingCycle,
     AnalyticsShape,
     BandWidth,
     NoiseBound,
@@ -38,7 +39,7 @@ pub enum Rule {
 
 impl Rule {
     /// Every rule, in the order of the docs' index.
-    pub const ALL: [Rule; 27] = [
+    pub const ALL: [Rule; 28] = [
         Rule::RateLimit,
         Rule::WellFormed,
         Rule::KnownKey,
@@ -52,6 +53,7 @@ impl Rule {
         Rule::KAnonymity,
         Rule::BillShape,
         Rule::BillPeriod,
+        Rule::BillingCycle,
         Rule::AnalyticsShape,
         Rule::BandWidth,
         Rule::NoiseBound,
@@ -84,6 +86,7 @@ impl Rule {
             Rule::KAnonymity => "k-anonymity",
             Rule::BillShape => "bill-shape",
             Rule::BillPeriod => "bill-period",
+            Rule::BillingCycle => "billing-cycle",
             Rule::AnalyticsShape => "analytics-shape",
             Rule::BandWidth => "band-width",
             Rule::NoiseBound => "noise-bound",
@@ -120,6 +123,7 @@ impl Rule {
             | Rule::KAnonymity
             | Rule::BillShape
             | Rule::BillPeriod
+            | Rule::BillingCycle
             | Rule::AnalyticsShape
             | Rule::BandWidth
             | Rule::OutputHash
@@ -137,6 +141,7 @@ impl Rule {
             Rule::CoHolder | Rule::CoHolderConflict => "both",
             Rule::KAnonymity
             | Rule::BillPeriod
+            | Rule::BillingCycle
             | Rule::Differencing
             | Rule::OneBillPerPeriod
             | Rule::NoiseBound => "both",
@@ -166,6 +171,7 @@ impl Rule {
             Rule::KAnonymity => "a cohort with fewer than `min_cohort` (meter-encrypted) members",
             Rule::BillShape => "a tfhe-track bill not of one meter over every day of its period",
             Rule::BillPeriod => "a bill shorter than `min_bill_days`",
+            Rule::BillingCycle => "a bill whose period is not one billing cycle of the meter's registered `billing_day`, in the tariff's time zone",
             Rule::AnalyticsShape => "a histogram not over every day of its range for every member",
             Rule::BandWidth => "a bill band narrower than `min_band_hours_per_week`",
             Rule::NoiseBound => "an output whose noise, flooding or sum could break decoding",

@@ -209,6 +209,16 @@ impl Registry {
         }
     }
 
+    /// The day of the month `meter`'s billing cycles start on: its entry's, or the 1st for an
+    /// unlisted meter under `development_allow_all`; `None` when it is not registered.
+    pub fn billing_day(&self, meter: &str) -> Option<u8> {
+        match self.meters.get(meter) {
+            Some((e, _)) => Some(e.billing_day),
+            None if self.allow_all => Some(default_billing_day()),
+            None => None,
+        }
+    }
+
     /// The listed entry of `meter`.
     pub fn entry(&self, meter: &str) -> Option<&Entry> {
         self.meters.get(meter).map(|(e, _)| e)

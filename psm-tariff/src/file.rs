@@ -130,9 +130,11 @@ fn days(list: &[String], band: &str) -> Result<u32, TariffError> {
             "weekend" => 0x60,
             "holidays" => HOLIDAY_BIT,
             "all" => 0x7F | HOLIDAY_BIT,
-            other => return Err(bad(format!(
+            other => {
+                return Err(bad(format!(
                 "band {band:?}: day {other:?} is not mon..sun, weekdays, weekend, holidays or all"
-            ))),
+            )))
+            }
         };
     }
     Ok(mask)

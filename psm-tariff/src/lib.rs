@@ -122,6 +122,16 @@ pub fn parse_date(s: &str) -> Result<NaiveDate, TariffError> {
         .ok_or_else(|| bad(format!("{s:?} is not a date written YYYY-MM-DD")))
 }
 
+/// The first instant of a local date in `tz` (local midnight, or the end of a daylight-saving
+/// gap that swallows it), UTC seconds: where local-date periods start and end.
+pub fn day_start(tz: Tz, date: NaiveDate) -> Option<i64> {
+    (0..24).find_map(|h| {
+        tz.from_local_datetime(&date.and_hms_opt(h, 0, 0)?)
+            .earliest()
+            .map(|t| t.timestamp())
+    })
+}
+
 impl Tariff {
     /// The local date and time of a UTC instant.
     fn local(&self, unix: i64) -> Option<chrono::DateTime<Tz>> {
@@ -172,6 +182,62 @@ impl Tariff {
             return (i64::from(whole), 1);
         }
         (i64::from(whole) * den + rest, den)
+    }
+
+    /// The billing cycle of a meter billed on `billing_day` (1..=28) that starts in the local
+    /// month of `year`-`month`: from the start of that local day to the start of the same day
+    /// of the next month.
+    pub fn cycle(&self, billing_day: u8, year: i32, month: u32) -> Option<(i64, i64)> {
+        let first = NaiveDate::from_ymd_opt(year, month, u32::from(billing_day))?;
+        let next = first.checked_add_months(Months::new(1))?;
+        Some((day_start(self.tz, first)?, day_start(self.tz, next)?))
+    }
+
+    /// Checks that [start, end) is exactly one billing cycle of a meter billed on
+    /// `billing_day`, in the tariff's time zone. Fixed cycles are what keep bills from
+    /// slicing a meter's readings finer than a month at the utility's choice.
+    pub fn check_cycle(
+        &self,
+        billing_day: u8,
+        start_unix: i64,
+        end_unix: i64,
+    ) -> Result<(), TariffError> {
+        let local = self
+            .local(start_unix)
+            .ok_or_else(|| bad("the period starts outside the calendar"))?;
+        let near = |k: i32| {
+            let d = local.date_naive().with_day(1)?;
+            let d = if k < 0 {
+                d.checked_sub_months(Months::new(1))?
+            } else {
+                d.checked_add_months(Months::new(k as u32))?
+            };
+            self.cycle(billing_day, d.year(), d.month())
+        };
+        if near(0) == Some((start_unix, end_unix)) {
+            return Ok(());
+        }
+        let show = |c: Option<(i64, i64)>| match c {
+            Some((s, e)) => format!(
+                "{} .. {}",
+                self.local(s)
+                    .map_or(s.to_string(), |d| d.format("%Y-%m-%d %H:%M %Z").to_string()),
+                self.local(e)
+                    .map_or(e.to_string(), |d| d.format("%Y-%m-%d %H:%M %Z").to_string())
+            ),
+            None => "none".into(),
+        };
+        // Name the cycle starting nearest the period, so the caller can correct the request.
+        let near = [-1, 0, 1]
+            .into_iter()
+            .filter_map(near)
+            .min_by_key(|(s, _)| (s - start_unix).abs());
+        Err(bad(format!(
+            "the period {} is not a billing cycle of a meter billed on day {billing_day} in {}; the nearest cycle is {}",
+            show(Some((start_unix, end_unix))),
+            self.tz.name(),
+            show(near)
+        )))
     }
 
     /// Checks that [start, end) lies inside the tariff's effective dates.
@@ -837,5 +903,51 @@ mod tests {
         assert!(t
             .check_in_force(london(2027, 6, 1), london(2027, 7, 1) + 300)
             .is_err());
+    }
+
+    #[test]
+    fn billing_cycles_run_from_the_billing_day_in_local_time() {
+        let t = build(
+            "t",
+            "America/New_York",
+            vec![band("all", 0x7F, 0, 24, 1, 1)],
+            0,
+            0,
+            "USD",
+        )
+        .unwrap();
+        let ny = |y, m, d, h| {
+            t.tz.with_ymd_and_hms(y, m, d, h, 0, 0)
+                .single()
+                .unwrap()
+                .timestamp()
+        };
+        // January in New York: 05:00 UTC on Jan 1 to 05:00 UTC on Feb 1.
+        let jan = (ny(2027, 1, 1, 0), ny(2027, 2, 1, 0));
+        assert_eq!(jan.0 % 86_400, 5 * 3600);
+        assert_eq!(t.cycle(1, 2027, 1), Some(jan));
+        assert!(t.check_cycle(1, jan.0, jan.1).is_ok());
+        // Over the spring change: 15 March 00:00 EDT is 04:00 UTC, 15 February 05:00 UTC.
+        let cycle = (ny(2027, 2, 15, 0), ny(2027, 3, 15, 0));
+        assert!(t.check_cycle(15, cycle.0, cycle.1).is_ok());
+        assert_eq!((cycle.1 - cycle.0) % 86_400, 86_400 - 3600);
+        // Everything else is refused, naming the cycle to use: the UTC month, a period shifted
+        // by one slot, two cycles, half a cycle, a cycle of another billing day.
+        let utc_jan = (1_798_761_600, 1_798_761_600 + 31 * 86_400);
+        let e = t.check_cycle(1, utc_jan.0, utc_jan.1).unwrap_err();
+        assert!(
+            e.0.contains("nearest cycle is 2027-01-01 00:00 EST .. 2027-02-01 00:00 EST"),
+            "{e}"
+        );
+        assert!(t.check_cycle(1, jan.0 + 300, jan.1 + 300).is_err());
+        assert!(t.check_cycle(1, jan.0, ny(2027, 3, 1, 0)).is_err());
+        assert!(t.check_cycle(1, jan.0, ny(2027, 1, 16, 0)).is_err());
+        let e = t.check_cycle(15, jan.0, jan.1).unwrap_err();
+        assert!(
+            e.0.contains("nearest cycle is 2027-01-15 00:00 EST .. 2027-02-15"),
+            "{e}"
+        );
+        let e = t.check_cycle(28, jan.0, jan.1).unwrap_err();
+        assert!(e.0.contains("nearest cycle is 2026-12-28"), "{e}");
     }
 }

@@ -259,7 +259,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
             fs::write(
                 &cfg,
                 format!(
-                    "[keyshare]\ningest_url = \"https://127.0.0.1:{}\"\npublic_dir = {}\nregistry = {}\n[keyshare.policy]\nmin_cohort = 5\nmin_bill_days = 1\nallowed_programs = [\"{}\", \"{}\"]\n{peers}",
+                    "[keyshare]\ningest_url = \"https://127.0.0.1:{}\"\npublic_dir = {}\nregistry = {}\n[keyshare.policy]\nmin_cohort = 5\nmin_bill_days = 1\nbilling_cycle = \"any\"\nallowed_programs = [\"{}\", \"{}\"]\n{peers}",
                     port(1)?,
                     toml_path(&keys_dir.join("public"))?,
                     toml_path(&registry)?,

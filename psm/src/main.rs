@@ -3,9 +3,11 @@
 mod audit;
 mod ceremony;
 mod client_args;
+mod compute;
 mod demo;
 mod meter;
 mod registry;
+mod tariff;
 
 use std::path::PathBuf;
 
@@ -54,6 +56,22 @@ enum Command {
     Anchor {
         #[command(subcommand)]
         command: AnchorCommand,
+    },
+    /// Tariff files: validate one and print the hash keyshares allow it by.
+    Tariff {
+        #[command(subcommand)]
+        command: tariff::TariffCommand,
+    },
+    /// Bill one meter over local dates in its tariff's time zone (a billing cycle).
+    Bill(Box<compute::BillArgs>),
+    /// Per-interval energy of a cohort of meters (import, export or net).
+    Aggregate(Box<compute::AggregateArgs>),
+    /// Histogram of a cohort's period totals (tfhe track; only counts are decrypted).
+    Analytics(Box<compute::AnalyticsArgs>),
+    /// Print a shell completion script: `psm completions bash > /etc/bash_completion.d/psm`.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
     },
     /// Print which certificate roles may call which RPC.
     Roles,
@@ -191,6 +209,14 @@ fn main() -> anyhow::Result<()> {
                 key.display(),
                 public.display()
             );
+        }
+        Command::Tariff { command } => tariff::run(command)?,
+        Command::Bill(args) => compute::bill(*args)?,
+        Command::Aggregate(args) => compute::aggregate(*args)?,
+        Command::Analytics(args) => compute::analytics(*args)?,
+        Command::Completions { shell } => {
+            use clap::CommandFactory;
+            clap_complete::generate(shell, &mut Cli::command(), "psm", &mut std::io::stdout());
         }
         Command::Roles => print!("{}", psm_net::roles::table_markdown()),
         Command::Health {

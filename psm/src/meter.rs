@@ -10,7 +10,6 @@
 //! channel: import = max(v, 0), export = max(−v, 0).
 
 use std::collections::{BTreeMap, HashMap};
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
@@ -24,8 +23,8 @@ use psm_core::readings::{format_day, parse_day};
 use psm_core::signing::{Anchors, SecretKey};
 use psm_core::threshold::Scheme;
 use psm_meterdata::import::{
-    is_green_button_csv, parse_green_button, parse_green_button_csv, parse_plain_csv, to_days,
-    MeterDay,
+    is_green_button_csv, is_nem12, parse_green_button, parse_green_button_csv, parse_nem12,
+    parse_plain_csv, to_days, DayStatus, Flow, MeterDay,
 };
 use psm_meterdata::simulate::{town, SimMeter};
 use psm_net::tls::TlsPaths;
@@ -49,9 +48,12 @@ const METERS_PER_PASS: usize = 1_024;
 
 #[derive(clap::Subcommand)]
 pub enum MeterCommand {
-    /// Import real readings — Green Button ESPI XML (one meter per usage point), a utility's
-    /// Green Button CSV export, or a plain CSV of meter_id,timestamp,wh — and submit them as a
-    /// head-end: complete UTC days, and the runs of consecutive intervals of incomplete ones.
+    /// Import real readings — Green Button ESPI XML (one meter per usage point, flowDirection 1
+    /// and 19 as import and export), a utility's Green Button CSV export, a plain CSV of
+    /// meter_id,timestamp,wh[,channel], or AEMO NEM12 — and submit them as a head-end: complete
+    /// UTC days, and the runs of consecutive intervals of incomplete ones. Readings that cannot
+    /// be stored (wrong length, conflicting duplicates, out of range) are left out and reported
+    /// per meter and day; the rest of the file is imported.
     Import(ImportArgs),
     /// Simulate a town's meters and submit their readings to ingest as a head-end. A slot is
     /// encrypted once per key epoch: meter-days already stored are kept as they are, so use
@@ -120,10 +122,14 @@ pub struct ImportArgs {
     /// The file to import.
     pub file: std::path::PathBuf,
     /// File format: greenbutton (ESPI XML), gbcsv (a utility's Green Button CSV export), csv
-    /// (meter_id,timestamp,wh) or auto (.xml is ESPI; a CSV with DATE/START TIME/USAGE columns
-    /// is gbcsv; otherwise plain csv).
+    /// (meter_id,timestamp,wh[,channel]), nem12, or auto (.xml is ESPI; a file starting
+    /// 100,NEM12 is NEM12; a CSV with DATE/START TIME/USAGE columns is gbcsv; otherwise plain
+    /// csv).
     #[arg(long, default_value = "auto")]
     pub format: String,
+    /// Print the per meter-day report as JSON on stdout (status, intervals stored, reasons).
+    #[arg(long)]
+    pub json: bool,
     /// Meter id for a Green Button CSV (the export names none).
     #[arg(long)]
     pub meter: Option<String>,
@@ -274,15 +280,16 @@ pub struct Submitted {
     pub counts: Counts,
 }
 
-fn progress(done: usize, total: usize) {
-    let width = 30;
-    let filled = done * width / total.max(1);
-    eprint!(
-        "\r  [{}{}] {done}/{total} meter-days",
-        "#".repeat(filled),
-        ".".repeat(width - filled)
+/// A progress bar on stderr (drawn only on a terminal).
+fn progress_bar(total: usize, what: &str) -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::new(total as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(&format!(
+            "  [{{elapsed_precise}}] {{bar:30}} {{pos}}/{{len}} {what} ({{per_sec}}, {{eta}} left)"
+        ))
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
-    let _ = std::io::stderr().flush();
+    bar
 }
 
 /// Simulates a town and submits it.
@@ -297,6 +304,7 @@ pub async fn simulate_and_submit(ch: Channel, a: &SimulateArgs) -> anyhow::Resul
         .flat_map(|m| {
             (0..i64::from(a.days)).map(move |d| MeterDay {
                 meter_id: m.id.clone(),
+                flow: Flow::Net,
                 day: first_day + d,
                 interval_seconds: a.interval,
                 first_interval: 0,
@@ -615,14 +623,16 @@ async fn enroll_all(
     Ok((stored, duplicates))
 }
 
-/// A meter's keys for the run: import, and export if it exports anything.
+/// A meter's keys for the run: import when it has import or net readings, export when it has
+/// export readings or a negative net reading.
 struct Keys {
-    import: MeterKey,
+    import: Option<MeterKey>,
     export: Option<MeterKey>,
 }
 
-/// Encrypts one meter-day (or run of a day) against the day's masks: an import batch, and an
-/// export batch when the meter exports.
+/// Encrypts one meter-day (or run of a day) against the day's masks: an import register's
+/// values on the import channel, an export register's on the export channel; net values as
+/// import = max(v, 0) and, when the meter exports, export = max(−v, 0).
 fn encrypt_day(
     d: &MeterDay,
     keys: &Keys,
@@ -632,30 +642,30 @@ fn encrypt_day(
 ) -> anyhow::Result<Vec<ReadingBatch>> {
     let context = || format!("{} {}", d.meter_id, format_day(d.day));
     let offset = d.first_interval as usize;
+    let (import, export): (Option<Vec<i64>>, Option<Vec<i64>>) = match d.flow {
+        Flow::Import => (Some(d.values.clone()), None),
+        Flow::Export => (None, Some(d.values.clone())),
+        Flow::Net => (
+            Some(d.values.iter().map(|v| (*v).max(0)).collect()),
+            keys.export
+                .as_ref()
+                .map(|_| d.values.iter().map(|v| v.saturating_neg().max(0)).collect()),
+        ),
+    };
     let mut out = Vec::with_capacity(2);
-    let import: Vec<i64> = d.values.iter().map(|v| (*v).max(0)).collect();
-    let bodies = masks
-        .encrypt(&keys.import, offset, &import)
-        .with_context(context)?;
-    out.push(psm_core::wire::linear_batch_to_proto(
-        &d.meter_id,
-        d.day,
-        epoch,
-        LinearChannel::Import,
-        d.interval_seconds,
-        d.first_interval,
-        &bodies,
-    ));
-    if let Some(export_key) = &keys.export {
-        let export: Vec<i64> = d.values.iter().map(|v| v.saturating_neg().max(0)).collect();
-        let bodies = masks
-            .encrypt(export_key, offset, &export)
-            .with_context(context)?;
+    for (values, key, channel) in [
+        (import, &keys.import, LinearChannel::Import),
+        (export, &keys.export, LinearChannel::Export),
+    ] {
+        let (Some(values), Some(key)) = (values, key) else {
+            continue;
+        };
+        let bodies = masks.encrypt(key, offset, &values).with_context(context)?;
         out.push(psm_core::wire::linear_batch_to_proto(
             &d.meter_id,
             d.day,
             epoch,
-            LinearChannel::Export,
+            channel,
             d.interval_seconds,
             d.first_interval,
             &bodies,
@@ -668,9 +678,9 @@ fn encrypt_day(
 }
 
 /// Enrolls the meters of `days` (seeds made on first use) and submits their readings, encrypted
-/// on all cores, in requests of at most 1,000 batches, with a progress bar. Import is
-/// max(v, 0), export max(−v, 0); a meter with any negative value sends export batches for all
-/// its days.
+/// on all cores, in requests of at most 1,000 batches, with a progress bar. Import and export
+/// registers go to their channels; a net value v is import max(v, 0) and export max(−v, 0), and
+/// a meter with any negative net value sends export batches for all its net days.
 pub async fn submit_days(
     ch: Channel,
     k: &MeterKeyArgs,
@@ -687,17 +697,24 @@ pub async fn submit_days(
     let anchors = Anchors::read(&k.anchors)?;
     let keys = enrollment_keys(&k.enrollment_keys, &manifest, &anchors)?;
 
-    // Meters in order of first appearance, and whether each exports anywhere in its series.
+    // Meters in order of first appearance, and which registers each has: (import, export).
     let mut meters: Vec<&str> = Vec::new();
     let mut index: HashMap<&str, usize> = HashMap::new();
-    let mut exports: Vec<bool> = Vec::new();
+    let mut registers: Vec<(bool, bool)> = Vec::new();
     for d in days {
         let i = *index.entry(d.meter_id.as_str()).or_insert_with(|| {
             meters.push(d.meter_id.as_str());
-            exports.push(false);
+            registers.push((false, false));
             meters.len() - 1
         });
-        exports[i] |= d.values.iter().any(|v| *v < 0);
+        match d.flow {
+            Flow::Import => registers[i].0 = true,
+            Flow::Export => registers[i].1 = true,
+            Flow::Net => {
+                registers[i].0 = true;
+                registers[i].1 |= d.values.iter().any(|v| *v < 0);
+            }
+        }
     }
 
     // Seeds first (written before anything leaves this machine), then enrollments.
@@ -738,19 +755,18 @@ pub async fn submit_days(
     );
 
     let mut counts = Counts::default();
-    let mut done = 0;
-    progress(0, days.len());
+    let bar = progress_bar(days.len(), "meter-days");
     let all: Vec<usize> = (0..meters.len()).collect();
     for pass in all.chunks(METERS_PER_PASS) {
         let meter_keys: HashMap<usize, Keys> = tokio::task::block_in_place(|| {
             pass.par_iter()
                 .map(|&i| {
-                    let export = exports[i].then(|| seeds[i].key(LinearChannel::Export));
+                    let (import, export) = registers[i];
                     (
                         i,
                         Keys {
-                            import: seeds[i].key(LinearChannel::Import),
-                            export,
+                            import: import.then(|| seeds[i].key(LinearChannel::Import)),
+                            export: export.then(|| seeds[i].key(LinearChannel::Export)),
                         },
                     )
                 })
@@ -793,12 +809,11 @@ pub async fn submit_days(
                 .flatten()
                 .collect();
                 counts += submit_chunk(&mut client, key_prefix, batches).await?;
-                done += chunk.len();
-                progress(done, days.len());
+                bar.inc(chunk.len() as u64);
             }
         }
     }
-    eprintln!();
+    bar.finish_and_clear();
     Ok(counts)
 }
 
@@ -832,8 +847,8 @@ pub async fn submit_registers(
     let mut client = IngestClient::new(ch);
     let mut counts = Counts::default();
     eprintln!("  registers (peak demand, daily total) with zero-knowledge proofs:");
-    progress(0, days.len());
-    for (n, chunk) in days.chunks(50).enumerate() {
+    let bar = progress_bar(days.len(), "meter-days");
+    for chunk in days.chunks(50) {
         let batches = tokio::task::block_in_place(|| {
             chunk
                 .par_iter()
@@ -870,9 +885,9 @@ pub async fn submit_registers(
                 .collect::<Result<Vec<_>, psm_core::registers::RegisterError>>()
         })?;
         counts += submit_chunk(&mut client, key_prefix, batches).await?;
-        progress((n * 50 + chunk.len()).min(days.len()), days.len());
+        bar.inc(chunk.len() as u64);
     }
-    eprintln!();
+    bar.finish_and_clear();
     Ok(counts)
 }
 
@@ -891,48 +906,84 @@ pub fn run(cmd: MeterCommand) -> anyhow::Result<()> {
                 {
                     "greenbutton"
                 }
+                "auto" if is_nem12(&text) => "nem12",
                 "auto" if is_green_button_csv(&text) => "gbcsv",
                 "auto" => "csv",
-                f @ ("greenbutton" | "gbcsv" | "csv") => f,
-                other => bail!("--format {other:?}: expected greenbutton, gbcsv, csv or auto"),
+                f @ ("greenbutton" | "gbcsv" | "csv" | "nem12") => f,
+                other => {
+                    bail!("--format {other:?}: expected greenbutton, gbcsv, csv, nem12 or auto")
+                }
             };
-            let series = match format {
-                "greenbutton" => parse_green_button(&text, &a.prefix)?,
+            let named = |e: psm_meterdata::import::ImportError| {
+                anyhow::anyhow!("{}: {e}", a.file.display())
+            };
+            let parsed = match format {
+                "greenbutton" => parse_green_button(&text, &a.prefix).map_err(named)?,
                 "gbcsv" => {
                     let meter = a
                         .meter
                         .as_deref()
                         .context("a Green Button CSV names no meter: pass --meter ID")?;
-                    vec![parse_green_button_csv(&text, meter, &a.time_zone)?]
+                    parse_green_button_csv(&text, meter, &a.time_zone).map_err(named)?
                 }
-                _ => parse_plain_csv(&text)?,
+                "nem12" => parse_nem12(&text).map_err(named)?,
+                _ => parse_plain_csv(&text).map_err(named)?,
             };
-            let (complete, partial) = to_days(&series)?;
-            for p in &partial {
-                eprintln!(
-                    "  {} {}: {} readings, an incomplete UTC day (sent as {} run{} of consecutive intervals)",
-                    p.meter_id,
-                    format_day(p.day),
-                    p.readings(),
-                    p.runs.len(),
-                    if p.runs.len() == 1 { "" } else { "s" }
+            let imported = to_days(&parsed);
+            let (complete, partial, skipped) = imported.counts();
+            let meters: std::collections::BTreeSet<&str> = imported
+                .report
+                .iter()
+                .map(|r| r.meter_id.as_str())
+                .collect();
+            if !a.json {
+                for r in imported
+                    .report
+                    .iter()
+                    .filter(|r| r.status != DayStatus::Complete || !r.notes.is_empty())
+                {
+                    eprintln!(
+                        "  {} {} {}: {:?}, {}/{} intervals{}{}",
+                        r.meter_id,
+                        r.flow.name(),
+                        r.day,
+                        r.status,
+                        r.stored,
+                        r.expected,
+                        if r.notes.is_empty() { "" } else { "; " },
+                        r.notes.join("; ")
+                    );
+                }
+            }
+            let counts = if imported.days.is_empty() {
+                Counts::default()
+            } else {
+                let ch = a.client.channel("headend/headend-1")?;
+                let tls = a.client.tls("headend/headend-1")?;
+                let key = format!("import-{}", blake3::hash(text.as_bytes()).to_hex());
+                rt.block_on(submit_days(ch, &a.keys, &tls, &imported.days, &key[..40]))?
+            };
+            if a.json {
+                let out = serde_json::json!({
+                    "file": a.file.display().to_string(),
+                    "format": format,
+                    "meters": meters.len(),
+                    "meter_days": {"complete": complete, "partial": partial, "skipped": skipped},
+                    "readings_stored": imported.readings(),
+                    "batches": {"stored": counts.stored, "already_there": counts.duplicates, "kept": counts.kept},
+                    "days": imported.report,
+                });
+                println!("{}", serde_json::to_string_pretty(&out)?);
+            } else {
+                println!(
+                    "{} meters: {complete} complete, {partial} partial and {skipped} skipped meter-days, {} readings: {counts}",
+                    meters.len(),
+                    imported.readings()
                 );
             }
-            let complete_days = complete.len();
-            let mut days = complete;
-            days.extend(partial.iter().flat_map(|p| p.runs.iter().cloned()));
-            if days.is_empty() {
-                bail!("{} holds no readings", a.file.display());
+            if imported.days.is_empty() {
+                bail!("{} holds no reading that can be stored", a.file.display());
             }
-            let ch = a.client.channel("headend/headend-1")?;
-            let tls = a.client.tls("headend/headend-1")?;
-            let key = format!("import-{}", blake3::hash(text.as_bytes()).to_hex());
-            let counts = rt.block_on(submit_days(ch, &a.keys, &tls, &days, &key[..40]))?;
-            println!(
-                "{} meters, {complete_days} complete and {} incomplete meter-days: {counts}",
-                series.len(),
-                partial.len()
-            );
         }
         MeterCommand::Simulate(a) => {
             let ch = a.client.channel("headend/headend-1")?;

@@ -49,7 +49,7 @@ const BILL_DAYS: i64 = 30;
 /// The previous track's stored meter-day: one compact list of 96 readings, 4,192 u128 words
 /// (BENCHMARKS.md, "Linear-track summation (issue 4)").
 const PREVIOUS_METER_DAY_BYTES: usize = 4_192 * 16;
-const POLICY: &str = "min_cohort = 5\nallow_any_program = true\nrate_limit_per_minute = 100000\n";
+const POLICY: &str = "min_cohort = 5\nallow_any_program = true\nrate_limit_per_minute = 100000\nbilling_cycle = \"any\"\n";
 /// Sequential warm meter-month bills (after the first, cold one).
 const WARM_BILLS: usize = 5;
 

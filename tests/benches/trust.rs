@@ -28,7 +28,7 @@ use psm_proto::v1::{
 use rayon::prelude::*;
 
 const FIRST_DAY: i64 = 20_454;
-const POLICY: &str = "min_cohort = 5\nallow_any_program = true\nrate_limit_per_minute = 1000000\n";
+const POLICY: &str = "min_cohort = 5\nallow_any_program = true\nrate_limit_per_minute = 1000000\nbilling_cycle = \"any\"\n";
 
 fn ms(d: Duration) -> String {
     format!("{:.1} ms", d.as_secs_f64() * 1e3)
@@ -247,6 +247,7 @@ async fn main() {
         max_reissues: 1,
         min_bill_days: 1,
         min_band_hours_per_week: 4,
+        billing_cycle: keyshare_svc::policy::BillingCycle::Any,
     };
     let mut local = Vec::new();
     for d in std::iter::once(FIRST_DAY + 199).chain(days(FIRST_DAY + 200)) {

@@ -282,7 +282,8 @@ impl Drop for Proc {
 /// cohort minimum, any tariff allowed, bills of a day or more (tests bill short periods; the
 /// default minimum is 28 days), tfhe-track requests not re-executed (each keyshare would load
 /// the server key and repeat every tfhe evaluation: tests that want it say so).
-pub const TEST_POLICY: &str = "allow_any_program = true\nmin_bill_days = 1\n";
+pub const TEST_POLICY: &str =
+    "allow_any_program = true\nmin_bill_days = 1\nbilling_cycle = \"any\"\n";
 
 /// The registry the test keyshares use unless a test says otherwise: any meter id counts as
 /// registered and meter-encrypted (development mode; tests of the registry pass their own).

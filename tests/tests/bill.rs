@@ -457,3 +457,206 @@ async fn bills_equal_plaintext_references() {
     used.sort();
     assert_eq!(used, ["keyshare-1", "keyshare-2"]);
 }
+
+/// The example rate sheet (seasons, holidays, fixed and minimum monthly charges), as a file.
+const SEASONAL_FILE: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../deploy/tariffs/us-seasonal-tou.toml"
+);
+
+/// The band of `unix` under a seasonal tariff with holidays, from the tariff's wire form alone:
+/// the local month, the local date (a holiday?) or weekday, and the local hour.
+fn seasonal_band_of(t: &Tariff, unix: i64) -> usize {
+    let tz: chrono_tz::Tz = t.time_zone.parse().unwrap();
+    let local = tz.timestamp_opt(unix, 0).unwrap();
+    let date = local.format("%Y-%m-%d").to_string();
+    let day_bit = if t.holidays.contains(&date) {
+        1 << 7
+    } else {
+        1 << local.weekday().num_days_from_monday()
+    };
+    let month_bit = 1 << local.month0();
+    let hits: Vec<usize> = (0..t.bands.len())
+        .filter(|i| {
+            let b = &t.bands[*i];
+            (b.month_mask == 0 || b.month_mask & month_bit != 0)
+                && b.weekday_mask & day_bit != 0
+                && (b.start_hour..b.end_hour).contains(&local.hour())
+        })
+        .collect();
+    assert_eq!(hits.len(), 1, "{date} {}: one band", local.hour());
+    hits[0]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_billing_cycles_with_seasons_holidays_and_both_channels() {
+    let pki = TestPki::new("psm.test");
+    let keys = psm_e2e::keys::key_set(3, 2);
+    // The keyshares allow the tariff by its file and bill on the registry's cycles (the
+    // default): this meter's start on the 15th.
+    let policy = format!("min_bill_days = 1\nallowed_tariffs = [{SEASONAL_FILE:?}]\n");
+    let registry = psm_e2e::registry_entry("cycle-1", "meter") + "billing_day = 15\n";
+    let sys = System::start_with_registry(&pki, &keys, "", &policy, &registry).await;
+    let ekeys = enrollment_keys(&pki, &sys.keyshares).await;
+    let meter = TestMeter::new("cycle-1", EPOCH);
+    enroll(&pki, &sys.ingest, &[&meter], &ekeys).await.unwrap();
+
+    let file = psm_tariff::file::load(std::path::Path::new(SEASONAL_FILE)).unwrap();
+    let t = file.wire.clone();
+    let tz: chrono_tz::Tz = t.time_zone.parse().unwrap();
+    let midnight = |y, m, d| tz.with_ymd_and_hms(y, m, d, 0, 0, 0).unwrap().timestamp();
+    // Three cycles: over the spring change (14 March), over Memorial Day (31 May, a holiday)
+    // and the change of season on 1 June, and over the autumn change (7 November).
+    let cycles = [
+        ("spring", midnight(2027, 2, 15), midnight(2027, 3, 15)),
+        ("season", midnight(2027, 5, 15), midnight(2027, 6, 15)),
+        ("autumn", midnight(2027, 10, 15), midnight(2027, 11, 15)),
+    ];
+    let mut rng = StdRng::seed_from_u64(5);
+    let mut clear = Readings::default();
+    for (_, start, end) in cycles {
+        // The UTC days the local cycle touches, whole: the edges of each are outside it.
+        let days = start.div_euclid(86_400)..(end + 86_399).div_euclid(86_400);
+        clear.days(
+            &meter,
+            Channel::Import,
+            3600,
+            days.clone(),
+            &[],
+            &mut |_| rng.gen_range(0..2_500),
+        );
+        clear.days(&meter, Channel::Export, 900, days, &[], &mut |s| {
+            let hour = s.rem_euclid(86_400) / 3600;
+            if (14..21).contains(&hour) {
+                rng.gen_range(0..600)
+            } else {
+                0
+            }
+        });
+    }
+    let batches = std::mem::take(&mut clear.batches);
+    let n = batches.len() as u32;
+    assert_eq!(submit(&pki, &sys.ingest, batches).await.unwrap().stored, n);
+    let op =
+        ComputeClient::new(pki.channel(sys.compute.port, "compute", Role::Operator, "billing"));
+    let bill = |key: &str, period: (i64, i64), t: &Tariff| {
+        let (c, r) = (op.clone(), request(key, "cycle-1", period, t));
+        async move {
+            settled(|| {
+                let (mut c, r) = (c.clone(), r.clone());
+                async move { c.bill(r).await }
+            })
+            .await
+        }
+    };
+
+    // Periods other than a registered cycle are refused by the keyshares before anything is
+    // released: the UTC month, the cycle moved by one slot, half a cycle, two cycles, and the
+    // calendar month (a cycle of another billing day).
+    let (_, s0, e0) = cycles[0];
+    let utc = (
+        psm_core::readings::parse_day("2027-02-15").unwrap() * 86_400,
+        psm_core::readings::parse_day("2027-03-15").unwrap() * 86_400,
+    );
+    for (what, period) in [
+        ("utc month", utc),
+        ("one slot later", (s0 + 300, e0 + 300)),
+        ("half a cycle", (s0, midnight(2027, 3, 1))),
+        (
+            "calendar month",
+            (midnight(2027, 3, 1), midnight(2027, 4, 1)),
+        ),
+    ] {
+        let e = bill(&format!("off-{what}"), period, &t).await.unwrap_err();
+        assert_eq!(e.code(), Code::FailedPrecondition, "{what}: {e:?}");
+        assert!(
+            e.message().contains("billing-cycle") && e.message().contains("billed on day 15"),
+            "{what}: {}",
+            e.message()
+        );
+    }
+    let e = bill("off-utc-again", utc, &t).await.unwrap_err();
+    assert!(
+        e.message()
+            .contains("nearest cycle is 2027-02-15 00:00 EST .. 2027-03-15 00:00 EDT"),
+        "{}",
+        e.message()
+    );
+    // A tariff the keyshares were not given (one price changed) is not allowed.
+    let mut other = t.clone();
+    other.bands[0].import_price_milli += 1;
+    let e = bill("other-tariff", (s0, e0), &other).await.unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+
+    // Each registered cycle bills, both channels, equal to the plaintext computation from the
+    // readings: bands by local month, holiday and hour; the fixed monthly charge; VAT.
+    for (what, start, end) in cycles {
+        let resp = bill(&format!("cycle-{what}"), (start, end), &t)
+            .await
+            .unwrap_or_else(|e| panic!("{what}: {e:?}"));
+        let mut import = vec![0i64; t.bands.len()];
+        let mut export = vec![0i64; t.bands.len()];
+        for (ch, s, _, v) in &clear.intervals {
+            if (start..end).contains(s) {
+                let b = seasonal_band_of(&t, *s);
+                match ch {
+                    Channel::Import => import[b] += v,
+                    Channel::Export => export[b] += v,
+                }
+            }
+        }
+        let want = psm_tariff::price(&file.tariff, &import, &export, (start, end), Vec::new());
+        check(&resp, &want, what);
+        assert!(
+            resp.lines
+                .iter()
+                .any(|l| l.description == "fixed charge, 1 month" && l.amount == 1_250),
+            "{what}: {:?}",
+            resp.lines
+        );
+        assert!(
+            resp.lines.iter().any(|l| l.energy_wh < 0),
+            "{what}: export credited"
+        );
+    }
+    // The May-June cycle has summer and winter bands and the Memorial Day holiday in it.
+    let (_, s1, e1) = cycles[1];
+    let holiday_band = t
+        .bands
+        .iter()
+        .position(|b| b.name == "winter weekend and holiday")
+        .unwrap();
+    assert!(clear
+        .intervals
+        .iter()
+        .any(|(_, s, _, _)| (s1..e1).contains(s)
+            && seasonal_band_of(&t, *s) == holiday_band
+            && tz
+                .timestamp_opt(*s, 0)
+                .unwrap()
+                .format("%Y-%m-%d")
+                .to_string()
+                == "2027-05-31"));
+
+    // The next cycle overlapping a billed one, or a re-issue without a reason, is refused.
+    let overlapping = (midnight(2027, 3, 1), midnight(2027, 4, 1));
+    assert!(bill("overlap", overlapping, &t).await.is_err());
+    let mut again = request("cycle-spring-again", "cycle-1", (s0, e0), &t);
+    again.tariff.as_mut().unwrap().name = "renamed".into();
+    let e = op.clone().bill(again).await.unwrap_err();
+    assert_eq!(
+        e.code(),
+        Code::PermissionDenied,
+        "a renamed tariff is another tariff"
+    );
+
+    // Every keyshare audited the refusals under the rule.
+    for k in &sys.keyshares {
+        let log = psm_e2e::audit_log(&pki, k).await;
+        let cycle_refusals = log
+            .iter()
+            .filter(|r| r.decision == "refuse" && r.rule == "billing-cycle")
+            .count();
+        assert!(cycle_refusals >= 1, "{}: {cycle_refusals}", k.name);
+    }
+}

@@ -92,27 +92,29 @@ async fn green_button_import_then_bill() {
     let keys = psm_e2e::keys::key_set(3, 2);
     let sys = System::start(&pki, &keys, "").await;
     let file = format!("{SAMPLES}/15minLP_15Days.xml");
-    let series =
+    let parsed =
         psm_meterdata::import::parse_green_button(&std::fs::read_to_string(&file).unwrap(), "gb")
             .unwrap();
-    let (days, partial) = psm_meterdata::import::to_days(&series).unwrap();
-    assert_eq!(days.len(), 13);
-    assert!(!partial.is_empty(), "the sample starts and ends mid-day");
-    let runs: Vec<&psm_meterdata::import::MeterDay> = days
+    let imported = psm_meterdata::import::to_days(&parsed);
+    let (complete, partial, skipped) = imported.counts();
+    assert_eq!((complete, skipped), (13, 0));
+    assert!(partial > 0, "the sample starts and ends mid-day");
+    let runs = &imported.days;
+    let days: Vec<&psm_meterdata::import::MeterDay> =
+        runs.iter().filter(|d| d.is_complete()).collect();
+    // The sample's register is delivered energy (flowDirection 1): one import batch per day or
+    // run.
+    assert!(runs
         .iter()
-        .chain(partial.iter().flat_map(|p| &p.runs))
-        .collect();
-    // One import batch per day or run, and an export batch too when the meter exports at all.
-    let exports = runs.iter().any(|r| r.values.iter().any(|v| *v < 0));
-    let batches = runs.len() * if exports { 2 } else { 1 };
+        .all(|r| r.flow == psm_meterdata::import::Flow::Import));
+    let batches = runs.len();
 
     let out = tokio::task::block_in_place(|| import(&pki, &sys, &sys.keyshares, &[&file]));
     let (stdout, stderr) = text(&out);
     assert!(out.status.success(), "{stdout}{stderr}");
     assert!(
         stdout.contains(&format!(
-            "1 meters, 13 complete and {} incomplete meter-days: {batches} batches stored, 0 were already there",
-            partial.len()
+            "1 meters: 13 complete, {partial} partial and 0 skipped meter-days, 1340 readings: {batches} batches stored, 0 were already there"
         )),
         "{stdout}"
     );
@@ -120,7 +122,7 @@ async fn green_button_import_then_bill() {
         stderr.contains("1 meters enrolled for epoch 1 (1 new, 0 already enrolled)"),
         "{stderr}"
     );
-    assert!(stderr.contains("an incomplete UTC day"), "{stderr}");
+    assert!(stderr.contains("Partial, "), "{stderr}");
     // The meter's seeds were kept, readable by their owner only.
     let seeds = pki.dir.path().join("meter-keys/gb-9b6c7063-01.e1.seeds");
     {
@@ -228,7 +230,7 @@ async fn green_button_import_then_bill() {
     assert!(out.status.success(), "{stdout}{stderr}");
     assert!(
         stdout.contains(
-            "1 meters, 1 complete and 0 incomplete meter-days: 1 batches stored, 0 were already there"
+            "1 meters: 1 complete, 0 partial and 0 skipped meter-days, 24 readings: 1 batches stored, 0 were already there"
         ),
         "{stdout}"
     );
@@ -249,7 +251,7 @@ async fn green_button_import_then_bill() {
         reissue_reason: String::new(),
         epoch: 1,
     };
-    let day = &days[1];
+    let day = days[1];
     let b = op
         .bill(bill(
             "gb-1",
@@ -264,14 +266,14 @@ async fn green_button_import_then_bill() {
 
     // The incomplete first day was submitted too: from its first reading through the next
     // (complete) day, the bill is the sum of both days' values.
-    let run = &partial[0].runs[0];
-    assert_eq!(partial[0].runs.len(), 1);
+    let run = &runs[0];
+    assert!(!run.is_complete());
     assert_eq!(
         run.first_interval as usize + run.values.len(),
         run.intervals_per_day(),
         "the sample's first day runs to midnight"
     );
-    let next = &days[0];
+    let next = days[0];
     assert_eq!(next.day, run.day + 1);
     let start = run.day * 86_400 + i64::from(run.first_interval) * i64::from(run.interval_seconds);
     let b = op
