@@ -489,15 +489,20 @@ impl KeyshareService {
                         format!("the bill's program is not a valid tariff: {e}"),
                     )
                 })?;
+            let period = (
+                checked.first_day * psm_core::readings::DAY_SECONDS,
+                checked.end_day * psm_core::readings::DAY_SECONDS,
+            );
+            // As the linear track does in release_from_proto: a tariff bills only while in force.
+            tariff
+                .check_in_force(period.0, period.1)
+                .map_err(|e| refuse(Rule::Manifest, Code::InvalidArgument, e))?;
             check_billing_cycle(
                 self.policy.billing_cycle,
                 registry,
                 checked.meters.first().map_or("", String::as_str),
                 &tariff,
-                (
-                    checked.first_day * psm_core::readings::DAY_SECONDS,
-                    checked.end_day * psm_core::readings::DAY_SECONDS,
-                ),
+                period,
             )?;
         }
         if checked.kind == ComputationKind::Analytics && private < self.policy.min_cohort {

@@ -158,6 +158,9 @@ pub struct Limits {
     pub min_bill_days: u32,
     /// Narrowest tariff band a bill may release, hours per week on average over the period.
     pub min_band_hours_per_week: u32,
+    /// Fewest distinct local days a released bill band may cover (seasons and holidays could
+    /// otherwise narrow a wide band onto one day).
+    pub min_band_days: u32,
     pub billing_cycle: crate::policy::BillingCycle,
 }
 
@@ -734,14 +737,19 @@ impl LinearState {
     ) -> Result<Admitted, Refusal> {
         let min_cohort = limits.min_cohort;
         let spec = &release.spec;
-        if spec.kind == ComputationKind::Bill {
-            let min_slots = u64::from(limits.min_bill_days) * SLOTS_PER_DAY as u64;
-            if spec.end_slot - spec.start_slot < min_slots {
+        if let Program::Bill(tariff) = &spec.program {
+            // Local days, so that a month with a daylight-saving change (23 hours short) counts
+            // as the days it has.
+            let (start, end) = (
+                spec.start_slot as i64 * SLOT_SECONDS,
+                spec.end_slot as i64 * SLOT_SECONDS,
+            );
+            if tariff.started_days(start, end) < i64::from(limits.min_bill_days) {
                 return Err(refuse(
                     Rule::BillPeriod,
                     Code::FailedPrecondition,
                     format!(
-                        "a bill covers at least {} day(s); this one covers {} .. {}",
+                        "a bill covers at least {} local day(s); this one covers {} .. {}",
                         limits.min_bill_days,
                         slot_time(spec.start_slot),
                         slot_time(spec.end_slot)
@@ -809,7 +817,7 @@ impl LinearState {
                     format!("output {index} has no slot in the range"),
                 ));
             }
-            if spec.kind == ComputationKind::Bill {
+            if let Program::Bill(tariff) = &spec.program {
                 // A band narrower than the minimum would isolate a few readings per bill.
                 let slots: u64 = r.iter().map(|x| x.end - x.start).sum();
                 let period = spec.end_slot - spec.start_slot;
@@ -822,6 +830,23 @@ impl LinearState {
                         format!(
                             "band {index} covers {slots} five-minute slots of the period; this keyshare releases bands of at least {} hours per week ({need} slots here)",
                             limits.min_band_hours_per_week
+                        ),
+                    ));
+                }
+                // Wide enough in hours but on a few days (a season's sliver at the edge of a
+                // cycle, a holidays-only band): it would release those days' totals.
+                let days = tariff.local_days(
+                    r.iter()
+                        .map(|x| (x.start as i64 * SLOT_SECONDS, x.end as i64 * SLOT_SECONDS)),
+                );
+                if days < limits.min_band_days as usize {
+                    return Err(refuse(
+                        Rule::BandWidth,
+                        Code::FailedPrecondition,
+                        format!(
+                            "band {index} ({:?}) covers slots on {days} local day(s) of the period; this keyshare releases bands spread over at least {} days (min_band_days)",
+                            tariff.bands.get(*index).map_or("?", |b| b.name.as_str()),
+                            limits.min_band_days
                         ),
                     ));
                 }
@@ -1297,6 +1322,7 @@ mod tests {
             max_reissues: 1,
             min_bill_days: 1,
             min_band_hours_per_week: 4,
+            min_band_days: 4,
             billing_cycle: crate::policy::BillingCycle::Any,
         }
     }
@@ -1800,5 +1826,210 @@ mod tests {
         // Not allowed tariffs are refused before anything else.
         let denied = f.state.admit(bill("t4", 28, ""), limits(5), |_| false);
         assert_eq!(denied.err().map(|r| r.rule), Some("allowed-program"));
+    }
+
+    /// Bills on the example rate sheet against the rules that seasons, holidays and local
+    /// cycles bring: the sliver of a season at a cycle's edge is not released, cycles are the
+    /// registry's, and a cycle 23 hours short (daylight saving) still counts its local days.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn seasonal_bills_are_released_only_on_registered_cycles_and_wide_bands() {
+        let f = fixture(&(entry("m1", "meter") + "billing_day = 27\n"));
+        let file =
+            psm_tariff::file::check(include_str!("../../deploy/tariffs/us-seasonal-tou.toml"))
+                .unwrap();
+        let ny = file.tariff.tz;
+        let at = |y, m, d| {
+            psm_tariff::day_start(ny, chrono::NaiveDate::from_ymd_opt(y, m, d).unwrap()).unwrap()
+        };
+        let release_of = |program: Vec<u8>, (start, end): (i64, i64), outputs: &[u32]| {
+            release_from_proto(&LinearRelease {
+                kind: ComputationKind::Bill as i32,
+                epoch: 1,
+                channel: psm_proto::v1::Channel::Import as i32,
+                program,
+                range: Some(TimeRange {
+                    start_unix: start,
+                    end_unix: end,
+                }),
+                cohorts: vec![Cohort {
+                    meter_ids: vec!["m1".into()],
+                }],
+                outputs: outputs
+                    .iter()
+                    .map(|i| ReleaseOutput {
+                        index: *i,
+                        cohort: 0,
+                    })
+                    .collect(),
+                reissue_reason: String::new(),
+            })
+            .unwrap()
+        };
+        let release =
+            |period, outputs: &[u32]| release_of(file.wire.encode_to_vec(), period, outputs);
+        let registered = Limits {
+            min_bill_days: 28,
+            billing_cycle: crate::policy::BillingCycle::Registered,
+            ..limits(5)
+        };
+        let rule = |r: Result<Admitted, Refusal>| r.err().map(|r| r.rule);
+        // 2026-09-27 .. 2026-10-27 is billed in September's season (summer) throughout, so no
+        // band is a sliver of a season at the cycle's edge: the summer bands are released, the
+        // winter ones have no slot in it.
+        let cycle = (at(2026, 9, 27), at(2026, 10, 27));
+        let summer = f
+            .state
+            .admit(release(cycle, &[0, 1, 2, 3]), registered, |_| true);
+        assert!(summer.is_ok(), "{:?}", summer.err());
+        let winter = f.state.admit(release(cycle, &[7]), registered, |_| true);
+        assert_eq!(rule(winter), Some("release"));
+        // A band on holidays alone is wide in hours (24 per holiday) but on one day of the
+        // November cycle (Thanksgiving, 26 November): it would release that day's total.
+        let holidays_alone = file
+            .wire
+            .bands
+            .iter()
+            .cloned()
+            .flat_map(|b| {
+                if b.weekday_mask & psm_tariff::HOLIDAY_BIT == 0 {
+                    return vec![b];
+                }
+                let mut weekend = b.clone();
+                weekend.weekday_mask &= !psm_tariff::HOLIDAY_BIT;
+                let mut holidays = b;
+                holidays.name.push_str(" (holidays)");
+                holidays.weekday_mask = psm_tariff::HOLIDAY_BIT;
+                vec![weekend, holidays]
+            })
+            .collect::<Vec<_>>();
+        let narrow = psm_proto::v1::Tariff {
+            bands: holidays_alone,
+            ..file.wire.clone()
+        };
+        let holiday_band = narrow
+            .bands
+            .iter()
+            .position(|b| b.name == "winter weekend and holiday (holidays)")
+            .unwrap() as u32;
+        let thanksgiving_cycle = (at(2026, 10, 27), at(2026, 11, 27));
+        let one_day = f.state.admit(
+            release_of(narrow.encode_to_vec(), thanksgiving_cycle, &[holiday_band]),
+            registered,
+            |_| true,
+        );
+        assert_eq!(rule(one_day), Some("band-width"));
+        // A period that is not this meter's cycle (billing day 27), by an hour or by a day.
+        let shifted = f.state.admit(
+            release((cycle.0 + 3600, cycle.1 + 3600), &[7]),
+            registered,
+            |_| true,
+        );
+        assert_eq!(rule(shifted), Some("billing-cycle"));
+        let other_day = f.state.admit(
+            release((at(2026, 9, 28), at(2026, 10, 28)), &[7]),
+            registered,
+            |_| true,
+        );
+        assert_eq!(rule(other_day), Some("billing-cycle"));
+        // 2026-02-27 .. 2026-03-27 is 27 days and 23 hours (clocks go forward on 8 March) but
+        // 28 local days: not too short.
+        let spring = (at(2026, 2, 27), at(2026, 3, 27));
+        assert_eq!((spring.1 - spring.0) % 86_400, 86_400 - 3600);
+        let ok = f
+            .state
+            .admit(release(spring, &[4, 5, 6, 7]), registered, |_| true);
+        assert!(ok.is_ok(), "{:?}", ok.err());
+        // A meter not on the registry has no cycle.
+        let stranger = release_from_proto(&LinearRelease {
+            cohorts: vec![Cohort {
+                meter_ids: vec!["m9".into()],
+            }],
+            ..psm_proto::v1::LinearRelease {
+                kind: ComputationKind::Bill as i32,
+                epoch: 1,
+                channel: psm_proto::v1::Channel::Import as i32,
+                program: file.wire.encode_to_vec(),
+                range: Some(TimeRange {
+                    start_unix: spring.0,
+                    end_unix: spring.1,
+                }),
+                cohorts: vec![],
+                outputs: vec![ReleaseOutput {
+                    index: 4,
+                    cohort: 0,
+                }],
+                reissue_reason: String::new(),
+            }
+        })
+        .unwrap();
+        assert_eq!(
+            rule(f.state.admit(stranger, registered, |_| true)),
+            Some("registry")
+        );
+    }
+
+    /// A registry that fixes a meter's time zone fixes its cycles: a tariff in another zone
+    /// cannot move them.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_registry_zone_fixes_the_cycle_whatever_the_tariff_zone() {
+        let f = fixture(
+            &(entry("m1", "meter") + "billing_day = 1\ntime_zone = \"America/New_York\"\n"),
+        );
+        let utc_tariff = psm_proto::v1::Tariff {
+            name: "flat utc".into(),
+            time_zone: "UTC".into(),
+            bands: vec![psm_proto::v1::TariffBand {
+                name: "all".into(),
+                weekday_mask: 0x7f,
+                start_hour: 0,
+                end_hour: 24,
+                import_price_milli: 10_000,
+                export_price_milli: 0,
+                month_mask: 0,
+            }],
+            currency: "USD".into(),
+            ..Default::default()
+        };
+        let release = |(start, end): (i64, i64)| {
+            release_from_proto(&LinearRelease {
+                kind: ComputationKind::Bill as i32,
+                epoch: 1,
+                channel: psm_proto::v1::Channel::Import as i32,
+                program: utc_tariff.encode_to_vec(),
+                range: Some(TimeRange {
+                    start_unix: start,
+                    end_unix: end,
+                }),
+                cohorts: vec![Cohort {
+                    meter_ids: vec!["m1".into()],
+                }],
+                outputs: vec![ReleaseOutput {
+                    index: 0,
+                    cohort: 0,
+                }],
+                reissue_reason: String::new(),
+            })
+            .unwrap()
+        };
+        let registered = Limits {
+            billing_cycle: crate::policy::BillingCycle::Registered,
+            ..limits(5)
+        };
+        // January 2026 in UTC is the tariff's cycle, not the meter's: refused.
+        let utc = (1_767_225_600, 1_767_225_600 + 31 * 86_400);
+        let e = f
+            .state
+            .admit(release(utc), registered, |_| true)
+            .err()
+            .unwrap();
+        assert_eq!(e.rule, "billing-cycle");
+        assert!(
+            e.status.message().contains("America/New_York"),
+            "{}",
+            e.status.message()
+        );
+        // New York's January is, under the UTC tariff too.
+        let ny = (utc.0 + 5 * 3600, utc.1 + 5 * 3600);
+        assert!(f.state.admit(release(ny), registered, |_| true).is_ok());
     }
 }

@@ -64,6 +64,9 @@ pub struct PolicyConfig {
     pub min_bill_days: u32,
     /// Narrowest tariff band a bill may release, in hours per week averaged over the period.
     pub min_band_hours_per_week: u32,
+    /// Fewest distinct local days each released bill band must cover: seasons and holiday
+    /// lists could otherwise narrow a band onto a single day and release that day's total.
+    pub min_band_days: u32,
     /// Tariff files (TOML, docs/tariffs.md) this keyshare allows, in addition to
     /// `allowed_programs`: each is allowed by the hash `psm tariff check` prints for it.
     pub allowed_tariffs: Vec<PathBuf>,
@@ -91,6 +94,7 @@ impl Default for PolicyConfig {
             max_reissues: 1,
             min_bill_days: 28,
             min_band_hours_per_week: 4,
+            min_band_days: 4,
             allowed_tariffs: Vec::new(),
             billing_cycle: BillingCycle::Registered,
         }
@@ -108,6 +112,9 @@ impl PolicyConfig {
         }
         if self.min_bill_days == 0 || self.min_bill_days > 62 {
             return Err("[keyshare.policy] min_bill_days is 1..=62".into());
+        }
+        if self.min_band_days == 0 || self.min_band_days > 31 {
+            return Err("[keyshare.policy] min_band_days is 1..=31".into());
         }
         let mut allowed = self
             .allowed_programs
@@ -136,14 +143,16 @@ impl PolicyConfig {
             max_reissues: self.max_reissues,
             min_bill_days: self.min_bill_days,
             min_band_hours_per_week: self.min_band_hours_per_week,
+            min_band_days: self.min_band_days,
             billing_cycle: self.billing_cycle,
         }
     }
 }
 
 /// The billing-cycle rule, for bills on both tracks: with `billing_cycle = "registered"`, the
-/// period must be exactly one cycle of the meter's registered billing day in the tariff's time
-/// zone.
+/// period must be exactly one cycle of the meter's registered billing day, in the registry's
+/// time zone for the meter when it names one (so the caller's choice of tariff cannot move the
+/// cycle), else in the tariff's.
 pub fn check_billing_cycle(
     cycle: BillingCycle,
     registry: &psm_core::registry::Registry,
@@ -154,11 +163,10 @@ pub fn check_billing_cycle(
     if cycle == BillingCycle::Any {
         return Ok(());
     }
-    let day = registry
-        .billing_day(meter)
+    let (day, zone) = registry
+        .billing_cycle(meter)
         .ok_or_else(|| crate::linear::not_registered(meter))?;
-    tariff
-        .check_cycle(day, start_unix, end_unix)
+    psm_tariff::check_cycle(zone.unwrap_or(tariff.tz), day, start_unix, end_unix)
         .map_err(|e| precondition(Rule::BillingCycle, format!("meter {meter}: {}", e.0)))
 }
 

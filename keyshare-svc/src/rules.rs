@@ -173,7 +173,7 @@ impl Rule {
             Rule::BillPeriod => "a bill shorter than `min_bill_days`",
             Rule::BillingCycle => "a bill whose period is not one billing cycle of the meter's registered `billing_day`, in the tariff's time zone",
             Rule::AnalyticsShape => "a histogram not over every day of its range for every member",
-            Rule::BandWidth => "a bill band narrower than `min_band_hours_per_week`",
+            Rule::BandWidth => "a bill band narrower than `min_band_hours_per_week`, or on fewer than `min_band_days` local days",
             Rule::NoiseBound => "an output whose noise, flooding or sum could break decoding",
             Rule::OutputHash => "ciphertexts that are not the manifest's output",
             Rule::OneBillPerPeriod => "a second bill for a billed period, or a re-issue that is not allowed",

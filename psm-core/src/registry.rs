@@ -44,6 +44,11 @@ pub struct Entry {
     /// Day of the month (1..=28) on which the meter's billing periods start.
     #[serde(default = "default_billing_day")]
     pub billing_day: u8,
+    /// IANA time zone the meter's billing cycles are counted in (local midnight of the billing
+    /// day). Unset: the zone of the tariff each bill is under, which the caller picks among the
+    /// allowed tariffs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub time_zone: Option<String>,
 }
 
 fn default_billing_day() -> u8 {
@@ -61,6 +66,14 @@ impl Entry {
     pub fn check(&self) -> Result<(), RegistryError> {
         validate_meter_id(&self.id).map_err(|e| RegistryError(e.to_string()))?;
         self.device_public()?;
+        if let Some(tz) = &self.time_zone {
+            if tz.parse::<chrono_tz::Tz>().is_err() {
+                return Err(RegistryError(format!(
+                    "meter {}: time_zone {tz:?} is not an IANA time zone",
+                    self.id
+                )));
+            }
+        }
         if !(1..=28).contains(&self.billing_day) {
             return Err(RegistryError(format!(
                 "meter {}: billing_day {} is outside 1..=28 (a day every month has)",
@@ -73,11 +86,14 @@ impl Entry {
     /// One line for audit records and listings.
     pub fn describe(&self) -> String {
         format!(
-            "{} (encryption {}, device key {}…, billing day {})",
+            "{} (encryption {}, device key {}…, billing day {}{})",
             self.id,
             self.encryption.name(),
             &self.device_key.get(..16).unwrap_or(&self.device_key),
-            self.billing_day
+            self.billing_day,
+            self.time_zone
+                .as_deref()
+                .map_or(String::new(), |z| format!(" in {z}"))
         )
     }
 }
@@ -209,12 +225,16 @@ impl Registry {
         }
     }
 
-    /// The day of the month `meter`'s billing cycles start on: its entry's, or the 1st for an
-    /// unlisted meter under `development_allow_all`; `None` when it is not registered.
-    pub fn billing_day(&self, meter: &str) -> Option<u8> {
+    /// The day of the month `meter`'s billing cycles start on and the zone they are counted in
+    /// (if the registry fixes one): its entry's, or the 1st for an unlisted meter under
+    /// `development_allow_all`; `None` when it is not registered.
+    pub fn billing_cycle(&self, meter: &str) -> Option<(u8, Option<chrono_tz::Tz>)> {
         match self.meters.get(meter) {
-            Some((e, _)) => Some(e.billing_day),
-            None if self.allow_all => Some(default_billing_day()),
+            Some((e, _)) => Some((
+                e.billing_day,
+                e.time_zone.as_deref().and_then(|z| z.parse().ok()),
+            )),
+            None if self.allow_all => Some((default_billing_day(), None)),
             None => None,
         }
     }

@@ -34,6 +34,8 @@ struct File {
     #[serde(default)]
     demand_rate_per_kw: f64,
     #[serde(default)]
+    net_per_band: bool,
+    #[serde(default)]
     holidays: Vec<String>,
     #[serde(default)]
     seasons: BTreeMap<String, Vec<Month>>,
@@ -226,6 +228,7 @@ pub fn parse(text: &str) -> Result<Wire, TariffError> {
         effective_to: f.effective_to.unwrap_or_default(),
         fixed_charge_per_month: f.fixed_charge_per_month,
         minimum_charge_per_month: f.minimum_charge_per_month,
+        net_per_band: f.net_per_band,
     })
 }
 
@@ -264,7 +267,12 @@ pub fn load(path: &Path) -> Result<Checked, TariffError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::day_start;
     use chrono::TimeZone;
+
+    fn local_date(tz: chrono_tz::Tz, u: i64) -> chrono::NaiveDate {
+        tz.timestamp_opt(u, 0).unwrap().date_naive()
+    }
 
     const EXAMPLE: &str = include_str!("../../deploy/tariffs/us-seasonal-tou.toml");
 
@@ -277,7 +285,11 @@ mod tests {
         let c = check(EXAMPLE).unwrap();
         let t = &c.tariff;
         let ny = t.tz;
-        let name = |u: i64| t.bands[t.band_at(u)].name.as_str();
+        // Bills in the season of their first day: a July bill, a January bill.
+        let name = |u: i64| {
+            let first = day_start(ny, local_date(ny, u)).unwrap();
+            t.bands[t.band_at(first, u)].name.as_str()
+        };
         // Wednesday 2026-07-01 15:00 local: summer weekday peak; Friday 2026-07-03 (a holiday)
         // at the same hour: the holiday band.
         assert_eq!(name(at(ny, 2026, 7, 1, 15)), "summer on-peak");
@@ -288,6 +300,17 @@ mod tests {
         // 23:00 local on 2026-05-31 is 03:00 UTC on June 1: the local month decides (May is
         // winter), and the local Sunday.
         assert_eq!(name(at(ny, 2026, 5, 31, 23)), "winter weekend and holiday");
+        // A bill from 15 May keeps May's season through June: the same Monday hour is winter
+        // peak in it, summer off-peak in a bill from 1 June.
+        let june = at(ny, 2026, 6, 8, 8);
+        assert_eq!(
+            t.bands[t.band_at(at(ny, 2026, 5, 15, 0), june)].name,
+            "winter on-peak"
+        );
+        assert_eq!(
+            t.bands[t.band_at(at(ny, 2026, 6, 1, 0), june)].name,
+            "summer off-peak"
+        );
         assert_eq!(t.fixed_charge_per_month, 1250);
         assert_eq!(t.vat_basis_points, 625);
         assert_eq!(t.bands[0].import_price_milli, 31_500);

@@ -65,6 +65,8 @@ pub struct Tariff {
     pub demand_rate_per_kw_milli: i64,
     /// Tiered charge on the period's total import (tfhe track); empty = none.
     pub tiers: Vec<Tier>,
+    /// Net each band's export against its import before pricing.
+    pub net_per_band: bool,
     /// Band index of every (month, day type, hour): day type 7 is a holiday.
     grid: Box<[[[u8; 24]; 8]; 12]>,
 }
@@ -132,10 +134,67 @@ pub fn day_start(tz: Tz, date: NaiveDate) -> Option<i64> {
     })
 }
 
+fn local(tz: Tz, unix: i64) -> Option<chrono::DateTime<Tz>> {
+    tz.timestamp_opt(unix, 0).single()
+}
+
+/// The billing cycle of a meter billed on `billing_day` (1..=28) that starts in the local
+/// month of `year`-`month`: from the start of that local day to the start of the same day
+/// of the next month.
+pub fn cycle(tz: Tz, billing_day: u8, year: i32, month: u32) -> Option<(i64, i64)> {
+    let first = NaiveDate::from_ymd_opt(year, month, u32::from(billing_day))?;
+    let next = first.checked_add_months(Months::new(1))?;
+    Some((day_start(tz, first)?, day_start(tz, next)?))
+}
+
+/// Checks that [start, end) is exactly one billing cycle of a meter billed on
+/// `billing_day`, in `tz`. Fixed cycles are what keep bills from
+/// slicing a meter's readings finer than a month at the utility's choice.
+pub fn check_cycle(
+    tz: Tz,
+    billing_day: u8,
+    start_unix: i64,
+    end_unix: i64,
+) -> Result<(), TariffError> {
+    let start =
+        local(tz, start_unix).ok_or_else(|| bad("the period starts outside the calendar"))?;
+    let near = |k: i32| {
+        let d = start.date_naive().with_day(1)?;
+        let d = if k < 0 {
+            d.checked_sub_months(Months::new(1))?
+        } else {
+            d.checked_add_months(Months::new(k as u32))?
+        };
+        cycle(tz, billing_day, d.year(), d.month())
+    };
+    if near(0) == Some((start_unix, end_unix)) {
+        return Ok(());
+    }
+    let show = |c: Option<(i64, i64)>| match c {
+        Some((s, e)) => format!(
+            "{} .. {}",
+            local(tz, s).map_or(s.to_string(), |d| d.format("%Y-%m-%d %H:%M %Z").to_string()),
+            local(tz, e).map_or(e.to_string(), |d| d.format("%Y-%m-%d %H:%M %Z").to_string())
+        ),
+        None => "none".into(),
+    };
+    // Name the cycle starting nearest the period, so the caller can correct the request.
+    let near = [-1, 0, 1]
+        .into_iter()
+        .filter_map(near)
+        .min_by_key(|(s, _)| (s - start_unix).abs());
+    Err(bad(format!(
+        "the period {} is not a billing cycle of a meter billed on day {billing_day} in {}; the nearest cycle is {}",
+        show(Some((start_unix, end_unix))),
+        tz.name(),
+        show(near)
+    )))
+}
+
 impl Tariff {
     /// The local date and time of a UTC instant.
     fn local(&self, unix: i64) -> Option<chrono::DateTime<Tz>> {
-        self.tz.timestamp_opt(unix, 0).single()
+        local(self.tz, unix)
     }
 
     /// Local days (in the tariff's time zone) that [start, end) touches: what a standing
@@ -151,6 +210,26 @@ impl Tariff {
             // Unreachable for whole-second UTC instants in chrono's range.
             _ => (end_unix - start_unix + 86_399) / 86_400,
         }
+    }
+
+    /// Distinct local dates that the UTC ranges [start, end) touch: how many days a band's
+    /// slots are spread over.
+    pub fn local_days(&self, ranges: impl IntoIterator<Item = (i64, i64)>) -> usize {
+        let mut days = BTreeSet::new();
+        for (start, end) in ranges {
+            let mut at = start;
+            while at < end {
+                let Some(date) = self.local(at).map(|d| d.date_naive()) else {
+                    break;
+                };
+                days.insert(date);
+                match date.succ_opt().and_then(|n| day_start(self.tz, n)) {
+                    Some(next) if next > at => at = next,
+                    _ => break,
+                }
+            }
+        }
+        days.len()
     }
 
     /// Months of [start, end) as a fraction (numerator, denominator): whole months from the
@@ -184,60 +263,15 @@ impl Tariff {
         (i64::from(whole) * den + rest, den)
     }
 
-    /// The billing cycle of a meter billed on `billing_day` (1..=28) that starts in the local
-    /// month of `year`-`month`: from the start of that local day to the start of the same day
-    /// of the next month.
-    pub fn cycle(&self, billing_day: u8, year: i32, month: u32) -> Option<(i64, i64)> {
-        let first = NaiveDate::from_ymd_opt(year, month, u32::from(billing_day))?;
-        let next = first.checked_add_months(Months::new(1))?;
-        Some((day_start(self.tz, first)?, day_start(self.tz, next)?))
-    }
-
     /// Checks that [start, end) is exactly one billing cycle of a meter billed on
-    /// `billing_day`, in the tariff's time zone. Fixed cycles are what keep bills from
-    /// slicing a meter's readings finer than a month at the utility's choice.
+    /// `billing_day`, in the tariff's time zone ([`check_cycle`]).
     pub fn check_cycle(
         &self,
         billing_day: u8,
         start_unix: i64,
         end_unix: i64,
     ) -> Result<(), TariffError> {
-        let local = self
-            .local(start_unix)
-            .ok_or_else(|| bad("the period starts outside the calendar"))?;
-        let near = |k: i32| {
-            let d = local.date_naive().with_day(1)?;
-            let d = if k < 0 {
-                d.checked_sub_months(Months::new(1))?
-            } else {
-                d.checked_add_months(Months::new(k as u32))?
-            };
-            self.cycle(billing_day, d.year(), d.month())
-        };
-        if near(0) == Some((start_unix, end_unix)) {
-            return Ok(());
-        }
-        let show = |c: Option<(i64, i64)>| match c {
-            Some((s, e)) => format!(
-                "{} .. {}",
-                self.local(s)
-                    .map_or(s.to_string(), |d| d.format("%Y-%m-%d %H:%M %Z").to_string()),
-                self.local(e)
-                    .map_or(e.to_string(), |d| d.format("%Y-%m-%d %H:%M %Z").to_string())
-            ),
-            None => "none".into(),
-        };
-        // Name the cycle starting nearest the period, so the caller can correct the request.
-        let near = [-1, 0, 1]
-            .into_iter()
-            .filter_map(near)
-            .min_by_key(|(s, _)| (s - start_unix).abs());
-        Err(bad(format!(
-            "the period {} is not a billing cycle of a meter billed on day {billing_day} in {}; the nearest cycle is {}",
-            show(Some((start_unix, end_unix))),
-            self.tz.name(),
-            show(near)
-        )))
+        check_cycle(self.tz, billing_day, start_unix, end_unix)
     }
 
     /// Checks that [start, end) lies inside the tariff's effective dates.
@@ -263,8 +297,13 @@ impl Tariff {
         Ok(())
     }
 
-    /// The band of the interval starting at `unix` (UTC seconds).
-    pub fn band_at(&self, unix: i64) -> usize {
+    /// The band of the interval starting at `unix` (UTC seconds) in a bill whose period starts
+    /// at `period_start`: the local day type (holiday or weekday) and hour of the interval, in
+    /// the season of the period's first local day. A bill is in one season throughout — a
+    /// season's sliver at the edge of a billing cycle would be a band of a day or two, which
+    /// would release those days' totals.
+    pub fn band_at(&self, period_start: i64, unix: i64) -> usize {
+        let season = self.local(period_start).map_or(0, |d| d.month0() as usize);
         match self.local(unix) {
             Some(local) => {
                 let day = if self.holidays.contains(&local.date_naive()) {
@@ -272,7 +311,7 @@ impl Tariff {
                 } else {
                     local.weekday().num_days_from_monday() as usize
                 };
-                usize::from(self.grid[local.month0() as usize][day][local.hour() as usize])
+                usize::from(self.grid[season][day][local.hour() as usize])
             }
             None => 0, // unreachable for whole-second UTC instants
         }
@@ -406,6 +445,7 @@ pub fn from_proto(t: &psm_proto::v1::Tariff) -> Result<Tariff, TariffError> {
         effective_to,
         demand_rate_per_kw_milli: t.demand_rate_per_kw_milli,
         tiers: tiers(&tier_list)?,
+        net_per_band: t.net_per_band,
         grid,
     })
 }
@@ -532,7 +572,8 @@ pub struct Bill {
 /// missing) and, per band with export (`export_wh[i]` > 0; empty when the meter exports
 /// nothing), an export line of negative energy credited at the band's export price. Import and
 /// export are billed separately, never netted: they are separate registers with separate
-/// prices. `extra` lines (demand charge, tiered charge) follow; then the fixed monthly charge
+/// prices — unless the tariff nets per band: then one line per band of import − export, priced at
+/// the import price when positive and credited at the export price when negative. `extra` lines (demand charge, tiered charge) follow; then the fixed monthly charge
 /// (pro rata, [`Tariff::months`]) as a line. The standing charge is per started local day.
 /// A subtotal under the monthly minimum (pro rata) is raised to it by an adjustment line. VAT
 /// applies to a positive subtotal only (export credits carry none).
@@ -546,6 +587,20 @@ pub fn price(
     let mut lines: Vec<Line> = Vec::new();
     for (i, b) in t.bands.iter().enumerate() {
         let wh = import_wh.get(i).copied().unwrap_or(0);
+        if t.net_per_band {
+            let net = wh - export_wh.get(i).copied().unwrap_or(0);
+            let rate = if net >= 0 {
+                b.import_price_milli
+            } else {
+                b.export_price_milli
+            };
+            lines.push(Line {
+                description: format!("{} net", b.name),
+                energy_wh: net,
+                amount: div_round(i128::from(net) * i128::from(rate), 1_000_000) as i64,
+            });
+            continue;
+        }
         lines.push(Line {
             description: format!("{} import", b.name),
             energy_wh: wh,
@@ -716,7 +771,7 @@ mod tests {
                 {
                     break;
                 }
-                seen.insert(t.band_at(u));
+                seen.insert(t.band_at(day_start, u));
                 n += 1;
                 u += 3600;
             }
@@ -805,6 +860,40 @@ mod tests {
         let b = price(&t, &[0, 0, 0], &[1_000_000, 0, 0], (0, 86_400), Vec::new());
         assert_eq!(b.lines[1].amount, -15_000);
         assert_eq!((b.subtotal, b.vat, b.total), (45 - 15_000, 0, 45 - 15_000));
+        // Per-band net metering: 2,500 Wh export against 2,000 Wh import in the night band is a
+        // net export of 500 Wh at the export price 4.0.
+        let mut w = wire(
+            "UTC",
+            vec![
+                band("day", 0x7F, 7, 23, 30_500, 15_000),
+                band("night", 0x7F, 0, 7, 12_000, 4_000),
+                band("late", 0x7F, 23, 24, 12_000, 4_000),
+            ],
+            45,
+            500,
+        );
+        w.net_per_band = true;
+        let net = from_proto(&w).unwrap();
+        let b = price(
+            &net,
+            &[10_000, 2_000, 1],
+            &[0, 2_500, 0],
+            (0, 86_400),
+            Vec::new(),
+        );
+        let lines: Vec<(&str, i64, i64)> = b
+            .lines
+            .iter()
+            .map(|l| (l.description.as_str(), l.energy_wh, l.amount))
+            .collect();
+        assert_eq!(
+            lines,
+            vec![
+                ("day net", 10_000, 305),
+                ("night net", -500, -2),
+                ("late net", 1, 0)
+            ]
+        );
         // Halves round away from zero on credits too.
         let b = price(&t, &[], &[100, 0, 0], (0, 0), Vec::new());
         assert_eq!(b.lines[0].amount, 0);
@@ -925,7 +1014,7 @@ mod tests {
         // January in New York: 05:00 UTC on Jan 1 to 05:00 UTC on Feb 1.
         let jan = (ny(2027, 1, 1, 0), ny(2027, 2, 1, 0));
         assert_eq!(jan.0 % 86_400, 5 * 3600);
-        assert_eq!(t.cycle(1, 2027, 1), Some(jan));
+        assert_eq!(cycle(t.tz, 1, 2027, 1), Some(jan));
         assert!(t.check_cycle(1, jan.0, jan.1).is_ok());
         // Over the spring change: 15 March 00:00 EDT is 04:00 UTC, 15 February 05:00 UTC.
         let cycle = (ny(2027, 2, 15, 0), ny(2027, 3, 15, 0));

@@ -306,9 +306,12 @@ async fn with_progress<T>(
             }
         }
     };
+    // The watch ends when the job is done, possibly before the answer arrives: then wait for
+    // the answer alone.
+    tokio::pin!(call);
     let result = tokio::select! {
-        r = call => r,
-        _ = watch => std::future::pending().await,
+        r = &mut call => r,
+        _ = watch => call.await,
     };
     bar.finish_and_clear();
     result

@@ -130,6 +130,7 @@ fn registry_toml(
             encryption: psm_core::registry::Encryption::Meter,
             device_key: hex::encode(device.public()),
             billing_day: 1,
+            time_zone: None,
         })?;
     }
     Ok(format!(
@@ -259,7 +260,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
             fs::write(
                 &cfg,
                 format!(
-                    "[keyshare]\ningest_url = \"https://127.0.0.1:{}\"\npublic_dir = {}\nregistry = {}\n[keyshare.policy]\nmin_cohort = 5\nmin_bill_days = 1\nbilling_cycle = \"any\"\nallowed_programs = [\"{}\", \"{}\"]\n{peers}",
+                    "[keyshare]\ningest_url = \"https://127.0.0.1:{}\"\npublic_dir = {}\nregistry = {}\n[keyshare.policy]\nmin_cohort = 5\nmin_bill_days = 1\nmin_band_days = 1\nbilling_cycle = \"any\"\nallowed_programs = [\"{}\", \"{}\"]\n{peers}",
                     port(1)?,
                     toml_path(&keys_dir.join("public"))?,
                     toml_path(&registry)?,

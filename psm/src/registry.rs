@@ -51,6 +51,10 @@ pub struct AddArgs {
     /// Day of the month (1..=28) on which the meter's billing periods start.
     #[arg(long, default_value_t = 1)]
     billing_day: u8,
+    /// IANA time zone the meter's billing cycles are counted in (local midnight of the
+    /// billing day); without it, each bill's tariff zone.
+    #[arg(long)]
+    time_zone: Option<String>,
     /// The device's Ed25519 public key, hex (from the manufacturer or the meter PKI); only with
     /// one --meter.
     #[arg(long, conflicts_with = "meter_keys")]
@@ -103,6 +107,7 @@ fn add(a: &AddArgs) -> anyhow::Result<Vec<String>> {
             encryption: enc,
             device_key,
             billing_day: a.billing_day,
+            time_zone: a.time_zone.clone(),
         };
         if a.replace {
             r.upsert(e)?;
@@ -164,6 +169,7 @@ pub fn run(cmd: RegistryCommand) -> anyhow::Result<()> {
                             "encryption": e.encryption.name(),
                             "device_key": e.device_key,
                             "billing_day": e.billing_day,
+                            "time_zone": e.time_zone,
                         })
                     })
                     .collect();

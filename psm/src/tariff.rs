@@ -72,6 +72,7 @@ pub fn run(cmd: TariffCommand) -> anyhow::Result<()> {
                     "standing_charge_per_day": w.standing_charge_per_day,
                     "fixed_charge_per_month": w.fixed_charge_per_month,
                     "minimum_charge_per_month": w.minimum_charge_per_month,
+                    "net_per_band": w.net_per_band,
                     "vat_basis_points": w.vat_basis_points,
                     "demand_rate_per_kw_milli": w.demand_rate_per_kw_milli,
                     "tiers": w.tiers.iter().map(|t| json!({"up_to_kwh": t.up_to_kwh, "price_milli": t.price_milli})).collect::<Vec<_>>(),

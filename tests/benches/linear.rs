@@ -292,7 +292,7 @@ fn plain_bill(t: &psm_tariff::Tariff, month: &[Vec<i64>]) -> i64 {
     for (d, values) in month.iter().enumerate() {
         let day0 = (FIRST_DAY + d as i64) * 86_400;
         for (j, v) in values.iter().enumerate() {
-            band_wh[t.band_at(day0 + j as i64 * i64::from(INTERVAL))] += v;
+            band_wh[t.band_at(FIRST_DAY * 86_400, day0 + j as i64 * i64::from(INTERVAL))] += v;
         }
     }
     let start = FIRST_DAY * 86_400;

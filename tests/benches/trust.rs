@@ -247,6 +247,7 @@ async fn main() {
         max_reissues: 1,
         min_bill_days: 1,
         min_band_hours_per_week: 4,
+        min_band_days: 4,
         billing_cycle: keyshare_svc::policy::BillingCycle::Any,
     };
     let mut local = Vec::new();

@@ -283,7 +283,7 @@ impl Drop for Proc {
 /// default minimum is 28 days), tfhe-track requests not re-executed (each keyshare would load
 /// the server key and repeat every tfhe evaluation: tests that want it say so).
 pub const TEST_POLICY: &str =
-    "allow_any_program = true\nmin_bill_days = 1\nbilling_cycle = \"any\"\n";
+    "allow_any_program = true\nmin_bill_days = 1\nmin_band_days = 1\nbilling_cycle = \"any\"\n";
 
 /// The registry the test keyshares use unless a test says otherwise: any meter id counts as
 /// registered and meter-encrypted (development mode; tests of the registry pass their own).
@@ -874,4 +874,31 @@ pub fn bench_size(name: &str, default: usize) -> usize {
             .unwrap_or_else(|_| panic!("{name}={v:?} is not a number")),
         Err(_) => default,
     }
+}
+
+/// The band of `unix` in a bill from `period_start` under a tariff, from its wire form alone,
+/// for plaintext references: the season of the period's first local month, the local date (a
+/// holiday?) or weekday, and the local hour; exactly one band.
+pub fn band_of(t: &psm_proto::v1::Tariff, period_start: i64, unix: i64) -> usize {
+    use chrono::{Datelike, TimeZone, Timelike};
+    let tz: chrono_tz::Tz = t.time_zone.parse().unwrap();
+    let local = tz.timestamp_opt(unix, 0).unwrap();
+    let first = tz.timestamp_opt(period_start, 0).unwrap();
+    let date = local.format("%Y-%m-%d").to_string();
+    let day_bit = if t.holidays.contains(&date) {
+        1 << 7
+    } else {
+        1 << local.weekday().num_days_from_monday()
+    };
+    let month_bit = 1 << first.month0();
+    let hits: Vec<usize> = (0..t.bands.len())
+        .filter(|i| {
+            let b = &t.bands[*i];
+            (b.month_mask == 0 || b.month_mask & month_bit != 0)
+                && b.weekday_mask & day_bit != 0
+                && (b.start_hour..b.end_hour).contains(&local.hour())
+        })
+        .collect();
+    assert_eq!(hits.len(), 1, "{date} {}: one band", local.hour());
+    hits[0]
 }

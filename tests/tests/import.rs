@@ -294,3 +294,284 @@ async fn green_button_import_then_bill() {
         )
     );
 }
+
+/// A seasonal tariff with a holiday for the Green Button sample's April (New York).
+const APRIL_TARIFF: &str = r#"
+name = "April test"
+time_zone = "America/New_York"
+currency = "USD"
+fixed_charge_per_month = 900
+vat_percent = 4
+holidays = ["2012-04-06"]
+[seasons]
+spring = ["apr", "may"]
+rest = [1, 2, 3, 6, 7, 8, 9, 10, 11, 12]
+[[band]]
+name = "spring peak"
+season = "spring"
+days = ["weekdays"]
+hours = [16, 21]
+import_price = 25.5
+[[band]]
+name = "spring off-peak"
+season = "spring"
+days = ["weekdays"]
+hours = [0, 16]
+import_price = 11
+[[band]]
+name = "spring late"
+season = "spring"
+days = ["weekdays"]
+hours = [21, 24]
+import_price = 11
+[[band]]
+name = "spring weekend and holiday"
+season = "spring"
+days = ["weekend", "holidays"]
+hours = [0, 24]
+import_price = 9.25
+[[band]]
+name = "rest"
+season = "rest"
+days = ["all"]
+hours = [0, 24]
+import_price = 15
+"#;
+
+/// Brisbane (AEST all year, as NEM12 market time), import and export priced per band.
+const BRISBANE_TARIFF: &str = r#"
+name = "QLD TOU test"
+time_zone = "Australia/Brisbane"
+currency = "AUD"
+standing_charge_per_day = 110
+vat_percent = 10
+[[band]]
+name = "peak"
+days = ["all"]
+hours = [16, 21]
+import_price = 41.2
+export_price = 3.5
+[[band]]
+name = "shoulder"
+days = ["all"]
+hours = [0, 16]
+import_price = 22.0
+export_price = 6.0
+[[band]]
+name = "late"
+days = ["all"]
+hours = [21, 24]
+import_price = 22.0
+export_price = 3.5
+"#;
+
+/// (import, export) Wh per interval start of NMI `nmi` in a NEM12 file, read straight from its
+/// 200 and 300 records (market time UTC+10): the plaintext reference.
+fn nem12_reference(text: &str, nmi: &str) -> std::collections::BTreeMap<(bool, i64), i64> {
+    let mut out = std::collections::BTreeMap::new();
+    let mut export = None;
+    for line in text.lines() {
+        let f: Vec<&str> = line.split(',').collect();
+        match f[0] {
+            "200" => export = (f[1] == nmi).then(|| f[4].starts_with('B')),
+            "300" => {
+                let Some(export) = export else { continue };
+                let quality = f[2 + 48];
+                if quality == "N" {
+                    continue;
+                }
+                let date = chrono::NaiveDate::parse_from_str(f[1], "%Y%m%d").unwrap();
+                let start = date.and_hms_opt(0, 0, 0).unwrap().and_utc().timestamp() - 36_000;
+                for (k, v) in f[2..50].iter().enumerate() {
+                    let wh = (v.parse::<f64>().unwrap() * 1000.0).round() as i64;
+                    out.insert((export, start + k as i64 * 1800), wh);
+                }
+            }
+            _ => {}
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn files_bill_local_months_against_references_from_the_files() {
+    let pki = TestPki::new("psm.test");
+    let keys = psm_e2e::keys::key_set(3, 2);
+    // Billing cycles as registered (the 1st of each month for every meter here).
+    let sys = System::start_with_policy(&pki, &keys, "", "allow_any_program = true\n").await;
+    let mut op =
+        ComputeClient::new(pki.channel(sys.compute.port, "compute", Role::Operator, "billing"));
+
+    // Five usage points of hourly data, 2012-04-01 00:00 EDT to 2012-05-03: the report as JSON.
+    let file = format!("{SAMPLES}/1hrLP_32DaysFiveUsagePoints_M.xml");
+    let out =
+        tokio::task::block_in_place(|| import(&pki, &sys, &sys.keyshares, &["--json", &file]));
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stdout}{stderr}");
+    let report: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(report["meters"], 5);
+    assert_eq!(report["readings_stored"], 3840);
+    assert_eq!(report["meter_days"]["skipped"], 0);
+    let days = report["days"].as_array().unwrap();
+    assert!(days.iter().all(|d| d["flow"] == "import"));
+    assert!(
+        days.iter().any(|d| d["status"] == "partial"),
+        "the file starts at 04:00 UTC"
+    );
+
+    let tariff = psm_tariff::file::check(APRIL_TARIFF).unwrap();
+    let t = tariff.wire.clone();
+    let ny: chrono_tz::Tz = "America/New_York".parse().unwrap();
+    use chrono::TimeZone;
+    let april = (
+        ny.with_ymd_and_hms(2012, 4, 1, 0, 0, 0)
+            .unwrap()
+            .timestamp(),
+        ny.with_ymd_and_hms(2012, 5, 1, 0, 0, 0)
+            .unwrap()
+            .timestamp(),
+    );
+    let parsed =
+        psm_meterdata::import::parse_green_button(&std::fs::read_to_string(&file).unwrap(), "gb")
+            .unwrap();
+    for s in &parsed.series {
+        let mut import = vec![0i64; t.bands.len()];
+        for r in &s.readings {
+            if (april.0..april.1).contains(&r.start) {
+                import[psm_e2e::band_of(&t, april.0, r.start)] += r.wh;
+            }
+        }
+        let want = psm_tariff::price(&tariff.tariff, &import, &[], april, Vec::new());
+        let req = BillRequest {
+            idempotency_key: format!("april-{}", s.meter_id),
+            meter_id: s.meter_id.clone(),
+            period: Some(TimeRange {
+                start_unix: april.0,
+                end_unix: april.1,
+            }),
+            tariff: Some(t.clone()),
+            reissue_reason: String::new(),
+            epoch: 1,
+        };
+        let b = op.bill(req).await.unwrap().into_inner();
+        let got: Vec<(&str, i64, i64)> = b
+            .lines
+            .iter()
+            .map(|l| (l.description.as_str(), l.energy_wh, l.amount))
+            .collect();
+        let expected: Vec<(&str, i64, i64)> = want
+            .lines
+            .iter()
+            .map(|l| (l.description.as_str(), l.energy_wh, l.amount))
+            .collect();
+        assert_eq!(got, expected, "{}", s.meter_id);
+        assert_eq!(
+            (b.subtotal, b.vat, b.total),
+            (want.subtotal, want.vat, want.total)
+        );
+        assert!(b
+            .lines
+            .iter()
+            .any(|l| l.description == "fixed charge, 1 month"));
+    }
+    // The UTC month is not a billing cycle.
+    let e = op
+        .bill(BillRequest {
+            idempotency_key: "april-utc".into(),
+            meter_id: parsed.series[0].meter_id.clone(),
+            period: Some(TimeRange {
+                start_unix: 1_333_238_400, // 2012-04-01 00:00 UTC
+                end_unix: 1_335_830_400,
+            }),
+            tariff: Some(t.clone()),
+            reissue_reason: String::new(),
+            epoch: 1,
+        })
+        .await
+        .unwrap_err();
+    assert!(e.message().contains("billing-cycle"), "{e:?}");
+
+    // NEM12: import and export streams, a day with null intervals and a null export day, then
+    // January (Brisbane) billed against sums read straight from the file's records.
+    let nem = format!("{SAMPLES}/../nem12/net-30min.csv");
+    let out = tokio::task::block_in_place(|| import(&pki, &sys, &sys.keyshares, &["--json", &nem]));
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stdout}{stderr}");
+    let report: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(report["format"], "nem12");
+    assert_eq!(report["readings_stored"], 33 * 48 - 4 + 32 * 48);
+    let notes: Vec<String> = report["days"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|d| d["notes"].as_array().unwrap().iter())
+        .map(|n| n.as_str().unwrap().to_owned())
+        .collect();
+    assert!(
+        notes.iter().any(|n| n.contains("intervals 21..24")),
+        "{notes:?}"
+    );
+    assert!(
+        notes
+            .iter()
+            .any(|n| n.starts_with("null data (quality N) on line")),
+        "{notes:?}"
+    );
+
+    let tariff = psm_tariff::file::check(BRISBANE_TARIFF).unwrap();
+    let t = tariff.wire.clone();
+    let bne: chrono_tz::Tz = "Australia/Brisbane".parse().unwrap();
+    let january = (
+        bne.with_ymd_and_hms(2026, 1, 1, 0, 0, 0)
+            .unwrap()
+            .timestamp(),
+        bne.with_ymd_and_hms(2026, 2, 1, 0, 0, 0)
+            .unwrap()
+            .timestamp(),
+    );
+    let reference = nem12_reference(&std::fs::read_to_string(&nem).unwrap(), "QB00000001");
+    let mut import = vec![0i64; t.bands.len()];
+    let mut export = vec![0i64; t.bands.len()];
+    for ((is_export, start), wh) in &reference {
+        if (january.0..january.1).contains(start) {
+            let b = psm_e2e::band_of(&t, january.0, *start);
+            if *is_export {
+                export[b] += wh;
+            } else {
+                import[b] += wh;
+            }
+        }
+    }
+    let want = psm_tariff::price(&tariff.tariff, &import, &export, january, Vec::new());
+    let b = op
+        .bill(BillRequest {
+            idempotency_key: "nem12-january".into(),
+            meter_id: "QB00000001".into(),
+            period: Some(TimeRange {
+                start_unix: january.0,
+                end_unix: january.1,
+            }),
+            tariff: Some(t),
+            reissue_reason: String::new(),
+            epoch: 1,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let got: Vec<(&str, i64, i64)> = b
+        .lines
+        .iter()
+        .map(|l| (l.description.as_str(), l.energy_wh, l.amount))
+        .collect();
+    let expected: Vec<(&str, i64, i64)> = want
+        .lines
+        .iter()
+        .map(|l| (l.description.as_str(), l.energy_wh, l.amount))
+        .collect();
+    assert_eq!(got, expected);
+    assert_eq!((b.standing_charge, b.total), (31 * 110, want.total));
+    assert!(b
+        .lines
+        .iter()
+        .any(|l| l.description == "peak export" && l.energy_wh < 0));
+}

@@ -40,7 +40,7 @@ fn day_number() -> i64 {
 }
 
 fn policy() -> String {
-    format!("min_cohort = {MIN}\nallow_any_program = true\nmin_bill_days = 1\nbilling_cycle = \"any\"\n")
+    format!("min_cohort = {MIN}\nallow_any_program = true\nmin_bill_days = 1\nmin_band_days = 1\nbilling_cycle = \"any\"\n")
 }
 
 /// A tfhe-track bill manifest for `meter` on DAY naming an input ingest does not hold: what a

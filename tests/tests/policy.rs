@@ -75,7 +75,7 @@ fn policy(allowed: &[&Tariff]) -> String {
         .map(|t| format!("{:?}", hash_hex(t)))
         .collect();
     format!(
-        "min_cohort = {MIN}\nallowed_programs = [{}]\nrate_limit_per_minute = {RATE}\nmax_reissues = 1\nmin_bill_days = 1\nbilling_cycle = \"any\"\n",
+        "min_cohort = {MIN}\nallowed_programs = [{}]\nrate_limit_per_minute = {RATE}\nmax_reissues = 1\nmin_bill_days = 1\nmin_band_days = 1\nbilling_cycle = \"any\"\n",
         list.join(", ")
     )
 }

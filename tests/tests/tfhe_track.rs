@@ -418,7 +418,7 @@ async fn keyshares_re_execute_tfhe_programs() {
         &pki,
         &keys,
         "",
-        "allow_any_program = true\nmin_bill_days = 1\nbilling_cycle = \"any\"\n",
+        "allow_any_program = true\nmin_bill_days = 1\nmin_band_days = 1\nbilling_cycle = \"any\"\n",
     )
     .await;
     let bundle = PublicBundle::open(&keys.public_dir).unwrap();

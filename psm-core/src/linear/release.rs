@@ -139,7 +139,10 @@ impl ReleaseSpec {
     pub fn slot_outputs(&self) -> Vec<usize> {
         (self.start_slot..self.end_slot)
             .map(|s| match &self.program {
-                Program::Bill(t) => t.band_at(s as i64 * SLOT_SECONDS),
+                Program::Bill(t) => t.band_at(
+                    self.start_slot as i64 * SLOT_SECONDS,
+                    s as i64 * SLOT_SECONDS,
+                ),
                 Program::Aggregate { bucket_slots } => {
                     ((s - self.start_slot) / bucket_slots) as usize
                 }

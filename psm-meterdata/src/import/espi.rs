@@ -58,7 +58,7 @@ pub fn parse_green_button(xml: &str, prefix: &str) -> Result<Parsed, ImportError
     let mut entries: Vec<Entry> = Vec::new();
     let mut cur: Option<Entry> = None;
     let mut path: Vec<String> = Vec::new();
-    let mut reading = (0i64, 0i64, None::<i64>);
+    let mut reading = (None::<i64>, 0i64, None::<i64>);
     // Line numbers, counted as the reader moves on (once over the text in all).
     let (mut line, mut counted) = (1usize, 0usize);
     loop {
@@ -89,7 +89,7 @@ pub fn parse_green_button(xml: &str, prefix: &str) -> Result<Parsed, ImportError
                     }
                 }
                 if n == "IntervalReading" {
-                    reading = (0, 0, None);
+                    reading = (None, 0, None);
                 }
                 path.push(n);
             }
@@ -139,7 +139,7 @@ pub fn parse_green_button(xml: &str, prefix: &str) -> Result<Parsed, ImportError
                     ("IntervalBlock", "timePeriod", "start")
                         if path.iter().any(|p| p == "IntervalReading") =>
                     {
-                        reading.0 = num(&text)?
+                        reading.0 = Some(num(&text)?)
                     }
                     ("IntervalBlock", "timePeriod", "duration")
                         if path.iter().any(|p| p == "IntervalReading") =>
@@ -154,8 +154,16 @@ pub fn parse_green_button(xml: &str, prefix: &str) -> Result<Parsed, ImportError
                 let n = String::from_utf8_lossy(e.local_name().as_ref()).into_owned();
                 path.pop();
                 if n == "IntervalReading" {
-                    if let (Some(entry), Some(v)) = (cur.as_mut(), reading.2) {
-                        entry.readings.push((reading.0, reading.1, v, line));
+                    match (cur.as_mut(), reading.0, reading.2) {
+                        (Some(entry), Some(start), Some(v)) => {
+                            entry.readings.push((start, reading.1, v, line))
+                        }
+                        (Some(_), None, Some(_)) => {
+                            return Err(err(format!(
+                                "line {line}: an IntervalReading without a timePeriod start"
+                            )))
+                        }
+                        _ => {}
                     }
                 }
                 if n == "entry" {

@@ -47,16 +47,18 @@ pub fn parse_green_button_csv(
     let tz: chrono_tz::Tz = time_zone
         .parse()
         .map_err(|_| err(format!("unknown IANA time zone {time_zone:?}")))?;
-    let header_line = text
-        .lines()
-        .position(is_header)
+    // The header's line number and byte offset (lines end in \n or \r\n).
+    let (header_line, offset) = text
+        .split_inclusive('\n')
+        .scan(0usize, |at, l| {
+            let start = *at;
+            *at += l.len();
+            Some((l, start))
+        })
+        .enumerate()
+        .find(|(_, (l, _))| is_header(l))
+        .map(|(i, (_, start))| (i, start))
         .ok_or_else(|| err("no header row with DATE, START TIME and USAGE (or IMPORT)"))?;
-    let offset = text
-        .lines()
-        .take(header_line)
-        .map(|l| l.len() + 1)
-        .sum::<usize>()
-        .min(text.len());
     let mut reader = csv::ReaderBuilder::new()
         .has_headers(true)
         .flexible(true)
@@ -76,6 +78,7 @@ pub fn parse_green_button_csv(
     let c_start = col("START TIME").ok_or_else(|| err("no START TIME column"))?;
     let c_end = col("END TIME");
     let c_units = col("UNITS");
+    let c_type = col("TYPE");
     // (column, register, whether the header says Wh)
     let mut values: Vec<(usize, Flow, bool)> = Vec::new();
     for (name, flow) in [
@@ -116,6 +119,22 @@ pub fn parse_green_button_csv(
             rec.get(i)
                 .ok_or_else(|| err(format!("line {line}: too few columns")))
         };
+        // Only electricity: an export can hold gas or water rows too.
+        if let Some(kind) = c_type.and_then(|c| rec.get(c)).filter(|k| !k.is_empty()) {
+            if !kind.to_ascii_lowercase().contains("electric") {
+                for (_, flow, _) in &values {
+                    out.notes.push(Note {
+                        meter_id: meter_id.to_owned(),
+                        flow: *flow,
+                        unix: date(rec.get(c_date).unwrap_or(""))
+                            .and_then(|d| d.and_hms_opt(12, 0, 0))
+                            .map_or(0, |t| t.and_utc().timestamp()),
+                        text: format!("rows of TYPE {kind:?} (not electricity) left out"),
+                    });
+                }
+                continue;
+            }
+        }
         let d = get(c_date)?;
         let d = date(d).ok_or_else(|| {
             err(format!(

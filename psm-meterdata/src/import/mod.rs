@@ -250,10 +250,28 @@ pub fn to_days(parsed: &Parsed) -> Imported {
             .or_default()
             .add(&n.text, String::new());
     }
+    // A meter is either net (one signed value per interval, split into both channels) or has
+    // import/export registers: both at once would put two bodies on one channel's slots.
+    let registers: std::collections::BTreeSet<&str> = parsed
+        .series
+        .iter()
+        .filter(|s| s.flow != Flow::Net && !s.readings.is_empty())
+        .map(|s| s.meter_id.as_str())
+        .collect();
     // Series of the same meter and register are one series (an ESPI usage point may hold the
     // same register in several MeterReadings).
     let mut merged: BTreeMap<Key, Series> = BTreeMap::new();
     for s in &parsed.series {
+        if s.flow == Flow::Net && registers.contains(s.meter_id.as_str()) {
+            for r in &s.readings {
+                let day = r.start.div_euclid(DAY_SECONDS);
+                notes.entry(((s.meter_id.clone(), Flow::Net), day)).or_default().add(
+                    "net readings left out: the file also has import/export registers for this meter",
+                    format!("{} (line {})", hhmm(r.start), r.line),
+                );
+            }
+            continue;
+        }
         let e = merged
             .entry((s.meter_id.clone(), s.flow))
             .or_insert_with(|| Series {
@@ -300,6 +318,13 @@ pub fn to_days(parsed: &Parsed) -> Imported {
             let n = notes.entry((key.clone(), day)).or_default();
             days.entry((key.clone(), day)).or_default();
             let len = r.seconds.unwrap_or(step);
+            if r.start < 0 {
+                n.add(
+                    "readings before 1970, left out",
+                    format!("{} (line {})", r.start, r.line),
+                );
+                continue;
+            }
             if len != step {
                 n.add(
                     &format!("readings not {iv} s long, left out"),

@@ -129,6 +129,11 @@ pub fn parse_nem12(text: &str) -> Result<Parsed, ImportError> {
                     )));
                 };
                 let n = (1440 / s.interval_minutes) as usize;
+                if f.len() < 3 {
+                    return Err(err(format!(
+                        "line {line}: a 300 record needs a date, {n} values and a quality flag"
+                    )));
+                }
                 // The values run up to the quality method (A, E52, F14, N, S53, V).
                 let is_quality =
                     |v: &&str| v.len() <= 3 && v.starts_with(|c: char| "AEFNSVaefnsv".contains(c));

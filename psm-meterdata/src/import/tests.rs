@@ -328,14 +328,14 @@ fn nem12_import_export_quality_and_market_time() {
             .map(|d| d.values.len())
             .sum::<usize>()
     };
-    // Three market days of 48 intervals; 4 null import intervals, one null export day.
-    assert_eq!(stored(Flow::Import), 3 * 48 - 4);
-    assert_eq!(stored(Flow::Export), 2 * 48);
-    // Market time is UTC+10: 2027-01-14 00:00 AEST is 2027-01-13 14:00 UTC.
+    // 33 market days of 48 intervals; 4 null import intervals, one null export day.
+    assert_eq!(stored(Flow::Import), 33 * 48 - 4);
+    assert_eq!(stored(Flow::Export), 32 * 48);
+    // Market time is UTC+10: 2025-12-31 00:00 AEST is 2025-12-30 14:00 UTC.
     let first = p.series[0].readings[0];
     assert_eq!(
         first.start,
-        chrono::NaiveDate::from_ymd_opt(2027, 1, 13)
+        chrono::NaiveDate::from_ymd_opt(2025, 12, 30)
             .unwrap()
             .and_hms_opt(14, 0, 0)
             .unwrap()
@@ -343,15 +343,15 @@ fn nem12_import_export_quality_and_market_time() {
             .timestamp()
     );
     assert_eq!(first.seconds, Some(1800));
-    // Intervals 21..24 of 15 January (market time) are 00:00-02:00 UTC on the 15th.
-    let jan15 = report(&i, "QB00000001", Flow::Import, "2027-01-15");
+    // Intervals 21..24 of 31 December (market time) are 00:00-02:00 UTC on the 31st.
+    let jan15 = report(&i, "QB00000001", Flow::Import, "2025-12-31");
     assert!(
         jan15.notes.iter().any(|n| n.contains("intervals 21..24")),
         "{:?}",
         jan15.notes
     );
     assert_eq!((jan15.status, jan15.stored), (DayStatus::Partial, 44));
-    let e = report(&i, "QB00000001", Flow::Export, "2027-01-15");
+    let e = report(&i, "QB00000001", Flow::Export, "2026-01-31");
     assert!(
         e.notes.iter().any(|n| n.contains("null data (quality N)")),
         "{:?}",
@@ -385,4 +385,78 @@ fn nem12_import_export_quality_and_market_time() {
     let e = parse_nem12(&text.replacen("0.550", "x.550", 1)).unwrap_err();
     assert!(e.0.starts_with("line 3: interval value 2"), "{e}");
     assert!(parse_nem12("200,X\n").is_err());
+}
+
+#[test]
+fn a_meter_is_net_or_has_registers_never_both() {
+    // Rows without a channel (net) and rows of an import register for one meter would both be
+    // encrypted on the import channel over the same slots: the net rows are left out.
+    let d = 20_418 * 86_400;
+    let mut csv = String::new();
+    for k in 0..24 {
+        csv.push_str(&format!("m-1,{},{},import\n", d + k * 3600, 10 + k));
+        csv.push_str(&format!("m-1,{},{}\n", d + k * 3600, -5));
+    }
+    let i = to_days(&parse_plain_csv(&csv).unwrap());
+    assert!(i.days.iter().all(|m| m.flow == Flow::Import));
+    assert_eq!(i.readings(), 24);
+    let net = report(&i, "m-1", Flow::Net, "2025-11-26");
+    assert_eq!((net.status, net.stored), (DayStatus::Skipped, 0));
+    assert!(
+        net.notes[0].contains("net readings left out"),
+        "{:?}",
+        net.notes
+    );
+    // The same in a Green Button CSV with USAGE and EXPORT columns.
+    let mut gb = String::from("TYPE,DATE,START TIME,END TIME,USAGE,EXPORT (kWh),NOTES\n");
+    for h in 0..24 {
+        gb.push_str(&format!(
+            "Electric usage,2025-11-26,{h:02}:00,{h:02}:59,0.5,0.1,\n"
+        ));
+    }
+    let i = to_days(&parse_green_button_csv(&gb, "home-1", "UTC").unwrap());
+    assert!(i.days.iter().all(|m| m.flow == Flow::Export));
+    assert_eq!(i.readings(), 24);
+}
+
+#[test]
+fn outside_input_that_once_panicked_or_misread() {
+    // A NEM12 300 record with nothing after it.
+    let e =
+        parse_nem12("100,NEM12,1,A,B\n200,QB1,E1,E1,E1,N1,M,kWh,30,20260201\n300\n").unwrap_err();
+    assert!(e.0.starts_with("line 3:"), "{e}");
+    // A Green Button CSV with Windows line ends and a non-ASCII preamble.
+    let mut gb = String::from("Name,José Müller\r\nAccount,4711\r\n\r\nTYPE,DATE,START TIME,END TIME,USAGE,UNITS,COST,NOTES\r\n");
+    for h in 0..24 {
+        gb.push_str(&format!(
+            "Electric usage,2025-11-26,{h:02}:00,{h:02}:59,0.25,kWh,$0.01,\r\n"
+        ));
+    }
+    gb.push_str("Natural gas usage,2025-11-26,00:00,23:59,3.1,therms,$2.00,\r\n");
+    let p = parse_green_button_csv(&gb, "home-2", "UTC").unwrap();
+    let i = to_days(&p);
+    assert_eq!(i.readings(), 24);
+    assert_eq!(i.report[0].status, DayStatus::Complete);
+    assert!(
+        i.report[0]
+            .notes
+            .iter()
+            .any(|n| n.contains("not electricity")),
+        "{:?}",
+        i.report
+    );
+    // An ESPI reading without a start is an error naming its line, not a reading at 1970.
+    let xml = espi(&[(1, &[(86_400, 3600, 5)])]).replace("<espi:start>86400</espi:start>", "");
+    let e = parse_green_button(&xml, "gb").unwrap_err();
+    assert!(
+        e.0.starts_with("line ") && e.0.contains("without a timePeriod start"),
+        "{e}"
+    );
+    // Readings before 1970 are left out, not an abort later.
+    let i = to_days(&parse_plain_csv("m-1,-3600,1\nm-1,0,2\nm-1,3600,3\n").unwrap());
+    assert_eq!(i.readings(), 2);
+    assert!(i
+        .report
+        .iter()
+        .any(|r| r.notes.iter().any(|n| n.contains("before 1970"))));
 }
