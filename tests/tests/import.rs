@@ -474,14 +474,14 @@ async fn files_bill_local_months_against_references_from_the_files() {
             .iter()
             .any(|l| l.description == "fixed charge, 1 month"));
     }
-    // The UTC month is not a billing cycle.
+    // A month from the 2nd is not these meters' billing cycle.
     let e = op
         .bill(BillRequest {
-            idempotency_key: "april-utc".into(),
+            idempotency_key: "april-from-the-2nd".into(),
             meter_id: parsed.series[0].meter_id.clone(),
             period: Some(TimeRange {
-                start_unix: 1_333_238_400, // 2012-04-01 00:00 UTC
-                end_unix: 1_335_830_400,
+                start_unix: april.0 + 86_400,
+                end_unix: april.1 + 86_400,
             }),
             tariff: Some(t.clone()),
             reissue_reason: String::new(),

@@ -46,7 +46,28 @@ fn policy() -> String {
 /// A tfhe-track bill manifest for `meter` on DAY naming an input ingest does not hold: what a
 /// compute node would send to have crafted ciphertexts decrypted.
 fn tfhe_bill(meter: &str) -> ComputationManifest {
-    let program = b"tariff".to_vec();
+    tfhe_bill_under(meter, "")
+}
+
+/// As [`tfhe_bill`], under a flat demand-charge tariff in force until `effective_to` ("" =
+/// open).
+fn tfhe_bill_under(meter: &str, effective_to: &str) -> ComputationManifest {
+    let program = psm_proto::v1::Tariff {
+        name: "demand".into(),
+        time_zone: "UTC".into(),
+        bands: vec![psm_proto::v1::TariffBand {
+            name: "all".into(),
+            weekday_mask: 0x7F,
+            start_hour: 0,
+            end_hour: 24,
+            ..Default::default()
+        }],
+        demand_rate_per_kw_milli: 10_000,
+        currency: "EUR".into(),
+        effective_to: effective_to.into(),
+        ..Default::default()
+    }
+    .encode_to_vec();
     let d = day_number() * 86_400;
     ComputationManifest {
         kind: ComputationKind::Bill as i32,
@@ -264,6 +285,25 @@ async fn decrypt_and_release_through_three_keyshares_and_audit() {
     );
     assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
     assert!(err.message().contains("re-execution"), "{}", err.message());
+    // A compute that bills under a tariff no longer in force is refused before anything is
+    // re-executed (compute itself refuses it first; this is a compute that does not).
+    let err = Status::from(
+        decryptor
+            .decrypt(
+                &tfhe_id,
+                &squashed,
+                SQUASHED_BLOCK,
+                70,
+                tfhe_bill_under("meter-1", "2026-01-01"),
+                "t-expired",
+            )
+            .await
+            .unwrap_err(),
+    );
+    assert!(
+        err.message().contains("manifest") && err.message().contains("in force until 2026-01-01"),
+        "{err:?}"
+    );
 
     // Status: the tfhe key only (the linear track has no dealt key) and the enrollment key.
     let mut client = as_compute(&pki, &ks[0]);
@@ -292,8 +332,8 @@ async fn decrypt_and_release_through_three_keyshares_and_audit() {
     );
     assert_eq!(st.enrollment_public_key.len(), 1216, "an X-Wing public key");
     assert_eq!(
-        st.audit_len, 2,
-        "the registry at start (development_allow_all) and one refusal so far"
+        st.audit_len, 3,
+        "the registry at start (development_allow_all) and two refusals so far"
     );
     assert_eq!(st.anchor_public_key.len(), 32);
     let anchor = psm_core::signing::AnchorFile::read(
