@@ -131,7 +131,8 @@ struct Inner {
 /// One of the three job requests, as a job.
 #[derive(Clone)]
 enum JobRequest {
-    Bill(BillRequest),
+    /// Boxed: a tariff with its holidays makes a bill request far larger than the others.
+    Bill(Box<BillRequest>),
     Aggregate(AggregateRequest),
     Analytics(AnalyticsRequest),
 }
@@ -160,7 +161,7 @@ impl JobRequest {
                 self.kind(),
                 &BillRequest {
                     idempotency_key: String::new(),
-                    ..r.clone()
+                    ..(**r).clone()
                 },
             ),
             JobRequest::Aggregate(r) => jobs::fingerprint(
@@ -194,7 +195,7 @@ impl JobRequest {
             ComputeError::internal(format!("a stored {kind} request is corrupt: {e}"))
         };
         Ok(match kind {
-            "bill" => JobRequest::Bill(BillRequest::decode(bytes).map_err(corrupt)?),
+            "bill" => JobRequest::Bill(Box::new(BillRequest::decode(bytes).map_err(corrupt)?)),
             "aggregate" => JobRequest::Aggregate(AggregateRequest::decode(bytes).map_err(corrupt)?),
             "analytics" => JobRequest::Analytics(AnalyticsRequest::decode(bytes).map_err(corrupt)?),
             other => {
@@ -462,7 +463,7 @@ impl Inner {
                 tfhe: &e.tfhe,
                 job,
             }
-            .run(req)
+            .run(*req)
             .await
             .map(|r| r.encode_to_vec()),
             JobRequest::Aggregate(req) => aggregate::Aggregator {
@@ -504,7 +505,11 @@ type ProgressStream =
 #[tonic::async_trait]
 impl Compute for ComputeService {
     async fn bill(&self, r: Request<BillRequest>) -> Result<Response<BillResponse>, Status> {
-        response(self.inner.submit(JobRequest::Bill(r.into_inner())).await?)
+        response(
+            self.inner
+                .submit(JobRequest::Bill(Box::new(r.into_inner())))
+                .await?,
+        )
     }
 
     async fn aggregate(

@@ -63,7 +63,7 @@ pub fn parse_green_button_csv(
         .has_headers(true)
         .flexible(true)
         .trim(csv::Trim::All)
-        .from_reader(text[offset..].as_bytes());
+        .from_reader(&text.as_bytes()[offset..]);
     let cols: Vec<String> = reader
         .headers()
         .map_err(|e| err(format!("line {}: {e}", header_line + 1)))?

@@ -14,8 +14,11 @@ fn report<'a>(i: &'a Imported, meter: &str, flow: Flow, day: &str) -> &'a DayRep
         .unwrap_or_else(|| panic!("no report for {meter} {flow:?} {day}: {:#?}", i.report))
 }
 
+/// (start, duration, value) of an IntervalReading.
+type Espi = (i64, i64, i64);
+
 /// A minimal ESPI feed: one usage point, one MeterReading per (flowDirection, readings).
-fn espi(streams: &[(u32, &[(i64, i64, i64)])]) -> String {
+fn espi(streams: &[(u32, &[Espi])]) -> String {
     let mut x = String::from(
         r#"<?xml version="1.0" encoding="UTF-8"?>
 <feed xmlns="http://www.w3.org/2005/Atom" xmlns:espi="http://naesb.org/espi">
