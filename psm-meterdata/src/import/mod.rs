@@ -284,7 +284,7 @@ pub fn to_days(parsed: &Parsed) -> Imported {
         e.readings.extend_from_slice(&s.readings);
     }
     let mut intervals: BTreeMap<Key, u32> = BTreeMap::new();
-    let mut days: BTreeMap<(Key, i64), BTreeMap<u32, i64>> = BTreeMap::new();
+    let mut days: BTreeMap<(Key, i64), Vec<(u32, i64)>> = BTreeMap::new();
     for (key, s) in &merged {
         let interval = interval_of(s);
         let stored_interval = interval
@@ -292,9 +292,9 @@ pub fn to_days(parsed: &Parsed) -> Imported {
             .filter(|i| INTERVALS.contains(i));
         let Some(iv) = stored_interval else {
             let why = match interval {
-                Some(i) => {
-                    format!("readings of {i} s: only 5, 15, 30 or 60-minute intervals are stored")
-                }
+                Some(i) => format!(
+                    "readings of {i} s: only 5, 15, 30 or 60-minute intervals are stored"
+                ),
                 None => "a single reading: its interval length cannot be told".to_owned(),
             };
             for r in &s.readings {
@@ -309,14 +309,23 @@ pub fn to_days(parsed: &Parsed) -> Imported {
         };
         intervals.insert(key.clone(), iv);
         let step = i64::from(iv);
-        // start → (value, line), with duplicates resolved.
-        let mut at: BTreeMap<i64, (i64, usize, bool)> = BTreeMap::new();
+        // Per day of this series: notes, and (slot, value) in slot order. Readings sorted by
+        // start, so duplicates are neighbours and a day's slots come in order.
+        let mut series_notes: BTreeMap<i64, DayNotes> = BTreeMap::new();
+        let mut series_days: BTreeMap<i64, Vec<(u32, i64)>> = BTreeMap::new();
+        let store = |start: i64, v: i64, days: &mut BTreeMap<i64, Vec<(u32, i64)>>| {
+            let day = start.div_euclid(DAY_SECONDS);
+            let slot = (start.rem_euclid(DAY_SECONDS) / step) as u32;
+            days.entry(day).or_default().push((slot, v));
+        };
         let mut readings = s.readings.clone();
         readings.sort_by_key(|r| (r.start, r.line));
+        // The reading kept for the start being read: (start, value, line, conflicting).
+        let mut last: Option<(i64, i64, usize, bool)> = None;
         for r in readings {
             let day = r.start.div_euclid(DAY_SECONDS);
-            let n = notes.entry((key.clone(), day)).or_default();
-            days.entry((key.clone(), day)).or_default();
+            let n = series_notes.entry(day).or_default();
+            series_days.entry(day).or_default();
             let len = r.seconds.unwrap_or(step);
             if r.start < 0 {
                 n.add(
@@ -344,25 +353,18 @@ pub fn to_days(parsed: &Parsed) -> Imported {
                 n.add(
                     &format!(
                         "values outside 0..={MAX_READING_WH} Wh{}, left out",
-                        if s.flow == Flow::Net {
-                            " (either sign)"
-                        } else {
-                            ""
-                        }
+                        if s.flow == Flow::Net { " (either sign)" } else { "" }
                     ),
                     format!("{} ({} Wh, line {})", hhmm(r.start), r.wh, r.line),
                 );
                 continue;
             }
-            match at.get_mut(&r.start) {
-                None => {
-                    at.insert(r.start, (r.wh, r.line, false));
-                }
-                Some((v, _, _)) if *v == r.wh => n.add(
+            match &mut last {
+                Some((start, v, _, _)) if *start == r.start && *v == r.wh => n.add(
                     "identical duplicate readings merged",
                     format!("{} (line {})", hhmm(r.start), r.line),
                 ),
-                Some((v, line, conflict)) => {
+                Some((start, v, line, conflict)) if *start == r.start => {
                     if !*conflict {
                         n.add(
                             "different readings for one interval, both left out",
@@ -377,15 +379,27 @@ pub fn to_days(parsed: &Parsed) -> Imported {
                     }
                     *conflict = true;
                 }
+                _ => {
+                    if let Some((start, v, _, false)) = last {
+                        store(start, v, &mut series_days);
+                    }
+                    last = Some((r.start, r.wh, r.line, false));
+                }
             }
         }
-        for (start, (v, _, conflict)) in at {
-            if conflict {
-                continue;
+        if let Some((start, v, _, false)) = last {
+            store(start, v, &mut series_days);
+        }
+        for (day, n) in series_notes {
+            if !n.0.is_empty() {
+                let into = notes.entry((key.clone(), day)).or_default();
+                for (kind, at) in n.0 {
+                    into.0.entry(kind).or_default().extend(at);
+                }
             }
-            let day = start.div_euclid(DAY_SECONDS);
-            let slot = (start.rem_euclid(DAY_SECONDS) / step) as u32;
-            days.entry((key.clone(), day)).or_default().insert(slot, v);
+        }
+        for (day, slots) in series_days {
+            days.entry((key.clone(), day)).or_default().extend(slots);
         }
     }
     let mut all_days: Vec<(Key, i64)> = days.keys().cloned().collect();
@@ -398,6 +412,7 @@ pub fn to_days(parsed: &Parsed) -> Imported {
     for key_day in all_days {
         let ((meter, flow), day) = &key_day;
         let slots = days.remove(&key_day).unwrap_or_default();
+        let slots: BTreeMap<u32, i64> = slots.into_iter().collect();
         let iv = intervals.get(&(meter.clone(), *flow)).copied().unwrap_or(0);
         let expected = if iv == 0 {
             0
