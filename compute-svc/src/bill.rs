@@ -33,14 +33,41 @@ pub struct Biller<'a> {
     pub job: &'a JobHandle,
 }
 
-/// The bands of a period: the band of every slot (as the keyshares derive it) and the tariff's
-/// band names, for summing one channel's intervals per band.
+/// One channel's release of a bill and what follows from it: the output and weight of every
+/// slot, exactly as the keyshares derive them.
+struct Plan {
+    start_slot: u64,
+    slot_outputs: Vec<usize>,
+    slot_weights: Vec<i64>,
+    /// Outputs with slots in the period, as the release asks for them.
+    outputs: Vec<usize>,
+    names: Vec<String>,
+    release: LinearRelease,
+}
+
+impl Plan {
+    fn bands<'a>(&'a self, meter: &'a str, epoch: u32) -> Bands<'a> {
+        Bands {
+            meter,
+            epoch,
+            start_slot: self.start_slot,
+            slot_bands: &self.slot_outputs,
+            slot_weights: &self.slot_weights,
+            names: self.names.iter().map(String::as_str).collect(),
+        }
+    }
+}
+
+/// The bands of a period: the band (output) and weight of every slot (as the keyshares derive
+/// them) and the outputs' names, for summing one channel's intervals per output.
 pub struct Bands<'a> {
     pub meter: &'a str,
     pub epoch: u32,
     pub start_slot: u64,
-    /// Band index of slot `start_slot + k`.
+    /// Output index of slot `start_slot + k`.
     pub slot_bands: &'a [usize],
+    /// Weight of slot `start_slot + k`: 1, or its dynamic price.
+    pub slot_weights: &'a [i64],
     pub names: Vec<&'a str>,
 }
 
@@ -102,8 +129,22 @@ impl Bands<'_> {
                         self.names.get(*other).unwrap_or(&"?")
                     )));
                 }
+                let weight = self.slot_weights[first];
+                if self.slot_weights[first..first + spi as usize]
+                    .iter()
+                    .any(|w| *w != weight)
+                {
+                    return Err(ComputeError::precondition(format!(
+                        "meter {meter}'s {ch} interval {}..{} has more than one dynamic price: one reading cannot be split between prices; bill it with a price series whose intervals are at least the meter's ({} minutes)",
+                        at(s),
+                        at(e),
+                        spi * 5
+                    )));
+                }
                 if let Some(acc) = sums.get_mut(band) {
-                    *acc = acc.wrapping_add(body);
+                    // Σ w·b over Z_2^128 is a body of Σ w·m under the weighted mask sum the
+                    // keyshares release against.
+                    *acc = acc.wrapping_add(body.wrapping_mul(weight as u128));
                 }
             }
         }
@@ -145,63 +186,81 @@ impl Biller<'_> {
         }
         let program = proto_tariff.encode_to_vec();
 
-        // The release, and from it the band of every slot exactly as the keyshares derive it.
-        let mut release = LinearRelease {
-            kind: ComputationKind::Bill as i32,
-            epoch,
-            channel: Channel::Import.to_proto() as i32,
-            program: program.clone(),
-            range: Some(period),
-            cohorts: vec![Cohort {
-                meter_ids: vec![req.meter_id.clone()],
-            }],
-            outputs: (0..tariff.bands.len() as u32)
-                .map(|index| ReleaseOutput { index, cohort: 0 })
-                .collect(),
-            reissue_reason: req.reissue_reason.clone(),
-        };
-        let spec = release_from_proto(&release)
-            .map_err(|e| ComputeError::invalid(e.to_string()))?
-            .spec;
-        let slot_bands = spec.slot_outputs();
-        let mut in_period = vec![false; tariff.bands.len()];
-        for b in &slot_bands {
-            if let Some(x) = in_period.get_mut(*b) {
-                *x = true;
+        // Per channel the release, and from it the output (band, or the dynamic import sum)
+        // and weight of every slot exactly as the keyshares derive them.
+        let plan = |channel: Channel| -> Result<Plan, ComputeError> {
+            let mut release = LinearRelease {
+                kind: ComputationKind::Bill as i32,
+                epoch,
+                channel: channel.to_proto() as i32,
+                program: program.clone(),
+                range: Some(period),
+                cohorts: vec![Cohort {
+                    meter_ids: vec![req.meter_id.clone()],
+                }],
+                outputs: vec![ReleaseOutput {
+                    index: 0,
+                    cohort: 0,
+                }],
+                reissue_reason: req.reissue_reason.clone(),
+            };
+            let spec = release_from_proto(&release)
+                .map_err(|e| ComputeError::invalid(e.to_string()))?
+                .spec;
+            let slot_outputs = spec.slot_outputs();
+            let mut in_period = vec![false; spec.output_count()];
+            for b in &slot_outputs {
+                if let Some(x) = in_period.get_mut(*b) {
+                    *x = true;
+                }
             }
-        }
-        let outputs: Vec<usize> = (0..tariff.bands.len()).filter(|b| in_period[*b]).collect();
-        release.outputs = outputs
-            .iter()
-            .map(|b| ReleaseOutput {
-                index: *b as u32,
-                cohort: 0,
+            let outputs: Vec<usize> = (0..in_period.len()).filter(|b| in_period[*b]).collect();
+            release.outputs = outputs
+                .iter()
+                .map(|b| ReleaseOutput {
+                    index: *b as u32,
+                    cohort: 0,
+                })
+                .collect();
+            let names = if spec.prices().is_some() {
+                vec!["dynamic prices".to_owned()]
+            } else {
+                tariff.bands.iter().map(|b| b.name.clone()).collect()
+            };
+            Ok(Plan {
+                start_slot: spec.start_slot,
+                slot_weights: spec.slot_weights(),
+                slot_outputs,
+                outputs,
+                names,
+                release,
             })
-            .collect();
+        };
+        let import_plan = plan(Channel::Import)?;
+        let export_plan = plan(Channel::Export)?;
 
         self.job.step("summing interval readings per band", 5);
         let (import, export) = self.batches(&req.meter_id, epoch, &period).await?;
-        let bands = Bands {
-            meter: &req.meter_id,
-            epoch,
-            start_slot: spec.start_slot,
-            slot_bands: &slot_bands,
-            names: tariff.bands.iter().map(|b| b.name.as_str()).collect(),
-        };
-        let import_sums = bands.sums(Channel::Import, &import)?;
+        let import_sums = import_plan
+            .bands(&req.meter_id, epoch)
+            .sums(Channel::Import, &import)?;
         let export_sums = if export.is_empty() {
             None
         } else {
-            Some(bands.sums(Channel::Export, &export)?)
+            Some(
+                export_plan
+                    .bands(&req.meter_id, epoch)
+                    .sums(Channel::Export, &export)?,
+            )
         };
 
         self.job.step("releasing band totals", 15);
         let mut report = crate::decrypt::empty_report();
-        let import_wh = self
+        let import_released = self
             .release(
-                &release,
+                &import_plan.release,
                 Channel::Import,
-                &outputs,
+                &import_plan.outputs,
                 &import_sums,
                 &req.idempotency_key,
                 &mut report,
@@ -210,9 +269,9 @@ impl Biller<'_> {
         let export_wh = match &export_sums {
             Some(sums) => {
                 self.release(
-                    &release,
+                    &export_plan.release,
                     Channel::Export,
-                    &outputs,
+                    &export_plan.outputs,
                     sums,
                     &format!("{}/export", req.idempotency_key),
                     &mut report,
@@ -221,18 +280,34 @@ impl Biller<'_> {
             }
             None => Vec::new(),
         };
+        // Dynamic prices: the one released import value is Σ price × Wh, a line of its own.
+        let (import_wh, mut extra) = match &tariff.import_prices {
+            Some(p) => {
+                let prices = p
+                    .over(period.start_unix, period.end_unix)
+                    .map(|_| ((period.end_unix - period.start_unix) / p.interval_seconds) as usize)
+                    .unwrap_or(0);
+                let weighted = import_released.first().copied().unwrap_or(0);
+                (
+                    Vec::new(),
+                    vec![psm_tariff::dynamic_import_line(
+                        i128::from(weighted),
+                        prices,
+                    )],
+                )
+            }
+            None => (import_released, Vec::new()),
+        };
 
-        let extra = if registers {
+        if registers {
             let first_day = period.start_unix / DAY_SECONDS;
             let days = (period.end_unix - period.start_unix) / DAY_SECONDS;
             let (lines, r) = self
                 .registers_part(&req, first_day, days, demand_rate, &tiers, program)
                 .await?;
             merge_report(&mut report, r);
-            lines
-        } else {
-            Vec::new()
-        };
+            extra.extend(lines);
+        }
         let bill = price(
             &tariff,
             &import_wh,
@@ -420,6 +495,8 @@ mod tests {
         }
     }
 
+    const ONES: [i64; 288] = [1; 288];
+
     /// Two bands: slots before 06:00 are band 0, the rest band 1 (a day from D0).
     fn bands(slot_bands: &[usize]) -> Bands<'_> {
         Bands {
@@ -427,8 +504,43 @@ mod tests {
             epoch: 1,
             start_slot: D0,
             slot_bands,
+            slot_weights: &ONES[..slot_bands.len()],
             names: vec!["night", "day"],
         }
+    }
+
+    #[test]
+    fn dynamic_prices_weigh_each_interval() {
+        // One output over the day, the price of hour h being h + 1 (per 5-minute slot).
+        let sb = vec![0usize; 288];
+        let weights: Vec<i64> = (0..288).map(|s| s / 12 + 1).collect();
+        let b = Bands {
+            slot_weights: &weights,
+            ..bands(&sb)
+        };
+        let sums = b
+            .sums(Channel::Import, &[batch(Channel::Import, D0, 12, 24)])
+            .unwrap();
+        assert_eq!(
+            sums[0],
+            (0..24u128).map(|h| (h + 1) * (1u128 << h)).sum::<u128>()
+        );
+        // Half-hourly prices under hourly readings: a reading cannot be split between prices.
+        let half: Vec<i64> = (0..288).map(|s| s / 6 + 1).collect();
+        let e = tonic::Status::from(
+            Bands {
+                slot_weights: &half,
+                ..bands(&sb)
+            }
+            .sums(Channel::Import, &[batch(Channel::Import, D0, 12, 24)])
+            .unwrap_err(),
+        );
+        assert_eq!(e.code(), tonic::Code::FailedPrecondition);
+        assert!(
+            e.message().contains("more than one dynamic price"),
+            "{}",
+            e.message()
+        );
     }
 
     #[test]

@@ -226,7 +226,8 @@ impl KeyshareService {
         let audit = AuditLog::open(&settings.data_dir.join("audit"))?;
         tracing::info!(party = %share.party, index = share.party_index, scheme = %format!("{}-of-{}", share.threshold, share.parties), "share file loaded");
         let policy = section.policy.clone();
-        let allowed_programs = policy.validate().map_err(KeyshareError::Mismatch)?;
+        let allowed = policy.validate().map_err(KeyshareError::Mismatch)?;
+        let allowed_programs = allowed.programs.clone();
         let releases = Arc::new(Releases::open(&settings.data_dir.join("releases"))?);
         let ingest = match &section.ingest_url {
             Some(url) => Some(psm_net::client::channel(
@@ -321,18 +322,21 @@ impl KeyshareService {
                     )
                     .map_err(KeyshareError::Peers)?,
                 ));
-                Some(Arc::new(LinearState::open(
-                    releases.clone(),
-                    Party {
-                        scheme,
-                        index: share.party_index - 1,
-                        names: manifest.party_names,
-                        flood_key: share.flood_key(),
-                        enrollment_secret,
-                    },
-                    registry,
-                    ingest.clone(),
-                )?))
+                Some(Arc::new(
+                    LinearState::open(
+                        releases.clone(),
+                        Party {
+                            scheme,
+                            index: share.party_index - 1,
+                            names: manifest.party_names,
+                            flood_key: share.flood_key(),
+                            enrollment_secret,
+                        },
+                        registry,
+                        ingest.clone(),
+                    )?
+                    .with_approvals(allowed.approved.clone()),
+                ))
             }
             None => {
                 tracing::warn!("no [keyshare] public_dir: the party names are unknown, so enrollments and linear-track releases are refused");

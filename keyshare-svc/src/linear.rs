@@ -127,6 +127,9 @@ pub struct LinearState {
     outputs: sled::Tree,
     /// cohort hash → members joined by '\n'.
     cohorts: sled::Tree,
+    /// Tariff hash → when the regulator approved it (`allowed_tariffs` with a date): the
+    /// earliest period start its dynamic prices may bill.
+    approved: BTreeMap<[u8; 32], i64>,
     sync_lock: tokio::sync::Mutex<()>,
     confirm_lock: tokio::sync::Mutex<()>,
     keys: Mutex<LruCache<[u8; 32], Arc<MeterKey>>>,
@@ -161,7 +164,53 @@ pub struct Limits {
     /// Fewest distinct local days a released bill band may cover (seasons and holidays could
     /// otherwise narrow a wide band onto one day).
     pub min_band_days: u32,
+    /// Highest dynamic price over lowest within one bill.
+    pub max_price_ratio: u32,
     pub billing_cycle: crate::policy::BillingCycle,
+}
+
+/// The band-width rule for one band of a bill: enough hours per week on average, spread over
+/// enough local days.
+fn band_width(
+    limits: Limits,
+    spec: &psm_core::linear::release::ReleaseSpec,
+    tariff: &psm_tariff::Tariff,
+    index: usize,
+    r: &[SlotRun],
+) -> Result<(), Refusal> {
+    // A band narrower than the minimum would isolate a few readings per bill.
+    let slots: u64 = r.iter().map(|x| x.end - x.start).sum();
+    let period = spec.end_slot - spec.start_slot;
+    let need = (u64::from(limits.min_band_hours_per_week) * 12 * period)
+        .div_ceil(7 * SLOTS_PER_DAY as u64);
+    if slots < need {
+        return Err(refuse(
+                Rule::BandWidth,
+                Code::FailedPrecondition,
+                format!(
+                    "band {index} covers {slots} five-minute slots of the period; this keyshare releases a bill only when every band with slots in it has at least {} hours per week ({need} slots here), whether asked for or not",
+                    limits.min_band_hours_per_week
+                ),
+            ));
+    }
+    // Wide enough in hours but on a few days (a season's sliver at the edge of a
+    // cycle, a holidays-only band): it would release those days' totals.
+    let days = tariff.local_days(
+        r.iter()
+            .map(|x| (x.start as i64 * SLOT_SECONDS, x.end as i64 * SLOT_SECONDS)),
+    );
+    if days < limits.min_band_days as usize {
+        return Err(refuse(
+                Rule::BandWidth,
+                Code::FailedPrecondition,
+                format!(
+                    "band {index} ({:?}) covers an hour or more on {days} local day(s) of the period; this keyshare releases a bill only when every band with slots in it is spread over at least {} days (min_band_days), whether asked for or not",
+                    tariff.bands.get(index).map_or("?", |b| b.name.as_str()),
+                    limits.min_band_days
+                ),
+            ));
+    }
+    Ok(())
 }
 
 fn seed_key(meter: &str, epoch: u32, share: usize) -> Vec<u8> {
@@ -228,12 +277,19 @@ impl LinearState {
             party,
             registry,
             ingest,
+            approved: BTreeMap::new(),
             sync_lock: tokio::sync::Mutex::new(()),
             confirm_lock: tokio::sync::Mutex::new(()),
             releases,
             keys: Mutex::new(LruCache::new(cap(COHORT_KEY_CACHE))),
             masks: Mutex::new(LruCache::new(cap(MASK_CACHE))),
         })
+    }
+
+    /// The approval dates of tariffs allowed with one (`allowed_tariffs`).
+    pub fn with_approvals(mut self, approved: BTreeMap<[u8; 32], i64>) -> Self {
+        self.approved = approved;
+        self
     }
 
     pub fn party(&self) -> &Party {
@@ -738,18 +794,18 @@ impl LinearState {
         let min_cohort = limits.min_cohort;
         let spec = &release.spec;
         if let Program::Bill(tariff) = &spec.program {
-            // Local days, so that a month with a daylight-saving change (23 hours short) counts
-            // as the days it has.
+            // Whole local days, so that a month with a daylight-saving change (23 hours short)
+            // counts as the days it has.
             let (start, end) = (
                 spec.start_slot as i64 * SLOT_SECONDS,
                 spec.end_slot as i64 * SLOT_SECONDS,
             );
-            if tariff.started_days(start, end) < i64::from(limits.min_bill_days) {
+            if tariff.whole_days(start, end) < i64::from(limits.min_bill_days) {
                 return Err(refuse(
                     Rule::BillPeriod,
                     Code::FailedPrecondition,
                     format!(
-                        "a bill covers at least {} local day(s); this one covers {} .. {}",
+                        "a bill covers at least {} whole local day(s); this one covers {} .. {}",
                         limits.min_bill_days,
                         slot_time(spec.start_slot),
                         slot_time(spec.end_slot)
@@ -780,6 +836,52 @@ impl LinearState {
                 ),
             )?;
         }
+        if let (Some(prices), Program::Bill(_)) = (spec.prices(), &spec.program) {
+            let (start, end) = (
+                spec.start_slot as i64 * SLOT_SECONDS,
+                spec.end_slot as i64 * SLOT_SECONDS,
+            );
+            // Prices chosen once the period has begun could be fitted to what the utility has
+            // learnt of it; prices approved before are common to every meter on the tariff.
+            match self.approved.get(&spec.program_hash) {
+                None => {
+                    return Err(refuse(
+                        Rule::PriceSeries,
+                        Code::FailedPrecondition,
+                        format!(
+                            "tariff {} has dynamic prices, which this keyshare bills only for a tariff file listed in allowed_tariffs with the date it was approved ({{ file = ..., approved = ... }})",
+                            hex::encode(spec.program_hash)
+                        ),
+                    ))
+                }
+                Some(at) if *at > start => {
+                    return Err(refuse(
+                        Rule::PriceSeries,
+                        Code::FailedPrecondition,
+                        format!(
+                            "tariff {}'s dynamic prices were approved at {}, after the period starts ({}); prices are approved before the periods they price",
+                            hex::encode(spec.program_hash),
+                            slot_time((*at / SLOT_SECONDS).max(0) as u64),
+                            slot_time(spec.start_slot)
+                        ),
+                    ))
+                }
+                Some(_) => {}
+            }
+            let (lo, hi) = prices
+                .over(start, end)
+                .map_err(|e| refuse(Rule::Release, Code::InvalidArgument, e))?;
+            if hi > lo.saturating_mul(i64::from(limits.max_price_ratio)) {
+                return Err(refuse(
+                    Rule::PriceSeries,
+                    Code::FailedPrecondition,
+                    format!(
+                        "the dynamic prices over the period run from {lo} to {hi} milli-minor units per kWh; this keyshare bills prices within a ratio of {} (max_price_ratio), so one weighted sum cannot spell out single readings",
+                        limits.max_price_ratio
+                    ),
+                ));
+            }
+        }
         let mut headend = Vec::new();
         let mut private_members = Vec::with_capacity(release.cohorts.len());
         for (c, members) in release.cohorts.iter().enumerate() {
@@ -806,6 +908,17 @@ impl LinearState {
             .iter()
             .map(|c| psm_core::linear::release::cohort_hash(c))
             .collect();
+        // Every band with slots in a bill's period is judged, asked for or not: a narrow band
+        // left out of the request would still be the difference between the period's total
+        // (a tfhe-track tiered cost over the same period) and the bands released.
+        if let Program::Bill(tariff) = &spec.program {
+            let all: Vec<usize> = (0..spec.output_count()).collect();
+            for (index, r) in all.iter().zip(spec.runs_of(&all)) {
+                if !r.is_empty() {
+                    band_width(limits, spec, tariff, *index, &r)?;
+                }
+            }
+        }
         let indices: Vec<usize> = release.outputs.iter().map(|(i, _)| *i).collect();
         let mut runs = Vec::with_capacity(release.outputs.len());
         let mut output_hashes = Vec::with_capacity(release.outputs.len());
@@ -816,40 +929,6 @@ impl LinearState {
                     Code::InvalidArgument,
                     format!("output {index} has no slot in the range"),
                 ));
-            }
-            if let Program::Bill(tariff) = &spec.program {
-                // A band narrower than the minimum would isolate a few readings per bill.
-                let slots: u64 = r.iter().map(|x| x.end - x.start).sum();
-                let period = spec.end_slot - spec.start_slot;
-                let need = (u64::from(limits.min_band_hours_per_week) * 12 * period)
-                    .div_ceil(7 * SLOTS_PER_DAY as u64);
-                if slots < need {
-                    return Err(refuse(
-                        Rule::BandWidth,
-                        Code::FailedPrecondition,
-                        format!(
-                            "band {index} covers {slots} five-minute slots of the period; this keyshare releases bands of at least {} hours per week ({need} slots here)",
-                            limits.min_band_hours_per_week
-                        ),
-                    ));
-                }
-                // Wide enough in hours but on a few days (a season's sliver at the edge of a
-                // cycle, a holidays-only band): it would release those days' totals.
-                let days = tariff.local_days(
-                    r.iter()
-                        .map(|x| (x.start as i64 * SLOT_SECONDS, x.end as i64 * SLOT_SECONDS)),
-                );
-                if days < limits.min_band_days as usize {
-                    return Err(refuse(
-                        Rule::BandWidth,
-                        Code::FailedPrecondition,
-                        format!(
-                            "band {index} ({:?}) covers slots on {days} local day(s) of the period; this keyshare releases bands spread over at least {} days (min_band_days)",
-                            tariff.bands.get(*index).map_or("?", |b| b.name.as_str()),
-                            limits.min_band_days
-                        ),
-                    ));
-                }
             }
             psm_core::linear::release::check_noise(
                 self.party.scheme,
@@ -1323,6 +1402,7 @@ mod tests {
             min_bill_days: 1,
             min_band_hours_per_week: 4,
             min_band_days: 4,
+            max_price_ratio: 8,
             billing_cycle: crate::policy::BillingCycle::Any,
         }
     }
@@ -1975,9 +2055,9 @@ mod tests {
         let f = fixture(
             &(entry("m1", "meter") + "billing_day = 1\ntime_zone = \"America/New_York\"\n"),
         );
-        let utc_tariff = psm_proto::v1::Tariff {
-            name: "flat utc".into(),
-            time_zone: "UTC".into(),
+        let tariff = |zone: &str| psm_proto::v1::Tariff {
+            name: "flat".into(),
+            time_zone: zone.into(),
             bands: vec![psm_proto::v1::TariffBand {
                 name: "all".into(),
                 weekday_mask: 0x7f,
@@ -1990,12 +2070,12 @@ mod tests {
             currency: "USD".into(),
             ..Default::default()
         };
-        let release = |(start, end): (i64, i64)| {
+        let release = |zone: &str, (start, end): (i64, i64)| {
             release_from_proto(&LinearRelease {
                 kind: ComputationKind::Bill as i32,
                 epoch: 1,
                 channel: psm_proto::v1::Channel::Import as i32,
-                program: utc_tariff.encode_to_vec(),
+                program: tariff(zone).encode_to_vec(),
                 range: Some(TimeRange {
                     start_unix: start,
                     end_unix: end,
@@ -2015,21 +2095,213 @@ mod tests {
             billing_cycle: crate::policy::BillingCycle::Registered,
             ..limits(5)
         };
-        // January 2026 in UTC is the tariff's cycle, not the meter's: refused.
+        // A tariff in another zone than the registry's is refused outright, on the UTC month
+        // and on New York's: it would count days, seasons and bands on other local days.
         let utc = (1_767_225_600, 1_767_225_600 + 31 * 86_400);
+        let ny = (utc.0 + 5 * 3600, utc.1 + 5 * 3600);
+        for period in [utc, ny] {
+            let e = f
+                .state
+                .admit(release("UTC", period), registered, |_| true)
+                .err()
+                .unwrap();
+            assert_eq!(e.rule, "billing-cycle");
+            assert!(
+                e.status
+                    .message()
+                    .contains("registered in America/New_York"),
+                "{}",
+                e.status.message()
+            );
+        }
+        // In the meter's zone, its January is a cycle and the UTC month is not.
+        assert!(f
+            .state
+            .admit(release("America/New_York", ny), registered, |_| true)
+            .is_ok());
         let e = f
             .state
-            .admit(release(utc), registered, |_| true)
+            .admit(release("America/New_York", utc), registered, |_| true)
             .err()
             .unwrap();
         assert_eq!(e.rule, "billing-cycle");
+    }
+
+    /// A narrow band left out of a bill's request is still judged: otherwise the period's total
+    /// (a tfhe-track tiered cost over the same period) minus the released bands would be it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_narrow_band_left_out_of_the_request_still_refuses_the_bill() {
+        let f = fixture(&entry("m1", "meter"));
+        let band = |name: &str, mask: u32| psm_proto::v1::TariffBand {
+            name: name.into(),
+            weekday_mask: mask,
+            start_hour: 0,
+            end_hour: 24,
+            import_price_milli: 10_000,
+            export_price_milli: 0,
+            month_mask: 0,
+        };
+        // One holiday in January 2026 (UTC), its own band.
+        let t = psm_proto::v1::Tariff {
+            name: "holiday apart".into(),
+            time_zone: "UTC".into(),
+            bands: vec![band("rest", 0x7f), band("holiday", psm_tariff::HOLIDAY_BIT)],
+            holidays: vec!["2026-01-01".into()],
+            currency: "EUR".into(),
+            ..Default::default()
+        };
+        let jan = (1_767_225_600, 1_767_225_600 + 31 * 86_400);
+        let only_rest = release_from_proto(&LinearRelease {
+            kind: ComputationKind::Bill as i32,
+            epoch: 1,
+            channel: psm_proto::v1::Channel::Import as i32,
+            program: t.encode_to_vec(),
+            range: Some(TimeRange {
+                start_unix: jan.0,
+                end_unix: jan.1,
+            }),
+            cohorts: vec![Cohort {
+                meter_ids: vec!["m1".into()],
+            }],
+            outputs: vec![ReleaseOutput {
+                index: 0,
+                cohort: 0,
+            }],
+            reissue_reason: String::new(),
+        })
+        .unwrap();
+        let registered = Limits {
+            billing_cycle: crate::policy::BillingCycle::Registered,
+            ..limits(5)
+        };
+        let e = f
+            .state
+            .admit(only_rest, registered, |_| true)
+            .err()
+            .unwrap();
+        assert_eq!(e.rule, "band-width");
         assert!(
-            e.status.message().contains("America/New_York"),
+            e.status.message().contains("whether asked for or not"),
             "{}",
             e.status.message()
         );
-        // New York's January is, under the UTC tariff too.
-        let ny = (utc.0 + 5 * 3600, utc.1 + 5 * 3600);
-        assert!(f.state.admit(release(ny), registered, |_| true).is_ok());
+    }
+
+    /// Dynamic prices weigh one import output; they bill only when approved before the
+    /// period and within max_price_ratio.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn dynamic_prices_need_an_approval_before_the_period_and_a_bounded_spread() {
+        let mut f = fixture(&entry("m1", "meter"));
+        let jan = (1_767_225_600i64, 1_767_225_600 + 31 * 86_400);
+        let tariff = |prices: Vec<i64>| psm_proto::v1::Tariff {
+            name: "dynamic".into(),
+            time_zone: "UTC".into(),
+            bands: vec![psm_proto::v1::TariffBand {
+                name: "all".into(),
+                weekday_mask: 0x7f,
+                start_hour: 0,
+                end_hour: 24,
+                export_price_milli: 5_000,
+                ..Default::default()
+            }],
+            import_prices: Some(psm_proto::v1::PriceSeries {
+                interval_seconds: 3600,
+                start_unix: jan.0,
+                price_milli: prices,
+            }),
+            currency: "GBP".into(),
+            ..Default::default()
+        };
+        let hourly: Vec<i64> = (0..31 * 24).map(|h| 10_000 + (h % 24) * 1_000).collect();
+        let release = |t: &psm_proto::v1::Tariff, channel: psm_proto::v1::Channel| {
+            release_from_proto(&LinearRelease {
+                kind: ComputationKind::Bill as i32,
+                epoch: 1,
+                channel: channel as i32,
+                program: t.encode_to_vec(),
+                range: Some(TimeRange {
+                    start_unix: jan.0,
+                    end_unix: jan.1,
+                }),
+                cohorts: vec![Cohort {
+                    meter_ids: vec!["m1".into()],
+                }],
+                outputs: vec![ReleaseOutput {
+                    index: 0,
+                    cohort: 0,
+                }],
+                reissue_reason: String::new(),
+            })
+            .unwrap()
+        };
+        let import = psm_proto::v1::Channel::Import;
+        let t = tariff(hourly.clone());
+        let hash = *blake3::hash(&t.encode_to_vec()).as_bytes();
+        let rule = |r: Result<Admitted, Refusal>| r.err().map(|r| r.rule);
+        // Allowed by hash alone (allowed_programs, allow_any_program): no approval date.
+        assert_eq!(
+            rule(f.state.admit(release(&t, import), limits(5), |_| true)),
+            Some("price-series")
+        );
+        // Approved a day after the period started: the prices could be fitted to it.
+        f.state.approved.insert(hash, jan.0 + 86_400);
+        let late = f
+            .state
+            .admit(release(&t, import), limits(5), |_| true)
+            .err()
+            .unwrap();
+        assert_eq!(late.rule, "price-series");
+        assert!(
+            late.status.message().contains("after the period starts"),
+            "{}",
+            late.status.message()
+        );
+        // Approved before: one output, every slot weighted by its hour's price.
+        f.state.approved.insert(hash, jan.0 - 86_400);
+        let a = f
+            .state
+            .admit(release(&t, import), limits(5), |_| true)
+            .unwrap();
+        assert_eq!(a.runs.len(), 1);
+        let weights: Vec<i64> = a.runs[0]
+            .iter()
+            .flat_map(|r| (r.start..r.end).map(move |_| r.weight))
+            .collect();
+        assert_eq!(weights.len(), 31 * 288);
+        assert!(weights
+            .chunks(12)
+            .zip(&hourly)
+            .all(|(w, p)| w.iter().all(|x| x == p)));
+        // The export channel of the same tariff is per band, weight 1.
+        let e = f
+            .state
+            .admit(
+                release(&t, psm_proto::v1::Channel::Export),
+                limits(5),
+                |_| true,
+            )
+            .unwrap();
+        assert!(e.runs[0].iter().all(|r| r.weight == 1));
+        // Prices 1,000 and 100,000 in one period: a spread of 100 would let one weighted sum
+        // separate readings; the keyshare bills spreads up to max_price_ratio (8).
+        let mut wide = hourly.clone();
+        wide[5] = 1_000;
+        wide[6] = 100_000;
+        let wt = tariff(wide);
+        f.state.approved.insert(
+            *blake3::hash(&wt.encode_to_vec()).as_bytes(),
+            jan.0 - 86_400,
+        );
+        let e = f
+            .state
+            .admit(release(&wt, import), limits(5), |_| true)
+            .err()
+            .unwrap();
+        assert_eq!(e.rule, "price-series");
+        assert!(
+            e.status.message().contains("max_price_ratio"),
+            "{}",
+            e.status.message()
+        );
     }
 }

@@ -68,12 +68,33 @@ pub struct PolicyConfig {
     /// lists could otherwise narrow a band onto a single day and release that day's total.
     pub min_band_days: u32,
     /// Tariff files (TOML, docs/tariffs.md) this keyshare allows, in addition to
-    /// `allowed_programs`: each is allowed by the hash `psm tariff check` prints for it.
-    pub allowed_tariffs: Vec<PathBuf>,
+    /// `allowed_programs`: each is allowed by the hash `psm tariff check` prints for it. A file
+    /// given with the date it was approved (`{ file = "...", approved = "2026-01-01T00:00:00Z" }`)
+    /// may also carry dynamic prices, for periods starting from then.
+    pub allowed_tariffs: Vec<AllowedTariff>,
+    /// Highest dynamic price over lowest, within one bill: with prices 1, 2^11 and 2^22 on
+    /// three slots, one weighted sum would spell out three readings.
+    pub max_price_ratio: u32,
     /// `"registered"`: a bill covers exactly one billing cycle of the meter's registry
     /// `billing_day`, local midnight to local midnight in the tariff's time zone. `"any"`: any
     /// period of at least `min_bill_days` (development and tests; logged at start).
     pub billing_cycle: BillingCycle,
+}
+
+/// One entry of `allowed_tariffs`: a file, or a file and when it was approved.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum AllowedTariff {
+    File(PathBuf),
+    Approved { file: PathBuf, approved: String },
+}
+
+/// What `[keyshare.policy]` allows programs by: every allowed hash, and for tariffs approved on
+/// a stated date that date (Unix seconds).
+#[derive(Debug, Clone, Default)]
+pub struct Allowed {
+    pub programs: BTreeSet<[u8; 32]>,
+    pub approved: std::collections::BTreeMap<[u8; 32], i64>,
 }
 
 /// Which periods bills may cover (`[keyshare.policy] billing_cycle`).
@@ -96,14 +117,15 @@ impl Default for PolicyConfig {
             min_band_hours_per_week: 4,
             min_band_days: 4,
             allowed_tariffs: Vec::new(),
+            max_price_ratio: 8,
             billing_cycle: BillingCycle::Registered,
         }
     }
 }
 
 impl PolicyConfig {
-    /// Checks the configuration; returns the allowed program hashes.
-    pub fn validate(&self) -> Result<BTreeSet<[u8; 32]>, String> {
+    /// Checks the configuration; returns the allowed program hashes and approval dates.
+    pub fn validate(&self) -> Result<Allowed, String> {
         if self.min_cohort == 0 {
             return Err("[keyshare.policy] min_cohort must be at least 1".into());
         }
@@ -115,6 +137,9 @@ impl PolicyConfig {
         }
         if self.min_band_days == 0 || self.min_band_days > 31 {
             return Err("[keyshare.policy] min_band_days is 1..=31".into());
+        }
+        if self.max_price_ratio == 0 {
+            return Err("[keyshare.policy] max_price_ratio is at least 1".into());
         }
         let mut allowed = self
             .allowed_programs
@@ -128,12 +153,29 @@ impl PolicyConfig {
                     })
             })
             .collect::<Result<BTreeSet<_>, _>>()?;
-        for path in &self.allowed_tariffs {
+        let mut approved = std::collections::BTreeMap::new();
+        for entry in &self.allowed_tariffs {
+            let (path, date) = match entry {
+                AllowedTariff::File(p) => (p, None),
+                AllowedTariff::Approved { file, approved } => (file, Some(approved)),
+            };
             let checked = psm_tariff::file::load(path)
                 .map_err(|e| format!("[keyshare.policy] allowed_tariffs: {e}"))?;
             allowed.insert(checked.hash);
+            if let Some(d) = date {
+                let at = chrono::DateTime::parse_from_rfc3339(d).map_err(|e| {
+                    format!(
+                        "[keyshare.policy] allowed_tariffs: {}: approved = {d:?} is not an RFC 3339 time: {e}",
+                        path.display()
+                    )
+                })?;
+                approved.insert(checked.hash, at.timestamp());
+            }
         }
-        Ok(allowed)
+        Ok(Allowed {
+            programs: allowed,
+            approved,
+        })
     }
 
     /// The numbers linear-track releases are judged by.
@@ -144,6 +186,7 @@ impl PolicyConfig {
             min_bill_days: self.min_bill_days,
             min_band_hours_per_week: self.min_band_hours_per_week,
             min_band_days: self.min_band_days,
+            max_price_ratio: self.max_price_ratio,
             billing_cycle: self.billing_cycle,
         }
     }
@@ -166,6 +209,18 @@ pub fn check_billing_cycle(
     let (day, zone) = registry
         .billing_cycle(meter)
         .ok_or_else(|| crate::linear::not_registered(meter))?;
+    // A tariff in another zone would count days, months, seasons and bands on other local days
+    // than the cycle's, leaving slivers of days at its edges.
+    if let Some(z) = zone.filter(|z| *z != tariff.tz) {
+        return Err(precondition(
+            Rule::BillingCycle,
+            format!(
+                "meter {meter} is registered in {}; its bills use tariffs in that time zone, not {}",
+                z.name(),
+                tariff.tz.name()
+            ),
+        ));
+    }
     psm_tariff::check_cycle(zone.unwrap_or(tariff.tz), day, start_unix, end_unix)
         .map_err(|e| precondition(Rule::BillingCycle, format!("meter {meter}: {}", e.0)))
 }

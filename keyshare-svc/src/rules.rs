@@ -21,6 +21,7 @@ pub enum Rule {
     BillShape,
     BillPeriod,
     BillingCycle,
+    PriceSeries,
     AnalyticsShape,
     BandWidth,
     NoiseBound,
@@ -39,7 +40,7 @@ pub enum Rule {
 
 impl Rule {
     /// Every rule, in the order of the docs' index.
-    pub const ALL: [Rule; 28] = [
+    pub const ALL: [Rule; 29] = [
         Rule::RateLimit,
         Rule::WellFormed,
         Rule::KnownKey,
@@ -54,6 +55,7 @@ impl Rule {
         Rule::BillShape,
         Rule::BillPeriod,
         Rule::BillingCycle,
+        Rule::PriceSeries,
         Rule::AnalyticsShape,
         Rule::BandWidth,
         Rule::NoiseBound,
@@ -87,6 +89,7 @@ impl Rule {
             Rule::BillShape => "bill-shape",
             Rule::BillPeriod => "bill-period",
             Rule::BillingCycle => "billing-cycle",
+            Rule::PriceSeries => "price-series",
             Rule::AnalyticsShape => "analytics-shape",
             Rule::BandWidth => "band-width",
             Rule::NoiseBound => "noise-bound",
@@ -124,6 +127,7 @@ impl Rule {
             | Rule::BillShape
             | Rule::BillPeriod
             | Rule::BillingCycle
+            | Rule::PriceSeries
             | Rule::AnalyticsShape
             | Rule::BandWidth
             | Rule::OutputHash
@@ -149,6 +153,7 @@ impl Rule {
             | Rule::LinearTrack
             | Rule::Registry
             | Rule::BandWidth
+            | Rule::PriceSeries
             | Rule::Enrollment => "Release",
             Rule::DeviceSignature => "enrollments, PartialDecrypt inputs",
             _ => "PartialDecrypt",
@@ -166,12 +171,13 @@ impl Rule {
             Rule::Manifest => "a manifest that is malformed, not canonical, or names an aggregate",
             Rule::Release => "a linear release that is malformed or not canonical",
             Rule::LinearTrack => "a linear release at a keyshare without `[keyshare] public_dir`",
-            Rule::AllowedProgram => "a tariff or query whose hash is not in `allowed_programs`",
+            Rule::AllowedProgram => "a tariff or query whose hash is not in `allowed_programs` nor that of a file in `allowed_tariffs`",
             Rule::Registry => "a member that is not on this keyshare's registry",
             Rule::KAnonymity => "a cohort with fewer than `min_cohort` (meter-encrypted) members",
             Rule::BillShape => "a tfhe-track bill not of one meter over every day of its period",
-            Rule::BillPeriod => "a bill shorter than `min_bill_days`",
-            Rule::BillingCycle => "a bill whose period is not one billing cycle of the meter's registered `billing_day`, in the tariff's time zone",
+            Rule::BillPeriod => "a bill shorter than `min_bill_days` (whole local days on the linear track)",
+            Rule::PriceSeries => "a bill at dynamic prices whose tariff has no approval date before the period, or whose prices over it spread wider than `max_price_ratio`",
+            Rule::BillingCycle => "a bill whose period is not one billing cycle of the meter's registered `billing_day`, in its registered `time_zone` (a tariff in another zone is refused) or else the tariff's",
             Rule::AnalyticsShape => "a histogram not over every day of its range for every member",
             Rule::BandWidth => "a bill band narrower than `min_band_hours_per_week`, or on fewer than `min_band_days` local days",
             Rule::NoiseBound => "an output whose noise, flooding or sum could break decoding",

@@ -35,6 +35,9 @@ struct File {
     demand_rate_per_kw: f64,
     #[serde(default)]
     net_per_band: bool,
+    /// A CSV of `start,price` (next to the tariff file unless absolute).
+    #[serde(default)]
+    import_prices: Option<String>,
     #[serde(default)]
     holidays: Vec<String>,
     #[serde(default)]
@@ -142,8 +145,93 @@ fn days(list: &[String], band: &str) -> Result<u32, TariffError> {
     Ok(mask)
 }
 
-/// Parses a tariff file's text into its wire form (not yet validated).
-pub fn parse(text: &str) -> Result<Wire, TariffError> {
+/// Most bytes of a price series file.
+pub const MAX_PRICES_BYTES: u64 = 4 << 20;
+
+/// Parses a price series: `start,price` rows (a header is allowed), `start` in Unix seconds or
+/// RFC 3339 with an offset, `price` in minor units per kWh with at most 3 decimals, one row per
+/// interval without gaps. Errors name the line.
+pub fn parse_prices(text: &str) -> Result<psm_proto::v1::PriceSeries, TariffError> {
+    let mut reader = csv::ReaderBuilder::new()
+        .has_headers(false)
+        .trim(csv::Trim::All)
+        .comment(Some(b'#'))
+        .from_reader(text.as_bytes());
+    let mut rows: Vec<(i64, i64, u64)> = Vec::new();
+    for (n, rec) in reader.records().enumerate() {
+        let rec = rec.map_err(|e| bad(format!("prices: {e}")))?;
+        let line = rec.position().map_or(n as u64 + 1, |p| p.line());
+        let (Some(start), Some(price)) = (rec.get(0), rec.get(1)) else {
+            return Err(bad(format!("prices line {line}: expected start,price")));
+        };
+        if n == 0
+            && start.parse::<i64>().is_err()
+            && chrono::DateTime::parse_from_rfc3339(start).is_err()
+        {
+            continue; // a header
+        }
+        let t = match start.parse::<i64>() {
+            Ok(t) => t,
+            Err(_) => chrono::DateTime::parse_from_rfc3339(start)
+                .map_err(|e| bad(format!("prices line {line}: start {start:?}: {e}")))?
+                .timestamp(),
+        };
+        let x: f64 = price.parse().map_err(|_| {
+            bad(format!(
+                "prices line {line}: price {price:?} is not a number"
+            ))
+        })?;
+        rows.push((
+            t,
+            fixed_point(x, 3, &format!("prices line {line}: price"))?,
+            line,
+        ));
+    }
+    let (Some(first), Some(second)) = (rows.first(), rows.get(1)) else {
+        return Err(bad("prices: at least two rows, one per interval"));
+    };
+    let interval = second.0 - first.0;
+    for w in rows.windows(2) {
+        if w[1].0 - w[0].0 != interval {
+            return Err(bad(format!(
+                "prices line {}: starts {} s after the row before; the series' intervals are {interval} s, one row each, without gaps",
+                w[1].2,
+                w[1].0 - w[0].0
+            )));
+        }
+    }
+    Ok(psm_proto::v1::PriceSeries {
+        interval_seconds: u32::try_from(interval)
+            .map_err(|_| bad(format!("prices: interval {interval} s")))?,
+        start_unix: first.0,
+        price_milli: rows.iter().map(|r| r.1).collect(),
+    })
+}
+
+/// Parses a tariff file's text into its wire form (not yet validated), reading a price series
+/// it names from `dir`.
+pub fn parse_in(text: &str, dir: Option<&Path>) -> Result<Wire, TariffError> {
+    let (mut wire, prices) = parse_file(text)?;
+    if let Some(name) = prices {
+        let path = match dir {
+            Some(d) => d.join(&name),
+            None => Path::new(&name).to_path_buf(),
+        };
+        let named = |e: String| bad(format!("{}: {e}", path.display()));
+        let len = std::fs::metadata(&path)
+            .map_err(|e| named(e.to_string()))?
+            .len();
+        if len > MAX_PRICES_BYTES {
+            return Err(named(format!("{len} bytes; at most {MAX_PRICES_BYTES}")));
+        }
+        let text = std::fs::read_to_string(&path).map_err(|e| named(e.to_string()))?;
+        wire.import_prices = Some(parse_prices(&text).map_err(|e| named(e.0))?);
+    }
+    Ok(wire)
+}
+
+/// The wire form of a tariff file's text, and the price series file it names.
+fn parse_file(text: &str) -> Result<(Wire, Option<String>), TariffError> {
     let f: File = toml::from_str(text).map_err(|e| bad(e.to_string()))?;
     let mut seasons = BTreeMap::new();
     for (name, months) in &f.seasons {
@@ -214,7 +302,7 @@ pub fn parse(text: &str) -> Result<Wire, TariffError> {
         });
     }
     let vat = fixed_point(f.vat_percent, 2, "vat_percent")?;
-    Ok(Wire {
+    let wire = Wire {
         name: f.name,
         time_zone: f.time_zone,
         bands,
@@ -229,12 +317,14 @@ pub fn parse(text: &str) -> Result<Wire, TariffError> {
         fixed_charge_per_month: f.fixed_charge_per_month,
         minimum_charge_per_month: f.minimum_charge_per_month,
         net_per_band: f.net_per_band,
-    })
+        import_prices: None,
+    };
+    Ok((wire, f.import_prices))
 }
 
-/// Parses and validates a tariff file's text.
-pub fn check(text: &str) -> Result<Checked, TariffError> {
-    let wire = parse(text)?;
+/// Parses and validates a tariff file's text (a price series it names is read from `dir`).
+pub fn check_in(text: &str, dir: Option<&Path>) -> Result<Checked, TariffError> {
+    let wire = parse_in(text, dir)?;
     if !(wire.currency.len() == 3 && wire.currency.bytes().all(|b| b.is_ascii_uppercase())) {
         return Err(bad(format!(
             "currency {:?} is not an ISO 4217 code (three capital letters)",
@@ -261,7 +351,12 @@ pub fn load(path: &Path) -> Result<Checked, TariffError> {
         )));
     }
     let text = std::fs::read_to_string(path).map_err(|e| named(e.to_string()))?;
-    check(&text).map_err(|e| named(e.0))
+    check_in(&text, path.parent()).map_err(|e| named(e.0))
+}
+
+/// Parses and validates a tariff file's text that names no price series file.
+pub fn check(text: &str) -> Result<Checked, TariffError> {
+    check_in(text, None)
 }
 
 #[cfg(test)]
@@ -404,5 +499,97 @@ price = 30.25
                 .0
                 .contains("leave it out")
         );
+    }
+}
+
+#[cfg(test)]
+mod price_tests {
+    use super::*;
+
+    const FLAT: &str = r#"
+name = "agile-like"
+time_zone = "Europe/London"
+currency = "GBP"
+standing_charge_per_day = 45
+import_prices = "prices.csv"
+[[band]]
+name = "all"
+days = ["all"]
+hours = [0, 24]
+import_price = 0
+export_price = 15
+"#;
+
+    #[test]
+    fn a_tariff_file_names_its_price_series() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut csv = String::from("start,price\n");
+        for h in 0..48 {
+            csv.push_str(&format!(
+                "{},{}.{:03}\n",
+                1_767_225_600 + h * 1800,
+                10 + h,
+                h
+            ));
+        }
+        std::fs::write(dir.path().join("prices.csv"), &csv).unwrap();
+        std::fs::write(dir.path().join("t.toml"), FLAT).unwrap();
+        let c = load(&dir.path().join("t.toml")).unwrap();
+        let p = c.tariff.import_prices.as_ref().unwrap();
+        assert_eq!((p.interval_seconds, p.start_unix), (1800, 1_767_225_600));
+        assert_eq!(p.price_milli[1], 11_001);
+        assert_eq!(p.at(1_767_225_600 + 1799), Some(10_000));
+        assert_eq!(p.at(1_767_225_600 + 48 * 1800), None);
+        assert_eq!(
+            p.over(1_767_225_600, 1_767_225_600 + 3600).unwrap(),
+            (10_000, 11_001)
+        );
+        assert!(p.over(1_767_225_600 - 1800, 1_767_225_600).is_err());
+        // The hash covers every price.
+        std::fs::write(
+            dir.path().join("prices.csv"),
+            csv.replace(",11.001", ",11.002"),
+        )
+        .unwrap();
+        assert_ne!(load(&dir.path().join("t.toml")).unwrap().hash, c.hash);
+        // Without the file at hand the tariff cannot be checked.
+        assert!(check(FLAT).unwrap_err().0.contains("prices.csv"));
+    }
+
+    #[test]
+    fn price_series_mistakes_are_named() {
+        let e = parse_prices("0,1\n1800,2\n5400,3\n").unwrap_err();
+        assert!(
+            e.0.contains("line 3") && e.0.contains("without gaps"),
+            "{e}"
+        );
+        let e = parse_prices("0,1\n1800,abc\n").unwrap_err();
+        assert!(e.0.contains("line 2"), "{e}");
+        assert!(parse_prices("0,1\n").is_err());
+        let series = |prices: Vec<i64>, start: i64, interval: u32| psm_proto::v1::Tariff {
+            name: "t".into(),
+            time_zone: "UTC".into(),
+            bands: vec![psm_proto::v1::TariffBand {
+                name: "all".into(),
+                weekday_mask: 0x7F,
+                start_hour: 0,
+                end_hour: 24,
+                ..Default::default()
+            }],
+            import_prices: Some(psm_proto::v1::PriceSeries {
+                interval_seconds: interval,
+                start_unix: start,
+                price_milli: prices,
+            }),
+            ..Default::default()
+        };
+        let err = |t| crate::from_proto(&t).unwrap_err().0;
+        assert!(err(series(vec![0, 5], 0, 1800)).contains("positive"));
+        assert!(err(series(vec![-5, 5], 0, 1800)).contains("positive"));
+        assert!(err(series(vec![(1 << 20) + 1], 0, 1800)).contains("1..=1048576"));
+        assert!(err(series(vec![5], 900, 1800)).contains("boundary"));
+        assert!(err(series(vec![5], 0, 600)).contains("600 s"));
+        assert!(err(series(vec![], 0, 1800)).contains("1..="));
+        assert!(crate::from_proto(&series(vec![5, 6], 0, 1800)).is_ok());
     }
 }

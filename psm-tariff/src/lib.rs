@@ -67,12 +67,114 @@ pub struct Tariff {
     pub tiers: Vec<Tier>,
     /// Net each band's export against its import before pricing.
     pub net_per_band: bool,
+    /// Dynamic import prices: import is charged Σ price × energy per interval instead of per
+    /// band.
+    pub import_prices: Option<PriceSeries>,
     /// Band index of every (month, day type, hour): day type 7 is a holiday.
     grid: Box<[[[u8; 24]; 8]; 12]>,
 }
 
 /// Largest price accepted (milli-minor units per kWh): 1,000 currency units per kWh.
 pub const MAX_PRICE_MILLI: i64 = 100_000_000;
+
+/// Largest dynamic price, milli-minor units per kWh: the largest weight a linear release takes
+/// (psm_core::linear::MAX_WEIGHT), about 1,049 currency units per kWh.
+pub const MAX_DYNAMIC_PRICE_MILLI: i64 = 1 << 20;
+
+/// Most prices in a series: 62 days of 5-minute intervals (the longest bill).
+pub const MAX_SERIES_PRICES: usize = 62 * 288;
+
+/// Interval lengths a price series may have, seconds.
+pub const SERIES_INTERVALS: [i64; 4] = [300, 900, 1800, 3600];
+
+/// A validated series of per-interval prices.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PriceSeries {
+    pub interval_seconds: i64,
+    pub start_unix: i64,
+    /// Milli-minor units per kWh, each 1..=[`MAX_DYNAMIC_PRICE_MILLI`].
+    pub price_milli: Vec<i64>,
+}
+
+impl PriceSeries {
+    /// End of the last interval, UTC seconds.
+    pub fn end_unix(&self) -> i64 {
+        self.start_unix + self.interval_seconds * self.price_milli.len() as i64
+    }
+
+    /// The price of the interval holding `unix`, if the series covers it.
+    pub fn at(&self, unix: i64) -> Option<i64> {
+        if unix < self.start_unix {
+            return None;
+        }
+        let i = ((unix - self.start_unix) / self.interval_seconds) as usize;
+        self.price_milli.get(i).copied()
+    }
+
+    /// Checks that the series prices every instant of [start, end); returns the lowest and
+    /// highest price over it.
+    pub fn over(&self, start_unix: i64, end_unix: i64) -> Result<(i64, i64), TariffError> {
+        if start_unix < self.start_unix || end_unix > self.end_unix() {
+            return Err(bad(format!(
+                "the price series covers {} .. {} (UTC seconds), not the whole period {start_unix} .. {end_unix}",
+                self.start_unix,
+                self.end_unix()
+            )));
+        }
+        let first = ((start_unix - self.start_unix) / self.interval_seconds) as usize;
+        let last = ((end_unix - 1 - self.start_unix) / self.interval_seconds) as usize;
+        let prices = &self.price_milli[first..=last];
+        Ok((
+            prices.iter().copied().min().unwrap_or(0),
+            prices.iter().copied().max().unwrap_or(0),
+        ))
+    }
+
+    fn from_proto(p: &psm_proto::v1::PriceSeries) -> Result<Self, TariffError> {
+        let interval = i64::from(p.interval_seconds);
+        if !SERIES_INTERVALS.contains(&interval) {
+            return Err(bad(format!(
+                "price series interval {interval} s: 300, 900, 1800 or 3600"
+            )));
+        }
+        if p.start_unix < 0 || p.start_unix % interval != 0 {
+            return Err(bad(format!(
+                "the price series starts at {}, not on a {interval}-s boundary",
+                p.start_unix
+            )));
+        }
+        if p.price_milli.is_empty() || p.price_milli.len() > MAX_SERIES_PRICES {
+            return Err(bad(format!(
+                "a price series has 1..={MAX_SERIES_PRICES} prices, not {}",
+                p.price_milli.len()
+            )));
+        }
+        if let Some((i, x)) = p
+            .price_milli
+            .iter()
+            .enumerate()
+            .find(|(_, x)| !(1..=MAX_DYNAMIC_PRICE_MILLI).contains(*x))
+        {
+            return Err(bad(format!(
+                "price {i} of the series is {x} milli-minor units per kWh; dynamic prices are 1..={MAX_DYNAMIC_PRICE_MILLI} (positive: a release's weights)"
+            )));
+        }
+        Ok(PriceSeries {
+            interval_seconds: interval,
+            start_unix: p.start_unix,
+            price_milli: p.price_milli.clone(),
+        })
+    }
+}
+
+/// The bill line of dynamic import prices, from the released Σ price × Wh.
+pub fn dynamic_import_line(weighted: i128, prices: usize) -> Line {
+    Line {
+        description: format!("import at dynamic prices ({prices} prices)"),
+        energy_wh: 0,
+        amount: div_round(weighted, 1_000_000) as i64,
+    }
+}
 
 /// Largest standing, fixed or minimum charge (minor units per day or month).
 pub const MAX_CHARGE: i64 = 100_000_000;
@@ -127,8 +229,8 @@ pub fn parse_date(s: &str) -> Result<NaiveDate, TariffError> {
 /// The first instant of a local date in `tz` (local midnight, or the end of a daylight-saving
 /// gap that swallows it), UTC seconds: where local-date periods start and end.
 pub fn day_start(tz: Tz, date: NaiveDate) -> Option<i64> {
-    (0..24).find_map(|h| {
-        tz.from_local_datetime(&date.and_hms_opt(h, 0, 0)?)
+    (0..288).find_map(|k| {
+        tz.from_local_datetime(&date.and_hms_opt(k / 12, k % 12 * 5, 0)?)
             .earliest()
             .map(|t| t.timestamp())
     })
@@ -212,24 +314,52 @@ impl Tariff {
         }
     }
 
-    /// Distinct local dates that the UTC ranges [start, end) touch: how many days a band's
-    /// slots are spread over.
+    /// Whole local days inside [start, end): days whose start and end (local midnights) both
+    /// fall in it. A February cycle over the spring change is 28 days though 23 hours short of
+    /// 28 × 24; a quarter of an hour is none.
+    pub fn whole_days(&self, start_unix: i64, end_unix: i64) -> i64 {
+        let (Some(first), Some(last)) = (
+            self.local(start_unix).map(|d| d.date_naive()),
+            self.local(end_unix).map(|d| d.date_naive()),
+        ) else {
+            return 0;
+        };
+        first
+            .iter_days()
+            .take_while(|d| *d <= last)
+            .take(400)
+            .filter(|d| {
+                match (
+                    day_start(self.tz, *d),
+                    d.succ_opt().and_then(|n| day_start(self.tz, n)),
+                ) {
+                    (Some(a), Some(b)) => a >= start_unix && b <= end_unix,
+                    _ => false,
+                }
+            })
+            .count() as i64
+    }
+
+    /// Local dates on which the UTC ranges [start, end) hold an hour or more: how many days a
+    /// band's slots are spread over (a few minutes at a period's edge are not a day).
     pub fn local_days(&self, ranges: impl IntoIterator<Item = (i64, i64)>) -> usize {
-        let mut days = BTreeSet::new();
+        let mut seconds: std::collections::BTreeMap<NaiveDate, i64> = Default::default();
         for (start, end) in ranges {
             let mut at = start;
             while at < end {
                 let Some(date) = self.local(at).map(|d| d.date_naive()) else {
                     break;
                 };
-                days.insert(date);
-                match date.succ_opt().and_then(|n| day_start(self.tz, n)) {
-                    Some(next) if next > at => at = next,
-                    _ => break,
-                }
+                let next = date
+                    .succ_opt()
+                    .and_then(|n| day_start(self.tz, n))
+                    .filter(|n| *n > at)
+                    .unwrap_or(end);
+                *seconds.entry(date).or_default() += next.min(end) - at;
+                at = next;
             }
         }
-        days.len()
+        seconds.values().filter(|s| **s >= 3600).count()
     }
 
     /// Months of [start, end) as a fraction (numerator, denominator): whole months from the
@@ -278,6 +408,9 @@ impl Tariff {
     pub fn check_in_force(&self, start_unix: i64, end_unix: i64) -> Result<(), TariffError> {
         let first = self.local(start_unix).map(|d| d.date_naive());
         let last = self.local(end_unix - 1).map(|d| d.date_naive());
+        if first.is_none() || last.is_none() {
+            return Err(bad("the period is outside the calendar"));
+        }
         if let (Some(from), Some(first)) = (self.effective_from, first) {
             if first < from {
                 return Err(bad(format!(
@@ -446,6 +579,11 @@ pub fn from_proto(t: &psm_proto::v1::Tariff) -> Result<Tariff, TariffError> {
         demand_rate_per_kw_milli: t.demand_rate_per_kw_milli,
         tiers: tiers(&tier_list)?,
         net_per_band: t.net_per_band,
+        import_prices: t
+            .import_prices
+            .as_ref()
+            .map(PriceSeries::from_proto)
+            .transpose()?,
         grid,
     })
 }
@@ -587,6 +725,22 @@ pub fn price(
     let mut lines: Vec<Line> = Vec::new();
     for (i, b) in t.bands.iter().enumerate() {
         let wh = import_wh.get(i).copied().unwrap_or(0);
+        if t.import_prices.is_some() {
+            // Import is priced per interval (a `dynamic_import_line` among `extra`); export per
+            // band.
+            let out = export_wh.get(i).copied().unwrap_or(0);
+            if out > 0 {
+                lines.push(Line {
+                    description: format!("{} export", b.name),
+                    energy_wh: -out,
+                    amount: div_round(
+                        -i128::from(out) * i128::from(b.export_price_milli),
+                        1_000_000,
+                    ) as i64,
+                });
+            }
+            continue;
+        }
         if t.net_per_band {
             let net = wh - export_wh.get(i).copied().unwrap_or(0);
             let rate = if net >= 0 {
@@ -928,6 +1082,11 @@ mod tests {
         // last day), then 3 days of the 31 to March 31.
         assert_eq!(t.months(ny(2027, 4, 1), ny(2027, 4, 11)), (10, 30));
         assert_eq!(t.months(ny(2027, 1, 31), ny(2027, 3, 3)), (31 + 3, 31));
+        // Whole local days: the March cycle is 28 though 23 hours short; 15 minutes is none;
+        // a day from 00:05 is not whole.
+        assert_eq!(t.whole_days(ny(2027, 2, 15), ny(2027, 3, 15)), 28);
+        assert_eq!(t.whole_days(ny(2027, 2, 15), ny(2027, 2, 15) + 900), 0);
+        assert_eq!(t.whole_days(ny(2027, 2, 15) + 300, ny(2027, 2, 17)), 1);
     }
 
     #[test]
@@ -1038,5 +1197,32 @@ mod tests {
         );
         let e = t.check_cycle(28, jan.0, jan.1).unwrap_err();
         assert!(e.0.contains("nearest cycle is 2026-12-28"), "{e}");
+    }
+
+    #[test]
+    fn dynamic_import_is_one_line_and_export_stays_per_band() {
+        let mut w = wire("UTC", vec![band("all", 0x7F, 0, 24, 99_999, 4_000)], 10, 0);
+        w.import_prices = Some(psm_proto::v1::PriceSeries {
+            interval_seconds: 3600,
+            start_unix: 0,
+            price_milli: vec![20_000; 24],
+        });
+        let t = from_proto(&w).unwrap();
+        // 10 kWh at 20.0 released as Σ price × Wh = 200,000,000.
+        let dynamic = dynamic_import_line(200_000_000, 24);
+        let b = price(&t, &[], &[2_500], (0, 86_400), vec![dynamic]);
+        let lines: Vec<(&str, i64, i64)> = b
+            .lines
+            .iter()
+            .map(|l| (l.description.as_str(), l.energy_wh, l.amount))
+            .collect();
+        assert_eq!(
+            lines,
+            vec![
+                ("all export", -2_500, -10),
+                ("import at dynamic prices (24 prices)", 0, 200)
+            ]
+        );
+        assert_eq!(b.total, 200 - 10 + 10);
     }
 }

@@ -76,6 +76,14 @@ pub fn run(cmd: TariffCommand) -> anyhow::Result<()> {
                     "vat_basis_points": w.vat_basis_points,
                     "demand_rate_per_kw_milli": w.demand_rate_per_kw_milli,
                     "tiers": w.tiers.iter().map(|t| json!({"up_to_kwh": t.up_to_kwh, "price_milli": t.price_milli})).collect::<Vec<_>>(),
+                    "import_prices": c.tariff.import_prices.as_ref().map(|p| json!({
+                        "interval_seconds": p.interval_seconds,
+                        "start_unix": p.start_unix,
+                        "end_unix": p.end_unix(),
+                        "count": p.price_milli.len(),
+                        "min_milli": p.price_milli.iter().min(),
+                        "max_milli": p.price_milli.iter().max(),
+                    })),
                 });
                 println!("{}", serde_json::to_string_pretty(&out)?);
                 return Ok(());
@@ -119,13 +127,31 @@ pub fn run(cmd: TariffCommand) -> anyhow::Result<()> {
             }
             println!("{t}");
             println!(
-                "standing charge {} per day, fixed charge {} per month, minimum {} per month, VAT {} bp (minor units); {} holidays",
+                "standing charge {} per day, fixed charge {} per month, minimum {} per month, VAT {} bp (minor units){}",
                 w.standing_charge_per_day,
                 w.fixed_charge_per_month,
                 w.minimum_charge_per_month,
                 w.vat_basis_points,
-                w.holidays.len()
+                if w.net_per_band { "; net metering per band" } else { "" }
             );
+            if !w.holidays.is_empty() {
+                println!("holidays: {}", w.holidays.join(", "));
+            }
+            if let Some(p) = &c.tariff.import_prices {
+                let (lo, hi) = (
+                    p.price_milli.iter().min().copied().unwrap_or(0),
+                    p.price_milli.iter().max().copied().unwrap_or(0),
+                );
+                println!(
+                    "dynamic import prices: {} of {} s from {} (UTC seconds), {} to {} per kWh (ratio {:.2}); keyshares bill them only with an approval date before the period",
+                    p.price_milli.len(),
+                    p.interval_seconds,
+                    p.start_unix,
+                    price(lo),
+                    price(hi),
+                    hi as f64 / lo.max(1) as f64
+                );
+            }
             if w.demand_rate_per_kw_milli > 0 || !w.tiers.is_empty() {
                 println!(
                     "demand charge {} per kW; {} tiers (tfhe track: bills on whole UTC days)",

@@ -248,6 +248,7 @@ async fn main() {
         min_bill_days: 1,
         min_band_hours_per_week: 4,
         min_band_days: 4,
+        max_price_ratio: 8,
         billing_cycle: keyshare_svc::policy::BillingCycle::Any,
     };
     let mut local = Vec::new();

@@ -732,3 +732,133 @@ async fn local_billing_cycles_with_seasons_holidays_and_both_channels() {
         assert!(cycle_refusals >= 1, "{}: {cycle_refusals}", k.name);
     }
 }
+
+/// A dynamic-price tariff file in `dir` named `name`, its hourly prices from `prices` (UTC
+/// hour start → milli-minor units per kWh).
+fn dynamic_tariff(dir: &std::path::Path, name: &str, prices: &[(i64, i64)]) -> std::path::PathBuf {
+    let mut csv = String::from("start,price\n");
+    for (start, milli) in prices {
+        csv.push_str(&format!("{start},{}.{:03}\n", milli / 1000, milli % 1000));
+    }
+    std::fs::write(dir.join(format!("{name}.csv")), csv).unwrap();
+    let toml = format!(
+        "name = {name:?}\ntime_zone = \"Europe/London\"\ncurrency = \"GBP\"\nstanding_charge_per_day = 48\nvat_percent = 5\nimport_prices = \"{name}.csv\"\n[[band]]\nname = \"all day\"\ndays = [\"all\"]\nhours = [0, 24]\nimport_price = 0\nexport_price = 15\n"
+    );
+    let path = dir.join(format!("{name}.toml"));
+    std::fs::write(&path, toml).unwrap();
+    path
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dynamic_prices_bill_the_weighted_sum_and_only_when_approved_in_time() {
+    let pki = TestPki::new("psm.test");
+    let keys = psm_e2e::keys::key_set(3, 2);
+    let dir = tempfile::tempdir().unwrap();
+    // February 2026 in London is GMT: the cycle of billing day 1 is the UTC month.
+    let (start, end) = (1_769_904_000i64, 1_772_323_200i64); // 2026-02-01 .. 2026-03-01
+    let hours: Vec<i64> = (start / 3600 - 24..end / 3600 + 24)
+        .map(|h| h * 3600)
+        .collect();
+    let agile: Vec<(i64, i64)> = hours
+        .iter()
+        .map(|s| (*s, 10_500 + (s / 3600 % 24) * 750))
+        .collect();
+    let good = dynamic_tariff(dir.path(), "agile", &agile);
+    // The same prices approved only after the period began.
+    let late = dynamic_tariff(dir.path(), "agile-late", &agile);
+    // A spike: 100 times the lowest price in one hour.
+    let mut spiky = agile.clone();
+    spiky[40].1 = 1_000_000;
+    let spike = dynamic_tariff(dir.path(), "spiky", &spiky);
+    let policy = format!(
+        "allowed_tariffs = [{{ file = {good:?}, approved = \"2026-01-20T00:00:00Z\" }}, {{ file = {late:?}, approved = \"2026-02-10T00:00:00Z\" }}, {{ file = {spike:?}, approved = \"2026-01-20T00:00:00Z\" }}]\n"
+    );
+    let registry = psm_e2e::registry_entry("dyn-1", "meter");
+    let sys = System::start_with_registry(&pki, &keys, "", &policy, &registry).await;
+    let ekeys = enrollment_keys(&pki, &sys.keyshares).await;
+    let meter = TestMeter::new("dyn-1", EPOCH);
+    enroll(&pki, &sys.ingest, &[&meter], &ekeys).await.unwrap();
+    let mut rng = StdRng::seed_from_u64(3);
+    let mut clear = Readings::default();
+    let days = start / 86_400 - 1..end / 86_400 + 1;
+    clear.days(
+        &meter,
+        Channel::Import,
+        3600,
+        days.clone(),
+        &[],
+        &mut |_| rng.gen_range(0..3_000),
+    );
+    clear.days(&meter, Channel::Export, 1800, days, &[], &mut |s| {
+        if (10..15).contains(&(s.rem_euclid(86_400) / 3600)) {
+            rng.gen_range(0..800)
+        } else {
+            0
+        }
+    });
+    let batches = std::mem::take(&mut clear.batches);
+    let n = batches.len() as u32;
+    assert_eq!(submit(&pki, &sys.ingest, batches).await.unwrap().stored, n);
+    let op =
+        ComputeClient::new(pki.channel(sys.compute.port, "compute", Role::Operator, "billing"));
+    let bill = |key: &str, file: &std::path::Path| {
+        let t = psm_tariff::file::load(file).unwrap().wire;
+        let (c, r) = (op.clone(), request(key, "dyn-1", (start, end), &t));
+        async move {
+            settled(|| {
+                let (mut c, r) = (c.clone(), r.clone());
+                async move { c.bill(r).await }
+            })
+            .await
+        }
+    };
+
+    let resp = bill("dynamic", &good).await.unwrap();
+    // The plaintext reference from the readings and the price file: Σ price × Wh, and export
+    // per band at 15.0.
+    let price_of: std::collections::HashMap<i64, i64> = agile.iter().copied().collect();
+    let (mut weighted, mut exported) = (0i128, 0i64);
+    for (ch, s, _, v) in &clear.intervals {
+        if (start..end).contains(s) {
+            match ch {
+                Channel::Import => {
+                    weighted += i128::from(price_of[&(s / 3600 * 3600)]) * i128::from(*v)
+                }
+                Channel::Export => exported += v,
+            }
+        }
+    }
+    let file = psm_tariff::file::load(&good).unwrap();
+    let want = psm_tariff::price(
+        &file.tariff,
+        &[],
+        &[exported],
+        (start, end),
+        vec![psm_tariff::dynamic_import_line(weighted, 672)],
+    );
+    check(&resp, &want, "dynamic");
+    assert_eq!(
+        resp.lines.last().map(|l| l.description.as_str()),
+        Some("import at dynamic prices (672 prices)")
+    );
+    assert!(
+        resp.lines
+            .iter()
+            .all(|l| l.description == "all day export" || l.energy_wh == 0),
+        "no import energy is released under dynamic prices: {:?}",
+        resp.lines
+    );
+
+    for (what, file, needle) in [
+        ("late", &late, "after the period starts"),
+        ("spike", &spike, "max_price_ratio"),
+    ] {
+        let e = bill(what, file).await.unwrap_err();
+        assert_eq!(e.code(), Code::FailedPrecondition, "{what}: {e:?}");
+        assert!(
+            e.message().contains("price-series") && e.message().contains(needle),
+            "{what}: {}",
+            e.message()
+        );
+    }
+}

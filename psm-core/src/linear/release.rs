@@ -47,7 +47,9 @@ pub const MAX_COHORTS: usize = 256;
 /// The program of a release.
 #[derive(Debug, Clone)]
 pub enum Program {
-    /// A time-of-use bill: one output per band, weight 1 on each of the band's slots.
+    /// A time-of-use bill: one output per band, weight 1 on each of the band's slots; on the
+    /// import channel of a tariff with dynamic prices, one output over every slot, weighted by
+    /// the slot's price.
     Bill(Box<Tariff>),
     /// Per-bucket sums: one output per bucket of this many slots, weight 1.
     Aggregate { bucket_slots: u64 },
@@ -82,9 +84,18 @@ fn bad(m: impl Into<String>) -> LinearError {
 }
 
 impl ReleaseSpec {
+    /// The price series that weighs this release's slots: a bill's dynamic import prices.
+    pub fn prices(&self) -> Option<&psm_tariff::PriceSeries> {
+        match &self.program {
+            Program::Bill(t) if self.channel == Channel::Import => t.import_prices.as_ref(),
+            _ => None,
+        }
+    }
+
     /// Number of outputs the program defines over the range.
     pub fn output_count(&self) -> usize {
         match &self.program {
+            Program::Bill(_) if self.prices().is_some() => 1,
             Program::Bill(t) => t.bands.len(),
             Program::Aggregate { bucket_slots } => {
                 ((self.end_slot - self.start_slot) / bucket_slots) as usize
@@ -114,16 +125,19 @@ impl ReleaseSpec {
                 .collect(),
             Program::Bill(_) => {
                 let mut per: Vec<Vec<SlotRun>> = vec![Vec::new(); self.output_count()];
-                for (slot, band) in (self.start_slot..).zip(self.slot_outputs()) {
+                let weights = self.slot_weights();
+                for ((slot, band), weight) in
+                    (self.start_slot..).zip(self.slot_outputs()).zip(weights)
+                {
                     let Some(runs) = per.get_mut(band) else {
                         continue;
                     };
                     match runs.last_mut() {
-                        Some(r) if r.end == slot => r.end = slot + 1,
+                        Some(r) if r.end == slot && r.weight == weight => r.end = slot + 1,
                         _ => runs.push(SlotRun {
                             start: slot,
                             end: slot + 1,
-                            weight: 1,
+                            weight,
                         }),
                     }
                 }
@@ -135,10 +149,22 @@ impl ReleaseSpec {
         }
     }
 
+    /// The weight of every slot of the range: its price under dynamic prices, else 1.
+    pub fn slot_weights(&self) -> Vec<i64> {
+        (self.start_slot..self.end_slot)
+            .map(|s| {
+                self.prices()
+                    .map_or(1, |p| p.at(s as i64 * SLOT_SECONDS).unwrap_or(0))
+            })
+            .collect()
+    }
+
     /// The bands of every slot of the range (bills), computed once for all outputs.
     pub fn slot_outputs(&self) -> Vec<usize> {
+        let dynamic = self.prices().is_some();
         (self.start_slot..self.end_slot)
             .map(|s| match &self.program {
+                Program::Bill(_) if dynamic => 0,
                 Program::Bill(t) => t.band_at(
                     self.start_slot as i64 * SLOT_SECONDS,
                     s as i64 * SLOT_SECONDS,
@@ -196,6 +222,14 @@ pub fn release_from_proto(r: &LinearRelease) -> Result<Release, LinearError> {
             tariff
                 .check_in_force(range.start_unix, range.end_unix)
                 .map_err(|e| bad(e.to_string()))?;
+            if let Some(p) = tariff
+                .import_prices
+                .as_ref()
+                .filter(|_| channel == Channel::Import)
+            {
+                p.over(range.start_unix, range.end_unix)
+                    .map_err(|e| bad(e.to_string()))?;
+            }
             Program::Bill(Box::new(tariff))
         }
         _ => {

@@ -292,9 +292,9 @@ pub fn to_days(parsed: &Parsed) -> Imported {
             .filter(|i| INTERVALS.contains(i));
         let Some(iv) = stored_interval else {
             let why = match interval {
-                Some(i) => format!(
-                    "readings of {i} s: only 5, 15, 30 or 60-minute intervals are stored"
-                ),
+                Some(i) => {
+                    format!("readings of {i} s: only 5, 15, 30 or 60-minute intervals are stored")
+                }
                 None => "a single reading: its interval length cannot be told".to_owned(),
             };
             for r in &s.readings {
@@ -353,7 +353,11 @@ pub fn to_days(parsed: &Parsed) -> Imported {
                 n.add(
                     &format!(
                         "values outside 0..={MAX_READING_WH} Wh{}, left out",
-                        if s.flow == Flow::Net { " (either sign)" } else { "" }
+                        if s.flow == Flow::Net {
+                            " (either sign)"
+                        } else {
+                            ""
+                        }
                     ),
                     format!("{} ({} Wh, line {})", hhmm(r.start), r.wh, r.line),
                 );
