@@ -793,26 +793,6 @@ impl LinearState {
     ) -> Result<Admitted, Refusal> {
         let min_cohort = limits.min_cohort;
         let spec = &release.spec;
-        if let Program::Bill(tariff) = &spec.program {
-            // Whole local days, so that a month with a daylight-saving change (23 hours short)
-            // counts as the days it has.
-            let (start, end) = (
-                spec.start_slot as i64 * SLOT_SECONDS,
-                spec.end_slot as i64 * SLOT_SECONDS,
-            );
-            if tariff.whole_days(start, end) < i64::from(limits.min_bill_days) {
-                return Err(refuse(
-                    Rule::BillPeriod,
-                    Code::FailedPrecondition,
-                    format!(
-                        "a bill covers at least {} whole local day(s); this one covers {} .. {}",
-                        limits.min_bill_days,
-                        slot_time(spec.start_slot),
-                        slot_time(spec.end_slot)
-                    ),
-                ));
-            }
-        }
         if spec.kind == ComputationKind::Bill && !program_allowed(&spec.program_hash) {
             return Err(refuse(
                 Rule::AllowedProgram,
@@ -835,6 +815,26 @@ impl LinearState {
                     spec.end_slot as i64 * SLOT_SECONDS,
                 ),
             )?;
+        }
+        if let Program::Bill(tariff) = &spec.program {
+            // Whole local days, so that a month with a daylight-saving change (23 hours short)
+            // counts as the days it has.
+            let (start, end) = (
+                spec.start_slot as i64 * SLOT_SECONDS,
+                spec.end_slot as i64 * SLOT_SECONDS,
+            );
+            if tariff.whole_days(start, end) < i64::from(limits.min_bill_days) {
+                return Err(refuse(
+                    Rule::BillPeriod,
+                    Code::FailedPrecondition,
+                    format!(
+                        "a bill covers at least {} whole local day(s); this one covers {} .. {}",
+                        limits.min_bill_days,
+                        slot_time(spec.start_slot),
+                        slot_time(spec.end_slot)
+                    ),
+                ));
+            }
         }
         if let (Some(prices), Program::Bill(_)) = (spec.prices(), &spec.program) {
             let (start, end) = (
