@@ -175,7 +175,7 @@ fn band_width(
     limits: Limits,
     spec: &psm_core::linear::release::ReleaseSpec,
     tariff: &psm_tariff::Tariff,
-    index: usize,
+    what: &str,
     r: &[SlotRun],
 ) -> Result<(), Refusal> {
     // A band narrower than the minimum would isolate a few readings per bill.
@@ -188,7 +188,7 @@ fn band_width(
                 Rule::BandWidth,
                 Code::FailedPrecondition,
                 format!(
-                    "band {index} covers {slots} five-minute slots of the period; this keyshare releases a bill only when every band with slots in it has at least {} hours per week ({need} slots here), whether asked for or not",
+                    "{what} covers {slots} five-minute slots of the period; this keyshare releases a bill only when every band with slots in it has at least {} hours per week ({need} slots here), whether asked for or not",
                     limits.min_band_hours_per_week
                 ),
             ));
@@ -204,8 +204,7 @@ fn band_width(
                 Rule::BandWidth,
                 Code::FailedPrecondition,
                 format!(
-                    "band {index} ({:?}) covers an hour or more on {days} local day(s) of the period; this keyshare releases a bill only when every band with slots in it is spread over at least {} days (min_band_days), whether asked for or not",
-                    tariff.bands.get(index).map_or("?", |b| b.name.as_str()),
+                    "{what} covers an hour or more on {days} local day(s) of the period; this keyshare releases a bill only when every band with slots in it is spread over at least {} days (min_band_days), whether asked for or not",
                     limits.min_band_days
                 ),
             ));
@@ -816,19 +815,16 @@ impl LinearState {
                 ),
             )?;
         }
-        if let Program::Bill(tariff) = &spec.program {
-            // Whole local days, so that a month with a daylight-saving change (23 hours short)
-            // counts as the days it has.
-            let (start, end) = (
-                spec.start_slot as i64 * SLOT_SECONDS,
-                spec.end_slot as i64 * SLOT_SECONDS,
-            );
-            if tariff.whole_days(start, end) < i64::from(limits.min_bill_days) {
+        if spec.kind == ComputationKind::Bill {
+            // Days of 24 hours, less the hour a daylight-saving change may take from a
+            // local month: a February cycle over the spring change still has its 28 days.
+            let seconds = (spec.end_slot - spec.start_slot) as i64 * SLOT_SECONDS;
+            if seconds < i64::from(limits.min_bill_days) * 86_400 - 3_600 {
                 return Err(refuse(
                     Rule::BillPeriod,
                     Code::FailedPrecondition,
                     format!(
-                        "a bill covers at least {} whole local day(s); this one covers {} .. {}",
+                        "a bill covers at least {} day(s) (less an hour for a daylight-saving change); this one covers {} .. {}",
                         limits.min_bill_days,
                         slot_time(spec.start_slot),
                         slot_time(spec.end_slot)
@@ -914,8 +910,46 @@ impl LinearState {
         if let Program::Bill(tariff) = &spec.program {
             let all: Vec<usize> = (0..spec.output_count()).collect();
             for (index, r) in all.iter().zip(spec.runs_of(&all)) {
-                if !r.is_empty() {
-                    band_width(limits, spec, tariff, *index, &r)?;
+                if r.is_empty() {
+                    continue;
+                }
+                if spec.prices().is_none() {
+                    let name = tariff.bands.get(*index).map_or("?", |b| b.name.as_str());
+                    band_width(
+                        limits,
+                        spec,
+                        tariff,
+                        &format!("band {index} ({name:?})"),
+                        &r,
+                    )?;
+                    continue;
+                }
+                // Decryption is exact: one weighted sum Σ p·x packs the sum of every price
+                // level's slots (a level at p + 1 for one hour is that hour's reading, the sum
+                // mod p). Each level is therefore a band: at most as many, each as wide.
+                let mut levels: BTreeMap<i64, Vec<SlotRun>> = BTreeMap::new();
+                for run in &r {
+                    levels.entry(run.weight).or_default().push(*run);
+                }
+                if levels.len() > psm_tariff::MAX_BANDS {
+                    return Err(refuse(
+                        Rule::PriceSeries,
+                        Code::FailedPrecondition,
+                        format!(
+                            "the dynamic prices take {} distinct values over the period; this keyshare bills at most {} price levels, each spread like a band (one weighted sum releases every level's total)",
+                            levels.len(),
+                            psm_tariff::MAX_BANDS
+                        ),
+                    ));
+                }
+                for (price, runs) in &levels {
+                    band_width(
+                        limits,
+                        spec,
+                        tariff,
+                        &format!("price level {price} (milli-minor units per kWh)"),
+                        runs,
+                    )?;
                 }
             }
         }
@@ -2300,6 +2334,44 @@ mod tests {
         assert_eq!(e.rule, "price-series");
         assert!(
             e.status.message().contains("max_price_ratio"),
+            "{}",
+            e.status.message()
+        );
+        // One hour a milli-unit dearer: within any ratio, but S mod 10,000 would be that hour's
+        // reading. Each price level is judged as a band.
+        let mut packed = vec![10_000i64; 31 * 24];
+        packed[100] = 10_001;
+        let pt = tariff(packed);
+        f.state.approved.insert(
+            *blake3::hash(&pt.encode_to_vec()).as_bytes(),
+            jan.0 - 86_400,
+        );
+        let e = f
+            .state
+            .admit(release(&pt, import), limits(5), |_| true)
+            .err()
+            .unwrap();
+        assert_eq!(e.rule, "band-width");
+        assert!(
+            e.status.message().contains("price level 10001"),
+            "{}",
+            e.status.message()
+        );
+        // Every hour its own price: more levels than a tariff may have bands.
+        let many: Vec<i64> = (0..31 * 24).map(|h| 10_000 + h).collect();
+        let mt = tariff(many);
+        f.state.approved.insert(
+            *blake3::hash(&mt.encode_to_vec()).as_bytes(),
+            jan.0 - 86_400,
+        );
+        let e = f
+            .state
+            .admit(release(&mt, import), limits(5), |_| true)
+            .err()
+            .unwrap();
+        assert_eq!(e.rule, "price-series");
+        assert!(
+            e.status.message().contains("price levels"),
             "{}",
             e.status.message()
         );

@@ -164,10 +164,7 @@ pub fn parse_prices(text: &str) -> Result<psm_proto::v1::PriceSeries, TariffErro
         let (Some(start), Some(price)) = (rec.get(0), rec.get(1)) else {
             return Err(bad(format!("prices line {line}: expected start,price")));
         };
-        if n == 0
-            && start.parse::<i64>().is_err()
-            && chrono::DateTime::parse_from_rfc3339(start).is_err()
-        {
+        if n == 0 && !start.chars().any(|c| c.is_ascii_digit()) {
             continue; // a header
         }
         let t = match start.parse::<i64>() {
@@ -190,9 +187,9 @@ pub fn parse_prices(text: &str) -> Result<psm_proto::v1::PriceSeries, TariffErro
     let (Some(first), Some(second)) = (rows.first(), rows.get(1)) else {
         return Err(bad("prices: at least two rows, one per interval"));
     };
-    let interval = second.0 - first.0;
+    let interval = second.0.saturating_sub(first.0);
     for w in rows.windows(2) {
-        if w[1].0 - w[0].0 != interval {
+        if w[1].0.saturating_sub(w[0].0) != interval {
             return Err(bad(format!(
                 "prices line {}: starts {} s after the row before; the series' intervals are {interval} s, one row each, without gaps",
                 w[1].2,
@@ -591,5 +588,14 @@ export_price = 15
         assert!(err(series(vec![5], 0, 600)).contains("600 s"));
         assert!(err(series(vec![], 0, 1800)).contains("1..="));
         assert!(crate::from_proto(&series(vec![5, 6], 0, 1800)).is_ok());
+        assert!(err(series(vec![5], i64::MAX - i64::MAX % 3600, 3600)).contains("boundary"));
+        let mut tiered = series(vec![5, 6], 0, 1800);
+        tiered.tiers = vec![psm_proto::v1::TariffTier {
+            up_to_kwh: 0,
+            price_milli: 1,
+        }];
+        assert!(err(tiered).contains("no tiers"));
+        let p = crate::from_proto(&series(vec![5, 6], 0, 1800)).unwrap();
+        assert!(p.import_prices.unwrap().over(1800, 900).is_err());
     }
 }

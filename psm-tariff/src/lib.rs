@@ -114,7 +114,7 @@ impl PriceSeries {
     /// Checks that the series prices every instant of [start, end); returns the lowest and
     /// highest price over it.
     pub fn over(&self, start_unix: i64, end_unix: i64) -> Result<(i64, i64), TariffError> {
-        if start_unix < self.start_unix || end_unix > self.end_unix() {
+        if end_unix <= start_unix || start_unix < self.start_unix || end_unix > self.end_unix() {
             return Err(bad(format!(
                 "the price series covers {} .. {} (UTC seconds), not the whole period {start_unix} .. {end_unix}",
                 self.start_unix,
@@ -137,7 +137,7 @@ impl PriceSeries {
                 "price series interval {interval} s: 300, 900, 1800 or 3600"
             )));
         }
-        if p.start_unix < 0 || p.start_unix % interval != 0 {
+        if !(0..=1 << 40).contains(&p.start_unix) || p.start_unix % interval != 0 {
             return Err(bad(format!(
                 "the price series starts at {}, not on a {interval}-s boundary",
                 p.start_unix
@@ -312,32 +312,6 @@ impl Tariff {
             // Unreachable for whole-second UTC instants in chrono's range.
             _ => (end_unix - start_unix + 86_399) / 86_400,
         }
-    }
-
-    /// Whole local days inside [start, end): days whose start and end (local midnights) both
-    /// fall in it. A February cycle over the spring change is 28 days though 23 hours short of
-    /// 28 × 24; a quarter of an hour is none.
-    pub fn whole_days(&self, start_unix: i64, end_unix: i64) -> i64 {
-        let (Some(first), Some(last)) = (
-            self.local(start_unix).map(|d| d.date_naive()),
-            self.local(end_unix).map(|d| d.date_naive()),
-        ) else {
-            return 0;
-        };
-        first
-            .iter_days()
-            .take_while(|d| *d <= last)
-            .take(400)
-            .filter(|d| {
-                match (
-                    day_start(self.tz, *d),
-                    d.succ_opt().and_then(|n| day_start(self.tz, n)),
-                ) {
-                    (Some(a), Some(b)) => a >= start_unix && b <= end_unix,
-                    _ => false,
-                }
-            })
-            .count() as i64
     }
 
     /// Local dates on which the UTC ranges [start, end) hold an hour or more: how many days a
@@ -564,6 +538,13 @@ pub fn from_proto(t: &psm_proto::v1::Tariff) -> Result<Tariff, TariffError> {
         .iter()
         .map(|x| (x.up_to_kwh, x.price_milli))
         .collect();
+    if t.import_prices.is_some() && (!tier_list.is_empty() || t.demand_rate_per_kw_milli > 0) {
+        // A tiered cost gives the period's total; with the weighted sum it would separate the
+        // price levels further than the keyshares judge them.
+        return Err(bad(
+            "a tariff with dynamic prices has no tiers or demand charge",
+        ));
+    }
     Ok(Tariff {
         name: t.name.clone(),
         tz,
@@ -1082,11 +1063,6 @@ mod tests {
         // last day), then 3 days of the 31 to March 31.
         assert_eq!(t.months(ny(2027, 4, 1), ny(2027, 4, 11)), (10, 30));
         assert_eq!(t.months(ny(2027, 1, 31), ny(2027, 3, 3)), (31 + 3, 31));
-        // Whole local days: the March cycle is 28 though 23 hours short; 15 minutes is none;
-        // a day from 00:05 is not whole.
-        assert_eq!(t.whole_days(ny(2027, 2, 15), ny(2027, 3, 15)), 28);
-        assert_eq!(t.whole_days(ny(2027, 2, 15), ny(2027, 2, 15) + 900), 0);
-        assert_eq!(t.whole_days(ny(2027, 2, 15) + 300, ny(2027, 2, 17)), 1);
     }
 
     #[test]

@@ -32,7 +32,7 @@ async fn main() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (start, end) = (FIRST_DAY * 86_400, (FIRST_DAY + DAYS) * 86_400);
     let prices: Vec<(i64, i64)> = (0..DAYS * 48)
-        .map(|k| (start + k * 1800, 12_000 + (k % 48) * 500))
+        .map(|k| (start + k * 1800, 12_000 + (k % 48) / 2 * 500))
         .collect();
     let mut csv = String::from("start,price\n");
     for (s, p) in &prices {
