@@ -474,6 +474,83 @@ async fn files_bill_local_months_against_references_from_the_files() {
             .iter()
             .any(|l| l.description == "fixed charge, 1 month"));
     }
+    // `psm aggregate --json` over the five meters for a local day: the same values as the
+    // Aggregate RPC with the same request.
+    let ids: Vec<String> = parsed.series.iter().map(|s| s.meter_id.clone()).collect();
+    let endpoint = format!("https://127.0.0.1:{}", sys.compute.port);
+    let pki_dir = pki.dir.path().to_str().unwrap().to_owned();
+    let out = tokio::task::block_in_place(|| {
+        let mut cmd = std::process::Command::new(psm_e2e::bin("psm"));
+        cmd.args([
+            "aggregate",
+            "--endpoint",
+            &endpoint,
+            "--server-name",
+            "compute",
+        ])
+        .args([
+            "--pki",
+            &pki_dir,
+            "--from",
+            "2012-04-02",
+            "--to",
+            "2012-04-03",
+        ])
+        .args([
+            "--time-zone",
+            "America/New_York",
+            "--granularity",
+            "3600",
+            "--json",
+        ]);
+        for id in &ids {
+            cmd.args(["--meter", id]);
+        }
+        cmd.output().unwrap()
+    });
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stdout}{stderr}");
+    let agg: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    let day = (april.0 + 86_400, april.0 + 2 * 86_400);
+    let mut sorted = ids.clone();
+    sorted.sort();
+    let grpc = op
+        .aggregate(psm_proto::v1::AggregateRequest {
+            idempotency_key: "april-2-aggregate".into(),
+            meter_ids: sorted,
+            range: Some(TimeRange {
+                start_unix: day.0,
+                end_unix: day.1,
+            }),
+            granularity_seconds: 3600,
+            epoch: 1,
+            channel: psm_proto::v1::Channel::Import as i32,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let intervals = agg["intervals"].as_array().unwrap();
+    assert_eq!(intervals.len(), 24);
+    for (i, iv) in intervals.iter().enumerate() {
+        assert_eq!(iv["start_unix"].as_i64(), Some(grpc.interval_start_unix[i]));
+        assert_eq!(iv["energy_wh"].as_i64(), Some(grpc.energy_wh[i]));
+        assert_eq!(
+            iv["cohort"].as_u64(),
+            Some(u64::from(grpc.interval_cohort_size[i]))
+        );
+        // And the plaintext sum of the file's readings in that hour.
+        let hour = grpc.interval_start_unix[i];
+        let want: i64 = parsed
+            .series
+            .iter()
+            .flat_map(|s| &s.readings)
+            .filter(|r| r.start == hour)
+            .map(|r| r.wh)
+            .sum();
+        assert_eq!(grpc.energy_wh[i], want, "hour {i}");
+    }
+    assert_eq!(agg["intervals"][0]["start_local"], "2012-04-02 00:00 EDT");
+
     // A month from the 2nd is not these meters' billing cycle.
     let e = op
         .bill(BillRequest {
