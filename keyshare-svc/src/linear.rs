@@ -907,9 +907,12 @@ impl LinearState {
         // Every band with slots in a bill's period is judged, asked for or not: a narrow band
         // left out of the request would still be the difference between the period's total
         // (a tfhe-track tiered cost over the same period) and the bands released.
+        // A bill's bands are placed once, for this check and for the outputs asked for.
+        let mut bill_runs: Vec<Vec<SlotRun>> = Vec::new();
         if let Program::Bill(tariff) = &spec.program {
             let all: Vec<usize> = (0..spec.output_count()).collect();
-            for (index, r) in all.iter().zip(spec.runs_of(&all)) {
+            bill_runs = spec.runs_of(&all);
+            for (index, r) in all.iter().zip(&bill_runs) {
                 if r.is_empty() {
                     continue;
                 }
@@ -920,7 +923,7 @@ impl LinearState {
                         spec,
                         tariff,
                         &format!("band {index} ({name:?})"),
-                        &r,
+                        r,
                     )?;
                     continue;
                 }
@@ -928,7 +931,7 @@ impl LinearState {
                 // level's slots (a level at p + 1 for one hour is that hour's reading, the sum
                 // mod p). Each level is therefore a band: at most as many, each as wide.
                 let mut levels: BTreeMap<i64, Vec<SlotRun>> = BTreeMap::new();
-                for run in &r {
+                for run in r {
                     levels.entry(run.weight).or_default().push(*run);
                 }
                 if levels.len() > psm_tariff::MAX_BANDS {
@@ -954,9 +957,17 @@ impl LinearState {
             }
         }
         let indices: Vec<usize> = release.outputs.iter().map(|(i, _)| *i).collect();
+        let asked = if bill_runs.is_empty() {
+            spec.runs_of(&indices)
+        } else {
+            indices
+                .iter()
+                .map(|i| bill_runs.get(*i).cloned().unwrap_or_default())
+                .collect()
+        };
         let mut runs = Vec::with_capacity(release.outputs.len());
         let mut output_hashes = Vec::with_capacity(release.outputs.len());
-        for ((index, cohort), r) in release.outputs.iter().zip(spec.runs_of(&indices)) {
+        for ((index, cohort), r) in release.outputs.iter().zip(asked) {
             if r.is_empty() {
                 return Err(refuse(
                     Rule::Release,
