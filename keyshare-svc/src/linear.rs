@@ -918,13 +918,7 @@ impl LinearState {
                 }
                 if spec.prices().is_none() {
                     let name = tariff.bands.get(*index).map_or("?", |b| b.name.as_str());
-                    band_width(
-                        limits,
-                        spec,
-                        tariff,
-                        &format!("band {index} ({name:?})"),
-                        r,
-                    )?;
+                    band_width(limits, spec, tariff, &format!("band {index} ({name:?})"), r)?;
                     continue;
                 }
                 // Decryption is exact: one weighted sum Σ p·x packs the sum of every price
