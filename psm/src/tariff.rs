@@ -41,6 +41,16 @@ fn months(b: &TariffBand) -> String {
     }
 }
 
+/// Distinct prices of a series: keyshares judge each as a band (at most
+/// [`psm_tariff::MAX_BANDS`] in a bill's period), so an operator sees before billing whether a
+/// feed comes in levels.
+fn levels(prices: &[i64]) -> usize {
+    prices
+        .iter()
+        .collect::<std::collections::BTreeSet<_>>()
+        .len()
+}
+
 fn price(milli: i64) -> String {
     format!("{:.3}", milli as f64 / 1000.0)
 }
@@ -83,6 +93,7 @@ pub fn run(cmd: TariffCommand) -> anyhow::Result<()> {
                         "count": p.price_milli.len(),
                         "min_milli": p.price_milli.iter().min(),
                         "max_milli": p.price_milli.iter().max(),
+                        "levels": levels(&p.price_milli),
                     })),
                 });
                 println!("{}", serde_json::to_string_pretty(&out)?);
@@ -150,6 +161,18 @@ pub fn run(cmd: TariffCommand) -> anyhow::Result<()> {
                     price(lo),
                     price(hi),
                     hi as f64 / lo.max(1) as f64
+                );
+                let n = levels(&p.price_milli);
+                println!(
+                    "{n} price levels{}",
+                    if n > psm_tariff::MAX_BANDS {
+                        format!(
+                            "; keyshares refuse a bill whose period sees more than {} of them (each level is judged as a band, docs/tariffs.md)",
+                            psm_tariff::MAX_BANDS
+                        )
+                    } else {
+                        String::new()
+                    }
                 );
             }
             if w.demand_rate_per_kw_milli > 0 || !w.tiers.is_empty() {

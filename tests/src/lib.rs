@@ -32,7 +32,30 @@ pub fn bin(name: &str) -> PathBuf {
 }
 
 /// A port that was free a moment ago on 127.0.0.1.
+///
+/// Taken below the kernel's ephemeral range where there is room: a port the kernel hands out
+/// (`bind(0)`) can be given to some client's outgoing connection before the service binds it
+/// ("Address already in use"), a port below the range cannot. Each process walks its own
+/// sequence, so parallel tests in one binary never pick the same port twice.
 pub fn free_port() -> u16 {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    const LOW: u32 = 10_000;
+    let ephemeral_low = fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse::<u32>().ok())
+        .unwrap_or(32_768);
+    if ephemeral_low > LOW + 1_000 {
+        let span = ephemeral_low - LOW;
+        let base = std::process::id().wrapping_mul(7_919) % span;
+        for _ in 0..span.min(5_000) {
+            let k = NEXT.fetch_add(1, Ordering::Relaxed);
+            let port = (LOW + (base + k) % span) as u16;
+            if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+                return port;
+            }
+        }
+    }
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())

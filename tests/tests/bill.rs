@@ -861,4 +861,38 @@ async fn dynamic_prices_bill_the_weighted_sum_and_only_when_approved_in_time() {
             e.message()
         );
     }
+
+    // `psm tariff check` counts the price levels the keyshares judge as bands, and says when a
+    // feed has more than a bill may (a new price every hour).
+    let distinct: Vec<(i64, i64)> = hours
+        .iter()
+        .enumerate()
+        .map(|(i, s)| (*s, 10_000 + i as i64))
+        .collect();
+    let hourly = dynamic_tariff(dir.path(), "hourly", &distinct);
+    let check = |args: &[&str], file: &std::path::Path| {
+        let out = tokio::task::block_in_place(|| {
+            std::process::Command::new(psm_e2e::bin("psm"))
+                .args(["tariff", "check"])
+                .args(args)
+                .arg(file)
+                .output()
+                .unwrap()
+        });
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(out.status.success(), "{text}");
+        text
+    };
+    let v: serde_json::Value = serde_json::from_str(&check(&["--json"], &good)).unwrap();
+    assert_eq!(v["import_prices"]["levels"].as_u64(), Some(24));
+    let text = check(&[], &spike);
+    assert!(
+        text.contains("25 price levels\n") && !text.contains("refuse"),
+        "{text}"
+    );
+    let text = check(&[], &hourly);
+    assert!(
+        text.contains(&format!("{} price levels; keyshares refuse", hours.len())),
+        "{text}"
+    );
 }

@@ -350,8 +350,9 @@ async fn demand_tiers_and_histogram_match_plaintext() {
         assert_eq!(resp.total, expected_total, "{meter}: {:?}", resp.lines);
     }
 
-    // Histogram of the six homes' totals, watched while it runs.
-    let edges = vec![0u64, 5_000, 10_000, 1 << 32];
+    // Histogram of the six homes' totals, watched while it runs. Edges on whole kWh, so that
+    // `psm analytics` (which takes kWh) can ask for the same histogram below.
+    let edges = vec![0u64, 5_000, 10_000, 4_000_000_000];
     let homes: Vec<String> = (0..home_totals.len())
         .map(|i| format!("home-{i}"))
         .collect();
@@ -396,6 +397,66 @@ async fn demand_tiers_and_histogram_match_plaintext() {
         progress.windows(2).all(|w| w[0].percent <= w[1].percent),
         "{progress:?}"
     );
+
+    // `psm analytics` under the same key builds exactly the request above (a different one
+    // under that key would be ALREADY_EXISTS), so compute answers from the stored job; its
+    // `--json` and its table show the released counts.
+    let endpoint = format!("https://127.0.0.1:{}", sys.compute.port);
+    let pki_dir = pki.dir.path().to_str().unwrap().to_owned();
+    let cohort = homes.join(",");
+    let (from, to) = (day(0), day(1));
+    let cli = |json: bool| {
+        let mut args = vec![
+            "analytics",
+            "--endpoint",
+            &endpoint,
+            "--server-name",
+            "compute",
+            "--pki",
+            &pki_dir,
+            "--meter",
+            &cohort,
+            "--from",
+            &from,
+            "--to",
+            &to,
+            "--edges-kwh",
+            "0,5,10,4000000",
+            "--key",
+            "histogram",
+        ];
+        if json {
+            args.push("--json");
+        }
+        let out = tokio::task::block_in_place(|| {
+            std::process::Command::new(psm_e2e::bin("psm"))
+                .args(&args)
+                .output()
+                .unwrap()
+        });
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success(),
+            "psm {args:?}: {text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        text
+    };
+    let json = cli(true);
+    let v: serde_json::Value =
+        serde_json::from_str(&json).unwrap_or_else(|e| panic!("{e}: {json}"));
+    assert_eq!(v["cohort_size"].as_u64(), Some(u64::from(hist.cohort_size)));
+    let bands = v["bands"].as_array().unwrap();
+    let counts: Vec<u32> = bands
+        .iter()
+        .map(|b| u32::try_from(b["count"].as_u64().unwrap()).unwrap())
+        .collect();
+    assert_eq!(counts, hist.counts);
+    assert_eq!(bands[1]["from_wh"].as_u64(), Some(5_000));
+    assert_eq!(bands[2]["to_wh"].as_u64(), Some(4_000_000_000));
+    let table = cli(false);
+    assert!(table.contains("5 to 10 kWh"), "{table}");
+    assert!(table.contains("period totals of 6 meters"), "{table}");
 
     // A histogram of fewer meters than the minimum is refused before any work.
     let e = op

@@ -182,6 +182,27 @@ pub fn parse_green_button(xml: &str, prefix: &str) -> Result<Parsed, ImportError
         .filter(|e| e.kind == "ReadingType")
         .map(|e| (e.self_href.as_str(), e))
         .collect();
+    // Meter readings by their usage point, interval blocks by their meter reading, each in
+    // document order: one pass, whatever the number of usage points.
+    let mut meter_readings: HashMap<&str, Vec<&Entry>> = HashMap::new();
+    let mut blocks: HashMap<&str, Vec<&Entry>> = HashMap::new();
+    for e in &entries {
+        match e.kind.as_str() {
+            "MeterReading" => {
+                if let Some(at) = e.self_href.rfind("/MeterReading") {
+                    meter_readings
+                        .entry(&e.self_href[..at])
+                        .or_default()
+                        .push(e);
+                }
+            }
+            "IntervalBlock" => blocks.entry(e.up_href.as_str()).or_default().push(e),
+            _ => {}
+        }
+    }
+    // Two usage points whose links give one id ("a-b"/"c" and "a"/"b-c") would merge two
+    // customers' readings.
+    let mut ids: HashMap<String, &str> = HashMap::new();
     let mut out = Parsed::default();
     for up in entries.iter().filter(|e| e.kind == "UsagePoint") {
         // ".../RetailCustomer/<c>/UsagePoint/<p>" → "<prefix>-<c>-<p>"
@@ -201,11 +222,19 @@ pub fn parse_green_button(xml: &str, prefix: &str) -> Result<Parsed, ImportError
                 up.self_href
             )));
         }
-        for mr in entries.iter().filter(|e| {
-            e.kind == "MeterReading"
-                && e.self_href
-                    .starts_with(&format!("{}/MeterReading", up.self_href))
-        }) {
+        if let Some(other) = ids.insert(id.clone(), up.self_href.as_str()) {
+            if other != up.self_href {
+                return Err(err(format!(
+                    "usage points {other:?} and {:?} both give meter id {id:?}; import them with distinct prefixes or rename one",
+                    up.self_href
+                )));
+            }
+        }
+        for mr in meter_readings
+            .get(up.self_href.as_str())
+            .map(Vec::as_slice)
+            .unwrap_or_default()
+        {
             let rt = mr
                 .related
                 .iter()
@@ -217,9 +246,11 @@ pub fn parse_green_button(xml: &str, prefix: &str) -> Result<Parsed, ImportError
                     ))
                 })?;
             let blocks_up = format!("{}/IntervalBlock", mr.self_href);
-            let readings: Vec<&(i64, i64, i64, usize)> = entries
+            let readings: Vec<&(i64, i64, i64, usize)> = blocks
+                .get(blocks_up.as_str())
+                .map(Vec::as_slice)
+                .unwrap_or_default()
                 .iter()
-                .filter(|e| e.kind == "IntervalBlock" && e.up_href == blocks_up)
                 .flat_map(|b| &b.readings)
                 .collect();
             // flowDirection 1 = forward (delivered to the customer), 19 = reverse (received

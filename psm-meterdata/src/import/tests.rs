@@ -463,3 +463,30 @@ fn outside_input_that_once_panicked_or_misread() {
         .iter()
         .any(|r| r.notes.iter().any(|n| n.contains("before 1970"))));
 }
+
+#[test]
+fn espi_usage_points_that_give_one_meter_id_are_refused() {
+    let d = 20_418 * 86_400;
+    let one = espi(&[(1, &[(d, 3600, 5)])]);
+    let a = one.replace(
+        "RetailCustomer/7/UsagePoint/1",
+        "RetailCustomer/7-1/UsagePoint/1",
+    );
+    let b = one.replace(
+        "RetailCustomer/7/UsagePoint/1",
+        "RetailCustomer/7/UsagePoint/1-1",
+    );
+    let body = b.split_once("<entry>").unwrap().1;
+    let both = format!("{}<entry>{body}", a.trim_end().trim_end_matches("</feed>"));
+    // Each alone imports as meter gb-7-1-1; together they would merge two customers.
+    for x in [&a, &b] {
+        let p = parse_green_button(x, "gb").unwrap();
+        assert_eq!(p.series.len(), 1);
+        assert_eq!(p.series[0].meter_id, "gb-7-1-1");
+    }
+    let e = parse_green_button(&both, "gb").unwrap_err();
+    assert!(
+        e.0.contains("both give meter id \"gb-7-1-1\"") && e.0.contains("7-1/UsagePoint/1"),
+        "{e}"
+    );
+}
