@@ -177,11 +177,20 @@ pub fn parse_green_button(xml: &str, prefix: &str) -> Result<Parsed, ImportError
         }
     }
 
-    let reading_types: HashMap<&str, &Entry> = entries
-        .iter()
-        .filter(|e| e.kind == "ReadingType")
-        .map(|e| (e.self_href.as_str(), e))
-        .collect();
+    // One link, one reading type: two different ones under one href (feeds joined from two
+    // customers) would give one customer's readings the other's direction or scale.
+    let mut reading_types: HashMap<&str, &Entry> = HashMap::new();
+    for e in entries.iter().filter(|e| e.kind == "ReadingType") {
+        if let Some(seen) = reading_types.insert(e.self_href.as_str(), e) {
+            let shape = |t: &Entry| (t.flow_direction, t.uom, t.power_of_ten, t.interval_length);
+            if shape(seen) != shape(e) {
+                return Err(err(format!(
+                    "reading type {:?} appears twice with different flowDirection, uom, powerOfTenMultiplier or intervalLength; give each its own link",
+                    e.self_href
+                )));
+            }
+        }
+    }
     // Meter readings by their usage point, interval blocks by their meter reading, each in
     // document order: one pass, whatever the number of usage points.
     let mut meter_readings: HashMap<&str, Vec<&Entry>> = HashMap::new();

@@ -490,3 +490,29 @@ fn espi_usage_points_that_give_one_meter_id_are_refused() {
         "{e}"
     );
 }
+
+#[test]
+fn espi_one_reading_type_link_with_two_meanings_is_refused() {
+    let d = 20_418 * 86_400;
+    // Two customers' feeds joined: both MeterReadings link ReadingType/0, one delivered, one
+    // received. Either could otherwise take the other's direction.
+    let a = espi(&[(1, &[(d, 3600, 5)])]);
+    let b = espi(&[(19, &[(d, 3600, 7)])]).replace(
+        "RetailCustomer/7/UsagePoint/1",
+        "RetailCustomer/8/UsagePoint/1",
+    );
+    let body = b.split_once("<entry>").unwrap().1;
+    let both = format!("{}<entry>{body}", a.trim_end().trim_end_matches("</feed>"));
+    let e = parse_green_button(&both, "gb").unwrap_err();
+    assert!(
+        e.0.contains("ReadingType/0") && e.0.contains("appears twice"),
+        "{e}"
+    );
+    // The same reading type twice (one customer's feed repeated) is still one meaning.
+    let same = both.replace(
+        "<espi:flowDirection>19</espi:flowDirection>",
+        "<espi:flowDirection>1</espi:flowDirection>",
+    );
+    let p = parse_green_button(&same, "gb").unwrap();
+    assert_eq!(p.series.len(), 2);
+}
