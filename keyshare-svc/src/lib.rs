@@ -3,6 +3,7 @@
 //! audit log. The binary is a thin wrapper over [`run`].
 
 pub mod audit;
+pub mod layout;
 pub mod linear;
 pub mod peers;
 pub mod policy;

@@ -16,13 +16,14 @@ use psm_core::linear::envelope::{open_enrollment, EnrollmentSecret};
 use psm_core::linear::key::{cohort_share_key, MeterKey, Seed};
 use psm_core::linear::mask::{mask_sum, SlotRun};
 use psm_core::linear::release::{contribution, Program, Release};
-use psm_core::linear::{SLOTS_PER_DAY, SLOT_SECONDS};
+use psm_core::linear::{Channel as LinearChannel, SLOTS_PER_DAY, SLOT_SECONDS};
 use psm_core::threshold::{FloodKey, Scheme};
 use psm_proto::v1::{ComputationKind, Enrollment, StreamEnrollmentsRequest};
 use tonic::transport::Channel;
 use tonic::Code;
 
 use crate::audit::{AuditLog, Decision};
+use crate::layout::Layout;
 use crate::peers::Peers;
 use crate::policy::{refuse, Refusal};
 use crate::rules::Rule;
@@ -127,6 +128,16 @@ pub struct LinearState {
     outputs: sled::Tree,
     /// cohort hash → members joined by '\n'.
     cohorts: sled::Tree,
+    /// Layout hash → layout: the cells of bills.
+    layouts: sled::Tree,
+    /// Bill key (as in `bills`) → its layout hash.
+    bill_layouts: sled::Tree,
+    /// meter ‖ 0 ‖ member id → (lo ‖ hi)*: the slots over which the meter was released in an
+    /// aggregate of that cohort (merged ranges).
+    member_spans: sled::Tree,
+    /// member id ‖ channel ‖ start ‖ end → layout hashes: the layouts the cohort's members
+    /// were billed under for that period.
+    cohort_bills: sled::Tree,
     /// Tariff hash → when the regulator approved it (`allowed_tariffs` with a date): the
     /// earliest period start its dynamic prices may bill.
     approved: BTreeMap<[u8; 32], i64>,
@@ -150,6 +161,11 @@ pub struct Admitted {
     /// their ledger identity H(epoch ‖ members) for the differencing rule.
     pub private_members: Vec<Vec<String>>,
     pub ledger_ids: Vec<[u8; 32]>,
+    /// Per cohort: H(meter-encrypted members), whatever the epoch: which cohort a meter was
+    /// released in, for the rules relating bills to aggregates.
+    pub member_ids: Vec<[u8; 32]>,
+    /// A bill's cells over its period (every band and price level, asked for or not).
+    pub layout: Option<Layout>,
 }
 
 /// The policy numbers a linear release is judged by.
@@ -172,20 +188,20 @@ pub struct Limits {
 /// The band-width rule for one band of a bill: enough hours per week on average, spread over
 /// enough local days.
 fn band_width(
+    rule: Rule,
     limits: Limits,
-    spec: &psm_core::linear::release::ReleaseSpec,
-    tariff: &psm_tariff::Tariff,
+    period: u64,
+    tz: chrono_tz::Tz,
     what: &str,
-    r: &[SlotRun],
+    r: &[(u64, u64)],
 ) -> Result<(), Refusal> {
     // A band narrower than the minimum would isolate a few readings per bill.
-    let slots: u64 = r.iter().map(|x| x.end - x.start).sum();
-    let period = spec.end_slot - spec.start_slot;
+    let slots: u64 = r.iter().map(|(s, e)| e - s).sum();
     let need = (u64::from(limits.min_band_hours_per_week) * 12 * period)
         .div_ceil(7 * SLOTS_PER_DAY as u64);
     if slots < need {
         return Err(refuse(
-                Rule::BandWidth,
+                rule,
                 Code::FailedPrecondition,
                 format!(
                     "{what} covers {slots} five-minute slots of the period; this keyshare releases a bill only when every band with slots in it has at least {} hours per week ({need} slots here), whether asked for or not",
@@ -195,13 +211,14 @@ fn band_width(
     }
     // Wide enough in hours but on a few days (a season's sliver at the edge of a
     // cycle, a holidays-only band): it would release those days' totals.
-    let days = tariff.local_days(
+    let days = psm_tariff::local_days(
+        tz,
         r.iter()
-            .map(|x| (x.start as i64 * SLOT_SECONDS, x.end as i64 * SLOT_SECONDS)),
+            .map(|(s, e)| (*s as i64 * SLOT_SECONDS, *e as i64 * SLOT_SECONDS)),
     );
     if days < limits.min_band_days as usize {
         return Err(refuse(
-                Rule::BandWidth,
+                rule,
                 Code::FailedPrecondition,
                 format!(
                     "{what} covers an hour or more on {days} local day(s) of the period; this keyshare releases a bill only when every band with slots in it is spread over at least {} days (min_band_days), whether asked for or not",
@@ -210,6 +227,40 @@ fn band_width(
             ));
     }
     Ok(())
+}
+
+/// Most separate slot ranges kept per (meter, cohort).
+const MAX_SPANS: usize = 256;
+
+/// Two bill layouts of one period may be known for one meter (its own, and another member's
+/// through their cohort's aggregate): every cell where they cross must be as wide as a band.
+fn compatible(limits: Limits, meter: &str, a: &Layout, b: &Layout) -> Result<(), Refusal> {
+    if (a.start, a.end) != (b.start, b.end) {
+        return Err(store("layouts of different periods compared"));
+    }
+    let period = a.end - a.start;
+    for runs in a.atoms(b).values() {
+        for tz in [a.tz, b.tz] {
+            band_width(
+                Rule::CohortBills,
+                limits,
+                period,
+                tz,
+                &format!(
+                    "where the bands or price levels of {meter}'s bill and another bill of its aggregated cohort over {} .. {} cross, a cell",
+                    slot_time(a.start),
+                    slot_time(a.end)
+                ),
+                runs,
+            )?;
+        }
+    }
+    Ok(())
+}
+
+/// The slot ranges of runs.
+fn spans(r: &[SlotRun]) -> Vec<(u64, u64)> {
+    r.iter().map(|x| (x.start, x.end)).collect()
 }
 
 fn seed_key(meter: &str, epoch: u32, share: usize) -> Vec<u8> {
@@ -272,6 +323,10 @@ impl LinearState {
             bills: db.open_tree(BILLS_TREE)?,
             outputs: db.open_tree("linear_outputs")?,
             cohorts: db.open_tree("linear_cohorts")?,
+            layouts: db.open_tree("linear_layouts")?,
+            bill_layouts: db.open_tree("linear_bill_layouts")?,
+            member_spans: db.open_tree("linear_member_spans")?,
+            cohort_bills: db.open_tree("linear_cohort_bills")?,
             db,
             party,
             registry,
@@ -918,7 +973,14 @@ impl LinearState {
                 }
                 if spec.prices().is_none() {
                     let name = tariff.bands.get(*index).map_or("?", |b| b.name.as_str());
-                    band_width(limits, spec, tariff, &format!("band {index} ({name:?})"), r)?;
+                    band_width(
+                        Rule::BandWidth,
+                        limits,
+                        spec.end_slot - spec.start_slot,
+                        tariff.tz,
+                        &format!("band {index} ({name:?})"),
+                        &spans(r),
+                    )?;
                     continue;
                 }
                 // Decryption is exact: one weighted sum Σ p·x packs the sum of every price
@@ -941,15 +1003,25 @@ impl LinearState {
                 }
                 for (price, runs) in &levels {
                     band_width(
+                        Rule::BandWidth,
                         limits,
-                        spec,
-                        tariff,
+                        spec.end_slot - spec.start_slot,
+                        tariff.tz,
                         &format!("price level {price} (milli-minor units per kWh)"),
-                        runs,
+                        &spans(runs),
                     )?;
                 }
             }
         }
+        let layout = match &spec.program {
+            Program::Bill(tariff) => Some(Layout::of_bill(
+                tariff.tz,
+                spec.start_slot,
+                spec.end_slot,
+                &bill_runs,
+            )),
+            Program::Aggregate { .. } => None,
+        };
         let indices: Vec<usize> = release.outputs.iter().map(|(i, _)| *i).collect();
         let asked = if bill_runs.is_empty() {
             spec.runs_of(&indices)
@@ -997,6 +1069,10 @@ impl LinearState {
                 *h.finalize().as_bytes()
             })
             .collect();
+        let member_ids = private_members
+            .iter()
+            .map(|m| psm_core::linear::release::cohort_hash(m))
+            .collect();
         Ok(Admitted {
             release,
             runs,
@@ -1006,6 +1082,8 @@ impl LinearState {
             headend_encrypted: headend,
             private_members,
             ledger_ids,
+            member_ids,
+            layout,
         })
     }
 
@@ -1135,6 +1213,7 @@ impl LinearState {
                         (k, 0, Vec::new())
                     }
                 };
+                self.cross_bill(a, limits, &key, record)?;
                 if record {
                     hashes.push(a.release_hash);
                     let mut v = spec.end_slot.to_be_bytes().to_vec();
@@ -1216,6 +1295,7 @@ impl LinearState {
                         }
                     }
                 }
+                self.cross_aggregate(a, limits, (lo_all, hi_all), record)?;
                 if record {
                     for (c, id) in a.ledger_ids.iter().enumerate() {
                         if !self.cohorts.contains_key(id).map_err(store)? {
@@ -1236,6 +1316,386 @@ impl LinearState {
             }
         }
         Ok(())
+    }
+
+    /// The rule relating a bill to the aggregates its meter was released in. An aggregate of
+    /// a cohort less the bills of its other members is this meter's total over those members'
+    /// cells; with its own bill it would be its readings where the two layouts cross. So over
+    /// one period the meter is in one released cohort, the cohort's members are billed over
+    /// the same period, and every layout they were billed under crosses this bill's only in
+    /// cells as wide as a band. With `record`, also writes the bill's layout and adds it to its
+    /// cohort's. A head-end-encrypted meter's readings are the utility's already.
+    fn cross_bill(
+        &self,
+        a: &Admitted,
+        limits: Limits,
+        bill_key: &[u8],
+        record: bool,
+    ) -> Result<(), Refusal> {
+        let spec = &a.release.spec;
+        let (Some(layout), Some(meter)) = (&a.layout, a.private_members[0].first()) else {
+            return Ok(());
+        };
+        let (start, end) = (spec.start_slot, spec.end_slot);
+        let ch = spec.channel.tag();
+        let mine = layout.hash();
+        let cohorts = self.cohorts_of(meter, start, end)?;
+        if cohorts.len() > 1 {
+            return Err(refuse(
+                Rule::CohortBills,
+                Code::FailedPrecondition,
+                format!(
+                    "meter {meter} was released in {} different cohorts within {} .. {}; one cohort's aggregate less the other's members' bills would isolate its readings, so this keyshare bills a meter only over a period in which it was aggregated in one cohort",
+                    cohorts.len(),
+                    slot_time(start),
+                    slot_time(end)
+                ),
+            ));
+        }
+        let mut known: BTreeMap<[u8; 32], Layout> = BTreeMap::new();
+        for id in &cohorts {
+            for (s, e, hashes) in self.cohort_bill_records(id, ch, start, end)? {
+                if (s, e) != (start, end) {
+                    return Err(refuse(
+                        Rule::CohortBills,
+                        Code::FailedPrecondition,
+                        format!(
+                            "another member of a cohort that meter {meter} was aggregated in was billed ({}) for {} .. {}, which overlaps {} .. {} without being the same period; members of a released cohort are billed over the same cycles",
+                            spec.channel.name(),
+                            slot_time(s),
+                            slot_time(e),
+                            slot_time(start),
+                            slot_time(end)
+                        ),
+                    ));
+                }
+                for h in hashes {
+                    if h != mine && !known.contains_key(&h) {
+                        let other = self.layout(&h)?;
+                        compatible(limits, meter, layout, &other)?;
+                        known.insert(h, other);
+                    }
+                }
+            }
+        }
+        if record {
+            self.layouts.insert(mine, layout.encode()).map_err(store)?;
+            self.bill_layouts.insert(bill_key, &mine[..]).map_err(store)?;
+            for id in &cohorts {
+                self.add_cohort_bill(id, ch, (start, end), &mine)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The aggregate side of [`Self::cross_bill`]: a cohort's members share a billing cycle,
+    /// no member was released in another cohort within the billing periods this release
+    /// touches (their windows), and the layouts members were already billed under over this
+    /// range cross only in band-wide cells.
+    fn cross_aggregate(
+        &self,
+        a: &Admitted,
+        limits: Limits,
+        (lo, hi): (u64, u64),
+        record: bool,
+    ) -> Result<(), Refusal> {
+        // Member → the member id of the cohort it is in here (a release's cohorts too must be
+        // equal or disjoint over its window).
+        let mut in_release: BTreeMap<&str, [u8; 32]> = BTreeMap::new();
+        let mut per_cohort = Vec::new();
+        for (c, members) in a.private_members.iter().enumerate() {
+            let id = a.member_ids[c];
+            if members.is_empty() {
+                continue;
+            }
+            for m in members {
+                if in_release.insert(m, id).is_some_and(|other| other != id) {
+                    return Err(refuse(
+                        Rule::CohortBills,
+                        Code::FailedPrecondition,
+                        format!(
+                            "meter {m} is in two different cohorts of this release; cohorts released within one billing period are equal or disjoint"
+                        ),
+                    ));
+                }
+            }
+            let (mut w_lo, mut w_hi) = self.cycle_window(members, (lo, hi), limits)?;
+            // Bills of the members over these slots, per channel and period.
+            let mut bills: BTreeMap<(u8, u64, u64), Vec<[u8; 32]>> = BTreeMap::new();
+            for m in members {
+                for ch in [LinearChannel::Import.tag(), LinearChannel::Export.tag()] {
+                    let prefix = Self::bill_prefix(m, ch);
+                    for kv in self.bills.scan_prefix(&prefix) {
+                        let (k, v) = kv.map_err(store)?;
+                        if k.len() != prefix.len() + 8 || v.len() < 8 {
+                            return Err(store("corrupt bill record"));
+                        }
+                        let (s, e) = (u64_at(&k, prefix.len()), u64_at(&v, 0));
+                        if s >= hi || e <= lo {
+                            continue;
+                        }
+                        let h = self
+                            .bill_layouts
+                            .get(&k)
+                            .map_err(store)?
+                            .filter(|h| h.len() == 32)
+                            .ok_or_else(|| store("a bill's layout is missing"))?;
+                        let mut hash = [0u8; 32];
+                        hash.copy_from_slice(&h);
+                        let at = bills.entry((ch, s, e)).or_default();
+                        if !at.contains(&hash) {
+                            at.push(hash);
+                        }
+                        w_lo = w_lo.min(s);
+                        w_hi = w_hi.max(e);
+                    }
+                }
+            }
+            let mut prev: Option<(u8, u64, u64)> = None;
+            for (&(ch, s, e), hashes) in &bills {
+                if let Some((pch, ps, pe)) = prev.filter(|p| p.0 == ch) {
+                    if s < pe && (ps, pe) != (s, e) {
+                        return Err(refuse(
+                            Rule::CohortBills,
+                            Code::FailedPrecondition,
+                            format!(
+                                "members of cohort {c} were billed ({}) over {} .. {} and {} .. {}, periods that overlap without being equal; this keyshare aggregates over billed periods only cohorts billed on one cycle",
+                                if pch == LinearChannel::Import.tag() { "import" } else { "export" },
+                                slot_time(ps),
+                                slot_time(pe),
+                                slot_time(s),
+                                slot_time(e)
+                            ),
+                        ));
+                    }
+                }
+                prev = Some((ch, s, e));
+                let layouts = hashes
+                    .iter()
+                    .map(|h| self.layout(h))
+                    .collect::<Result<Vec<_>, _>>()?;
+                for (i, x) in layouts.iter().enumerate() {
+                    for y in &layouts[i + 1..] {
+                        compatible(limits, &format!("a member of cohort {c}"), x, y)?;
+                    }
+                }
+            }
+            for m in members {
+                for (other, spans) in self.spans_of(m)? {
+                    if other != id && spans.iter().any(|(s, e)| *s < w_hi && *e > w_lo) {
+                        return Err(refuse(
+                            Rule::CohortBills,
+                            Code::FailedPrecondition,
+                            format!(
+                                "meter {m} of cohort {c} was released in another cohort within the billing period(s) {} .. {} this release touches; with the members' bills the two would isolate readings, so within a billing period a meter's released cohorts are one",
+                                slot_time(w_lo),
+                                slot_time(w_hi)
+                            ),
+                        ));
+                    }
+                }
+            }
+            per_cohort.push((id, members, bills));
+        }
+        if record {
+            for (id, members, bills) in per_cohort {
+                for m in members {
+                    self.add_span(m, &id, (lo, hi))?;
+                }
+                for ((ch, s, e), hashes) in bills {
+                    for h in hashes {
+                        self.add_cohort_bill(&id, ch, (s, e), &h)?;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The billing periods around [lo, hi) for `members` of one cohort, who must share their
+    /// registered billing cycle: a cohort across cycles would leave each member's bill a few
+    /// days' readings off another's. Without registered cycles, the range itself (bills are
+    /// checked against the cohort when they come).
+    fn cycle_window(
+        &self,
+        members: &[String],
+        (lo, hi): (u64, u64),
+        limits: Limits,
+    ) -> Result<(u64, u64), Refusal> {
+        if limits.billing_cycle != crate::policy::BillingCycle::Registered {
+            return Ok((lo, hi));
+        }
+        let mut cycle = None;
+        for m in members {
+            let c = self.registry.billing_cycle(m).ok_or_else(|| not_registered(m))?;
+            match cycle {
+                None => cycle = Some((m, c)),
+                Some((first, f)) if f != c => {
+                    let show = |(day, zone): (u8, Option<chrono_tz::Tz>)| {
+                        format!("day {day} in {}", zone.map_or("the tariff's zone", |z| z.name()))
+                    };
+                    return Err(refuse(
+                        Rule::CohortBills,
+                        Code::FailedPrecondition,
+                        format!(
+                            "meter {first} is billed on {} and meter {m} on {}; this keyshare aggregates cohorts of one billing cycle (their bills and the aggregate would difference into the days between the cycles)",
+                            show(f),
+                            show(c)
+                        ),
+                    ));
+                }
+                Some(_) => {}
+            }
+        }
+        let Some((_, (day, zone))) = cycle else {
+            return Ok((lo, hi));
+        };
+        // Without a registered zone the tariff's decides; a day either side covers every zone.
+        let (tz, margin) = zone.map_or((chrono_tz::UTC, 86_400), |z| (z, 0));
+        let at = |slot: u64| slot as i64 * SLOT_SECONDS;
+        let first = psm_tariff::cycle_at(tz, day, at(lo) - margin).map_or(at(lo) - margin, |c| c.0);
+        let last = psm_tariff::cycle_at(tz, day, at(hi) - 1 + margin).map_or(at(hi) + margin, |c| c.1);
+        Ok((
+            (first.max(0) / SLOT_SECONDS) as u64,
+            (last.max(0) as u64).div_ceil(SLOT_SECONDS as u64),
+        ))
+    }
+
+    /// The member ids of the cohorts `meter` was aggregated in over slots overlapping
+    /// [start, end).
+    fn cohorts_of(&self, meter: &str, start: u64, end: u64) -> Result<Vec<[u8; 32]>, Refusal> {
+        Ok(self
+            .spans_of(meter)?
+            .into_iter()
+            .filter(|(_, spans)| spans.iter().any(|(s, e)| *s < end && *e > start))
+            .map(|(id, _)| id)
+            .collect())
+    }
+
+    /// Every cohort `meter` was aggregated in, with the slot ranges.
+    fn spans_of(&self, meter: &str) -> Result<Vec<([u8; 32], Vec<(u64, u64)>)>, Refusal> {
+        let mut prefix = meter.as_bytes().to_vec();
+        prefix.push(0);
+        let mut out = Vec::new();
+        for kv in self.member_spans.scan_prefix(&prefix) {
+            let (k, v) = kv.map_err(store)?;
+            if k.len() != prefix.len() + 32 || v.len() % 16 != 0 {
+                return Err(store("corrupt member span record"));
+            }
+            let mut id = [0u8; 32];
+            id.copy_from_slice(&k[prefix.len()..]);
+            let spans = v
+                .chunks_exact(16)
+                .map(|c| (u64_at(c, 0), u64_at(c, 8)))
+                .collect();
+            out.push((id, spans));
+        }
+        Ok(out)
+    }
+
+    /// Adds [lo, hi) to the slots `meter` was aggregated over in cohort `id`, merging ranges
+    /// that touch; past [`MAX_SPANS`] ranges the closest two merge (a wider range only refuses
+    /// more).
+    fn add_span(&self, meter: &str, id: &[u8; 32], (lo, hi): (u64, u64)) -> Result<(), Refusal> {
+        let mut key = meter.as_bytes().to_vec();
+        key.push(0);
+        key.extend_from_slice(id);
+        let old = self.member_spans.get(&key).map_err(store)?;
+        let mut spans: Vec<(u64, u64)> = old
+            .as_deref()
+            .unwrap_or_default()
+            .chunks_exact(16)
+            .map(|c| (u64_at(c, 0), u64_at(c, 8)))
+            .collect();
+        spans.push((lo, hi));
+        spans.sort_unstable();
+        let mut merged: Vec<(u64, u64)> = Vec::with_capacity(spans.len());
+        for (s, e) in spans {
+            match merged.last_mut() {
+                Some((_, last)) if s <= *last => *last = (*last).max(e),
+                _ => merged.push((s, e)),
+            }
+        }
+        while merged.len() > MAX_SPANS {
+            let i = (0..merged.len() - 1)
+                .min_by_key(|i| merged[i + 1].0 - merged[*i].1)
+                .unwrap_or(0);
+            merged[i].1 = merged[i + 1].1;
+            merged.remove(i + 1);
+        }
+        let v: Vec<u8> = merged
+            .iter()
+            .flat_map(|(s, e)| s.to_be_bytes().into_iter().chain(e.to_be_bytes()))
+            .collect();
+        self.member_spans.insert(key, v).map_err(store)?;
+        Ok(())
+    }
+
+    /// The periods (start, end) overlapping [start, end) over which members of cohort `id` were
+    /// billed on channel `ch`, with their layouts.
+    #[allow(clippy::type_complexity)]
+    fn cohort_bill_records(
+        &self,
+        id: &[u8; 32],
+        ch: u8,
+        start: u64,
+        end: u64,
+    ) -> Result<Vec<(u64, u64, Vec<[u8; 32]>)>, Refusal> {
+        let mut prefix = id.to_vec();
+        prefix.push(ch);
+        let mut out = Vec::new();
+        for kv in self.cohort_bills.scan_prefix(&prefix) {
+            let (k, v) = kv.map_err(store)?;
+            if k.len() != prefix.len() + 16 || v.len() % 32 != 0 {
+                return Err(store("corrupt cohort bill record"));
+            }
+            let (s, e) = (u64_at(&k, prefix.len()), u64_at(&k, prefix.len() + 8));
+            if s >= end || e <= start {
+                continue;
+            }
+            let hashes = v
+                .chunks_exact(32)
+                .map(|c| {
+                    let mut h = [0u8; 32];
+                    h.copy_from_slice(c);
+                    h
+                })
+                .collect();
+            out.push((s, e, hashes));
+        }
+        Ok(out)
+    }
+
+    fn add_cohort_bill(
+        &self,
+        id: &[u8; 32],
+        ch: u8,
+        (start, end): (u64, u64),
+        layout: &[u8; 32],
+    ) -> Result<(), Refusal> {
+        let mut key = id.to_vec();
+        key.push(ch);
+        key.extend_from_slice(&start.to_be_bytes());
+        key.extend_from_slice(&end.to_be_bytes());
+        let mut v = self
+            .cohort_bills
+            .get(&key)
+            .map_err(store)?
+            .map(|v| v.to_vec())
+            .unwrap_or_default();
+        if !v.chunks_exact(32).any(|c| c == layout) {
+            v.extend_from_slice(layout);
+            self.cohort_bills.insert(key, v).map_err(store)?;
+        }
+        Ok(())
+    }
+
+    fn layout(&self, hash: &[u8; 32]) -> Result<Layout, Refusal> {
+        self.layouts
+            .get(hash)
+            .map_err(store)?
+            .and_then(|v| Layout::decode(&v))
+            .ok_or_else(|| store("a bill layout is missing or corrupt"))
     }
 
     /// Checks the stateful rules without recording (an early refusal before costly work).
@@ -2377,6 +2837,296 @@ mod tests {
         assert_eq!(e.rule, "price-series");
         assert!(
             e.status.message().contains("price levels"),
+            "{}",
+            e.status.message()
+        );
+    }
+
+    /// January 2026, UTC.
+    const JAN: i64 = 1_767_225_600;
+
+    /// An hourly aggregate over day `day` (days since JAN) of `cohorts`, outputs (hour, cohort).
+    fn hourly(cohorts: &[&[String]], day: i64, outputs: &[(u32, u32)]) -> Release {
+        release_from_proto(&LinearRelease {
+            kind: ComputationKind::Aggregate as i32,
+            epoch: 1,
+            channel: psm_proto::v1::Channel::Import as i32,
+            program: AggregateProgram {
+                granularity_seconds: 3600,
+            }
+            .encode_to_vec(),
+            range: Some(TimeRange {
+                start_unix: JAN + day * 86_400,
+                end_unix: JAN + (day + 1) * 86_400,
+            }),
+            cohorts: cohorts
+                .iter()
+                .map(|c| Cohort {
+                    meter_ids: c.to_vec(),
+                })
+                .collect(),
+            outputs: outputs
+                .iter()
+                .map(|(index, cohort)| ReleaseOutput {
+                    index: *index,
+                    cohort: *cohort,
+                })
+                .collect(),
+            reissue_reason: String::new(),
+        })
+        .unwrap()
+    }
+
+    fn all_day(cohort: u32) -> Vec<(u32, u32)> {
+        (0..24).map(|h| (h, cohort)).collect()
+    }
+
+    /// Night 0..split at 10.000, day split..24 at 20.000, in UTC.
+    fn two_band(split: u32) -> psm_proto::v1::Tariff {
+        let band = |n: &str, start_hour, end_hour, price| psm_proto::v1::TariffBand {
+            name: n.into(),
+            weekday_mask: 0x7f,
+            start_hour,
+            end_hour,
+            import_price_milli: price,
+            export_price_milli: 0,
+            month_mask: 0,
+        };
+        let mut bands = vec![band("day", split, 24, 20_000)];
+        if split > 0 {
+            bands.insert(0, band("night", 0, split, 10_000));
+        }
+        psm_proto::v1::Tariff {
+            name: format!("split at {split}"),
+            time_zone: "UTC".into(),
+            bands,
+            currency: "EUR".into(),
+            ..Default::default()
+        }
+    }
+
+    /// A January import bill of `meter` under `t`, every output asked for.
+    fn january_bill(meter: &str, t: &psm_proto::v1::Tariff) -> Release {
+        release_from_proto(&LinearRelease {
+            kind: ComputationKind::Bill as i32,
+            epoch: 1,
+            channel: psm_proto::v1::Channel::Import as i32,
+            program: t.encode_to_vec(),
+            range: Some(TimeRange {
+                start_unix: JAN,
+                end_unix: JAN + 31 * 86_400,
+            }),
+            cohorts: vec![Cohort {
+                meter_ids: vec![meter.into()],
+            }],
+            outputs: (0..t.bands.len().max(1) as u32)
+                .map(|index| ReleaseOutput { index, cohort: 0 })
+                .collect(),
+            reissue_reason: String::new(),
+        })
+        .unwrap()
+    }
+
+    /// Admits and records; the refusing rule, or "allowed".
+    async fn release(f: &Fixture, r: Release, limits: Limits) -> &'static str {
+        match f.state.admit(r, limits, |_| true) {
+            Err(e) => e.rule,
+            Ok(a) => match f.state.record(&a, limits).await {
+                Err(e) => e.rule,
+                Ok(()) => "allowed",
+            },
+        }
+    }
+
+    fn meters(range: std::ops::Range<usize>) -> Vec<String> {
+        range.map(|i| format!("m{i}")).collect()
+    }
+
+    /// The attack without any tariff games: the aggregate of C = {m0} ∪ A over one hour, and of
+    /// A over the rest of the month, with A's January bills, is m0's reading of that hour
+    /// (bills of A − A's aggregate = A's hour; C's hour − that = m0's). Within a billing period
+    /// a meter is released in one cohort: the bill that would complete the difference is
+    /// refused, and with registered cycles already the second cohort.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_cohort_less_its_other_members_bills_isolates_no_meter() {
+        let c = meters(0..6);
+        let a = meters(1..6);
+        let flat = two_band(0);
+        // Aggregates first, then bills (any cycle): A's bills are refused.
+        let f = fixture("development_allow_all = true\n");
+        let any = limits(5);
+        assert_eq!(release(&f, hourly(&[&c], 0, &all_day(0)), any).await, "allowed");
+        assert_eq!(release(&f, hourly(&[&a], 1, &all_day(0)), any).await, "allowed");
+        let e = f
+            .state
+            .admit(january_bill("m1", &flat), any, |_| true)
+            .unwrap();
+        let e = f.state.precheck(&e, any).await.unwrap_err();
+        assert_eq!(e.rule, "cohort-bills");
+        assert!(
+            e.status.message().contains("2 different cohorts"),
+            "{}",
+            e.status.message()
+        );
+        // m0, in one cohort only, is billed.
+        assert_eq!(release(&f, january_bill("m0", &flat), any).await, "allowed");
+
+        // Bills first, then aggregates: the second cohort is refused, since the members' bills
+        // span the period both aggregates fall in.
+        let f = fixture("development_allow_all = true\n");
+        for m in &a {
+            assert_eq!(release(&f, january_bill(m, &flat), any).await, "allowed");
+        }
+        assert_eq!(release(&f, hourly(&[&c], 0, &all_day(0)), any).await, "allowed");
+        assert_eq!(
+            release(&f, hourly(&[&a], 1, &all_day(0)), any).await,
+            "cohort-bills"
+        );
+        // The same cohort on another day of the period, and a disjoint one: allowed.
+        assert_eq!(release(&f, hourly(&[&c], 1, &all_day(0)), any).await, "allowed");
+        let d = meters(6..11);
+        assert_eq!(release(&f, hourly(&[&d], 1, &all_day(0)), any).await, "allowed");
+        // Both cohorts in one release, on different hours: refused.
+        let one: Vec<(u32, u32)> = (0..12).map(|h| (h, 0)).chain((12..24).map(|h| (h, 1))).collect();
+        let e = hourly(&[&meters(11..17), &meters(12..17)], 2, &one);
+        assert_eq!(release(&f, e, any).await, "cohort-bills");
+
+        // Registered cycles: the second cohort within the cycle is refused before any bill;
+        // in the next cycle it is another matter.
+        let f = fixture("development_allow_all = true\n");
+        let registered = Limits {
+            billing_cycle: crate::policy::BillingCycle::Registered,
+            ..any
+        };
+        assert_eq!(
+            release(&f, hourly(&[&c], 0, &all_day(0)), registered).await,
+            "allowed"
+        );
+        assert_eq!(
+            release(&f, hourly(&[&a], 20, &all_day(0)), registered).await,
+            "cohort-bills"
+        );
+        assert_eq!(
+            release(&f, hourly(&[&a], 40, &all_day(0)), registered).await,
+            "allowed"
+        );
+    }
+
+    /// The review's finding: C's aggregate, C ∖ {m0} billed under price levels Q, and m0 under
+    /// P whose dear level is Q's and one more hour: Σ bills of the others under Q, less C's
+    /// aggregate over Q's levels, is m0's Q totals; with m0's P bill, that hour's reading.
+    /// Layouts of one aggregated cohort must cross only in band-wide cells, whichever comes
+    /// last; layouts that only refine each other (flat against two bands) are billed.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn price_levels_of_one_cohort_cross_only_in_band_wide_cells() {
+        let dynamic = |prices: Vec<i64>| psm_proto::v1::Tariff {
+            name: "dynamic".into(),
+            time_zone: "UTC".into(),
+            bands: vec![psm_proto::v1::TariffBand {
+                name: "all".into(),
+                weekday_mask: 0x7f,
+                start_hour: 0,
+                end_hour: 24,
+                export_price_milli: 5_000,
+                ..Default::default()
+            }],
+            import_prices: Some(psm_proto::v1::PriceSeries {
+                interval_seconds: 3600,
+                start_unix: JAN,
+                price_milli: prices,
+            }),
+            currency: "GBP".into(),
+            ..Default::default()
+        };
+        let q_prices: Vec<i64> = (0..31 * 24)
+            .map(|h| if h % 24 < 12 { 10_000 } else { 20_000 })
+            .collect();
+        let mut p_prices = q_prices.clone();
+        p_prices[9 * 24 + 5] = 20_000;
+        let (q, p) = (dynamic(q_prices), dynamic(p_prices));
+        let approve = |f: &mut Fixture| {
+            for t in [&q, &p] {
+                f.state
+                    .approved
+                    .insert(*blake3::hash(&t.encode_to_vec()).as_bytes(), JAN - 86_400);
+            }
+        };
+        let any = limits(5);
+        let c = meters(0..6);
+        let mut f = fixture("development_allow_all = true\n");
+        approve(&mut f);
+        assert_eq!(release(&f, hourly(&[&c], 0, &all_day(0)), any).await, "allowed");
+        for m in &c[1..] {
+            assert_eq!(release(&f, january_bill(m, &q), any).await, "allowed");
+        }
+        let b = f
+            .state
+            .admit(january_bill("m0", &p), any, |_| true)
+            .unwrap();
+        let e = f.state.precheck(&b, any).await.unwrap_err();
+        assert_eq!(e.rule, "cohort-bills");
+        assert!(
+            e.status.message().contains("cross") && e.status.message().contains("12 five-minute slots"),
+            "{}",
+            e.status.message()
+        );
+        // Under the others' layout m0 is billed: its bill is what the difference gives anyway.
+        assert_eq!(release(&f, january_bill("m0", &q), any).await, "allowed");
+
+        // The other order: every bill first (no cohort yet), then the aggregate is refused.
+        let mut f = fixture("development_allow_all = true\n");
+        approve(&mut f);
+        for m in &c[1..] {
+            assert_eq!(release(&f, january_bill(m, &q), any).await, "allowed");
+        }
+        assert_eq!(release(&f, january_bill("m0", &p), any).await, "allowed");
+        assert_eq!(
+            release(&f, hourly(&[&c], 0, &all_day(0)), any).await,
+            "cohort-bills"
+        );
+
+        // Flat, two bands and those bands at dynamic levels refine one another: all billed
+        // within one cohort. Two-band layouts whose edges are an hour apart cross in 7 hours a
+        // week, band-wide at 4 hours a week but not at 8.
+        let d = meters(6..12);
+        assert_eq!(release(&f, hourly(&[&d], 0, &all_day(0)), any).await, "allowed");
+        assert_eq!(release(&f, january_bill("m6", &two_band(0)), any).await, "allowed");
+        assert_eq!(release(&f, january_bill("m7", &two_band(12)), any).await, "allowed");
+        assert_eq!(release(&f, january_bill("m8", &q), any).await, "allowed");
+        assert_eq!(release(&f, january_bill("m9", &two_band(11)), any).await, "allowed");
+        let strict = Limits {
+            min_band_hours_per_week: 8,
+            ..any
+        };
+        assert_eq!(
+            release(&f, january_bill("m10", &two_band(13)), strict).await,
+            "cohort-bills"
+        );
+    }
+
+    /// A cohort across billing cycles would leave each member's bill some days off another's;
+    /// with registered cycles such a cohort is not aggregated.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_cohort_across_billing_cycles_is_not_aggregated() {
+        let reg: String = (0..6)
+            .map(|i| {
+                let day = if i == 5 { 15 } else { 1 };
+                entry(&format!("m{i}"), "meter") + &format!("billing_day = {day}\n")
+            })
+            .collect();
+        let f = fixture(&reg);
+        let registered = Limits {
+            billing_cycle: crate::policy::BillingCycle::Registered,
+            ..limits(5)
+        };
+        let e = f
+            .state
+            .admit(hourly(&[&meters(0..6)], 0, &all_day(0)), registered, |_| true)
+            .unwrap();
+        let e = f.state.precheck(&e, registered).await.unwrap_err();
+        assert_eq!(e.rule, "cohort-bills");
+        assert!(
+            e.status.message().contains("billed on day 1") && e.status.message().contains("day 15"),
             "{}",
             e.status.message()
         );

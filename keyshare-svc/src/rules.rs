@@ -28,6 +28,7 @@ pub enum Rule {
     OutputHash,
     OneBillPerPeriod,
     Differencing,
+    CohortBills,
     Enrollment,
     ReExecution,
     InputPinned,
@@ -40,7 +41,7 @@ pub enum Rule {
 
 impl Rule {
     /// Every rule, in the order of the docs' index.
-    pub const ALL: [Rule; 29] = [
+    pub const ALL: [Rule; 30] = [
         Rule::RateLimit,
         Rule::WellFormed,
         Rule::KnownKey,
@@ -62,6 +63,7 @@ impl Rule {
         Rule::OutputHash,
         Rule::OneBillPerPeriod,
         Rule::Differencing,
+        Rule::CohortBills,
         Rule::Enrollment,
         Rule::ReExecution,
         Rule::InputPinned,
@@ -96,6 +98,7 @@ impl Rule {
             Rule::OutputHash => "output-hash",
             Rule::OneBillPerPeriod => "one-bill-per-period",
             Rule::Differencing => "differencing",
+            Rule::CohortBills => "cohort-bills",
             Rule::Enrollment => "enrollment",
             Rule::ReExecution => "re-execution",
             Rule::InputPinned => "input-pinned",
@@ -133,6 +136,7 @@ impl Rule {
             | Rule::OutputHash
             | Rule::OneBillPerPeriod
             | Rule::Differencing
+            | Rule::CohortBills
             | Rule::InputPinned
             | Rule::Enrollment => &[Code::FailedPrecondition],
         }
@@ -154,6 +158,7 @@ impl Rule {
             | Rule::Registry
             | Rule::BandWidth
             | Rule::PriceSeries
+            | Rule::CohortBills
             | Rule::Enrollment => "Release",
             Rule::DeviceSignature => "enrollments, PartialDecrypt inputs",
             _ => "PartialDecrypt",
@@ -184,6 +189,7 @@ impl Rule {
             Rule::OutputHash => "ciphertexts that are not the manifest's output",
             Rule::OneBillPerPeriod => "a second bill for a billed period, or a re-issue that is not allowed",
             Rule::Differencing => "a release whose difference with an earlier one would isolate fewer than `min_cohort` meters",
+            Rule::CohortBills => "a linear bill or aggregate that, with the other, would release a meter's readings finer than a band: within a billing period a meter is in one released cohort, whose members share a billing cycle and whose bills' bands and price levels cross only in cells as wide as a band",
             Rule::Enrollment => "a member without an accepted enrollment for the epoch (also each enrollment decision)",
             Rule::ReExecution => "a tfhe-track output the keyshare's own evaluation does not reproduce",
             Rule::InputPinned => "tfhe-track inputs other than those first released for the same meter-day",

@@ -249,6 +249,37 @@ pub fn cycle(tz: Tz, billing_day: u8, year: i32, month: u32) -> Option<(i64, i64
     Some((day_start(tz, first)?, day_start(tz, next)?))
 }
 
+/// The billing cycle of a meter billed on `billing_day` in `tz` that holds the instant `unix`.
+pub fn cycle_at(tz: Tz, billing_day: u8, unix: i64) -> Option<(i64, i64)> {
+    let d = local(tz, unix)?.date_naive().with_day(1)?;
+    [d.checked_sub_months(Months::new(1))?, d]
+        .into_iter()
+        .filter_map(|m| cycle(tz, billing_day, m.year(), m.month()))
+        .find(|(s, e)| *s <= unix && unix < *e)
+}
+
+/// Local dates in `tz` on which the UTC ranges [start, end) hold an hour or more: how many days
+/// a band's slots are spread over (a few minutes at a period's edge are not a day).
+pub fn local_days(tz: Tz, ranges: impl IntoIterator<Item = (i64, i64)>) -> usize {
+    let mut seconds: std::collections::BTreeMap<NaiveDate, i64> = Default::default();
+    for (start, end) in ranges {
+        let mut at = start;
+        while at < end {
+            let Some(date) = local(tz, at).map(|d| d.date_naive()) else {
+                break;
+            };
+            let next = date
+                .succ_opt()
+                .and_then(|n| day_start(tz, n))
+                .filter(|n| *n > at)
+                .unwrap_or(end);
+            *seconds.entry(date).or_default() += next.min(end) - at;
+            at = next;
+        }
+    }
+    seconds.values().filter(|s| **s >= 3600).count()
+}
+
 /// Checks that [start, end) is exactly one billing cycle of a meter billed on
 /// `billing_day`, in `tz`. Fixed cycles are what keep bills from
 /// slicing a meter's readings finer than a month at the utility's choice.
@@ -314,26 +345,10 @@ impl Tariff {
         }
     }
 
-    /// Local dates on which the UTC ranges [start, end) hold an hour or more: how many days a
-    /// band's slots are spread over (a few minutes at a period's edge are not a day).
+    /// Local dates on which the UTC ranges [start, end) hold an hour or more ([`local_days`] in
+    /// the tariff's zone).
     pub fn local_days(&self, ranges: impl IntoIterator<Item = (i64, i64)>) -> usize {
-        let mut seconds: std::collections::BTreeMap<NaiveDate, i64> = Default::default();
-        for (start, end) in ranges {
-            let mut at = start;
-            while at < end {
-                let Some(date) = self.local(at).map(|d| d.date_naive()) else {
-                    break;
-                };
-                let next = date
-                    .succ_opt()
-                    .and_then(|n| day_start(self.tz, n))
-                    .filter(|n| *n > at)
-                    .unwrap_or(end);
-                *seconds.entry(date).or_default() += next.min(end) - at;
-                at = next;
-            }
-        }
-        seconds.values().filter(|s| **s >= 3600).count()
+        local_days(self.tz, ranges)
     }
 
     /// Months of [start, end) as a fraction (numerator, denominator): whole months from the
