@@ -171,16 +171,25 @@ mod tests {
             tz,
             100,
             112,
-            &[vec![run(100, 104, 7)], vec![run(104, 106, 3), run(108, 112, 5)]],
+            &[
+                vec![run(100, 104, 7)],
+                vec![run(104, 106, 3), run(108, 112, 5)],
+            ],
         );
         let b = Layout::of_bill(
             tz,
             100,
             112,
-            &[vec![run(104, 106, 9), run(108, 112, 1)], vec![run(100, 104, 2)]],
+            &[
+                vec![run(104, 106, 9), run(108, 112, 1)],
+                vec![run(100, 104, 2)],
+            ],
         );
         assert_eq!(a.runs, vec![(4, 0), (2, 1), (2, REST), (4, 2)]);
-        assert_eq!(a, b, "the same partition whatever the prices and band order");
+        assert_eq!(
+            a, b,
+            "the same partition whatever the prices and band order"
+        );
         assert_eq!(a.hash(), b.hash());
         assert_eq!(Layout::decode(&a.encode()), Some(a.clone()));
         let mut bad = a.encode();
@@ -198,7 +207,11 @@ mod tests {
         let q = Layout::of_bill(tz, 0, 10, &[vec![run(0, 5, 1)], vec![run(5, 8, 1)]]);
         let atoms = p.atoms(&q);
         assert_eq!(atoms[&(0, 0)], vec![(0, 5)]);
-        assert_eq!(atoms[&(0, 1)], vec![(5, 6)], "the one slot between the two edges");
+        assert_eq!(
+            atoms[&(0, 1)],
+            vec![(5, 6)],
+            "the one slot between the two edges"
+        );
         assert_eq!(atoms[&(1, 1)], vec![(6, 8)]);
         assert_eq!(atoms[&(1, REST)], vec![(8, 10)]);
         assert_eq!(atoms.len(), 4);

@@ -1380,7 +1380,9 @@ impl LinearState {
         }
         if record {
             self.layouts.insert(mine, layout.encode()).map_err(store)?;
-            self.bill_layouts.insert(bill_key, &mine[..]).map_err(store)?;
+            self.bill_layouts
+                .insert(bill_key, &mine[..])
+                .map_err(store)?;
             for id in &cohorts {
                 self.add_cohort_bill(id, ch, (start, end), &mine)?;
             }
@@ -1527,12 +1529,18 @@ impl LinearState {
         }
         let mut cycle = None;
         for m in members {
-            let c = self.registry.billing_cycle(m).ok_or_else(|| not_registered(m))?;
+            let c = self
+                .registry
+                .billing_cycle(m)
+                .ok_or_else(|| not_registered(m))?;
             match cycle {
                 None => cycle = Some((m, c)),
                 Some((first, f)) if f != c => {
                     let show = |(day, zone): (u8, Option<chrono_tz::Tz>)| {
-                        format!("day {day} in {}", zone.map_or("the tariff's zone", |z| z.name()))
+                        format!(
+                            "day {day} in {}",
+                            zone.map_or("the tariff's zone", |z| z.name())
+                        )
                     };
                     return Err(refuse(
                         Rule::CohortBills,
@@ -1554,7 +1562,8 @@ impl LinearState {
         let (tz, margin) = zone.map_or((chrono_tz::UTC, 86_400), |z| (z, 0));
         let at = |slot: u64| slot as i64 * SLOT_SECONDS;
         let first = psm_tariff::cycle_at(tz, day, at(lo) - margin).map_or(at(lo) - margin, |c| c.0);
-        let last = psm_tariff::cycle_at(tz, day, at(hi) - 1 + margin).map_or(at(hi) + margin, |c| c.1);
+        let last =
+            psm_tariff::cycle_at(tz, day, at(hi) - 1 + margin).map_or(at(hi) + margin, |c| c.1);
         Ok((
             (first.max(0) / SLOT_SECONDS) as u64,
             (last.max(0) as u64).div_ceil(SLOT_SECONDS as u64),
@@ -2861,8 +2870,10 @@ mod tests {
             }),
             cohorts: cohorts
                 .iter()
-                .map(|c| Cohort {
-                    meter_ids: c.to_vec(),
+                .map(|c| {
+                    let mut meter_ids = c.to_vec();
+                    meter_ids.sort();
+                    Cohort { meter_ids }
                 })
                 .collect(),
             outputs: outputs
@@ -2955,8 +2966,14 @@ mod tests {
         // Aggregates first, then bills (any cycle): A's bills are refused.
         let f = fixture("development_allow_all = true\n");
         let any = limits(5);
-        assert_eq!(release(&f, hourly(&[&c], 0, &all_day(0)), any).await, "allowed");
-        assert_eq!(release(&f, hourly(&[&a], 1, &all_day(0)), any).await, "allowed");
+        assert_eq!(
+            release(&f, hourly(&[&c], 0, &all_day(0)), any).await,
+            "allowed"
+        );
+        assert_eq!(
+            release(&f, hourly(&[&a], 1, &all_day(0)), any).await,
+            "allowed"
+        );
         let e = f
             .state
             .admit(january_bill("m1", &flat), any, |_| true)
@@ -2977,17 +2994,29 @@ mod tests {
         for m in &a {
             assert_eq!(release(&f, january_bill(m, &flat), any).await, "allowed");
         }
-        assert_eq!(release(&f, hourly(&[&c], 0, &all_day(0)), any).await, "allowed");
+        assert_eq!(
+            release(&f, hourly(&[&c], 0, &all_day(0)), any).await,
+            "allowed"
+        );
         assert_eq!(
             release(&f, hourly(&[&a], 1, &all_day(0)), any).await,
             "cohort-bills"
         );
         // The same cohort on another day of the period, and a disjoint one: allowed.
-        assert_eq!(release(&f, hourly(&[&c], 1, &all_day(0)), any).await, "allowed");
+        assert_eq!(
+            release(&f, hourly(&[&c], 1, &all_day(0)), any).await,
+            "allowed"
+        );
         let d = meters(6..11);
-        assert_eq!(release(&f, hourly(&[&d], 1, &all_day(0)), any).await, "allowed");
+        assert_eq!(
+            release(&f, hourly(&[&d], 1, &all_day(0)), any).await,
+            "allowed"
+        );
         // Both cohorts in one release, on different hours: refused.
-        let one: Vec<(u32, u32)> = (0..12).map(|h| (h, 0)).chain((12..24).map(|h| (h, 1))).collect();
+        let one: Vec<(u32, u32)> = (0..12)
+            .map(|h| (h, 0))
+            .chain((12..24).map(|h| (h, 1)))
+            .collect();
         let e = hourly(&[&meters(11..17), &meters(12..17)], 2, &one);
         assert_eq!(release(&f, e, any).await, "cohort-bills");
 
@@ -3055,7 +3084,10 @@ mod tests {
         let c = meters(0..6);
         let mut f = fixture("development_allow_all = true\n");
         approve(&mut f);
-        assert_eq!(release(&f, hourly(&[&c], 0, &all_day(0)), any).await, "allowed");
+        assert_eq!(
+            release(&f, hourly(&[&c], 0, &all_day(0)), any).await,
+            "allowed"
+        );
         for m in &c[1..] {
             assert_eq!(release(&f, january_bill(m, &q), any).await, "allowed");
         }
@@ -3066,7 +3098,8 @@ mod tests {
         let e = f.state.precheck(&b, any).await.unwrap_err();
         assert_eq!(e.rule, "cohort-bills");
         assert!(
-            e.status.message().contains("cross") && e.status.message().contains("12 five-minute slots"),
+            e.status.message().contains("cross")
+                && e.status.message().contains("12 five-minute slots"),
             "{}",
             e.status.message()
         );
@@ -3089,11 +3122,23 @@ mod tests {
         // within one cohort. Two-band layouts whose edges are an hour apart cross in 7 hours a
         // week, band-wide at 4 hours a week but not at 8.
         let d = meters(6..12);
-        assert_eq!(release(&f, hourly(&[&d], 0, &all_day(0)), any).await, "allowed");
-        assert_eq!(release(&f, january_bill("m6", &two_band(0)), any).await, "allowed");
-        assert_eq!(release(&f, january_bill("m7", &two_band(12)), any).await, "allowed");
+        assert_eq!(
+            release(&f, hourly(&[&d], 0, &all_day(0)), any).await,
+            "allowed"
+        );
+        assert_eq!(
+            release(&f, january_bill("m6", &two_band(0)), any).await,
+            "allowed"
+        );
+        assert_eq!(
+            release(&f, january_bill("m7", &two_band(12)), any).await,
+            "allowed"
+        );
         assert_eq!(release(&f, january_bill("m8", &q), any).await, "allowed");
-        assert_eq!(release(&f, january_bill("m9", &two_band(11)), any).await, "allowed");
+        assert_eq!(
+            release(&f, january_bill("m9", &two_band(11)), any).await,
+            "allowed"
+        );
         let strict = Limits {
             min_band_hours_per_week: 8,
             ..any
@@ -3121,7 +3166,9 @@ mod tests {
         };
         let e = f
             .state
-            .admit(hourly(&[&meters(0..6)], 0, &all_day(0)), registered, |_| true)
+            .admit(hourly(&[&meters(0..6)], 0, &all_day(0)), registered, |_| {
+                true
+            })
             .unwrap();
         let e = f.state.precheck(&e, registered).await.unwrap_err();
         assert_eq!(e.rule, "cohort-bills");
