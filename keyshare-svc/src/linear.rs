@@ -132,7 +132,7 @@ pub struct LinearState {
     layouts: sled::Tree,
     /// Bill key (as in `bills`) → its layout hash.
     bill_layouts: sled::Tree,
-    /// meter ‖ 0 ‖ member id → (lo ‖ hi)*: the slots over which the meter was released in an
+    /// meter ‖ 0 ‖ channel ‖ member id → (lo ‖ hi)*: the slots over which the meter was released in an
     /// aggregate of that cohort (merged ranges).
     member_spans: sled::Tree,
     /// member id ‖ channel ‖ start ‖ end → layout hashes: the layouts the cohort's members
@@ -1339,7 +1339,7 @@ impl LinearState {
         let (start, end) = (spec.start_slot, spec.end_slot);
         let ch = spec.channel.tag();
         let mine = layout.hash();
-        let cohorts = self.cohorts_of(meter, start, end)?;
+        let cohorts = self.cohorts_of(meter, ch, start, end)?;
         if cohorts.len() > 1 {
             return Err(refuse(
                 Rule::CohortBills,
@@ -1483,7 +1483,7 @@ impl LinearState {
                 }
             }
             for m in members {
-                for (other, spans) in self.spans_of(m)? {
+                for (other, spans) in self.spans_of(m, a.release.spec.channel.tag())? {
                     if other != id && spans.iter().any(|(s, e)| *s < w_hi && *e > w_lo) {
                         return Err(refuse(
                             Rule::CohortBills,
@@ -1502,7 +1502,7 @@ impl LinearState {
         if record {
             for (id, members, bills) in per_cohort {
                 for m in members {
-                    self.add_span(m, &id, (lo, hi))?;
+                    self.add_span(m, a.release.spec.channel.tag(), &id, (lo, hi))?;
                 }
                 for ((ch, s, e), hashes) in bills {
                     for h in hashes {
@@ -1570,21 +1570,29 @@ impl LinearState {
         ))
     }
 
-    /// The member ids of the cohorts `meter` was aggregated in over slots overlapping
-    /// [start, end).
-    fn cohorts_of(&self, meter: &str, start: u64, end: u64) -> Result<Vec<[u8; 32]>, Refusal> {
+    /// The member ids of the cohorts `meter` was aggregated in on channel `ch` over slots
+    /// overlapping [start, end).
+    fn cohorts_of(
+        &self,
+        meter: &str,
+        ch: u8,
+        start: u64,
+        end: u64,
+    ) -> Result<Vec<[u8; 32]>, Refusal> {
         Ok(self
-            .spans_of(meter)?
+            .spans_of(meter, ch)?
             .into_iter()
             .filter(|(_, spans)| spans.iter().any(|(s, e)| *s < end && *e > start))
             .map(|(id, _)| id)
             .collect())
     }
 
-    /// Every cohort `meter` was aggregated in, with the slot ranges.
-    fn spans_of(&self, meter: &str) -> Result<Vec<([u8; 32], Vec<(u64, u64)>)>, Refusal> {
+    /// Every cohort `meter` was aggregated in on channel `ch` (readings of the two channels
+    /// never combine into one another's), with the slot ranges.
+    fn spans_of(&self, meter: &str, ch: u8) -> Result<Vec<([u8; 32], Vec<(u64, u64)>)>, Refusal> {
         let mut prefix = meter.as_bytes().to_vec();
         prefix.push(0);
+        prefix.push(ch);
         let mut out = Vec::new();
         for kv in self.member_spans.scan_prefix(&prefix) {
             let (k, v) = kv.map_err(store)?;
@@ -1605,9 +1613,16 @@ impl LinearState {
     /// Adds [lo, hi) to the slots `meter` was aggregated over in cohort `id`, merging ranges
     /// that touch; past [`MAX_SPANS`] ranges the closest two merge (a wider range only refuses
     /// more).
-    fn add_span(&self, meter: &str, id: &[u8; 32], (lo, hi): (u64, u64)) -> Result<(), Refusal> {
+    fn add_span(
+        &self,
+        meter: &str,
+        ch: u8,
+        id: &[u8; 32],
+        (lo, hi): (u64, u64),
+    ) -> Result<(), Refusal> {
         let mut key = meter.as_bytes().to_vec();
         key.push(0);
+        key.push(ch);
         key.extend_from_slice(id);
         let old = self.member_spans.get(&key).map_err(store)?;
         let mut spans: Vec<(u64, u64)> = old
