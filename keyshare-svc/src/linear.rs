@@ -1320,11 +1320,12 @@ impl LinearState {
 
     /// The rule relating a bill to the aggregates its meter was released in. An aggregate of
     /// a cohort less the bills of its other members is this meter's total over those members'
-    /// cells; with its own bill it would be its readings where the two layouts cross. So over
-    /// one period the meter is in one released cohort, the cohort's members are billed over
-    /// the same period, and every layout they were billed under crosses this bill's only in
-    /// cells as wide as a band. With `record`, also writes the bill's layout and adds it to its
-    /// cohort's. A head-end-encrypted meter's readings are the utility's already.
+    /// cells; with its own bill it would be its readings where the two layouts cross. So the
+    /// members of each cohort the meter was aggregated in over this period are billed over the
+    /// same period, and every layout they were billed under crosses this bill's only in cells
+    /// as wide as a band. With `record`, also writes the bill's layout and adds it to its
+    /// cohorts'. A head-end-encrypted meter's readings are the utility's already. (Two different
+    /// cohorts of one meter within a period are not refused yet: docs/tariffs.md.)
     fn cross_bill(
         &self,
         a: &Admitted,
@@ -1340,18 +1341,6 @@ impl LinearState {
         let ch = spec.channel.tag();
         let mine = layout.hash();
         let cohorts = self.cohorts_of(meter, ch, start, end)?;
-        if cohorts.len() > 1 {
-            return Err(refuse(
-                Rule::CohortBills,
-                Code::FailedPrecondition,
-                format!(
-                    "meter {meter} was released in {} different cohorts within {} .. {}; one cohort's aggregate less the other's members' bills would isolate its readings, so this keyshare bills a meter only over a period in which it was aggregated in one cohort",
-                    cohorts.len(),
-                    slot_time(start),
-                    slot_time(end)
-                ),
-            ));
-        }
         let mut known: BTreeMap<[u8; 32], Layout> = BTreeMap::new();
         for id in &cohorts {
             for (s, e, hashes) in self.cohort_bill_records(id, ch, start, end)? {
@@ -1391,9 +1380,8 @@ impl LinearState {
     }
 
     /// The aggregate side of [`Self::cross_bill`]: a cohort's members share a billing cycle,
-    /// no member was released in another cohort within the billing periods this release
-    /// touches (their windows), and the layouts members were already billed under over this
-    /// range cross only in band-wide cells.
+    /// and the layouts members were already billed under over this range cross only in
+    /// band-wide cells.
     fn cross_aggregate(
         &self,
         a: &Admitted,
@@ -1401,27 +1389,13 @@ impl LinearState {
         (lo, hi): (u64, u64),
         record: bool,
     ) -> Result<(), Refusal> {
-        // Member → the member id of the cohort it is in here (a release's cohorts too must be
-        // equal or disjoint over its window).
-        let mut in_release: BTreeMap<&str, [u8; 32]> = BTreeMap::new();
         let mut per_cohort = Vec::new();
         for (c, members) in a.private_members.iter().enumerate() {
             let id = a.member_ids[c];
             if members.is_empty() {
                 continue;
             }
-            for m in members {
-                if in_release.insert(m, id).is_some_and(|other| other != id) {
-                    return Err(refuse(
-                        Rule::CohortBills,
-                        Code::FailedPrecondition,
-                        format!(
-                            "meter {m} is in two different cohorts of this release; cohorts released within one billing period are equal or disjoint"
-                        ),
-                    ));
-                }
-            }
-            let (mut w_lo, mut w_hi) = self.cycle_window(members, (lo, hi), limits)?;
+            self.cycle_window(members, (lo, hi), limits)?;
             // Bills of the members over these slots, per channel and period.
             let mut bills: BTreeMap<(u8, u64, u64), Vec<[u8; 32]>> = BTreeMap::new();
             for m in members {
@@ -1448,8 +1422,6 @@ impl LinearState {
                         if !at.contains(&hash) {
                             at.push(hash);
                         }
-                        w_lo = w_lo.min(s);
-                        w_hi = w_hi.max(e);
                     }
                 }
             }
@@ -1479,21 +1451,6 @@ impl LinearState {
                 for (i, x) in layouts.iter().enumerate() {
                     for y in &layouts[i + 1..] {
                         compatible(limits, &format!("a member of cohort {c}"), x, y)?;
-                    }
-                }
-            }
-            for m in members {
-                for (other, spans) in self.spans_of(m, a.release.spec.channel.tag())? {
-                    if other != id && spans.iter().any(|(s, e)| *s < w_hi && *e > w_lo) {
-                        return Err(refuse(
-                            Rule::CohortBills,
-                            Code::FailedPrecondition,
-                            format!(
-                                "meter {m} of cohort {c} was released in another cohort within the billing period(s) {} .. {} this release touches; with the members' bills the two would isolate readings, so within a billing period a meter's released cohorts are one",
-                                slot_time(w_lo),
-                                slot_time(w_hi)
-                            ),
-                        ));
                     }
                 }
             }
@@ -2966,94 +2923,6 @@ mod tests {
 
     fn meters(range: std::ops::Range<usize>) -> Vec<String> {
         range.map(|i| format!("m{i}")).collect()
-    }
-
-    /// The attack without any tariff games: the aggregate of C = {m0} ∪ A over one hour, and of
-    /// A over the rest of the month, with A's January bills, is m0's reading of that hour
-    /// (bills of A − A's aggregate = A's hour; C's hour − that = m0's). Within a billing period
-    /// a meter is released in one cohort: the bill that would complete the difference is
-    /// refused, and with registered cycles already the second cohort.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_cohort_less_its_other_members_bills_isolates_no_meter() {
-        let c = meters(0..6);
-        let a = meters(1..6);
-        let flat = two_band(0);
-        // Aggregates first, then bills (any cycle): A's bills are refused.
-        let f = fixture("development_allow_all = true\n");
-        let any = limits(5);
-        assert_eq!(
-            release(&f, hourly(&[&c], 0, &all_day(0)), any).await,
-            "allowed"
-        );
-        assert_eq!(
-            release(&f, hourly(&[&a], 1, &all_day(0)), any).await,
-            "allowed"
-        );
-        let e = f
-            .state
-            .admit(january_bill("m1", &flat), any, |_| true)
-            .unwrap();
-        let e = f.state.precheck(&e, any).await.unwrap_err();
-        assert_eq!(e.rule, "cohort-bills");
-        assert!(
-            e.status.message().contains("2 different cohorts"),
-            "{}",
-            e.status.message()
-        );
-        // m0, in one cohort only, is billed.
-        assert_eq!(release(&f, january_bill("m0", &flat), any).await, "allowed");
-
-        // Bills first, then aggregates: the second cohort is refused, since the members' bills
-        // span the period both aggregates fall in.
-        let f = fixture("development_allow_all = true\n");
-        for m in &a {
-            assert_eq!(release(&f, january_bill(m, &flat), any).await, "allowed");
-        }
-        assert_eq!(
-            release(&f, hourly(&[&c], 0, &all_day(0)), any).await,
-            "allowed"
-        );
-        assert_eq!(
-            release(&f, hourly(&[&a], 1, &all_day(0)), any).await,
-            "cohort-bills"
-        );
-        // The same cohort on another day of the period, and a disjoint one: allowed.
-        assert_eq!(
-            release(&f, hourly(&[&c], 1, &all_day(0)), any).await,
-            "allowed"
-        );
-        let d = meters(6..11);
-        assert_eq!(
-            release(&f, hourly(&[&d], 1, &all_day(0)), any).await,
-            "allowed"
-        );
-        // Both cohorts in one release, on different hours: refused.
-        let one: Vec<(u32, u32)> = (0..12)
-            .map(|h| (h, 0))
-            .chain((12..24).map(|h| (h, 1)))
-            .collect();
-        let e = hourly(&[&meters(11..17), &meters(12..17)], 2, &one);
-        assert_eq!(release(&f, e, any).await, "cohort-bills");
-
-        // Registered cycles: the second cohort within the cycle is refused before any bill;
-        // in the next cycle it is another matter.
-        let f = fixture("development_allow_all = true\n");
-        let registered = Limits {
-            billing_cycle: crate::policy::BillingCycle::Registered,
-            ..any
-        };
-        assert_eq!(
-            release(&f, hourly(&[&c], 0, &all_day(0)), registered).await,
-            "allowed"
-        );
-        assert_eq!(
-            release(&f, hourly(&[&a], 20, &all_day(0)), registered).await,
-            "cohort-bills"
-        );
-        assert_eq!(
-            release(&f, hourly(&[&a], 40, &all_day(0)), registered).await,
-            "allowed"
-        );
     }
 
     /// The review's finding: C's aggregate, C ∖ {m0} billed under price levels Q, and m0 under
