@@ -314,15 +314,23 @@ async fn every_rule_refuses_its_case_and_allows_its_neighbour() {
     );
     assert!(e.message().contains("another tariff"), "{}", e.message());
     let _ = &evening;
-    // Adjacent periods are separate bills.
+    // m-01 shares an aggregated cohort with m-00, billed D1..D3: a bill of D1 alone would leave
+    // the two bills a day apart inside the cohort's aggregate.
+    let e = refused(
+        op.bill(bill("m-01", &standard, D1, 1, "")).await,
+        Code::FailedPrecondition,
+        "cohort-bills",
+    );
+    assert!(e.message().contains("same period"), "{}", e.message());
+    // Adjacent periods are separate bills (m-11 was in no aggregate).
     settled(|| {
         let mut op = op.clone();
-        let req = bill("m-01", &standard, D1, 1, "");
+        let req = bill("m-11", &standard, D1, 1, "");
         async move { op.bill(req).await }
     })
     .await
     .unwrap();
-    op.bill(bill("m-01", &standard, D2, 1, "")).await.unwrap();
+    op.bill(bill("m-11", &standard, D2, 1, "")).await.unwrap();
 
     // A bill of one 15-minute slot would be one reading: shorter than min_bill_days, refused by
     // the keyshares (compute itself accepts 5-minute aligned periods).
@@ -338,7 +346,7 @@ async fn every_rule_refuses_its_case_and_allows_its_neighbour() {
 
     // Allowed programs: a tariff whose hash is not listed.
     refused(
-        op.bill(bill("m-02", &unapproved, D1, 1, "")).await,
+        op.bill(bill("m-10", &unapproved, D1, 1, "")).await,
         Code::PermissionDenied,
         "allowed-program",
     );
@@ -357,14 +365,14 @@ async fn every_rule_refuses_its_case_and_allows_its_neighbour() {
     let mut op = operator(&sys);
     let allowed = settled(|| {
         let mut op = op.clone();
-        let req = bill("m-02", &unapproved, D1, 1, "");
+        let req = bill("m-10", &unapproved, D1, 1, "");
         async move { op.bill(req).await }
     })
     .await
     .unwrap();
     check_bill(
         &allowed,
-        &reference(&unapproved, 2, 1),
+        &reference(&unapproved, 10, 1),
         "newly allowed tariff",
     );
     // The differencing ledger survived the restart.
