@@ -229,6 +229,9 @@ fn band_width(
     Ok(())
 }
 
+/// A cohort's member id and the slot ranges a meter was aggregated over in it.
+type CohortSpans = ([u8; 32], Vec<(u64, u64)>);
+
 /// Most separate slot ranges kept per (meter, cohort).
 const MAX_SPANS: usize = 256;
 
@@ -1546,7 +1549,7 @@ impl LinearState {
 
     /// Every cohort `meter` was aggregated in on channel `ch` (readings of the two channels
     /// never combine into one another's), with the slot ranges.
-    fn spans_of(&self, meter: &str, ch: u8) -> Result<Vec<([u8; 32], Vec<(u64, u64)>)>, Refusal> {
+    fn spans_of(&self, meter: &str, ch: u8) -> Result<Vec<CohortSpans>, Refusal> {
         let mut prefix = meter.as_bytes().to_vec();
         prefix.push(0);
         prefix.push(ch);
