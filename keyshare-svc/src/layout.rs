@@ -115,6 +115,24 @@ impl Layout {
         *h.finalize().as_bytes()
     }
 
+    /// Each priced cell's slots, as merged ranges (the totals this bill releases).
+    pub fn cells(&self) -> BTreeMap<u16, Vec<(u64, u64)>> {
+        let mut out: BTreeMap<u16, Vec<(u64, u64)>> = BTreeMap::new();
+        let mut at = self.start;
+        for (n, c) in &self.runs {
+            let end = at + u64::from(*n);
+            if *c != REST {
+                let runs = out.entry(*c).or_default();
+                match runs.last_mut() {
+                    Some((_, last)) if *last == at => *last = end,
+                    _ => runs.push((at, end)),
+                }
+            }
+            at = end;
+        }
+        out
+    }
+
     /// The cells of the common refinement of two layouts of one period, each as slot runs, by
     /// (cell here, cell there), leaving out slots unpriced by both. Knowing both layouts' cell
     /// totals for one meter is knowing these atoms' totals (up to the unpriced rest).
@@ -216,5 +234,10 @@ mod tests {
         assert_eq!(atoms[&(1, REST)], vec![(8, 10)]);
         assert_eq!(atoms.len(), 4);
         assert_eq!(p.atoms(&p).len(), 2, "a layout against itself is its cells");
+        assert_eq!(
+            q.cells(),
+            BTreeMap::from([(0, vec![(0, 5)]), (1, vec![(5, 8)])]),
+            "the unpriced rest is no cell"
+        );
     }
 }

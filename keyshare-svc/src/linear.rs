@@ -138,6 +138,11 @@ pub struct LinearState {
     /// member id ‖ channel ‖ start ‖ end → layout hashes: the layouts the cohort's members
     /// were billed under for that period.
     cohort_bills: sled::Tree,
+    /// member id → the cohort's meter-encrypted members joined by '\n'.
+    cohort_members: sled::Tree,
+    /// member id ‖ channel ‖ start ‖ end → [`Billed`]: which of the cohort's members are billed
+    /// for that period.
+    cohort_billed: sled::Tree,
     /// Tariff hash → when the regulator approved it (`allowed_tariffs` with a date): the
     /// earliest period start its dynamic prices may bill.
     approved: BTreeMap<[u8; 32], i64>,
@@ -232,8 +237,105 @@ fn band_width(
 /// A cohort's member id and the slot ranges a meter was aggregated over in it.
 type CohortSpans = ([u8; 32], Vec<(u64, u64)>);
 
-/// Most separate slot ranges kept per (meter, cohort).
+/// Most separate slot ranges a cohort may be aggregated over (kept exactly: a range widened
+/// to save space would hide the slots its members were left out of).
 const MAX_SPANS: usize = 256;
+
+/// Slot ranges sorted, with ranges that touch or overlap merged.
+fn merge_spans(mut v: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
+    v.retain(|(s, e)| s < e);
+    v.sort_unstable();
+    let mut out: Vec<(u64, u64)> = Vec::with_capacity(v.len());
+    for (s, e) in v {
+        match out.last_mut() {
+            Some((_, last)) if s <= *last => *last = (*last).max(e),
+            _ => out.push((s, e)),
+        }
+    }
+    out
+}
+
+/// The slots of merged ranges `a` that are also in merged ranges `b`.
+fn intersect(a: &[(u64, u64)], b: &[(u64, u64)]) -> Vec<(u64, u64)> {
+    let (mut i, mut j) = (0, 0);
+    let mut out = Vec::new();
+    while i < a.len() && j < b.len() {
+        let (s, e) = (a[i].0.max(b[j].0), a[i].1.min(b[j].1));
+        if s < e {
+            out.push((s, e));
+        }
+        if a[i].1 < b[j].1 {
+            i += 1;
+        } else {
+            j += 1;
+        }
+    }
+    out
+}
+
+/// Whether every slot of merged ranges `inner` is in merged ranges `outer`.
+fn covers(outer: &[(u64, u64)], inner: &[(u64, u64)]) -> bool {
+    let slots = |r: &[(u64, u64)]| r.iter().map(|(s, e)| e - s).sum::<u64>();
+    slots(&intersect(outer, inner)) == slots(inner)
+}
+
+/// A member's part of a cohort's billed-set hash (the XOR over its billed members): the
+/// ledger compares which members are billed without storing every name per cohort.
+fn billed_part(meter: &str) -> [u8; 32] {
+    let mut h = blake3::Hasher::new();
+    h.update(b"psm/v2/billed-member");
+    h.update(meter.as_bytes());
+    *h.finalize().as_bytes()
+}
+
+fn billed_set<'a>(members: impl IntoIterator<Item = &'a String>) -> [u8; 32] {
+    let mut acc = [0u8; 32];
+    for m in members {
+        for (a, b) in acc.iter_mut().zip(billed_part(m)) {
+            *a ^= b;
+        }
+    }
+    acc
+}
+
+/// Which members of a cohort are billed for one period: the XOR of their [`billed_part`]s,
+/// how many, and one of them (whose cohorts over the period are the group's).
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Billed {
+    set: [u8; 32],
+    count: u32,
+    rep: String,
+}
+
+/// The members billed for one period and what they were aggregated in over it.
+struct Group<'a> {
+    period: (u64, u64),
+    /// Every cohort (id, all its slots) they were aggregated in over the period.
+    cohorts: &'a [CohortSpans],
+    /// How many are billed.
+    billed: usize,
+    /// Their bills' layouts.
+    layouts: &'a [Layout],
+    /// The members of cohorts not recorded yet (this release's).
+    fresh: &'a BTreeMap<[u8; 32], &'a Vec<String>>,
+}
+
+impl Billed {
+    fn encode(&self) -> Vec<u8> {
+        let mut v = self.set.to_vec();
+        v.extend_from_slice(&self.count.to_be_bytes());
+        v.extend_from_slice(self.rep.as_bytes());
+        v
+    }
+
+    fn decode(v: &[u8]) -> Option<Billed> {
+        Some(Billed {
+            set: v.get(..32)?.try_into().ok()?,
+            count: u32::from_be_bytes(v.get(32..36)?.try_into().ok()?),
+            rep: String::from_utf8(v.get(36..)?.to_vec()).ok()?,
+        })
+    }
+}
 
 /// Two bill layouts of one period may be known for one meter (its own, and another member's
 /// through their cohort's aggregate): every cell where they cross must be as wide as a band.
@@ -330,6 +432,8 @@ impl LinearState {
             bill_layouts: db.open_tree("linear_bill_layouts")?,
             member_spans: db.open_tree("linear_member_spans")?,
             cohort_bills: db.open_tree("linear_cohort_bills")?,
+            cohort_members: db.open_tree("linear_cohort_members")?,
+            cohort_billed: db.open_tree("linear_cohort_billed")?,
             db,
             party,
             registry,
@@ -1298,7 +1402,7 @@ impl LinearState {
                         }
                     }
                 }
-                self.cross_aggregate(a, limits, (lo_all, hi_all), record)?;
+                self.cross_aggregate(a, limits, record)?;
                 if record {
                     for (c, id) in a.ledger_ids.iter().enumerate() {
                         if !self.cohorts.contains_key(id).map_err(store)? {
@@ -1326,9 +1430,14 @@ impl LinearState {
     /// cells; with its own bill it would be its readings where the two layouts cross. So the
     /// members of each cohort the meter was aggregated in over this period are billed over the
     /// same period, and every layout they were billed under crosses this bill's only in cells
-    /// as wide as a band. With `record`, also writes the bill's layout and adds it to its
-    /// cohorts'. A head-end-encrypted meter's readings are the utility's already. (Two different
-    /// cohorts of one meter within a period are not refused yet: docs/tariffs.md.)
+    /// as wide as a band. The billed members of a period are aggregated together or not at
+    /// all: every cohort this meter was aggregated in over the period holds the same billed
+    /// members, and so does every cohort of theirs. Otherwise one cohort less another is the
+    /// readings of a member left out of one of them: this meter's own (its bill less the
+    /// aggregates it was in), or another's. A member that is not billed may be left out (no
+    /// readings then); [`Self::left_out_check`] holds it to the band-width rule. With
+    /// `record`, also writes the bill's layout and adds it to its cohorts'. A head-end-encrypted
+    /// meter's readings are the utility's already.
     fn cross_bill(
         &self,
         a: &Admitted,
@@ -1345,7 +1454,7 @@ impl LinearState {
         let mine = layout.hash();
         let cohorts = self.cohorts_of(meter, ch, start, end)?;
         let mut known: BTreeMap<[u8; 32], Layout> = BTreeMap::new();
-        for id in &cohorts {
+        for (id, _) in &cohorts {
             for (s, e, hashes) in self.cohort_bill_records(id, ch, start, end)? {
                 if (s, e) != (start, end) {
                     return Err(refuse(
@@ -1370,37 +1479,138 @@ impl LinearState {
                 }
             }
         }
+        // A re-issue (same tariff, so the same layout) changes nothing of the groups.
+        let reissue = self.bill_layouts.contains_key(bill_key).map_err(store)?;
+        let period = (start, end);
+        let mut records = Vec::with_capacity(cohorts.len());
+        if !reissue {
+            for (id, _) in &cohorts {
+                records.push(self.billed_record(id, ch, period)?);
+            }
+            let group = records.first().cloned().flatten();
+            let of = |b: &Option<Billed>| b.as_ref().map(|b| (b.set, b.count));
+            if records.iter().any(|r| of(r) != of(&group)) {
+                return Err(refuse(
+                    Rule::CohortBills,
+                    Code::FailedPrecondition,
+                    format!(
+                        "meter {meter} was aggregated ({}) over {} .. {} in cohorts that do not hold the same billed members: a billed member was left out of one of them, or aggregated in another cohort; with this bill the aggregates would difference into the readings of the member left out",
+                        spec.channel.name(),
+                        slot_time(start),
+                        slot_time(end)
+                    ),
+                ));
+            }
+            if let Some(g) = &group {
+                let ids = |c: &[CohortSpans]| c.iter().map(|(id, _)| *id).collect::<Vec<_>>();
+                let mut theirs = ids(&self.cohorts_of(&g.rep, ch, start, end)?);
+                let mut ours = ids(&cohorts);
+                theirs.sort_unstable();
+                ours.sort_unstable();
+                if theirs != ours {
+                    return Err(refuse(
+                        Rule::CohortBills,
+                        Code::FailedPrecondition,
+                        format!(
+                            "meter {}, billed ({}) for {} .. {} and aggregated with meter {meter} then, was also aggregated without it within that period (or {meter} without {}); this bill less those aggregates would be {meter}'s readings where it was left out, so a meter left out of its cohort's aggregate over part of a billing period is not billed for that period",
+                            g.rep,
+                            spec.channel.name(),
+                            slot_time(start),
+                            slot_time(end),
+                            g.rep
+                        ),
+                    ));
+                }
+            }
+            let billed = group.as_ref().map_or(0, |g| g.count as usize) + 1;
+            let mut layouts: Vec<Layout> = known.values().cloned().collect();
+            layouts.push(layout.clone());
+            let group = Group {
+                period,
+                cohorts: &cohorts,
+                billed,
+                layouts: &layouts,
+                fresh: &BTreeMap::new(),
+            };
+            self.left_out_check(limits, &group, &|m| {
+                Ok(m == meter.as_str() || self.billed_over(m, ch, period)?)
+            })?;
+        }
         if record {
             self.layouts.insert(mine, layout.encode()).map_err(store)?;
             self.bill_layouts
                 .insert(bill_key, &mine[..])
                 .map_err(store)?;
-            for id in &cohorts {
-                self.add_cohort_bill(id, ch, (start, end), &mine)?;
+            for (id, _) in &cohorts {
+                self.add_cohort_bill(id, ch, period, &mine)?;
+            }
+            for ((id, _), old) in cohorts.iter().zip(records) {
+                let mut b = old.unwrap_or_else(|| Billed {
+                    set: [0; 32],
+                    count: 0,
+                    rep: meter.clone(),
+                });
+                for (x, y) in b.set.iter_mut().zip(billed_part(meter)) {
+                    *x ^= y;
+                }
+                b.count += 1;
+                self.cohort_billed
+                    .insert(Self::billed_key(id, ch, period), b.encode())
+                    .map_err(store)?;
             }
         }
         Ok(())
     }
 
     /// The aggregate side of [`Self::cross_bill`]: a cohort's members share a billing cycle,
-    /// and the layouts members were already billed under over this range cross only in
-    /// band-wide cells.
-    fn cross_aggregate(
-        &self,
-        a: &Admitted,
-        limits: Limits,
-        (lo, hi): (u64, u64),
-        record: bool,
-    ) -> Result<(), Refusal> {
+    /// the layouts members were already billed under over its slots cross only in band-wide
+    /// cells, and the members billed for a period it covers are the billed members of every
+    /// other cohort they were aggregated in over that period (none left out, none added).
+    fn cross_aggregate(&self, a: &Admitted, limits: Limits, record: bool) -> Result<(), Refusal> {
+        let rel_ch = a.release.spec.channel.tag();
+        // The slots of each cohort in this release (its outputs' buckets).
+        let mut slots: Vec<Vec<(u64, u64)>> = vec![Vec::new(); a.private_members.len()];
+        for (o, (_, c)) in a.release.outputs.iter().enumerate() {
+            let r = &a.runs[o];
+            slots[*c].push((r[0].start, r[r.len() - 1].end));
+        }
+        let slots: Vec<Vec<(u64, u64)>> = slots.into_iter().map(merge_spans).collect();
+        // Each cohort's slots over all releases, with this one's.
+        let mut merged: Vec<Vec<(u64, u64)>> = Vec::with_capacity(slots.len());
+        for (c, members) in a.private_members.iter().enumerate() {
+            let Some(first) = members.first() else {
+                merged.push(Vec::new());
+                continue;
+            };
+            let mut all = self.span_record(first, rel_ch, &a.member_ids[c])?;
+            all.extend_from_slice(&slots[c]);
+            let all = merge_spans(all);
+            if all.len() > MAX_SPANS {
+                return Err(refuse(
+                    Rule::CohortBills,
+                    Code::FailedPrecondition,
+                    format!(
+                        "cohort {c} would be aggregated over {} separate slot ranges; this keyshare keeps at most {MAX_SPANS} per cohort exactly: aggregate it over whole days",
+                        all.len()
+                    ),
+                ));
+            }
+            merged.push(all);
+        }
+        // Billed members per period on this release's channel, over each cohort's slots.
+        let mut groups: Vec<Vec<((u64, u64), Vec<String>)>> = Vec::new();
         let mut per_cohort = Vec::new();
         for (c, members) in a.private_members.iter().enumerate() {
             let id = a.member_ids[c];
-            if members.is_empty() {
+            let (Some((lo, _)), Some((_, hi))) = (slots[c].first(), slots[c].last()) else {
+                groups.push(Vec::new());
                 continue;
-            }
+            };
+            let (lo, hi) = (*lo, *hi);
             self.cycle_window(members, (lo, hi), limits)?;
             // Bills of the members over these slots, per channel and period.
             let mut bills: BTreeMap<(u8, u64, u64), Vec<[u8; 32]>> = BTreeMap::new();
+            let mut billed: BTreeMap<(u64, u64), Vec<String>> = BTreeMap::new();
             for m in members {
                 for ch in [LinearChannel::Import.tag(), LinearChannel::Export.tag()] {
                     let prefix = Self::bill_prefix(m, ch);
@@ -1424,6 +1634,9 @@ impl LinearState {
                         let at = bills.entry((ch, s, e)).or_default();
                         if !at.contains(&hash) {
                             at.push(hash);
+                        }
+                        if ch == rel_ch && !intersect(&slots[c], &[(s, e)]).is_empty() {
+                            billed.entry((s, e)).or_default().push(m.clone());
                         }
                     }
                 }
@@ -1457,13 +1670,129 @@ impl LinearState {
                     }
                 }
             }
+            groups.push(billed.into_iter().collect());
             per_cohort.push((id, members, bills));
         }
-        if record {
-            for (id, members, bills) in per_cohort {
+        // The billed members of a period are aggregated together: each cohort over the period
+        // holds all of a group or none of it.
+        let keyed: Vec<BTreeMap<(u64, u64), ([u8; 32], u32)>> = groups
+            .iter()
+            .map(|periods| {
+                periods
+                    .iter()
+                    .map(|(p, m)| (*p, (billed_set(m), m.len() as u32)))
+                    .collect()
+            })
+            .collect();
+        let mut new_records: Vec<([u8; 32], (u64, u64), Billed)> = Vec::new();
+        for (c, periods) in groups.iter().enumerate() {
+            let id = a.member_ids[c];
+            for (period, members) in periods {
+                let (set, count) = (billed_set(members), members.len() as u32);
+                let differs = |m: &str| {
+                    refuse(
+                        Rule::CohortBills,
+                        Code::FailedPrecondition,
+                        format!(
+                            "meter {m} is billed for {} .. {} and was aggregated over that period in a cohort whose billed members differ from cohort {c}'s; this aggregate would leave a billed member out of its cohort (or add one), and with their bills the two aggregates would difference into that member's readings",
+                            slot_time(period.0),
+                            slot_time(period.1)
+                        ),
+                    )
+                };
                 for m in members {
-                    self.add_span(m, a.release.spec.channel.tag(), &id, (lo, hi))?;
+                    for (d, other) in a.private_members.iter().enumerate() {
+                        if d != c
+                            && other.contains(m)
+                            && keyed[d].get(period) != Some(&(set, count))
+                        {
+                            return Err(differs(m));
+                        }
+                    }
+                    for (other, _) in self.cohorts_of(m, rel_ch, period.0, period.1)? {
+                        if a.member_ids.contains(&other) {
+                            continue;
+                        }
+                        let same = self
+                            .billed_record(&other, rel_ch, *period)?
+                            .is_some_and(|b| b.set == set && b.count == count);
+                        if !same {
+                            return Err(differs(m));
+                        }
+                    }
                 }
+                // The group's cohorts over the period: the recorded ones of a billed member and
+                // this release's that hold it, with the slots this release adds.
+                let rep = &members[0];
+                let mut group = self.cohorts_of(rep, rel_ch, period.0, period.1)?;
+                group.retain(|(other, _)| !a.member_ids.contains(other));
+                for (d, other) in a.private_members.iter().enumerate() {
+                    if other.contains(rep) {
+                        group.push((a.member_ids[d], merged[d].clone()));
+                    }
+                }
+                let layouts = per_cohort
+                    .iter()
+                    .find(|(cid, _, _)| *cid == id)
+                    .and_then(|(_, _, bills)| bills.get(&(rel_ch, period.0, period.1)))
+                    .map(|hashes| {
+                        hashes
+                            .iter()
+                            .map(|h| self.layout(h))
+                            .collect::<Result<Vec<_>, _>>()
+                    })
+                    .transpose()?
+                    .unwrap_or_default();
+                let fresh: BTreeMap<[u8; 32], &Vec<String>> = a
+                    .member_ids
+                    .iter()
+                    .copied()
+                    .zip(&a.private_members)
+                    .collect();
+                let g = Group {
+                    period: *period,
+                    cohorts: &group,
+                    billed: members.len(),
+                    layouts: &layouts,
+                    fresh: &fresh,
+                };
+                self.left_out_check(limits, &g, &|m| {
+                    Ok(members.iter().any(|b| b == m) || self.billed_over(m, rel_ch, *period)?)
+                })?;
+                if self.billed_record(&id, rel_ch, *period)?.is_none() {
+                    new_records.push((
+                        id,
+                        *period,
+                        Billed {
+                            set,
+                            count,
+                            rep: members[0].clone(),
+                        },
+                    ));
+                }
+            }
+        }
+        if record {
+            for (c, members) in a.private_members.iter().enumerate() {
+                if slots[c].is_empty() {
+                    continue;
+                }
+                let id = a.member_ids[c];
+                if !self.cohort_members.contains_key(id).map_err(store)? {
+                    self.cohort_members
+                        .insert(id, members.join("\n").as_bytes())
+                        .map_err(store)?;
+                }
+                for m in members {
+                    self.put_spans(m, rel_ch, &id, &merged[c])?;
+                }
+            }
+            for (id, period, b) in new_records {
+                self.cohort_billed
+                    .insert(Self::billed_key(&id, rel_ch, period), b.encode())
+                    .map_err(store)?;
+            }
+            for (id, _, bills) in per_cohort {
                 for ((ch, s, e), hashes) in bills {
                     for h in hashes {
                         self.add_cohort_bill(&id, ch, (s, e), &h)?;
@@ -1530,20 +1859,19 @@ impl LinearState {
         ))
     }
 
-    /// The member ids of the cohorts `meter` was aggregated in on channel `ch` over slots
-    /// overlapping [start, end).
+    /// The cohorts `meter` was aggregated in on channel `ch` over slots overlapping
+    /// [start, end), with all their slots.
     fn cohorts_of(
         &self,
         meter: &str,
         ch: u8,
         start: u64,
         end: u64,
-    ) -> Result<Vec<[u8; 32]>, Refusal> {
+    ) -> Result<Vec<CohortSpans>, Refusal> {
         Ok(self
             .spans_of(meter, ch)?
             .into_iter()
             .filter(|(_, spans)| spans.iter().any(|(s, e)| *s < end && *e > start))
-            .map(|(id, _)| id)
             .collect())
     }
 
@@ -1570,48 +1898,162 @@ impl LinearState {
         Ok(out)
     }
 
-    /// Adds [lo, hi) to the slots `meter` was aggregated over in cohort `id`, merging ranges
-    /// that touch; past [`MAX_SPANS`] ranges the closest two merge (a wider range only refuses
-    /// more).
-    fn add_span(
-        &self,
-        meter: &str,
-        ch: u8,
-        id: &[u8; 32],
-        (lo, hi): (u64, u64),
-    ) -> Result<(), Refusal> {
+    fn span_key(meter: &str, ch: u8, id: &[u8; 32]) -> Vec<u8> {
         let mut key = meter.as_bytes().to_vec();
         key.push(0);
         key.push(ch);
         key.extend_from_slice(id);
-        let old = self.member_spans.get(&key).map_err(store)?;
-        let mut spans: Vec<(u64, u64)> = old
-            .as_deref()
-            .unwrap_or_default()
-            .chunks_exact(16)
+        key
+    }
+
+    /// The slots `meter` was aggregated over in cohort `id` (merged ranges).
+    fn span_record(&self, meter: &str, ch: u8, id: &[u8; 32]) -> Result<Vec<(u64, u64)>, Refusal> {
+        let v = self
+            .member_spans
+            .get(Self::span_key(meter, ch, id))
+            .map_err(store)?;
+        let v = v.as_deref().unwrap_or_default();
+        if v.len() % 16 != 0 {
+            return Err(store("corrupt member span record"));
+        }
+        Ok(v.chunks_exact(16)
             .map(|c| (u64_at(c, 0), u64_at(c, 8)))
-            .collect();
-        spans.push((lo, hi));
-        spans.sort_unstable();
-        let mut merged: Vec<(u64, u64)> = Vec::with_capacity(spans.len());
-        for (s, e) in spans {
-            match merged.last_mut() {
-                Some((_, last)) if s <= *last => *last = (*last).max(e),
-                _ => merged.push((s, e)),
-            }
-        }
-        while merged.len() > MAX_SPANS {
-            let i = (0..merged.len() - 1)
-                .min_by_key(|i| merged[i + 1].0 - merged[*i].1)
-                .unwrap_or(0);
-            merged[i].1 = merged[i + 1].1;
-            merged.remove(i + 1);
-        }
-        let v: Vec<u8> = merged
+            .collect())
+    }
+
+    fn put_spans(
+        &self,
+        meter: &str,
+        ch: u8,
+        id: &[u8; 32],
+        spans: &[(u64, u64)],
+    ) -> Result<(), Refusal> {
+        let v: Vec<u8> = spans
             .iter()
             .flat_map(|(s, e)| s.to_be_bytes().into_iter().chain(e.to_be_bytes()))
             .collect();
-        self.member_spans.insert(key, v).map_err(store)?;
+        self.member_spans
+            .insert(Self::span_key(meter, ch, id), v)
+            .map_err(store)?;
+        Ok(())
+    }
+
+    /// The meter-encrypted members of cohort `id`.
+    fn members_of(&self, id: &[u8; 32]) -> Result<Vec<String>, Refusal> {
+        let v = self
+            .cohort_members
+            .get(id)
+            .map_err(store)?
+            .ok_or_else(|| store("an aggregated cohort's members are missing"))?;
+        Ok(String::from_utf8_lossy(&v)
+            .split('\n')
+            .filter(|m| !m.is_empty())
+            .map(str::to_owned)
+            .collect())
+    }
+
+    fn billed_key(id: &[u8; 32], ch: u8, (start, end): (u64, u64)) -> Vec<u8> {
+        let mut key = id.to_vec();
+        key.push(ch);
+        key.extend_from_slice(&start.to_be_bytes());
+        key.extend_from_slice(&end.to_be_bytes());
+        key
+    }
+
+    fn billed_record(
+        &self,
+        id: &[u8; 32],
+        ch: u8,
+        period: (u64, u64),
+    ) -> Result<Option<Billed>, Refusal> {
+        self.cohort_billed
+            .get(Self::billed_key(id, ch, period))
+            .map_err(store)?
+            .map(|v| Billed::decode(&v).ok_or_else(|| store("corrupt cohort billed record")))
+            .transpose()
+    }
+
+    /// Whether `meter` has a bill on channel `ch` overlapping `period`.
+    fn billed_over(&self, meter: &str, ch: u8, (start, end): (u64, u64)) -> Result<bool, Refusal> {
+        let prefix = Self::bill_prefix(meter, ch);
+        for kv in self.bills.scan_prefix(&prefix) {
+            let (k, v) = kv.map_err(store)?;
+            if k.len() != prefix.len() + 8 || v.len() < 8 {
+                return Err(store("corrupt bill record"));
+            }
+            if u64_at(&k, prefix.len()) < end && u64_at(&v, 0) > start {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
+    /// The rule for members left out, for one [`Group`]: with [`Self::cross_bill`]'s rule each
+    /// of its cohorts holds all of its billed members. Where a cell of their bills was
+    /// aggregated whole in cohorts of them alone or of them and one member m more, their bills
+    /// less those aggregates are m's readings over the slots of the cell where m was with them
+    /// (a cohort with a second member not billed cancels nothing): each such part must be as
+    /// wide as a band.
+    fn left_out_check(
+        &self,
+        limits: Limits,
+        g: &Group,
+        is_billed: &dyn Fn(&str) -> Result<bool, Refusal>,
+    ) -> Result<(), Refusal> {
+        let (period, group, billed, layouts, fresh) =
+            (g.period, g.cohorts, g.billed, g.layouts, g.fresh);
+        let clip = |s: &[(u64, u64)]| intersect(s, &[period]);
+        // A cell's total is taken out of the aggregates only where every slot of it was
+        // aggregated in a cohort of the billed members and at most the one member more.
+        let mut whole = Vec::new();
+        let mut one_more = Vec::new();
+        for (id, spans) in group {
+            let members = match fresh.get(id) {
+                Some(m) => m.to_vec(),
+                None => self.members_of(id)?,
+            };
+            if members.len() == billed {
+                whole.extend(clip(spans));
+            } else if members.len() == billed + 1 {
+                one_more.push((members, clip(spans)));
+            }
+        }
+        for (members, with_them) in one_more {
+            let mut left = None;
+            for m in &members {
+                if !is_billed(m)? {
+                    left = Some(m);
+                    break;
+                }
+            }
+            let Some(m) = left else { continue };
+            let mut live = whole.clone();
+            live.extend_from_slice(&with_them);
+            let live = merge_spans(live);
+            for l in layouts {
+                for cell in l.cells().into_values() {
+                    if !covers(&live, &cell) {
+                        continue;
+                    }
+                    let part = intersect(&cell, &with_them);
+                    if part.is_empty() {
+                        continue;
+                    }
+                    band_width(
+                        Rule::CohortBills,
+                        limits,
+                        l.end - l.start,
+                        l.tz,
+                        &format!(
+                            "meter {m} is the one member not billed for {} .. {} of a cohort aggregated over part of it; the others' bills less their aggregates give its readings there, and within a cell of their bills that part",
+                            slot_time(period.0),
+                            slot_time(period.1)
+                        ),
+                        &part,
+                    )?;
+                }
+            }
+        }
         Ok(())
     }
 
@@ -3032,6 +3474,124 @@ mod tests {
         };
         assert_eq!(
             release(&f, january_bill("m10", &two_band(13)), strict).await,
+            "cohort-bills"
+        );
+    }
+
+    /// Day `day` of January hourly: `c` at `hour`, `rest` at every other hour.
+    fn one_hour_apart(c: &[String], rest: &[String], day: i64, hour: u32) -> Release {
+        let outputs: Vec<(u32, u32)> = (0..24).map(|h| (h, u32::from(h != hour))).collect();
+        hourly(&[c, rest], day, &outputs)
+    }
+
+    /// The variant of R1 that needs no tariff: C = {m0} ∪ A over one hour, A over the rest of
+    /// the month, and A's January bills. Σ A's bills less A's aggregates is A's hour, and C's
+    /// hour less that is m0's reading. Refused whichever comes last: the bill that leaves m0
+    /// the one member of C not billed, or the aggregate that covers the bills' period whole.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_member_aggregated_over_one_hour_is_not_differenced_out_of_the_bills() {
+        let any = limits(5);
+        let (c, a) = (meters(0..6), meters(1..6));
+        let flat = two_band(0);
+
+        // Aggregates first: every bill but the last is released.
+        let f = fixture("development_allow_all = true\n");
+        assert_eq!(
+            release(&f, one_hour_apart(&c, &a, 0, 5), any).await,
+            "allowed"
+        );
+        for day in 1..31 {
+            assert_eq!(
+                release(&f, hourly(&[&a], day, &all_day(0)), any).await,
+                "allowed"
+            );
+        }
+        for m in &a[..4] {
+            assert_eq!(release(&f, january_bill(m, &flat), any).await, "allowed");
+        }
+        let last = f
+            .state
+            .admit(january_bill("m5", &flat), any, |_| true)
+            .unwrap();
+        let e = f.state.precheck(&last, any).await.unwrap_err();
+        assert_eq!(e.rule, "cohort-bills");
+        assert!(
+            e.status.message().contains("meter m0")
+                && e.status.message().contains("12 five-minute slots"),
+            "{}",
+            e.status.message()
+        );
+
+        // Bills first: aggregates are released until they cover the bills' period whole.
+        let f = fixture("development_allow_all = true\n");
+        for m in &a {
+            assert_eq!(release(&f, january_bill(m, &flat), any).await, "allowed");
+        }
+        assert_eq!(
+            release(&f, one_hour_apart(&c, &a, 0, 5), any).await,
+            "allowed"
+        );
+        for day in 1..30 {
+            assert_eq!(
+                release(&f, hourly(&[&a], day, &all_day(0)), any).await,
+                "allowed"
+            );
+        }
+        assert_eq!(
+            release(&f, hourly(&[&a], 30, &all_day(0)), any).await,
+            "cohort-bills"
+        );
+    }
+
+    /// January hourly: `a` at hour 5 of the first day, `c` at every other hour.
+    async fn month_with_an_hour_left_out(f: &Fixture, c: &[String], a: &[String], any: Limits) {
+        assert_eq!(release(f, one_hour_apart(a, c, 0, 5), any).await, "allowed");
+        for day in 1..31 {
+            assert_eq!(
+                release(f, hourly(&[c], day, &all_day(0)), any).await,
+                "allowed"
+            );
+        }
+    }
+
+    /// Compute leaves a member without a reading out of that hour's cohort. Then the others
+    /// are billed, but the member left out is not (its bill less the aggregates it was in
+    /// would be that hour's reading, had it one), in either order; a head-end that claims a
+    /// reading is missing gains nothing.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_member_left_out_of_an_hour_is_not_billed_for_that_period() {
+        let any = limits(5);
+        let (c, a) = (meters(0..6), meters(1..6));
+        let flat = two_band(0);
+        let f = fixture("development_allow_all = true\n");
+        month_with_an_hour_left_out(&f, &c, &a, any).await;
+        for m in &a {
+            let b = f
+                .state
+                .admit(january_bill(m, &flat), any, |_| true)
+                .unwrap();
+            if let Err(e) = f.state.record(&b, any).await {
+                panic!("{m}: {}", e.status.message());
+            }
+        }
+        let left_out = f
+            .state
+            .admit(january_bill("m0", &flat), any, |_| true)
+            .unwrap();
+        let e = f.state.precheck(&left_out, any).await.unwrap_err();
+        assert_eq!(e.rule, "cohort-bills");
+        assert!(
+            e.status.message().contains("without it"),
+            "{}",
+            e.status.message()
+        );
+
+        // The member left out billed first: then the others are not.
+        let f = fixture("development_allow_all = true\n");
+        month_with_an_hour_left_out(&f, &c, &a, any).await;
+        assert_eq!(release(&f, january_bill("m0", &flat), any).await, "allowed");
+        assert_eq!(
+            release(&f, january_bill("m1", &flat), any).await,
             "cohort-bills"
         );
     }
