@@ -140,6 +140,8 @@ pub struct LinearState {
     cohort_bills: sled::Tree,
     /// member id → the cohort's meter-encrypted members joined by '\n'.
     cohort_members: sled::Tree,
+    /// member id → how many those are (u32): read on every bill, where the list is not needed.
+    cohort_sizes: sled::Tree,
     /// member id ‖ channel ‖ start ‖ end → [`Billed`]: which of the cohort's members are billed
     /// for that period.
     cohort_billed: sled::Tree,
@@ -433,6 +435,7 @@ impl LinearState {
             member_spans: db.open_tree("linear_member_spans")?,
             cohort_bills: db.open_tree("linear_cohort_bills")?,
             cohort_members: db.open_tree("linear_cohort_members")?,
+            cohort_sizes: db.open_tree("linear_cohort_sizes")?,
             cohort_billed: db.open_tree("linear_cohort_billed")?,
             db,
             party,
@@ -1607,7 +1610,7 @@ impl LinearState {
                 continue;
             };
             let (lo, hi) = (*lo, *hi);
-            self.cycle_window(members, (lo, hi), limits)?;
+            self.shared_cycle(members, limits)?;
             // Bills of the members over these slots, per channel and period.
             let mut bills: BTreeMap<(u8, u64, u64), Vec<[u8; 32]>> = BTreeMap::new();
             let mut billed: BTreeMap<(u64, u64), Vec<String>> = BTreeMap::new();
@@ -1782,6 +1785,9 @@ impl LinearState {
                     self.cohort_members
                         .insert(id, members.join("\n").as_bytes())
                         .map_err(store)?;
+                    self.cohort_sizes
+                        .insert(id, &(members.len() as u32).to_be_bytes())
+                        .map_err(store)?;
                 }
                 for m in members {
                     self.put_spans(m, rel_ch, &id, &merged[c])?;
@@ -1803,18 +1809,12 @@ impl LinearState {
         Ok(())
     }
 
-    /// The billing periods around [lo, hi) for `members` of one cohort, who must share their
-    /// registered billing cycle: a cohort across cycles would leave each member's bill a few
-    /// days' readings off another's. Without registered cycles, the range itself (bills are
-    /// checked against the cohort when they come).
-    fn cycle_window(
-        &self,
-        members: &[String],
-        (lo, hi): (u64, u64),
-        limits: Limits,
-    ) -> Result<(u64, u64), Refusal> {
+    /// `members` of one cohort must share their registered billing cycle: a cohort across
+    /// cycles would leave each member's bill a few days' readings off another's. Without
+    /// registered cycles bills are checked against the cohort when they come.
+    fn shared_cycle(&self, members: &[String], limits: Limits) -> Result<(), Refusal> {
         if limits.billing_cycle != crate::policy::BillingCycle::Registered {
-            return Ok((lo, hi));
+            return Ok(());
         }
         let mut cycle = None;
         for m in members {
@@ -1844,19 +1844,7 @@ impl LinearState {
                 Some(_) => {}
             }
         }
-        let Some((_, (day, zone))) = cycle else {
-            return Ok((lo, hi));
-        };
-        // Without a registered zone the tariff's decides; a day either side covers every zone.
-        let (tz, margin) = zone.map_or((chrono_tz::UTC, 86_400), |z| (z, 0));
-        let at = |slot: u64| slot as i64 * SLOT_SECONDS;
-        let first = psm_tariff::cycle_at(tz, day, at(lo) - margin).map_or(at(lo) - margin, |c| c.0);
-        let last =
-            psm_tariff::cycle_at(tz, day, at(hi) - 1 + margin).map_or(at(hi) + margin, |c| c.1);
-        Ok((
-            (first.max(0) / SLOT_SECONDS) as u64,
-            (last.max(0) as u64).div_ceil(SLOT_SECONDS as u64),
-        ))
+        Ok(())
     }
 
     /// The cohorts `meter` was aggregated in on channel `ch` over slots overlapping
@@ -1952,6 +1940,20 @@ impl LinearState {
             .collect())
     }
 
+    /// How many meter-encrypted members cohort `id` has.
+    fn size_of(&self, id: &[u8; 32]) -> Result<usize, Refusal> {
+        let v = self
+            .cohort_sizes
+            .get(id)
+            .map_err(store)?
+            .ok_or_else(|| store("an aggregated cohort's size is missing"))?;
+        let b: [u8; 4] = v
+            .as_ref()
+            .try_into()
+            .map_err(|_| store("corrupt cohort size"))?;
+        Ok(u32::from_be_bytes(b) as usize)
+    }
+
     fn billed_key(id: &[u8; 32], ch: u8, (start, end): (u64, u64)) -> Vec<u8> {
         let mut key = id.to_vec();
         key.push(ch);
@@ -2008,25 +2010,17 @@ impl LinearState {
         let mut whole = Vec::new();
         let mut one_more = Vec::new();
         for (id, spans) in group {
-            let members = match fresh.get(id) {
-                Some(m) => m.to_vec(),
-                None => self.members_of(id)?,
+            let size = match fresh.get(id) {
+                Some(m) => m.len(),
+                None => self.size_of(id)?,
             };
-            if members.len() == billed {
+            if size == billed {
                 whole.extend(clip(spans));
-            } else if members.len() == billed + 1 {
-                one_more.push((members, clip(spans)));
+            } else if size == billed + 1 {
+                one_more.push((id, clip(spans)));
             }
         }
-        for (members, with_them) in one_more {
-            let mut left = None;
-            for m in &members {
-                if !is_billed(m)? {
-                    left = Some(m);
-                    break;
-                }
-            }
-            let Some(m) = left else { continue };
+        for (id, with_them) in one_more {
             let mut live = whole.clone();
             live.extend_from_slice(&with_them);
             let live = merge_spans(live);
@@ -2039,18 +2033,35 @@ impl LinearState {
                     if part.is_empty() {
                         continue;
                     }
-                    band_width(
-                        Rule::CohortBills,
-                        limits,
-                        l.end - l.start,
-                        l.tz,
-                        &format!(
-                            "meter {m} is the one member not billed for {} .. {} of a cohort aggregated over part of it; the others' bills less their aggregates give its readings there, and within a cell of their bills that part",
-                            slot_time(period.0),
-                            slot_time(period.1)
-                        ),
-                        &part,
-                    )?;
+                    let judge = |who: &str| {
+                        band_width(
+                            Rule::CohortBills,
+                            limits,
+                            l.end - l.start,
+                            l.tz,
+                            &format!(
+                                "{who} is the one member not billed for {} .. {} of a cohort aggregated over part of it; the others' bills less their aggregates give its readings there, and within a cell of their bills that part",
+                                slot_time(period.0),
+                                slot_time(period.1)
+                            ),
+                            &part,
+                        )
+                    };
+                    if judge("a meter").is_err() {
+                        // Name it (a scan of the cohort, only on refusal).
+                        let members = match fresh.get(id) {
+                            Some(m) => m.to_vec(),
+                            None => self.members_of(id)?,
+                        };
+                        let mut left = String::from("a meter");
+                        for m in &members {
+                            if !is_billed(m)? {
+                                left = format!("meter {m}");
+                                break;
+                            }
+                        }
+                        judge(&left)?;
+                    }
                 }
             }
         }

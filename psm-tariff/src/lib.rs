@@ -249,15 +249,6 @@ pub fn cycle(tz: Tz, billing_day: u8, year: i32, month: u32) -> Option<(i64, i64
     Some((day_start(tz, first)?, day_start(tz, next)?))
 }
 
-/// The billing cycle of a meter billed on `billing_day` in `tz` that holds the instant `unix`.
-pub fn cycle_at(tz: Tz, billing_day: u8, unix: i64) -> Option<(i64, i64)> {
-    let d = local(tz, unix)?.date_naive().with_day(1)?;
-    [d.checked_sub_months(Months::new(1))?, d]
-        .into_iter()
-        .filter_map(|m| cycle(tz, billing_day, m.year(), m.month()))
-        .find(|(s, e)| *s <= unix && unix < *e)
-}
-
 /// Local dates in `tz` on which the UTC ranges [start, end) hold an hour or more: how many days
 /// a band's slots are spread over (a few minutes at a period's edge are not a day).
 pub fn local_days(tz: Tz, ranges: impl IntoIterator<Item = (i64, i64)>) -> usize {
