@@ -274,6 +274,55 @@ async fn aggregates_equal_plaintext_references() {
     check(&resp, &want, 4, day(2), 3600, "gaps");
     assert_eq!(resp.energy_wh[20], 0);
 
+    // The members with every reading of that day are then billed for it (cohort-bills: each
+    // cohort they were aggregated in holds both, and the members left out of an hour are not
+    // billed), each bill exact.
+    let flat = psm_proto::v1::Tariff {
+        name: "flat".into(),
+        time_zone: "UTC".into(),
+        bands: vec![psm_proto::v1::TariffBand {
+            name: "all".into(),
+            weekday_mask: 0x7f,
+            start_hour: 0,
+            end_hour: 24,
+            import_price_milli: 25_000,
+            ..Default::default()
+        }],
+        currency: "EUR".into(),
+        ..Default::default()
+    };
+    for m in ["gap-3", "gap-2"] {
+        let resp = settled(|| {
+            let mut c = op.clone();
+            let r = psm_proto::v1::BillRequest {
+                idempotency_key: format!("bill-{m}"),
+                meter_id: m.into(),
+                period: Some(TimeRange {
+                    start_unix: day(2),
+                    end_unix: day(3),
+                }),
+                tariff: Some(flat.clone()),
+                reissue_reason: String::new(),
+                epoch: EPOCH,
+            };
+            async move { c.bill(r).await }
+        })
+        .await
+        .unwrap_or_else(|e| panic!("bill of {m}: {e:?}"));
+        let want: i64 = clear
+            .intervals
+            .iter()
+            .filter(|(id, ch, s, _, _)| {
+                id == m
+                    && *ch == Channel::Import
+                    && (day(2) / 300..day(3) / 300).contains(&(*s as i64))
+            })
+            .map(|iv| iv.4)
+            .sum();
+        let got: i64 = resp.lines.iter().map(|l| l.energy_wh).sum();
+        assert_eq!(got, want, "bill of {m}");
+    }
+
     // Refusals.
     let mut no_epoch = request("no-epoch", &mix_ids, import, day(0), day(1), 3600);
     no_epoch.epoch = 0;
