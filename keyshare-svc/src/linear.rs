@@ -239,6 +239,12 @@ fn band_width(
 /// A cohort's member id and the slot ranges a meter was aggregated over in it.
 type CohortSpans = ([u8; 32], Vec<(u64, u64)>);
 
+/// A cohort's members billed for each period (start, end) its slots meet.
+type BilledPerPeriod = BTreeMap<(u64, u64), Vec<String>>;
+
+/// A cohort's billed set and count for each period.
+type SetPerPeriod = BTreeMap<(u64, u64), ([u8; 32], u32)>;
+
 /// Most separate slot ranges a cohort may be aggregated over (kept exactly: a range widened
 /// to save space would hide the slots its members were left out of).
 const MAX_SPANS: usize = 256;
@@ -1601,12 +1607,12 @@ impl LinearState {
             merged.push(all);
         }
         // Billed members per period on this release's channel, over each cohort's slots.
-        let mut groups: Vec<Vec<((u64, u64), Vec<String>)>> = Vec::new();
+        let mut groups: Vec<BilledPerPeriod> = Vec::new();
         let mut per_cohort = Vec::new();
         for (c, members) in a.private_members.iter().enumerate() {
             let id = a.member_ids[c];
             let (Some((lo, _)), Some((_, hi))) = (slots[c].first(), slots[c].last()) else {
-                groups.push(Vec::new());
+                groups.push(BilledPerPeriod::new());
                 continue;
             };
             let (lo, hi) = (*lo, *hi);
@@ -1673,12 +1679,12 @@ impl LinearState {
                     }
                 }
             }
-            groups.push(billed.into_iter().collect());
+            groups.push(billed);
             per_cohort.push((id, members, bills));
         }
         // The billed members of a period are aggregated together: each cohort over the period
         // holds all of a group or none of it.
-        let keyed: Vec<BTreeMap<(u64, u64), ([u8; 32], u32)>> = groups
+        let keyed: Vec<SetPerPeriod> = groups
             .iter()
             .map(|periods| {
                 periods
