@@ -549,8 +549,15 @@ impl KeyshareService {
         let checked = check_manifest(&self.policy, &self.allowed_programs, manifest, key.kind)?;
         self.tfhe_cohort_rules(&checked, manifest)?;
         let id = tfhe_release_hash(key_id, manifest);
+        let judge = self.tfhe_bill_judge(&checked);
         self.releases
-            .admit(&checked, &self.policy, &id, &manifest.reissue_reason)
+            .admit(
+                &checked,
+                &self.policy,
+                &id,
+                &manifest.reissue_reason,
+                judge.as_deref(),
+            )
             .await?;
         Ok(format!(
             "{} for {} meter(s), {} (release {})",
@@ -851,6 +858,21 @@ impl KeyshareService {
         coholders.iter().all(|p| peers.in_contact(*p))
     }
 
+    /// How a tfhe-track bill meets the linear track's aggregates (`cohort-bills`): its tiered
+    /// cost gives the period's total, as a one-band bill would.
+    fn tfhe_bill_judge(&self, checked: &Checked) -> Option<Box<policy::BillsWithAggregates>> {
+        if checked.kind != ComputationKind::Bill {
+            return None;
+        }
+        let lin = self.linear.clone()?;
+        let limits = self.policy.linear_limits();
+        let meter = checked.meters.first()?.clone();
+        let days = (checked.first_day, checked.end_day);
+        Some(Box::new(move |record| {
+            lin.judge_tfhe_bill(limits, &meter, days, record)
+        }))
+    }
+
     fn linear(&self) -> Result<&Arc<LinearState>, Refusal> {
         self.linear.as_ref().ok_or_else(|| {
             refuse(
@@ -1067,8 +1089,15 @@ impl KeyshareService {
         let reissue = manifest.reissue_reason.as_str();
         // The ledger knows a release by (key, manifest): what co-holders can judge too.
         let release_id = tfhe_release_hash(key_id, manifest);
+        let judge = self.tfhe_bill_judge(&checked);
         self.releases
-            .precheck(&checked, &self.policy, &release_id, reissue)
+            .precheck(
+                &checked,
+                &self.policy,
+                &release_id,
+                reissue,
+                judge.as_deref(),
+            )
             .await?;
 
         // The heavy part — re-execution and partial decryption — runs for at most
@@ -1131,7 +1160,13 @@ impl KeyshareService {
         // Record the release (re-checking the stateful rules atomically) before it leaves, and
         // have every co-holder judge and record the identical release.
         self.releases
-            .admit(&checked, &self.policy, &release_id, reissue)
+            .admit(
+                &checked,
+                &self.policy,
+                &release_id,
+                reissue,
+                judge.as_deref(),
+            )
             .await?;
         let (confirmed, withheld) = self
             .confirm_with_coholders(RecordBody::Tfhe(TfheRelease {

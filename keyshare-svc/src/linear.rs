@@ -315,6 +315,34 @@ struct Billed {
     rep: String,
 }
 
+/// A bill as the rules relating bills to aggregates see it.
+#[derive(Clone, Copy)]
+struct BillSide<'a> {
+    meter: &'a str,
+    channel: LinearChannel,
+    layout: &'a Layout,
+    /// The linear ledger's key of the bill (a tfhe-track bill has none).
+    bill_key: Option<&'a [u8]>,
+}
+
+/// The layout a tfhe-track bill over whole UTC days [first_day, end_day) releases: one cell.
+fn flat_layout(first_day: i64, end_day: i64) -> Layout {
+    let (start, end) = (
+        first_day.max(0) as u64 * SLOTS_PER_DAY as u64,
+        end_day.max(0) as u64 * SLOTS_PER_DAY as u64,
+    );
+    Layout::of_bill(
+        chrono_tz::UTC,
+        start,
+        end,
+        &[vec![SlotRun {
+            start,
+            end,
+            weight: 1,
+        }]],
+    )
+}
+
 /// The members billed for one period and what they were aggregated in over it.
 struct Group<'a> {
     period: (u64, u64),
@@ -1454,12 +1482,54 @@ impl LinearState {
         bill_key: &[u8],
         record: bool,
     ) -> Result<(), Refusal> {
-        let spec = &a.release.spec;
         let (Some(layout), Some(meter)) = (&a.layout, a.private_members[0].first()) else {
             return Ok(());
         };
-        let (start, end) = (spec.start_slot, spec.end_slot);
-        let ch = spec.channel.tag();
+        let bill = BillSide {
+            meter,
+            channel: a.release.spec.channel,
+            layout,
+            bill_key: Some(bill_key),
+        };
+        self.judge_bill(limits, &bill, record)
+    }
+
+    /// A tfhe-track bill in the rules relating bills to aggregates: its tiered cost gives the
+    /// period's import total, so it counts as an import bill of one cell over its whole UTC
+    /// days. Called by the tfhe ledger under the shared ledger lock: first to check, then, before
+    /// the tfhe bill itself is written, to record.
+    pub fn judge_tfhe_bill(
+        &self,
+        limits: Limits,
+        meter: &str,
+        (first_day, end_day): (i64, i64),
+        record: bool,
+    ) -> Result<(), Refusal> {
+        let one = [meter.to_owned()];
+        let (private, _) = self.registry.split(&one).map_err(not_registered)?;
+        if private.is_empty() {
+            return Ok(());
+        }
+        let layout = flat_layout(first_day, end_day);
+        let bill = BillSide {
+            meter,
+            channel: LinearChannel::Import,
+            layout: &layout,
+            bill_key: None,
+        };
+        self.judge_bill(limits, &bill, record)
+    }
+
+    /// [`Self::cross_bill`] for either track's bill.
+    fn judge_bill(&self, limits: Limits, bill: &BillSide, record: bool) -> Result<(), Refusal> {
+        let BillSide {
+            meter,
+            channel,
+            layout,
+            bill_key,
+        } = *bill;
+        let (start, end) = (layout.start, layout.end);
+        let ch = channel.tag();
         let mine = layout.hash();
         let cohorts = self.cohorts_of(meter, ch, start, end)?;
         let mut known: BTreeMap<[u8; 32], Layout> = BTreeMap::new();
@@ -1471,7 +1541,7 @@ impl LinearState {
                         Code::FailedPrecondition,
                         format!(
                             "another member of a cohort that meter {meter} was aggregated in was billed ({}) for {} .. {}, which overlaps {} .. {} without being the same period; members of a released cohort are billed over the same cycles",
-                            spec.channel.name(),
+                            channel.name(),
                             slot_time(s),
                             slot_time(e),
                             slot_time(start),
@@ -1488,76 +1558,78 @@ impl LinearState {
                 }
             }
         }
-        // A re-issue (same tariff, so the same layout) changes nothing of the groups.
-        let reissue = self.bill_layouts.contains_key(bill_key).map_err(store)?;
+        // A re-issue, or this period's bill on the other track: the meter is counted already
+        // (its layout is judged again: the other track's may be another).
         let period = (start, end);
+        let already = self.billed_over(meter, ch, period)?;
         let mut records = Vec::with_capacity(cohorts.len());
-        if !reissue {
-            for (id, _) in &cohorts {
-                records.push(self.billed_record(id, ch, period)?);
-            }
-            let group = records.first().cloned().flatten();
-            let of = |b: &Option<Billed>| b.as_ref().map(|b| (b.set, b.count));
-            if records.iter().any(|r| of(r) != of(&group)) {
+        for (id, _) in &cohorts {
+            records.push(self.billed_record(id, ch, period)?);
+        }
+        let group = records.first().cloned().flatten();
+        let of = |b: &Option<Billed>| b.as_ref().map(|b| (b.set, b.count));
+        if records.iter().any(|r| of(r) != of(&group)) {
+            return Err(refuse(
+                Rule::CohortBills,
+                Code::FailedPrecondition,
+                format!(
+                    "meter {meter} was aggregated ({}) over {} .. {} in cohorts that do not hold the same billed members: a billed member was left out of one of them, or aggregated in another cohort; with this bill the aggregates would difference into the readings of the member left out",
+                    channel.name(),
+                    slot_time(start),
+                    slot_time(end)
+                ),
+            ));
+        }
+        if let Some(g) = &group {
+            let ids = |c: &[CohortSpans]| c.iter().map(|(id, _)| *id).collect::<Vec<_>>();
+            let mut theirs = ids(&self.cohorts_of(&g.rep, ch, start, end)?);
+            let mut ours = ids(&cohorts);
+            theirs.sort_unstable();
+            ours.sort_unstable();
+            if theirs != ours {
                 return Err(refuse(
                     Rule::CohortBills,
                     Code::FailedPrecondition,
                     format!(
-                        "meter {meter} was aggregated ({}) over {} .. {} in cohorts that do not hold the same billed members: a billed member was left out of one of them, or aggregated in another cohort; with this bill the aggregates would difference into the readings of the member left out",
-                        spec.channel.name(),
+                        "meter {}, billed ({}) for {} .. {} and aggregated with meter {meter} then, was also aggregated without it within that period (or {meter} without {}); this bill less those aggregates would be {meter}'s readings where it was left out, so a meter left out of its cohort's aggregate over part of a billing period is not billed for that period",
+                        g.rep,
+                        channel.name(),
                         slot_time(start),
-                        slot_time(end)
+                        slot_time(end),
+                        g.rep
                     ),
                 ));
             }
-            if let Some(g) = &group {
-                let ids = |c: &[CohortSpans]| c.iter().map(|(id, _)| *id).collect::<Vec<_>>();
-                let mut theirs = ids(&self.cohorts_of(&g.rep, ch, start, end)?);
-                let mut ours = ids(&cohorts);
-                theirs.sort_unstable();
-                ours.sort_unstable();
-                if theirs != ours {
-                    return Err(refuse(
-                        Rule::CohortBills,
-                        Code::FailedPrecondition,
-                        format!(
-                            "meter {}, billed ({}) for {} .. {} and aggregated with meter {meter} then, was also aggregated without it within that period (or {meter} without {}); this bill less those aggregates would be {meter}'s readings where it was left out, so a meter left out of its cohort's aggregate over part of a billing period is not billed for that period",
-                            g.rep,
-                            spec.channel.name(),
-                            slot_time(start),
-                            slot_time(end),
-                            g.rep
-                        ),
-                    ));
-                }
-            }
-            let billed = group.as_ref().map_or(0, |g| g.count as usize) + 1;
-            let mut layouts: Vec<Layout> = known.values().cloned().collect();
-            layouts.push(layout.clone());
-            let group = Group {
-                period,
-                cohorts: &cohorts,
-                billed,
-                layouts: &layouts,
-                fresh: &BTreeMap::new(),
-            };
-            self.left_out_check(limits, &group, &|m| {
-                Ok(m == meter.as_str() || self.billed_over(m, ch, period)?)
-            })?;
         }
+        let billed = group.as_ref().map_or(0, |g| g.count as usize) + usize::from(!already);
+        let mut layouts: Vec<Layout> = known.values().cloned().collect();
+        layouts.push(layout.clone());
+        let group = Group {
+            period,
+            cohorts: &cohorts,
+            billed,
+            layouts: &layouts,
+            fresh: &BTreeMap::new(),
+        };
+        self.left_out_check(limits, &group, &|m| {
+            Ok(m == meter || self.billed_over(m, ch, period)?)
+        })?;
         if record {
             self.layouts.insert(mine, layout.encode()).map_err(store)?;
-            self.bill_layouts
-                .insert(bill_key, &mine[..])
-                .map_err(store)?;
+            if let Some(key) = bill_key {
+                self.bill_layouts.insert(key, &mine[..]).map_err(store)?;
+            }
             for (id, _) in &cohorts {
                 self.add_cohort_bill(id, ch, period, &mine)?;
             }
             for ((id, _), old) in cohorts.iter().zip(records) {
+                if already {
+                    break;
+                }
                 let mut b = old.unwrap_or_else(|| Billed {
                     set: [0; 32],
                     count: 0,
-                    rep: meter.clone(),
+                    rep: meter.to_owned(),
                 });
                 for (x, y) in b.set.iter_mut().zip(billed_part(meter)) {
                     *x ^= y;
@@ -1649,6 +1721,27 @@ impl LinearState {
                         }
                     }
                 }
+                // tfhe-track bills: import bills of one cell (their tiered cost gives the total).
+                for (first, last) in self.releases.tfhe_bills_of(m)? {
+                    let flat = flat_layout(first, last);
+                    let (s, e) = (flat.start, flat.end);
+                    if s >= hi || e <= lo {
+                        continue;
+                    }
+                    let ch = LinearChannel::Import.tag();
+                    let at = bills.entry((ch, s, e)).or_default();
+                    if !at.contains(&flat.hash()) {
+                        at.push(flat.hash());
+                    }
+                    if ch == rel_ch && !intersect(&slots[c], &[(s, e)]).is_empty() {
+                        billed.entry((s, e)).or_default().push(m.clone());
+                    }
+                }
+            }
+            // A meter billed on both tracks for one period is one billed member.
+            for members in billed.values_mut() {
+                members.sort_unstable();
+                members.dedup();
             }
             let mut prev: Option<(u8, u64, u64)> = None;
             for (&(ch, s, e), hashes) in &bills {
@@ -1981,8 +2074,17 @@ impl LinearState {
             .transpose()
     }
 
-    /// Whether `meter` has a bill on channel `ch` overlapping `period`.
+    /// Whether `meter` has a bill on channel `ch` overlapping `period`, on either track (a
+    /// tfhe-track bill is an import bill).
     fn billed_over(&self, meter: &str, ch: u8, (start, end): (u64, u64)) -> Result<bool, Refusal> {
+        if ch == LinearChannel::Import.tag() {
+            for (first, last) in self.releases.tfhe_bills_of(meter)? {
+                let layout = flat_layout(first, last);
+                if layout.start < end && layout.end > start {
+                    return Ok(true);
+                }
+            }
+        }
         let prefix = Self::bill_prefix(meter, ch);
         for kv in self.bills.scan_prefix(&prefix) {
             let (k, v) = kv.map_err(store)?;
@@ -3569,6 +3671,72 @@ mod tests {
                 "allowed"
             );
         }
+    }
+
+    /// The one-hour variant with A billed on the tfhe track: a tiered cost gives the period's
+    /// total as a one-band bill does, so those bills count the same, in both orders.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn tfhe_track_bills_count_as_one_band_bills_against_aggregates() {
+        let any = limits(5);
+        let (c, a) = (meters(0..6), meters(1..6));
+        let january = (JAN / 86_400, JAN / 86_400 + 31);
+        let tfhe_bill = |f: &Fixture, m: &str| {
+            f.state.judge_tfhe_bill(any, m, january, true)?;
+            f.state
+                .releases
+                .record_tfhe_bill_for_test(m, january.0, january.1);
+            Ok::<(), Refusal>(())
+        };
+
+        let f = fixture("development_allow_all = true\n");
+        assert_eq!(
+            release(&f, one_hour_apart(&c, &a, 0, 5), any).await,
+            "allowed"
+        );
+        for day in 1..31 {
+            assert_eq!(
+                release(&f, hourly(&[&a], day, &all_day(0)), any).await,
+                "allowed"
+            );
+        }
+        for m in &a[..4] {
+            tfhe_bill(&f, m).unwrap();
+        }
+        let e = f
+            .state
+            .judge_tfhe_bill(any, "m5", january, false)
+            .unwrap_err();
+        assert_eq!(e.rule, "cohort-bills");
+        assert!(
+            e.status.message().contains("meter m0"),
+            "{}",
+            e.status.message()
+        );
+
+        // Bills first, then the aggregate that covers their period whole is refused; a linear
+        // bill of a member for the same period as its tfhe bill counts it once.
+        let f = fixture("development_allow_all = true\n");
+        for m in &a {
+            tfhe_bill(&f, m).unwrap();
+        }
+        assert_eq!(
+            release(&f, january_bill("m1", &two_band(0)), any).await,
+            "allowed"
+        );
+        assert_eq!(
+            release(&f, one_hour_apart(&c, &a, 0, 5), any).await,
+            "allowed"
+        );
+        for day in 1..30 {
+            assert_eq!(
+                release(&f, hourly(&[&a], day, &all_day(0)), any).await,
+                "allowed"
+            );
+        }
+        assert_eq!(
+            release(&f, hourly(&[&a], 30, &all_day(0)), any).await,
+            "cohort-bills"
+        );
     }
 
     /// Compute leaves a member without a reading out of that hour's cohort. Then the others

@@ -599,6 +599,10 @@ pub struct Releases {
     lock: std::sync::Arc<tokio::sync::Mutex<()>>,
 }
 
+/// The linear track's judgement of a tfhe-track bill against the aggregates its meter was in
+/// (`cohort-bills`), run under the ledger lock; the argument says whether to record.
+pub type BillsWithAggregates = dyn Fn(bool) -> Result<(), Refusal> + Send + Sync;
+
 /// Slots of a day (the linear track's unit).
 const SLOTS_PER_DAY: u64 = psm_core::linear::SLOTS_PER_DAY as u64;
 
@@ -648,6 +652,31 @@ impl Releases {
     /// The lock both tracks' ledgers hold (the linear track takes it too).
     pub fn ledger_lock(&self) -> std::sync::Arc<tokio::sync::Mutex<()>> {
         self.lock.clone()
+    }
+
+    /// Writes a tfhe-track bill as [`Self::admit`] would (tests of the linear track's rules).
+    #[cfg(test)]
+    pub(crate) fn record_tfhe_bill_for_test(&self, meter: &str, first_day: i64, end_day: i64) {
+        let key = bill_key(meter, Track::Tfhe, first_day, &[first_day as u8; 32]);
+        let mut v = (end_day as u64).to_be_bytes().to_vec();
+        v.extend_from_slice(&[0; 32]);
+        self.bills.insert(key, v).unwrap();
+    }
+
+    /// Every tfhe-track bill of `meter`: (first day, end day).
+    pub fn tfhe_bills_of(&self, meter: &str) -> Result<Vec<(i64, i64)>, Refusal> {
+        let prefix = bill_prefix(meter, Track::Tfhe);
+        let mut out = Vec::new();
+        for kv in self.bills.scan_prefix(&prefix) {
+            let (k, v) = kv.map_err(store)?;
+            if k.len() < prefix.len() + 8 || v.len() < 8 {
+                return Err(store_text("corrupt tfhe bill record"));
+            }
+            out.push((day_at(&k, prefix.len()), day_at(&v, 0)));
+        }
+        out.sort_unstable();
+        out.dedup();
+        Ok(out)
     }
 
     /// The tfhe-track bills of `meter` overlapping the slots [start, end) whose period is not
@@ -837,9 +866,14 @@ impl Releases {
         cfg: &PolicyConfig,
         request_hash: &[u8; 32],
         reissue_reason: &str,
+        bills: Option<&BillsWithAggregates>,
     ) -> Result<(), Refusal> {
         let _g = self.lock.lock().await;
-        self.check(c, cfg, request_hash, reissue_reason)
+        self.check(c, cfg, request_hash, reissue_reason)?;
+        if let (ComputationKind::Bill, Some(judge)) = (c.kind, bills) {
+            judge(false)?;
+        }
+        Ok(())
     }
 
     /// Checks the stateful rules again and records the release durably, atomically with respect
@@ -850,9 +884,15 @@ impl Releases {
         cfg: &PolicyConfig,
         request_hash: &[u8; 32],
         reissue_reason: &str,
+        bills: Option<&BillsWithAggregates>,
     ) -> Result<(), Refusal> {
         let _g = self.lock.lock().await;
         self.check(c, cfg, request_hash, reissue_reason)?;
+        // A bill's part in the rules relating bills to aggregates: checked and recorded before
+        // the bill itself (which it must not yet see as this period's bill).
+        if let (ComputationKind::Bill, Some(judge)) = (c.kind, bills) {
+            judge(true)?;
+        }
         let mut pins = sled::Batch::default();
         for (meter, day, hash) in &c.inputs {
             pins.insert(pin_key(meter, *day), hash.to_vec());
@@ -1068,7 +1108,7 @@ mod tests {
         {
             let r = Releases::open(dir.path()).unwrap();
             assert_eq!(
-                rule(r.admit(&checked(&refs[..5], 1), c, &h, "").await),
+                rule(r.admit(&checked(&refs[..5], 1), c, &h, "", None).await),
                 "allowed"
             );
         }
@@ -1076,33 +1116,33 @@ mod tests {
         // One more meter over the same range: their difference is that meter's day. Refused,
         // also after a restart; a disjoint cohort: allowed.
         assert_eq!(
-            rule(r.admit(&checked(&refs[..6], 1), c, &h, "").await),
+            rule(r.admit(&checked(&refs[..6], 1), c, &h, "", None).await),
             "differencing"
         );
         assert_eq!(
-            rule(r.admit(&checked(&refs[5..], 1), c, &h, "").await),
+            rule(r.admit(&checked(&refs[5..], 1), c, &h, "", None).await),
             "allowed"
         );
         // Three releases that each differ pairwise by k or more, and add up to one meter:
         // H(A∪{x}) + H(B) − H(A∪B). Over the same range cohorts are equal or disjoint, so the
         // union of two released cohorts is refused.
         assert_eq!(
-            rule(r.admit(&checked(&refs, 1), c, &h, "").await),
+            rule(r.admit(&checked(&refs, 1), c, &h, "", None).await),
             "differencing"
         );
         // Over an overlapping range too (nested ranges would otherwise let cohorts differ).
         assert_eq!(
-            rule(r.admit(&checked(&refs[..6], 2), c, &h, "").await),
+            rule(r.admit(&checked(&refs[..6], 2), c, &h, "", None).await),
             "differencing"
         );
         // The same cohort over an overlapping range is allowed.
         assert_eq!(
-            rule(r.admit(&checked(&refs[..5], 2), c, &h, "").await),
+            rule(r.admit(&checked(&refs[..5], 2), c, &h, "", None).await),
             "allowed"
         );
         // The same cohort again is no new information.
         assert_eq!(
-            rule(r.admit(&checked(&refs[..5], 1), c, &h, "").await),
+            rule(r.admit(&checked(&refs[..5], 1), c, &h, "", None).await),
             "allowed"
         );
 
@@ -1116,33 +1156,42 @@ mod tests {
             inputs: vec![],
         };
         assert_eq!(
-            rule(r.admit(&bill(30, 1), c, &[2; 32], "").await),
+            rule(r.admit(&bill(30, 1), c, &[2; 32], "", None).await),
             "allowed"
         );
         assert_eq!(
-            rule(r.admit(&bill(30, 1), c, &[2; 32], "").await),
+            rule(r.admit(&bill(30, 1), c, &[2; 32], "", None).await),
             "allowed"
         );
         assert_eq!(
-            rule(r.admit(&bill(29, 1), c, &[3; 32], "").await),
+            rule(r.admit(&bill(29, 1), c, &[3; 32], "", None).await),
             "one-bill-per-period"
         );
         // A stated reason does not open another period, nor another tariff ...
         assert_eq!(
-            rule(r.admit(&bill(29, 1), c, &[3; 32], "meter replaced").await),
+            rule(
+                r.admit(&bill(29, 1), c, &[3; 32], "meter replaced", None)
+                    .await
+            ),
             "one-bill-per-period"
         );
         assert_eq!(
-            rule(r.admit(&bill(30, 2), c, &[3; 32], "meter replaced").await),
+            rule(
+                r.admit(&bill(30, 2), c, &[3; 32], "meter replaced", None)
+                    .await
+            ),
             "one-bill-per-period"
         );
         // ... it re-issues the same one, max_reissues (1) times.
         assert_eq!(
-            rule(r.admit(&bill(30, 1), c, &[3; 32], "meter replaced").await),
+            rule(
+                r.admit(&bill(30, 1), c, &[3; 32], "meter replaced", None)
+                    .await
+            ),
             "allowed"
         );
         assert_eq!(
-            rule(r.admit(&bill(30, 1), c, &[4; 32], "again").await),
+            rule(r.admit(&bill(30, 1), c, &[4; 32], "again", None).await),
             "one-bill-per-period"
         );
 
@@ -1158,19 +1207,19 @@ mod tests {
             inputs: vec![(meter.into(), D + 100, [hash; 32])],
         };
         assert_eq!(
-            rule(r.admit(&with_input("p", 1), c, &[5; 32], "").await),
+            rule(r.admit(&with_input("p", 1), c, &[5; 32], "", None).await),
             "allowed"
         );
         assert_eq!(
             rule(
-                r.admit(&with_input("p", 2), c, &[6; 32], "new registers")
+                r.admit(&with_input("p", 2), c, &[6; 32], "new registers", None)
                     .await
             ),
             "input-pinned"
         );
         assert_eq!(
             rule(
-                r.admit(&with_input("p", 1), c, &[7; 32], "meter replaced")
+                r.admit(&with_input("p", 1), c, &[7; 32], "meter replaced", None)
                     .await
             ),
             "allowed",
@@ -1192,11 +1241,11 @@ mod tests {
             ..bill(28, 1)
         };
         assert_eq!(
-            rule(r.admit(&shifted(201), c, &[8; 32], "").await),
+            rule(r.admit(&shifted(201), c, &[8; 32], "", None).await),
             "one-bill-per-period"
         );
         assert_eq!(
-            rule(r.admit(&shifted(200), c, &[9; 32], "").await),
+            rule(r.admit(&shifted(200), c, &[9; 32], "", None).await),
             "allowed"
         );
         assert_eq!(
