@@ -1806,6 +1806,7 @@ impl LinearState {
                     for (d, other) in a.private_members.iter().enumerate() {
                         if d != c
                             && other.contains(m)
+                            && !intersect(&slots[d], &[*period]).is_empty()
                             && keyed[d].get(period) != Some(&(set, count))
                         {
                             return Err(differs(m));
@@ -1827,10 +1828,17 @@ impl LinearState {
                 // this release's that hold it, with the slots this release adds.
                 let rep = &members[0];
                 let mut group = self.cohorts_of(rep, rel_ch, period.0, period.1)?;
-                group.retain(|(other, _)| !a.member_ids.contains(other));
                 for (d, other) in a.private_members.iter().enumerate() {
-                    if other.contains(rep) {
-                        group.push((a.member_ids[d], merged[d].clone()));
+                    if !other.contains(rep) {
+                        continue;
+                    }
+                    let id = a.member_ids[d];
+                    match group.iter_mut().find(|(g, _)| *g == id) {
+                        Some(known) => known.1 = merged[d].clone(),
+                        None if !intersect(&slots[d], &[*period]).is_empty() => {
+                            group.push((id, merged[d].clone()))
+                        }
+                        None => {}
                     }
                 }
                 let layouts = per_cohort
@@ -3735,6 +3743,55 @@ mod tests {
         }
         assert_eq!(
             release(&f, hourly(&[&a], 30, &all_day(0)), any).await,
+            "cohort-bills"
+        );
+    }
+
+    /// A release over the last day of January and the first of February is judged per
+    /// period: January's billed members are one cohort on January 31 whatever the cohort of
+    /// February 1 (m0 without readings then).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_release_across_two_billing_periods_is_judged_per_period() {
+        let any = limits(5);
+        let (c, a) = (meters(0..6), meters(1..6));
+        let f = fixture("development_allow_all = true\n");
+        for m in &c {
+            assert_eq!(
+                release(&f, january_bill(m, &two_band(0)), any).await,
+                "allowed"
+            );
+        }
+        let across = release_from_proto(&LinearRelease {
+            kind: ComputationKind::Aggregate as i32,
+            epoch: 1,
+            channel: psm_proto::v1::Channel::Import as i32,
+            program: AggregateProgram {
+                granularity_seconds: 3600,
+            }
+            .encode_to_vec(),
+            range: Some(TimeRange {
+                start_unix: JAN + 30 * 86_400,
+                end_unix: JAN + 32 * 86_400,
+            }),
+            cohorts: [&c, &a]
+                .iter()
+                .map(|m| Cohort {
+                    meter_ids: m.to_vec(),
+                })
+                .collect(),
+            outputs: (0..48)
+                .map(|index| ReleaseOutput {
+                    index,
+                    cohort: u32::from(index >= 24),
+                })
+                .collect(),
+            reissue_reason: String::new(),
+        })
+        .unwrap();
+        assert_eq!(release(&f, across, any).await, "allowed");
+        // But within January, a billed member left out of an hour is refused.
+        assert_eq!(
+            release(&f, one_hour_apart(&a, &c, 29, 5), any).await,
             "cohort-bills"
         );
     }

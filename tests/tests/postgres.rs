@@ -324,8 +324,11 @@ async fn ingest_replicas_share_one_postgres_database() {
         .map(|d| streamer.batch(DAY - d, Channel::Import, 3600, 0, &[1; 24]))
         .collect();
     let mut c = headend(&pki, &b);
+    // The kill comes once 50 batches are acknowledged (a fixed delay raced a fast machine).
+    let (started, mid_stream) = tokio::sync::oneshot::channel::<()>();
     let acked = tokio::spawn(async move {
         let mut acked = Vec::new();
+        let mut started = Some(started);
         for (i, batch) in stream.into_iter().enumerate() {
             let r = c
                 .submit_readings(SubmitReadingsRequest {
@@ -337,10 +340,18 @@ async fn ingest_replicas_share_one_postgres_database() {
                 Ok(_) => acked.push(batch),
                 Err(_) => break,
             }
+            if acked.len() == 50 {
+                if let Some(s) = started.take() {
+                    let _ = s.send(());
+                }
+            }
         }
         acked
     });
-    tokio::time::sleep(Duration::from_millis(400)).await;
+    tokio::time::timeout(Duration::from_secs(60), mid_stream)
+        .await
+        .expect("50 batches acknowledged within a minute")
+        .expect("the stream ran");
     b.signal(libc::SIGKILL);
     let acked = acked.await.unwrap();
     assert!(
