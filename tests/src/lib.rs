@@ -31,6 +31,40 @@ pub fn bin(name: &str) -> PathBuf {
     path
 }
 
+/// Runs the `psm` command line with `args` (off the async runtime's worker) and returns what it
+/// wrote and how it exited.
+pub fn psm_output<I, S>(args: I) -> std::process::Output
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<std::ffi::OsStr>,
+{
+    let mut cmd = Command::new(bin("psm"));
+    cmd.args(args);
+    let mut run = move || cmd.output().expect("psm runs");
+    match tokio::runtime::Handle::try_current() {
+        Ok(_) => tokio::task::block_in_place(run),
+        Err(_) => run(),
+    }
+}
+
+/// [`psm_output`] for a command that must succeed: its standard output (the failure shows both
+/// streams).
+pub fn psm<I, S>(args: I) -> String
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<std::ffi::OsStr>,
+{
+    let args: Vec<std::ffi::OsString> = args.into_iter().map(|a| a.as_ref().to_owned()).collect();
+    let out = psm_output(&args);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "psm {args:?}: {text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    text
+}
+
 /// A port that was free a moment ago on 127.0.0.1.
 ///
 /// Taken below the kernel's ephemeral range where there is room: a port the kernel hands out

@@ -597,20 +597,7 @@ async fn local_billing_cycles_with_seasons_holidays_and_both_channels() {
 
     // The CLI: `psm tariff check` prints the hash the keyshares allowed the file by, and
     // `psm bill --json` (local dates, its own idempotency key) gives the same bill.
-    let psm = |args: &[&str]| {
-        let out = std::process::Command::new(psm_e2e::bin("psm"))
-            .args(args)
-            .output()
-            .unwrap();
-        let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        assert!(
-            out.status.success(),
-            "psm {args:?}: {text}{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        text
-    };
-    let checked = tokio::task::block_in_place(|| psm(&["tariff", "check", SEASONAL_FILE]));
+    let checked = psm_e2e::psm(["tariff", "check", SEASONAL_FILE]);
     assert!(
         checked.contains(&format!("hash {}", hex::encode(file.hash))),
         "{checked}"
@@ -638,7 +625,7 @@ async fn local_billing_cycles_with_seasons_holidays_and_both_channels() {
         if json {
             args.push("--json");
         }
-        tokio::task::block_in_place(|| psm(&args))
+        psm_e2e::psm(&args)
     };
     let json = cli_bill(true);
     let v: serde_json::Value =
@@ -871,17 +858,10 @@ async fn dynamic_prices_bill_the_weighted_sum_and_only_when_approved_in_time() {
         .collect();
     let hourly = dynamic_tariff(dir.path(), "hourly", &distinct);
     let check = |args: &[&str], file: &std::path::Path| {
-        let out = tokio::task::block_in_place(|| {
-            std::process::Command::new(psm_e2e::bin("psm"))
-                .args(["tariff", "check"])
-                .args(args)
-                .arg(file)
-                .output()
-                .unwrap()
-        });
-        let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        assert!(out.status.success(), "{text}");
-        text
+        let mut all: Vec<std::ffi::OsString> = vec!["tariff".into(), "check".into()];
+        all.extend(args.iter().map(|a| a.into()));
+        all.push(file.into());
+        psm_e2e::psm(all)
     };
     let v: serde_json::Value = serde_json::from_str(&check(&["--json"], &good)).unwrap();
     assert_eq!(v["import_prices"]["levels"].as_u64(), Some(24));

@@ -193,19 +193,17 @@ async fn enrollment_records(pki: &TestPki, k: &Proc, n: usize) -> Vec<AuditRecor
 }
 
 fn psm_audit_verify(pki: &TestPki, port: u16) -> std::process::Output {
-    std::process::Command::new(psm_e2e::bin("psm"))
-        .args([
-            "audit",
-            "verify",
-            "--server-name",
-            "keyshare-1",
-            "--endpoint",
-        ])
-        .arg(format!("https://127.0.0.1:{port}"))
-        .arg("--pki")
-        .arg(pki.dir.path())
-        .output()
-        .unwrap()
+    let endpoint = format!("https://127.0.0.1:{port}");
+    psm_e2e::psm_output([
+        "audit".as_ref(),
+        "verify".as_ref(),
+        "--server-name".as_ref(),
+        "keyshare-1".as_ref(),
+        "--endpoint".as_ref(),
+        endpoint.as_ref(),
+        "--pki".as_ref(),
+        pki.dir.path().as_os_str(),
+    ])
 }
 
 /// A day of readings of the test meters: (meter, interval seconds, bodies, Wh per interval).

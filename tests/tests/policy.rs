@@ -458,19 +458,18 @@ async fn every_rule_refuses_its_case_and_allows_its_neighbour() {
     assert!(e.message().starts_with("release: "), "{}", e.message());
 
     // The audit log names every rule that decided, and its chain verifies.
-    let out = std::process::Command::new(psm_e2e::bin("psm"))
-        .args(["audit", "show", "--server-name", "keyshare-1", "--endpoint"])
-        .arg(format!("https://127.0.0.1:{}", sys.keyshares[0].port))
-        .arg("--pki")
-        .arg(pki.dir.path())
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{text}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let port = sys.keyshares[0].port.to_string();
+    let endpoint = format!("https://127.0.0.1:{port}");
+    let text = psm_e2e::psm([
+        "audit".as_ref(),
+        "show".as_ref(),
+        "--server-name".as_ref(),
+        "keyshare-1".as_ref(),
+        "--endpoint".as_ref(),
+        endpoint.as_ref(),
+        "--pki".as_ref(),
+        pki.dir.path().as_os_str(),
+    ]);
     for rule in [
         "k-anonymity",
         "differencing",

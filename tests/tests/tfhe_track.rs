@@ -428,19 +428,7 @@ async fn demand_tiers_and_histogram_match_plaintext() {
         if json {
             args.push("--json");
         }
-        let out = tokio::task::block_in_place(|| {
-            std::process::Command::new(psm_e2e::bin("psm"))
-                .args(&args)
-                .output()
-                .unwrap()
-        });
-        let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        assert!(
-            out.status.success(),
-            "psm {args:?}: {text}{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        text
+        psm_e2e::psm(&args)
     };
     let json = cli(true);
     let v: serde_json::Value =
