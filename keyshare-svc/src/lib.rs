@@ -140,6 +140,8 @@ pub enum KeyshareError {
     Peers(String),
     #[error("{0}")]
     Mismatch(String),
+    #[error("linear ledger: {0}")]
+    Ledger(String),
 }
 
 /// The Keyshare gRPC service.

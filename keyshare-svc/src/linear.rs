@@ -6,7 +6,7 @@
 //! and answers d_U = ⟨Σ_τ w_τ a_τ, Σ_{i∈C} PRG(σ_{i,U})⟩ + E_U. Cohort key shares and mask sums
 //! are cached (the cohort key shares are secrets, zeroized on eviction).
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::num::NonZeroUsize;
 use std::sync::{Arc, Mutex};
 
@@ -145,6 +145,8 @@ pub struct LinearState {
     /// member id ‖ channel ‖ start ‖ end → [`Billed`]: which of the cohort's members are billed
     /// for that period.
     cohort_billed: sled::Tree,
+    /// The secret key of [`billed_part`] (in `meta`).
+    billed_key: [u8; 32],
     /// Tariff hash → when the regulator approved it (`allowed_tariffs` with a date): the
     /// earliest period start its dynamic prices may bill.
     approved: BTreeMap<[u8; 32], i64>,
@@ -245,6 +247,12 @@ type BilledPerPeriod = BTreeMap<(u64, u64), Vec<String>>;
 /// A cohort's billed set and count for each period.
 type SetPerPeriod = BTreeMap<(u64, u64), ([u8; 32], u32)>;
 
+/// A cohort's member id, channel and period: what one [`Billed`] record is of.
+type CohortPeriod = ([u8; 32], u8, (u64, u64));
+
+/// A [`Billed`] record an aggregate creates, with its cohort id, period and members billed.
+type NewRecord<'a> = ([u8; 32], (u64, u64), Billed, &'a Vec<String>);
+
 /// Most separate slot ranges a cohort may be aggregated over (kept exactly: a range widened
 /// to save space would hide the slots its members were left out of).
 const MAX_SPANS: usize = 256;
@@ -288,23 +296,28 @@ fn covers(outer: &[(u64, u64)], inner: &[(u64, u64)]) -> bool {
 }
 
 /// A member's part of a cohort's billed-set hash (the XOR over its billed members): the
-/// ledger compares which members are billed without storing every name per cohort.
-fn billed_part(meter: &str) -> [u8; 32] {
-    let mut h = blake3::Hasher::new();
+/// ledger compares which members are billed without storing every name per cohort. Keyed
+/// with this keyshare's secret [`BILLED_KEY`]: an XOR of public hashes is linear, and the
+/// utility could solve for two member sets with one hash (a billed member swapped unseen).
+fn billed_part(key: &[u8; 32], meter: &str) -> [u8; 32] {
+    let mut h = blake3::Hasher::new_keyed(key);
     h.update(b"psm/v2/billed-member");
     h.update(meter.as_bytes());
     *h.finalize().as_bytes()
 }
 
-fn billed_set<'a>(members: impl IntoIterator<Item = &'a String>) -> [u8; 32] {
+fn billed_set<'a>(key: &[u8; 32], members: impl IntoIterator<Item = &'a String>) -> [u8; 32] {
     let mut acc = [0u8; 32];
     for m in members {
-        for (a, b) in acc.iter_mut().zip(billed_part(m)) {
+        for (a, b) in acc.iter_mut().zip(billed_part(key, m)) {
             *a ^= b;
         }
     }
     acc
 }
+
+/// The `linear_meta` entry holding the key of [`billed_part`], made on first open.
+const BILLED_KEY: &[u8] = b"billed-set-key";
 
 /// Which members of a cohort are billed for one period: the XOR of their [`billed_part`]s,
 /// how many, and one of them (whose cohorts over the period are the group's).
@@ -452,15 +465,32 @@ impl LinearState {
         party: Party,
         registry: Registry,
         ingest: Option<Channel>,
-    ) -> Result<Self, sled::Error> {
+    ) -> Result<Self, crate::KeyshareError> {
         let db = releases.db();
         let cap = |n| NonZeroUsize::new(n).unwrap_or(NonZeroUsize::MIN);
-        Ok(LinearState {
+        let meta = db.open_tree("linear_meta")?;
+        let (billed_key, fresh_key) = match meta.get(BILLED_KEY)? {
+            Some(k) => (
+                k.as_ref().try_into().map_err(|_| {
+                    crate::KeyshareError::Ledger(format!(
+                        "the {} entry of linear_meta is not 32 bytes",
+                        String::from_utf8_lossy(BILLED_KEY)
+                    ))
+                })?,
+                false,
+            ),
+            None => {
+                let mut k = [0u8; 32];
+                rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut k);
+                (k, true)
+            }
+        };
+        let state = LinearState {
             seeds: db.open_tree("linear_seeds")?,
             owners: db.open_tree("linear_seed_owners")?,
             enrolled: db.open_tree("linear_enrolled")?,
             pending: db.open_tree("linear_pending")?,
-            meta: db.open_tree("linear_meta")?,
+            meta,
             bills: db.open_tree(BILLS_TREE)?,
             outputs: db.open_tree("linear_outputs")?,
             cohorts: db.open_tree("linear_cohorts")?,
@@ -471,6 +501,7 @@ impl LinearState {
             cohort_members: db.open_tree("linear_cohort_members")?,
             cohort_sizes: db.open_tree("linear_cohort_sizes")?,
             cohort_billed: db.open_tree("linear_cohort_billed")?,
+            billed_key,
             db,
             party,
             registry,
@@ -481,7 +512,19 @@ impl LinearState {
             releases,
             keys: Mutex::new(LruCache::new(cap(COHORT_KEY_CACHE))),
             masks: Mutex::new(LruCache::new(cap(MASK_CACHE))),
-        })
+        };
+        if fresh_key {
+            // Records written before the key (its own first write) are rebuilt keyed.
+            if !state.cohort_billed.is_empty() {
+                let n = state
+                    .rebuild_billed()
+                    .map_err(|e| crate::KeyshareError::Ledger(e.status.message().to_owned()))?;
+                tracing::info!(records = n, "rebuilt the cohorts' billed records keyed");
+            }
+            state.meta.insert(BILLED_KEY, &billed_key[..])?;
+            state.db.flush()?;
+        }
+        Ok(state)
     }
 
     /// The approval dates of tariffs allowed with one (`allowed_tariffs`).
@@ -1561,7 +1604,15 @@ impl LinearState {
         // A re-issue, or this period's bill on the other track: the meter is counted already
         // (its layout is judged again: the other track's may be another).
         let period = (start, end);
-        let already = self.billed_over(meter, ch, period)?;
+        // (Or a bill whose records were written before a crash kept the bill itself.)
+        let already = self.billed_over(meter, ch, period)?
+            || match cohorts.first() {
+                Some((id, _)) => self
+                    .cohort_billed
+                    .contains_key(Self::billed_marker(id, ch, period, meter))
+                    .map_err(store)?,
+                None => false,
+            };
         let mut records = Vec::with_capacity(cohorts.len());
         for (id, _) in &cohorts {
             records.push(self.billed_record(id, ch, period)?);
@@ -1622,22 +1673,23 @@ impl LinearState {
             for (id, _) in &cohorts {
                 self.add_cohort_bill(id, ch, period, &mine)?;
             }
-            for ((id, _), old) in cohorts.iter().zip(records) {
-                if already {
-                    break;
+            if !already {
+                // One batch: every cohort's record counts the meter, or none does.
+                let mut batch = sled::Batch::default();
+                for ((id, _), old) in cohorts.iter().zip(records) {
+                    let mut b = old.unwrap_or_else(|| Billed {
+                        set: [0; 32],
+                        count: 0,
+                        rep: meter.to_owned(),
+                    });
+                    for (x, y) in b.set.iter_mut().zip(billed_part(&self.billed_key, meter)) {
+                        *x ^= y;
+                    }
+                    b.count += 1;
+                    batch.insert(Self::billed_key(id, ch, period), b.encode());
+                    batch.insert(Self::billed_marker(id, ch, period, meter), &[][..]);
                 }
-                let mut b = old.unwrap_or_else(|| Billed {
-                    set: [0; 32],
-                    count: 0,
-                    rep: meter.to_owned(),
-                });
-                for (x, y) in b.set.iter_mut().zip(billed_part(meter)) {
-                    *x ^= y;
-                }
-                b.count += 1;
-                self.cohort_billed
-                    .insert(Self::billed_key(id, ch, period), b.encode())
-                    .map_err(store)?;
+                self.cohort_billed.apply_batch(batch).map_err(store)?;
             }
         }
         Ok(())
@@ -1782,15 +1834,15 @@ impl LinearState {
             .map(|periods| {
                 periods
                     .iter()
-                    .map(|(p, m)| (*p, (billed_set(m), m.len() as u32)))
+                    .map(|(p, m)| (*p, (billed_set(&self.billed_key, m), m.len() as u32)))
                     .collect()
             })
             .collect();
-        let mut new_records: Vec<([u8; 32], (u64, u64), Billed)> = Vec::new();
+        let mut new_records: Vec<NewRecord> = Vec::new();
         for (c, periods) in groups.iter().enumerate() {
             let id = a.member_ids[c];
             for (period, members) in periods {
-                let (set, count) = (billed_set(members), members.len() as u32);
+                let (set, count) = (billed_set(&self.billed_key, members), members.len() as u32);
                 let differs = |m: &str| {
                     refuse(
                         Rule::CohortBills,
@@ -1802,6 +1854,24 @@ impl LinearState {
                         ),
                     )
                 };
+                // The cohort's own record (from an earlier release over the period) holds
+                // the members billed now.
+                match self.billed_record(&id, rel_ch, *period)? {
+                    Some(b) if (b.set, b.count) != (set, count) => {
+                        return Err(differs(&members[0]))
+                    }
+                    Some(_) => {}
+                    None => new_records.push((
+                        id,
+                        *period,
+                        Billed {
+                            set,
+                            count,
+                            rep: members[0].clone(),
+                        },
+                        members,
+                    )),
+                }
                 for m in members {
                     for (d, other) in a.private_members.iter().enumerate() {
                         if d != c
@@ -1813,7 +1883,12 @@ impl LinearState {
                         }
                     }
                     for (other, _) in self.cohorts_of(m, rel_ch, period.0, period.1)? {
-                        if a.member_ids.contains(&other) {
+                        // A cohort of this release over the period was compared above; over
+                        // another period only its record speaks for this one.
+                        let here = a.member_ids.iter().enumerate().any(|(d, id)| {
+                            *id == other && !intersect(&slots[d], &[*period]).is_empty()
+                        });
+                        if here {
                             continue;
                         }
                         let same = self
@@ -1869,17 +1944,6 @@ impl LinearState {
                 self.left_out_check(limits, &g, &|m| {
                     Ok(members.iter().any(|b| b == m) || self.billed_over(m, rel_ch, *period)?)
                 })?;
-                if self.billed_record(&id, rel_ch, *period)?.is_none() {
-                    new_records.push((
-                        id,
-                        *period,
-                        Billed {
-                            set,
-                            count,
-                            rep: members[0].clone(),
-                        },
-                    ));
-                }
             }
         }
         if record {
@@ -1900,11 +1964,14 @@ impl LinearState {
                     self.put_spans(m, rel_ch, &id, &merged[c])?;
                 }
             }
-            for (id, period, b) in new_records {
-                self.cohort_billed
-                    .insert(Self::billed_key(&id, rel_ch, period), b.encode())
-                    .map_err(store)?;
+            let mut batch = sled::Batch::default();
+            for (id, period, b, members) in new_records {
+                batch.insert(Self::billed_key(&id, rel_ch, period), b.encode());
+                for m in members {
+                    batch.insert(Self::billed_marker(&id, rel_ch, period, m), &[][..]);
+                }
             }
+            self.cohort_billed.apply_batch(batch).map_err(store)?;
             for (id, _, bills) in per_cohort {
                 for ((ch, s, e), hashes) in bills {
                     for h in hashes {
@@ -2082,15 +2149,22 @@ impl LinearState {
             .transpose()
     }
 
-    /// Whether `meter` has a bill on channel `ch` overlapping `period`, on either track (a
-    /// tfhe-track bill is an import bill).
-    fn billed_over(&self, meter: &str, ch: u8, (start, end): (u64, u64)) -> Result<bool, Refusal> {
+    /// The marker of `meter` counted in cohort `id`'s [`Billed`] record for `period` (next to
+    /// the record, in one batch with it: a retried bill is not counted twice).
+    fn billed_marker(id: &[u8; 32], ch: u8, period: (u64, u64), meter: &str) -> Vec<u8> {
+        let mut key = Self::billed_key(id, ch, period);
+        key.extend_from_slice(meter.as_bytes());
+        key
+    }
+
+    /// The periods (start, end) of `meter`'s bills on channel `ch`, on either track (a
+    /// tfhe-track bill is an import bill over its whole UTC days).
+    fn bill_periods(&self, meter: &str, ch: u8) -> Result<Vec<(u64, u64)>, Refusal> {
+        let mut out = Vec::new();
         if ch == LinearChannel::Import.tag() {
             for (first, last) in self.releases.tfhe_bills_of(meter)? {
                 let layout = flat_layout(first, last);
-                if layout.start < end && layout.end > start {
-                    return Ok(true);
-                }
+                out.push((layout.start, layout.end));
             }
         }
         let prefix = Self::bill_prefix(meter, ch);
@@ -2099,19 +2173,77 @@ impl LinearState {
             if k.len() != prefix.len() + 8 || v.len() < 8 {
                 return Err(store("corrupt bill record"));
             }
-            if u64_at(&k, prefix.len()) < end && u64_at(&v, 0) > start {
-                return Ok(true);
+            out.push((u64_at(&k, prefix.len()), u64_at(&v, 0)));
+        }
+        Ok(out)
+    }
+
+    /// Whether `meter` has a bill on channel `ch` overlapping `period`, on either track.
+    fn billed_over(&self, meter: &str, ch: u8, (start, end): (u64, u64)) -> Result<bool, Refusal> {
+        Ok(self
+            .bill_periods(meter, ch)?
+            .iter()
+            .any(|(s, e)| *s < end && *e > start))
+    }
+
+    /// Rebuilds every cohort's [`Billed`] records and markers from the member spans and the
+    /// bills (what they are defined by): on the first open with a [`BILLED_KEY`], over the
+    /// records of the earlier unkeyed hash. Returns how many records it wrote.
+    fn rebuild_billed(&self) -> Result<usize, Refusal> {
+        let mut sets: BTreeMap<CohortPeriod, BTreeSet<String>> = BTreeMap::new();
+        for kv in self.member_spans.iter() {
+            let (k, v) = kv.map_err(store)?;
+            let corrupt = || store("corrupt member span record");
+            let at = k.len().checked_sub(34).ok_or_else(corrupt)?;
+            if k[at] != 0 || v.len() % 16 != 0 {
+                return Err(corrupt());
+            }
+            let meter = std::str::from_utf8(&k[..at]).map_err(|_| corrupt())?;
+            let ch = k[at + 1];
+            let id: [u8; 32] = k[at + 2..].try_into().map_err(|_| corrupt())?;
+            let spans: Vec<(u64, u64)> = v
+                .chunks_exact(16)
+                .map(|c| (u64_at(c, 0), u64_at(c, 8)))
+                .collect();
+            for (s, e) in self.bill_periods(meter, ch)? {
+                if spans.iter().any(|(a, b)| *a < e && *b > s) {
+                    sets.entry((id, ch, (s, e)))
+                        .or_default()
+                        .insert(meter.to_owned());
+                }
             }
         }
-        Ok(false)
+        let mut batch = sled::Batch::default();
+        for kv in self.cohort_billed.iter() {
+            let (k, _) = kv.map_err(store)?;
+            batch.remove(k);
+        }
+        for ((id, ch, period), members) in &sets {
+            let Some(rep) = members.first() else {
+                continue;
+            };
+            let b = Billed {
+                set: billed_set(&self.billed_key, members),
+                count: members.len() as u32,
+                rep: rep.clone(),
+            };
+            batch.insert(Self::billed_key(id, *ch, *period), b.encode());
+            for m in members {
+                batch.insert(Self::billed_marker(id, *ch, *period, m), &[][..]);
+            }
+        }
+        self.cohort_billed.apply_batch(batch).map_err(store)?;
+        Ok(sets.len())
     }
 
     /// The rule for members left out, for one [`Group`]: with [`Self::cross_bill`]'s rule each
-    /// of its cohorts holds all of its billed members. Where a cell of their bills was
-    /// aggregated whole in cohorts of them alone or of them and one member m more, their bills
-    /// less those aggregates are m's readings over the slots of the cell where m was with them
-    /// (a cohort with a second member not billed cancels nothing): each such part must be as
-    /// wide as a band.
+    /// of its cohorts holds all of its billed members, and cohorts over the same slots are
+    /// equal (the differencing rule). Where a cell of their bills was aggregated whole in
+    /// cohorts of them, their bills less those aggregates are the sum, over the members not
+    /// billed, of each one's readings over the slots of the cell where it was with them. That
+    /// sum must be masked: some member's part as wide as a band (its total there is released
+    /// nowhere else), or at least `min_cohort` members in it; otherwise a few members' narrow
+    /// readings (one hour of one meter, or of two) would be released.
     fn left_out_check(
         &self,
         limits: Limits,
@@ -2121,64 +2253,85 @@ impl LinearState {
         let (period, group, billed, layouts, fresh) =
             (g.period, g.cohorts, g.billed, g.layouts, g.fresh);
         let clip = |s: &[(u64, u64)]| intersect(s, &[period]);
-        // A cell's total is taken out of the aggregates only where every slot of it was
-        // aggregated in a cohort of the billed members and at most the one member more.
-        let mut whole = Vec::new();
-        let mut one_more = Vec::new();
+        let mut live = Vec::new();
+        let mut with_others = Vec::new();
         for (id, spans) in group {
             let size = match fresh.get(id) {
                 Some(m) => m.len(),
                 None => self.size_of(id)?,
             };
-            if size == billed {
-                whole.extend(clip(spans));
-            } else if size == billed + 1 {
-                one_more.push((id, clip(spans)));
+            let spans = clip(spans);
+            live.extend_from_slice(&spans);
+            if size > billed {
+                with_others.push((id, spans));
             }
         }
-        for (id, with_them) in one_more {
-            let mut live = whole.clone();
-            live.extend_from_slice(&with_them);
-            let live = merge_spans(live);
-            for l in layouts {
-                for cell in l.cells().into_values() {
-                    if !covers(&live, &cell) {
-                        continue;
-                    }
-                    let part = intersect(&cell, &with_them);
-                    if part.is_empty() {
-                        continue;
-                    }
-                    let judge = |who: &str| {
-                        band_width(
-                            Rule::CohortBills,
-                            limits,
-                            l.end - l.start,
-                            l.tz,
-                            &format!(
-                                "{who} is the one member not billed for {} .. {} of a cohort aggregated over part of it; the others' bills less their aggregates give its readings there, and within a cell of their bills that part",
-                                slot_time(period.0),
-                                slot_time(period.1)
-                            ),
-                            &part,
-                        )
-                    };
-                    if judge("a meter").is_err() {
-                        // Name it (a scan of the cohort, only on refusal).
-                        let members = match fresh.get(id) {
-                            Some(m) => m.to_vec(),
-                            None => self.members_of(id)?,
-                        };
-                        let mut left = String::from("a meter");
-                        for m in &members {
-                            if !is_billed(m)? {
-                                left = format!("meter {m}");
-                                break;
-                            }
-                        }
-                        judge(&left)?;
-                    }
+        if with_others.is_empty() {
+            return Ok(());
+        }
+        let live = merge_spans(live);
+        let judge = |l: &Layout, who: &str, others: usize, part: &[(u64, u64)]| {
+            band_width(
+                Rule::CohortBills,
+                limits,
+                l.end - l.start,
+                l.tz,
+                &format!(
+                    "{who} is not billed for {} .. {} and was aggregated with the members billed over part of it; their bills less the aggregates give its readings there, summed with those of {others} other member(s) left out and none over a band-wide part (fewer than {} in all), and within a cell of their bills that part",
+                    slot_time(period.0),
+                    slot_time(period.1),
+                    limits.min_cohort
+                ),
+                part,
+            )
+        };
+        // A cell's total is taken out of the aggregates only where every slot of it was
+        // aggregated in a cohort of the group. A member's part holds each of its cohorts' in
+        // the cell and the width rule is monotone: a cohort's wide part masks the cell.
+        let cells: Vec<(&Layout, Vec<(u64, u64)>)> = layouts
+            .iter()
+            .flat_map(|l| l.cells().into_values().map(move |cell| (l, cell)))
+            .filter(|(l, cell)| {
+                covers(&live, cell)
+                    && !with_others.iter().any(|(_, spans)| {
+                        let part = intersect(cell, spans);
+                        !part.is_empty() && judge(l, "", 0, &part).is_ok()
+                    })
+                    && with_others
+                        .iter()
+                        .any(|(_, spans)| !intersect(cell, spans).is_empty())
+            })
+            .collect();
+        if cells.is_empty() {
+            return Ok(());
+        }
+        // Each member not billed, with the slots of the period it was aggregated in with them.
+        let mut parts: BTreeMap<String, Vec<(u64, u64)>> = BTreeMap::new();
+        for (id, spans) in &with_others {
+            let members = match fresh.get(*id) {
+                Some(m) => m.to_vec(),
+                None => self.members_of(id)?,
+            };
+            for m in members {
+                if !is_billed(&m)? {
+                    parts.entry(m).or_default().extend_from_slice(spans);
                 }
+            }
+        }
+        let parts: Vec<(String, Vec<(u64, u64)>)> = parts
+            .into_iter()
+            .map(|(m, spans)| (m, merge_spans(spans)))
+            .collect();
+        for (l, cell) in &cells {
+            let here: Vec<(&String, Vec<(u64, u64)>)> = parts
+                .iter()
+                .map(|(m, spans)| (m, intersect(cell, spans)))
+                .filter(|(_, part)| !part.is_empty())
+                .collect();
+            let masked = here.len() >= limits.min_cohort
+                || here.iter().any(|(_, part)| judge(l, "", 0, part).is_ok());
+            if let (false, Some((m, part))) = (masked, here.first()) {
+                judge(l, &format!("meter {m}"), here.len() - 1, part)?;
             }
         }
         Ok(())
@@ -3794,6 +3947,65 @@ mod tests {
             release(&f, one_hour_apart(&a, &c, 29, 5), any).await,
             "cohort-bills"
         );
+
+        // The review's attack: C billed and aggregated over January but one hour h; then one
+        // release of A = C ∖ {m0} at h and of C in February. C's bills less its aggregates are
+        // C's hour, and A's hour less that is m0's reading: C's January record speaks for C
+        // though this release's C is in another period.
+        let f = fixture("development_allow_all = true\n");
+        for m in &c {
+            assert_eq!(
+                release(&f, january_bill(m, &two_band(0)), any).await,
+                "allowed"
+            );
+        }
+        for day in 0..31 {
+            let hours: Vec<(u32, u32)> = (0..24)
+                .filter(|h| day != 29 || *h != 5)
+                .map(|h| (h, 0))
+                .collect();
+            assert_eq!(
+                release(&f, hourly(&[&c], day, &hours), any).await,
+                "allowed"
+            );
+        }
+        let across = |cohorts: &[&[String]]| {
+            release_from_proto(&LinearRelease {
+                kind: ComputationKind::Aggregate as i32,
+                epoch: 1,
+                channel: psm_proto::v1::Channel::Import as i32,
+                program: AggregateProgram {
+                    granularity_seconds: 3600,
+                }
+                .encode_to_vec(),
+                range: Some(TimeRange {
+                    start_unix: JAN + 29 * 86_400,
+                    end_unix: JAN + 32 * 86_400,
+                }),
+                cohorts: cohorts
+                    .iter()
+                    .map(|m| Cohort {
+                        meter_ids: m.to_vec(),
+                    })
+                    .collect(),
+                // Day 29 (January 30) hour 5 of the first cohort, February 1 hour 0 of the second.
+                outputs: vec![
+                    ReleaseOutput {
+                        index: 5,
+                        cohort: 0,
+                    },
+                    ReleaseOutput {
+                        index: 48,
+                        cohort: cohorts.len() as u32 - 1,
+                    },
+                ],
+                reissue_reason: String::new(),
+            })
+            .unwrap()
+        };
+        assert_eq!(release(&f, across(&[&a, &c]), any).await, "cohort-bills");
+        // C itself at h and in February is what its record says: released.
+        assert_eq!(release(&f, across(&[&c]), any).await, "allowed");
     }
 
     /// Compute leaves a member without a reading out of that hour's cohort. Then the others
@@ -3835,6 +4047,282 @@ mod tests {
         assert_eq!(
             release(&f, january_bill("m1", &flat), any).await,
             "cohort-bills"
+        );
+    }
+
+    /// Two members left out at once: K over January but one hour, K ∪ {m0, m1} at that hour.
+    /// K's bills less K's aggregates are K's hour, and the hour's aggregate less that is
+    /// m0's reading plus m1's, a "cohort" of two. Refused whichever comes last.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn two_members_left_out_of_the_billed_are_not_differenced_out_of_the_bills() {
+        let any = limits(5);
+        let (k, with_two) = (meters(2..7), meters(0..7));
+        let flat = two_band(0);
+        let f = fixture("development_allow_all = true\n");
+        month_with_an_hour_left_out(&f, &k, &with_two, any).await;
+        for m in &k[..4] {
+            assert_eq!(release(&f, january_bill(m, &flat), any).await, "allowed");
+        }
+        let last = f
+            .state
+            .admit(january_bill("m6", &flat), any, |_| true)
+            .unwrap();
+        let e = f.state.precheck(&last, any).await.unwrap_err();
+        assert_eq!(e.rule, "cohort-bills");
+        assert!(
+            e.status.message().contains("meter m0 is not billed")
+                && e.status.message().contains("12 five-minute slots"),
+            "{}",
+            e.status.message()
+        );
+
+        let f = fixture("development_allow_all = true\n");
+        for m in &k {
+            assert_eq!(release(&f, january_bill(m, &flat), any).await, "allowed");
+        }
+        assert_eq!(
+            release(&f, one_hour_apart(&with_two, &k, 0, 5), any).await,
+            "allowed"
+        );
+        for day in 1..30 {
+            assert_eq!(
+                release(&f, hourly(&[&k], day, &all_day(0)), any).await,
+                "allowed"
+            );
+        }
+        assert_eq!(
+            release(&f, hourly(&[&k], 30, &all_day(0)), any).await,
+            "cohort-bills"
+        );
+
+        // Five members left out of the hour (min_cohort): their sum is an aggregate.
+        let (k, with_five) = (meters(5..10), meters(0..10));
+        let f = fixture("development_allow_all = true\n");
+        month_with_an_hour_left_out(&f, &k, &with_five, any).await;
+        for m in &k {
+            assert_eq!(release(&f, january_bill(m, &flat), any).await, "allowed");
+        }
+    }
+
+    /// Two members left out in two cohorts: K ∪ {m0} at one hour, K ∪ {m1} at another, K over
+    /// the rest of January. Neither cohort with K alone covers the bills' cells, both together
+    /// do: the bills less the aggregates are m0's hour plus m1's.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn members_left_out_in_separate_cohorts_are_judged_together() {
+        let any = limits(5);
+        let k = meters(2..7);
+        let with = |m: &str| {
+            let mut c = k.clone();
+            c.push(m.to_owned());
+            c
+        };
+        let flat = two_band(0);
+        let f = fixture("development_allow_all = true\n");
+        assert_eq!(
+            release(&f, one_hour_apart(&with("m0"), &k, 0, 5), any).await,
+            "allowed"
+        );
+        assert_eq!(
+            release(&f, one_hour_apart(&with("m1"), &k, 1, 7), any).await,
+            "allowed"
+        );
+        for day in 2..31 {
+            assert_eq!(
+                release(&f, hourly(&[&k], day, &all_day(0)), any).await,
+                "allowed"
+            );
+        }
+        for m in &k[..4] {
+            assert_eq!(release(&f, january_bill(m, &flat), any).await, "allowed");
+        }
+        let last = f
+            .state
+            .admit(january_bill("m6", &flat), any, |_| true)
+            .unwrap();
+        let e = f.state.precheck(&last, any).await.unwrap_err();
+        assert_eq!(e.rule, "cohort-bills");
+        assert!(
+            e.status.message().contains("meter m0 is not billed"),
+            "{}",
+            e.status.message()
+        );
+        // With the left-out members over band-wide parts (a week each), they are billed.
+        let f = fixture("development_allow_all = true\n");
+        for day in 0..14 {
+            let c = with(if day < 7 { "m0" } else { "m1" });
+            assert_eq!(
+                release(&f, hourly(&[&c], day, &all_day(0)), any).await,
+                "allowed"
+            );
+        }
+        for day in 14..31 {
+            assert_eq!(
+                release(&f, hourly(&[&k], day, &all_day(0)), any).await,
+                "allowed"
+            );
+        }
+        for m in &k {
+            assert_eq!(release(&f, january_bill(m, &flat), any).await, "allowed");
+        }
+    }
+
+    /// The utility can compute an unkeyed XOR of hashes itself, and solve for two member sets
+    /// with one XOR (Gaussian elimination over a few hundred meter names): the keyshare's
+    /// billed-set hash is keyed with its own secret, kept across restarts.
+    #[test]
+    fn the_billed_set_hash_is_keyed_so_the_utility_cannot_solve_for_collisions() {
+        let public = |m: &str| {
+            let mut h = blake3::Hasher::new();
+            h.update(b"psm/v2/billed-member");
+            h.update(m.as_bytes());
+            *h.finalize().as_bytes()
+        };
+        // Rows of 256 hash bits and a parity bit (a dependency has an even count), each with
+        // the names combined into it.
+        let names = meters(0..300);
+        let row = |m: &str| {
+            let mut v = [0u64; 5];
+            for (i, b) in public(m).iter().enumerate() {
+                v[i / 8] |= u64::from(*b) << (8 * (i % 8));
+            }
+            v[4] = 1;
+            v
+        };
+        let bit = |v: &[u64], i: usize| v[i / 64] >> (i % 64) & 1 == 1;
+        let mut basis: Vec<(usize, [u64; 5], Vec<u64>)> = Vec::new();
+        let mut found = None;
+        for (i, m) in names.iter().enumerate() {
+            let (mut v, mut c) = (row(m), vec![0u64; 5]);
+            c[i / 64] |= 1 << (i % 64);
+            for (p, bv, bc) in &basis {
+                if bit(&v, *p) {
+                    v.iter_mut().zip(bv).for_each(|(x, y)| *x ^= y);
+                    c.iter_mut().zip(bc).for_each(|(x, y)| *x ^= y);
+                }
+            }
+            match (0..320).find(|i| bit(&v, *i)) {
+                Some(p) => basis.push((p, v, c)),
+                None => {
+                    found = Some(c);
+                    break;
+                }
+            }
+        }
+        let combo = found.expect("300 rows of 257 bits are dependent");
+        let set: Vec<String> = (0..300)
+            .filter(|i| bit(&combo, *i))
+            .map(|i| names[i].clone())
+            .collect();
+        let (s, t) = set.split_at(set.len() / 2);
+        assert_eq!(s.len(), t.len());
+        let xor = |ms: &[String]| {
+            ms.iter().fold([0u8; 32], |mut acc, m| {
+                acc.iter_mut().zip(public(m)).for_each(|(a, b)| *a ^= b);
+                acc
+            })
+        };
+        assert_eq!(xor(s), xor(t), "the unkeyed hash collides");
+        let f = fixture("development_allow_all = true\n");
+        let key = f.state.billed_key;
+        assert_ne!(billed_set(&key, s), billed_set(&key, t));
+        assert_ne!(
+            key,
+            fixture("development_allow_all = true\n").state.billed_key
+        );
+        let f = restart(f);
+        assert_eq!(f.state.billed_key, key);
+    }
+
+    /// The same keyshare after a restart: its state opened again over the same store.
+    fn restart(f: Fixture) -> Fixture {
+        let Fixture {
+            _dir,
+            state,
+            audit,
+            keys,
+            scheme,
+        } = f;
+        let releases = state.releases.clone();
+        let party = Party {
+            scheme: state.party.scheme,
+            index: state.party.index,
+            names: state.party.names.clone(),
+            flood_key: state.party.flood_key.clone(),
+            enrollment_secret: state.party.enrollment_secret.clone(),
+        };
+        let registry = state.registry.clone();
+        drop(state);
+        let state = LinearState::open(releases, party, registry, None).unwrap();
+        Fixture {
+            _dir,
+            state,
+            audit,
+            keys,
+            scheme,
+        }
+    }
+
+    fn billed_tree(f: &Fixture) -> Vec<(sled::IVec, sled::IVec)> {
+        f.state.cohort_billed.iter().map(|kv| kv.unwrap()).collect()
+    }
+
+    /// The billed records are what the spans and bills define: a restart keeps them, a rebuild
+    /// reproduces them, a bill retried after a crash that lost the bill but kept its records
+    /// counts once, and records of the earlier unkeyed hash are rebuilt keyed, the rule holding
+    /// on them.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn billed_records_are_rebuilt_from_the_bills_and_count_a_retried_bill_once() {
+        let any = limits(5);
+        let (c, a) = (meters(0..6), meters(1..6));
+        let flat = two_band(0);
+        let f = fixture("development_allow_all = true\n");
+        month_with_an_hour_left_out(&f, &c, &a, any).await;
+        for m in &a {
+            assert_eq!(release(&f, january_bill(m, &flat), any).await, "allowed");
+        }
+        let before = billed_tree(&f);
+        assert!(!before.is_empty());
+        let f = restart(f);
+        assert_eq!(billed_tree(&f), before);
+        assert!(f.state.rebuild_billed().unwrap() > 0);
+        assert_eq!(billed_tree(&f), before);
+
+        // m5's bill lost after its records were written: the retry counts it once.
+        let prefix = LinearState::bill_prefix("m5", LinearChannel::Import.tag());
+        let lost: Vec<_> = f
+            .state
+            .bills
+            .scan_prefix(&prefix)
+            .map(|kv| kv.unwrap().0)
+            .collect();
+        assert_eq!(lost.len(), 1);
+        f.state.bills.remove(&lost[0]).unwrap();
+        assert_eq!(release(&f, january_bill("m5", &flat), any).await, "allowed");
+        assert_eq!(billed_tree(&f), before);
+
+        // A store from before the key: its records are rebuilt keyed on open.
+        f.state.meta.remove(BILLED_KEY).unwrap();
+        let f = restart(f);
+        let after = billed_tree(&f);
+        assert_eq!(after.len(), before.len());
+        assert_ne!(after, before);
+        let january = (JAN as u64 / 300, (JAN as u64 + 31 * 86_400) / 300);
+        let ch = LinearChannel::Import.tag();
+        let cohorts = f.state.cohorts_of("m1", ch, january.0, january.1).unwrap();
+        assert_eq!(cohorts.len(), 2);
+        for (id, _) in cohorts {
+            let b = f.state.billed_record(&id, ch, january).unwrap().unwrap();
+            assert_eq!((b.set, b.count), (billed_set(&f.state.billed_key, &a), 5));
+        }
+        let left_out = f
+            .state
+            .admit(january_bill("m0", &flat), any, |_| true)
+            .unwrap();
+        let e = f.state.precheck(&left_out, any).await.unwrap_err();
+        assert!(
+            e.status.message().contains("without it"),
+            "{}",
+            e.status.message()
         );
     }
 
