@@ -6,7 +6,7 @@
 //! and answers d_U = ⟨Σ_τ w_τ a_τ, Σ_{i∈C} PRG(σ_{i,U})⟩ + E_U. Cohort key shares and mask sums
 //! are cached (the cohort key shares are secrets, zeroized on eviction).
 
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::num::NonZeroUsize;
 use std::sync::{Arc, Mutex};
 
@@ -1838,6 +1838,13 @@ impl LinearState {
                     .collect()
             })
             .collect();
+        // Which of this release's cohorts hold each member.
+        let mut holding: HashMap<&str, Vec<usize>> = HashMap::new();
+        for (d, members) in a.private_members.iter().enumerate() {
+            for m in members {
+                holding.entry(m.as_str()).or_default().push(d);
+            }
+        }
         let mut new_records: Vec<NewRecord> = Vec::new();
         for (c, periods) in groups.iter().enumerate() {
             let id = a.member_ids[c];
@@ -1873,9 +1880,8 @@ impl LinearState {
                     )),
                 }
                 for m in members {
-                    for (d, other) in a.private_members.iter().enumerate() {
+                    for &d in holding.get(m.as_str()).into_iter().flatten() {
                         if d != c
-                            && other.contains(m)
                             && !intersect(&slots[d], &[*period]).is_empty()
                             && keyed[d].get(period) != Some(&(set, count))
                         {
@@ -1903,10 +1909,7 @@ impl LinearState {
                 // this release's that hold it, with the slots this release adds.
                 let rep = &members[0];
                 let mut group = self.cohorts_of(rep, rel_ch, period.0, period.1)?;
-                for (d, other) in a.private_members.iter().enumerate() {
-                    if !other.contains(rep) {
-                        continue;
-                    }
+                for &d in holding.get(rep.as_str()).into_iter().flatten() {
                     let id = a.member_ids[d];
                     match group.iter_mut().find(|(g, _)| *g == id) {
                         Some(known) => known.1 = merged[d].clone(),
