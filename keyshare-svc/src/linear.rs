@@ -514,8 +514,9 @@ impl LinearState {
             masks: Mutex::new(LruCache::new(cap(MASK_CACHE))),
         };
         if fresh_key {
-            // Records written before the key (its own first write) are rebuilt keyed.
-            if !state.cohort_billed.is_empty() {
+            // Records written before the key (or none, over a store's spans from before them)
+            // are rebuilt keyed.
+            if !state.cohort_billed.is_empty() || !state.member_spans.is_empty() {
                 let n = state
                     .rebuild_billed()
                     .map_err(|e| crate::KeyshareError::Ledger(e.status.message().to_owned()))?;
@@ -1601,25 +1602,47 @@ impl LinearState {
                 }
             }
         }
-        // A re-issue, or this period's bill on the other track: the meter is counted already
-        // (its layout is judged again: the other track's may be another).
+        // Each cohort's record with this meter counted. A re-issue, this period's bill on the
+        // other track, or a bill retried after a crash that kept its records but lost the bill
+        // is counted already (its marker); its layout is judged again (another track's may be
+        // another).
         let period = (start, end);
-        // (Or a bill whose records were written before a crash kept the bill itself.)
-        let already = self.billed_over(meter, ch, period)?
-            || match cohorts.first() {
-                Some((id, _)) => self
-                    .cohort_billed
-                    .contains_key(Self::billed_marker(id, ch, period, meter))
-                    .map_err(store)?,
-                None => false,
-            };
         let mut records = Vec::with_capacity(cohorts.len());
+        let mut prior_rep = None;
         for (id, _) in &cohorts {
-            records.push(self.billed_record(id, ch, period)?);
+            let counted = self
+                .cohort_billed
+                .contains_key(Self::billed_marker(id, ch, period, meter))
+                .map_err(store)?;
+            let stored = self.billed_record(id, ch, period)?;
+            if records.is_empty() {
+                prior_rep = stored
+                    .as_ref()
+                    .map(|b| b.rep.clone())
+                    .filter(|r| r != meter);
+            }
+            let mut b = stored.unwrap_or_else(|| Billed {
+                set: [0; 32],
+                count: 0,
+                rep: meter.to_owned(),
+            });
+            if !counted {
+                for (x, y) in b.set.iter_mut().zip(billed_part(&self.billed_key, meter)) {
+                    *x ^= y;
+                }
+                b.count += 1;
+                if meter < b.rep.as_str() {
+                    b.rep = meter.to_owned();
+                }
+            }
+            records.push((b, counted));
         }
-        let group = records.first().cloned().flatten();
-        let of = |b: &Option<Billed>| b.as_ref().map(|b| (b.set, b.count));
-        if records.iter().any(|r| of(r) != of(&group)) {
+        let group = records.first().map(|(b, _)| b.clone());
+        let of = |b: &Billed| (b.set, b.count);
+        if records
+            .iter()
+            .any(|(r, _)| Some(of(r)) != group.as_ref().map(of))
+        {
             return Err(refuse(
                 Rule::CohortBills,
                 Code::FailedPrecondition,
@@ -1631,9 +1654,10 @@ impl LinearState {
                 ),
             ));
         }
-        if let Some(g) = &group {
+        // A member billed before this bill (the record's one, before this meter was counted).
+        if let Some(rep) = &prior_rep {
             let ids = |c: &[CohortSpans]| c.iter().map(|(id, _)| *id).collect::<Vec<_>>();
-            let mut theirs = ids(&self.cohorts_of(&g.rep, ch, start, end)?);
+            let mut theirs = ids(&self.cohorts_of(rep, ch, start, end)?);
             let mut ours = ids(&cohorts);
             theirs.sort_unstable();
             ours.sort_unstable();
@@ -1643,16 +1667,16 @@ impl LinearState {
                     Code::FailedPrecondition,
                     format!(
                         "meter {}, billed ({}) for {} .. {} and aggregated with meter {meter} then, was also aggregated without it within that period (or {meter} without {}); this bill less those aggregates would be {meter}'s readings where it was left out, so a meter left out of its cohort's aggregate over part of a billing period is not billed for that period",
-                        g.rep,
+                        rep,
                         channel.name(),
                         slot_time(start),
                         slot_time(end),
-                        g.rep
+                        rep
                     ),
                 ));
             }
         }
-        let billed = group.as_ref().map_or(0, |g| g.count as usize) + usize::from(!already);
+        let billed = group.as_ref().map_or(1, |g| g.count as usize);
         let mut layouts: Vec<Layout> = known.values().cloned().collect();
         layouts.push(layout.clone());
         let group = Group {
@@ -1663,7 +1687,7 @@ impl LinearState {
             fresh: &BTreeMap::new(),
         };
         self.left_out_check(limits, &group, &|m| {
-            Ok(m == meter || self.billed_over(m, ch, period)?)
+            Ok(m == meter || self.billed_for(m, ch, period)?)
         })?;
         if record {
             self.layouts.insert(mine, layout.encode()).map_err(store)?;
@@ -1673,24 +1697,15 @@ impl LinearState {
             for (id, _) in &cohorts {
                 self.add_cohort_bill(id, ch, period, &mine)?;
             }
-            if !already {
-                // One batch: every cohort's record counts the meter, or none does.
-                let mut batch = sled::Batch::default();
-                for ((id, _), old) in cohorts.iter().zip(records) {
-                    let mut b = old.unwrap_or_else(|| Billed {
-                        set: [0; 32],
-                        count: 0,
-                        rep: meter.to_owned(),
-                    });
-                    for (x, y) in b.set.iter_mut().zip(billed_part(&self.billed_key, meter)) {
-                        *x ^= y;
-                    }
-                    b.count += 1;
+            // One batch: every cohort's record counts the meter, or none does.
+            let mut batch = sled::Batch::default();
+            for ((id, _), (b, counted)) in cohorts.iter().zip(records) {
+                if !counted {
                     batch.insert(Self::billed_key(id, ch, period), b.encode());
                     batch.insert(Self::billed_marker(id, ch, period, meter), &[][..]);
                 }
-                self.cohort_billed.apply_batch(batch).map_err(store)?;
             }
+            self.cohort_billed.apply_batch(batch).map_err(store)?;
         }
         Ok(())
     }
@@ -1731,6 +1746,9 @@ impl LinearState {
             merged.push(all);
         }
         // Billed members per period on this release's channel, over each cohort's slots.
+        // The one-cell layouts of tfhe-track bills, known here whether stored yet or not (a
+        // tfhe bill from before it was judged against aggregates has none stored).
+        let mut flats: BTreeMap<[u8; 32], Layout> = BTreeMap::new();
         let mut groups: Vec<BilledPerPeriod> = Vec::new();
         let mut per_cohort = Vec::new();
         for (c, members) in a.private_members.iter().enumerate() {
@@ -1785,6 +1803,7 @@ impl LinearState {
                     if !at.contains(&flat.hash()) {
                         at.push(flat.hash());
                     }
+                    flats.insert(flat.hash(), flat);
                     if ch == rel_ch && !intersect(&slots[c], &[(s, e)]).is_empty() {
                         billed.entry((s, e)).or_default().push(m.clone());
                     }
@@ -1816,7 +1835,7 @@ impl LinearState {
                 prev = Some((ch, s, e));
                 let layouts = hashes
                     .iter()
-                    .map(|h| self.layout(h))
+                    .map(|h| flats.get(h).cloned().map_or_else(|| self.layout(h), Ok))
                     .collect::<Result<Vec<_>, _>>()?;
                 for (i, x) in layouts.iter().enumerate() {
                     for y in &layouts[i + 1..] {
@@ -1926,7 +1945,7 @@ impl LinearState {
                     .map(|hashes| {
                         hashes
                             .iter()
-                            .map(|h| self.layout(h))
+                            .map(|h| flats.get(h).cloned().map_or_else(|| self.layout(h), Ok))
                             .collect::<Result<Vec<_>, _>>()
                     })
                     .transpose()?
@@ -1945,7 +1964,7 @@ impl LinearState {
                     fresh: &fresh,
                 };
                 self.left_out_check(limits, &g, &|m| {
-                    Ok(members.iter().any(|b| b == m) || self.billed_over(m, rel_ch, *period)?)
+                    Ok(members.iter().any(|b| b == m) || self.billed_for(m, rel_ch, *period)?)
                 })?;
             }
         }
@@ -1975,6 +1994,11 @@ impl LinearState {
                 }
             }
             self.cohort_billed.apply_batch(batch).map_err(store)?;
+            for (h, flat) in &flats {
+                if !self.layouts.contains_key(h).map_err(store)? {
+                    self.layouts.insert(h, flat.encode()).map_err(store)?;
+                }
+            }
             for (id, _, bills) in per_cohort {
                 for ((ch, s, e), hashes) in bills {
                     for h in hashes {
@@ -2156,6 +2180,7 @@ impl LinearState {
     /// the record, in one batch with it: a retried bill is not counted twice).
     fn billed_marker(id: &[u8; 32], ch: u8, period: (u64, u64), meter: &str) -> Vec<u8> {
         let mut key = Self::billed_key(id, ch, period);
+        key.push(1);
         key.extend_from_slice(meter.as_bytes());
         key
     }
@@ -2181,12 +2206,10 @@ impl LinearState {
         Ok(out)
     }
 
-    /// Whether `meter` has a bill on channel `ch` overlapping `period`, on either track.
-    fn billed_over(&self, meter: &str, ch: u8, (start, end): (u64, u64)) -> Result<bool, Refusal> {
-        Ok(self
-            .bill_periods(meter, ch)?
-            .iter()
-            .any(|(s, e)| *s < end && *e > start))
+    /// Whether `meter` has a bill on channel `ch` for exactly `period`, on either track (a bill
+    /// for an overlapping period does not take its readings out of this one's).
+    fn billed_for(&self, meter: &str, ch: u8, period: (u64, u64)) -> Result<bool, Refusal> {
+        Ok(self.bill_periods(meter, ch)?.contains(&period))
     }
 
     /// Rebuilds every cohort's [`Billed`] records and markers from the member spans and the
@@ -2244,9 +2267,9 @@ impl LinearState {
     /// equal (the differencing rule). Where a cell of their bills was aggregated whole in
     /// cohorts of them, their bills less those aggregates are the sum, over the members not
     /// billed, of each one's readings over the slots of the cell where it was with them. That
-    /// sum must be masked: some member's part as wide as a band (its total there is released
-    /// nowhere else), or at least `min_cohort` members in it; otherwise a few members' narrow
-    /// readings (one hour of one meter, or of two) would be released.
+    /// sum is released only as an aggregate would be, of at least `min_cohort` members, or as
+    /// bills would be, every member's part as wide as a band: one member over a week does not
+    /// mask another's hour (the utility may know the first's readings: a premises it cut off).
     fn left_out_check(
         &self,
         limits: Limits,
@@ -2280,7 +2303,7 @@ impl LinearState {
                 l.end - l.start,
                 l.tz,
                 &format!(
-                    "{who} is not billed for {} .. {} and was aggregated with the members billed over part of it; their bills less the aggregates give its readings there, summed with those of {others} other member(s) left out and none over a band-wide part (fewer than {} in all), and within a cell of their bills that part",
+                    "{who} is not billed for {} .. {} and was aggregated with the members billed over part of it; their bills less the aggregates give its readings there, summed with those of {others} other member(s) left out (fewer than {} in all), and within a cell of their bills that part",
                     slot_time(period.0),
                     slot_time(period.1),
                     limits.min_cohort
@@ -2290,19 +2313,17 @@ impl LinearState {
         };
         // A cell's total is taken out of the aggregates only where every slot of it was
         // aggregated in a cohort of the group. A member's part holds each of its cohorts' in
-        // the cell and the width rule is monotone: a cohort's wide part masks the cell.
+        // the cell and the width rule is monotone: where every cohort's part is wide (or
+        // empty), so is every member's.
         let cells: Vec<(&Layout, Vec<(u64, u64)>)> = layouts
             .iter()
             .flat_map(|l| l.cells().into_values().map(move |cell| (l, cell)))
             .filter(|(l, cell)| {
                 covers(&live, cell)
-                    && !with_others.iter().any(|(_, spans)| {
+                    && with_others.iter().any(|(_, spans)| {
                         let part = intersect(cell, spans);
-                        !part.is_empty() && judge(l, "", 0, &part).is_ok()
+                        !part.is_empty() && judge(l, "", 0, &part).is_err()
                     })
-                    && with_others
-                        .iter()
-                        .any(|(_, spans)| !intersect(cell, spans).is_empty())
             })
             .collect();
         if cells.is_empty() {
@@ -2331,9 +2352,17 @@ impl LinearState {
                 .map(|(m, spans)| (m, intersect(cell, spans)))
                 .filter(|(_, part)| !part.is_empty())
                 .collect();
-            let masked = here.len() >= limits.min_cohort
-                || here.iter().any(|(_, part)| judge(l, "", 0, part).is_ok());
-            if let (false, Some((m, part))) = (masked, here.first()) {
+            if here.is_empty() {
+                // A cohort larger than the members billed holds none that is not billed: the
+                // records and the bills disagree.
+                return Err(store(
+                    "a cohort's billed record disagrees with its members' bills",
+                ));
+            }
+            if here.len() >= limits.min_cohort {
+                continue;
+            }
+            for (m, part) in &here {
                 judge(l, &format!("meter {m}"), here.len() - 1, part)?;
             }
         }
@@ -3618,14 +3647,19 @@ mod tests {
 
     /// A January import bill of `meter` under `t`, every output asked for.
     fn january_bill(meter: &str, t: &psm_proto::v1::Tariff) -> Release {
+        bill_over(meter, t, (JAN, JAN + 31 * 86_400))
+    }
+
+    /// An import bill of `meter` under `t` over [start, end) (Unix seconds).
+    fn bill_over(meter: &str, t: &psm_proto::v1::Tariff, (start, end): (i64, i64)) -> Release {
         release_from_proto(&LinearRelease {
             kind: ComputationKind::Bill as i32,
             epoch: 1,
             channel: psm_proto::v1::Channel::Import as i32,
             program: t.encode_to_vec(),
             range: Some(TimeRange {
-                start_unix: JAN,
-                end_unix: JAN + 31 * 86_400,
+                start_unix: start,
+                end_unix: end,
             }),
             cohorts: vec![Cohort {
                 meter_ids: vec![meter.into()],
@@ -3777,7 +3811,8 @@ mod tests {
         let (c, a) = (meters(0..6), meters(1..6));
         let flat = two_band(0);
 
-        // Aggregates first: every bill but the last is released.
+        // Aggregates first: a bill is released while the others' sum (m0's hour and the rest
+        // of the month of the members not billed yet) has min_cohort members.
         let f = fixture("development_allow_all = true\n");
         assert_eq!(
             release(&f, one_hour_apart(&c, &a, 0, 5), any).await,
@@ -3789,12 +3824,10 @@ mod tests {
                 "allowed"
             );
         }
-        for m in &a[..4] {
-            assert_eq!(release(&f, january_bill(m, &flat), any).await, "allowed");
-        }
+        assert_eq!(release(&f, january_bill("m1", &flat), any).await, "allowed");
         let last = f
             .state
-            .admit(january_bill("m5", &flat), any, |_| true)
+            .admit(january_bill("m2", &flat), any, |_| true)
             .unwrap();
         let e = f.state.precheck(&last, any).await.unwrap_err();
         assert_eq!(e.rule, "cohort-bills");
@@ -3863,12 +3896,10 @@ mod tests {
                 "allowed"
             );
         }
-        for m in &a[..4] {
-            tfhe_bill(&f, m).unwrap();
-        }
+        tfhe_bill(&f, "m1").unwrap();
         let e = f
             .state
-            .judge_tfhe_bill(any, "m5", january, false)
+            .judge_tfhe_bill(any, "m2", january, false)
             .unwrap_err();
         assert_eq!(e.rule, "cohort-bills");
         assert!(
@@ -4063,12 +4094,12 @@ mod tests {
         let flat = two_band(0);
         let f = fixture("development_allow_all = true\n");
         month_with_an_hour_left_out(&f, &k, &with_two, any).await;
-        for m in &k[..4] {
+        for m in &k[..2] {
             assert_eq!(release(&f, january_bill(m, &flat), any).await, "allowed");
         }
         let last = f
             .state
-            .admit(january_bill("m6", &flat), any, |_| true)
+            .admit(january_bill("m4", &flat), any, |_| true)
             .unwrap();
         let e = f.state.precheck(&last, any).await.unwrap_err();
         assert_eq!(e.rule, "cohort-bills");
@@ -4135,12 +4166,12 @@ mod tests {
                 "allowed"
             );
         }
-        for m in &k[..4] {
+        for m in &k[..2] {
             assert_eq!(release(&f, january_bill(m, &flat), any).await, "allowed");
         }
         let last = f
             .state
-            .admit(january_bill("m6", &flat), any, |_| true)
+            .admit(january_bill("m4", &flat), any, |_| true)
             .unwrap();
         let e = f.state.precheck(&last, any).await.unwrap_err();
         assert_eq!(e.rule, "cohort-bills");
@@ -4167,6 +4198,93 @@ mod tests {
         for m in &k {
             assert_eq!(release(&f, january_bill(m, &flat), any).await, "allowed");
         }
+    }
+
+    /// The second review's attack: m0 billed for December 5 .. January 2 (on either track), K
+    /// for January, C = K ∪ {m0} at one hour of January 21 and K over the rest. m0's bill is
+    /// not January's: K's bills less K's aggregates are K's hour, and C's hour less that is
+    /// m0's reading. Only a bill for exactly the period takes a member out of the sum.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_member_billed_for_an_overlapping_period_is_still_left_out() {
+        let any = limits(5);
+        let (c, k) = (meters(0..6), meters(1..6));
+        let flat = two_band(0);
+        for tfhe in [false, true] {
+            let f = fixture("development_allow_all = true\n");
+            let december = (JAN - 27 * 86_400, JAN + 86_400);
+            if tfhe {
+                let days = (december.0 / 86_400, december.1 / 86_400);
+                f.state.judge_tfhe_bill(any, "m0", days, true).unwrap();
+                f.state
+                    .releases
+                    .record_tfhe_bill_for_test("m0", days.0, days.1);
+            } else {
+                assert_eq!(
+                    release(&f, bill_over("m0", &flat, december), any).await,
+                    "allowed"
+                );
+            }
+            for m in &k {
+                assert_eq!(release(&f, january_bill(m, &flat), any).await, "allowed");
+            }
+            assert_eq!(
+                release(&f, one_hour_apart(&c, &k, 20, 5), any).await,
+                "allowed"
+            );
+            for day in (0..30).filter(|d| *d != 20) {
+                assert_eq!(
+                    release(&f, hourly(&[&k], day, &all_day(0)), any).await,
+                    "allowed"
+                );
+            }
+            assert_eq!(
+                release(&f, hourly(&[&k], 30, &all_day(0)), any).await,
+                "cohort-bills",
+                "tfhe: {tfhe}"
+            );
+        }
+    }
+
+    /// The second review's finding: one member over a band-wide part does not mask another's
+    /// hour. K billed for January; K ∪ {m6} over a week, K ∪ {m0} at one hour, K over the rest:
+    /// the bills less the aggregates are m6's week plus m0's hour, and a utility that knows
+    /// m6's week (a premises it cut off reads 0) has m0's hour.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_band_wide_part_does_not_mask_another_members_hour() {
+        let any = limits(5);
+        let k = meters(1..6);
+        let with = |m: &str| {
+            let mut c = k.clone();
+            c.push(m.to_owned());
+            c
+        };
+        let f = fixture("development_allow_all = true\n");
+        for m in &k {
+            assert_eq!(
+                release(&f, january_bill(m, &two_band(0)), any).await,
+                "allowed"
+            );
+        }
+        for day in 1..8 {
+            assert_eq!(
+                release(&f, hourly(&[&with("m6")], day, &all_day(0)), any).await,
+                "allowed"
+            );
+        }
+        assert_eq!(
+            release(&f, one_hour_apart(&with("m0"), &k, 10, 5), any).await,
+            "allowed"
+        );
+        for day in (0..30).filter(|d| !(1..8).contains(d) && *d != 10) {
+            assert_eq!(
+                release(&f, hourly(&[&k], day, &all_day(0)), any).await,
+                "allowed"
+            );
+        }
+        assert_eq!(
+            release(&f, hourly(&[&k], 30, &all_day(0)), any).await,
+            "cohort-bills"
+        );
     }
 
     /// The utility can compute an unkeyed XOR of hashes itself, and solve for two member sets
