@@ -189,7 +189,7 @@ impl Rule {
             Rule::OutputHash => "ciphertexts that are not the manifest's output",
             Rule::OneBillPerPeriod => "a second bill for a billed period, or a re-issue that is not allowed",
             Rule::Differencing => "a release whose difference with an earlier one would isolate fewer than `min_cohort` meters",
-            Rule::CohortBills => "a linear bill or aggregate that, with the other, would release a meter's readings finer than a band: an aggregated cohort's members share a billing cycle, their bills' bands and price levels cross only in cells as wide as a band, the members billed for a period are aggregated together, and members left out are masked (one over a band-wide part, or min_cohort of them)",
+            Rule::CohortBills => "a linear bill or aggregate that, with the other, would release a meter's readings finer than a band: an aggregated cohort's members share a billing cycle, their bills' bands and price levels cross only in cells as wide as a band, the members billed for a period are aggregated together, and members left out are released only as an aggregate (min_cohort) or as bills (band-wide parts) would be",
             Rule::Enrollment => "a member without an accepted enrollment for the epoch (also each enrollment decision)",
             Rule::ReExecution => "a tfhe-track output the keyshare's own evaluation does not reproduce",
             Rule::InputPinned => "tfhe-track inputs other than those first released for the same meter-day",
