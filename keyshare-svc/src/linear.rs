@@ -316,8 +316,9 @@ fn billed_set<'a>(key: &[u8; 32], members: impl IntoIterator<Item = &'a String>)
     acc
 }
 
-/// The `linear_meta` entry holding the key of [`billed_part`], made on first open.
-const BILLED_KEY: &[u8] = b"billed-set-key";
+/// The `linear_meta` entry holding the key of [`billed_part`], made on first open (`/2`: a
+/// store from before the markers were tagged has its records rebuilt).
+const BILLED_KEY: &[u8] = b"billed-set-key/2";
 
 /// Which members of a cohort are billed for one period: the XOR of their [`billed_part`]s,
 /// how many, and one of them (whose cohorts over the period are the group's).
