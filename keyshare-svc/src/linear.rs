@@ -1746,10 +1746,10 @@ impl LinearState {
             }
             merged.push(all);
         }
-        // Billed members per period on this release's channel, over each cohort's slots.
         // The one-cell layouts of tfhe-track bills, known here whether stored yet or not (a
         // tfhe bill from before it was judged against aggregates has none stored).
         let mut flats: BTreeMap<[u8; 32], Layout> = BTreeMap::new();
+        // Billed members per period on this release's channel, over each cohort's slots.
         let mut groups: Vec<BilledPerPeriod> = Vec::new();
         let mut per_cohort = Vec::new();
         for (c, members) in a.private_members.iter().enumerate() {
