@@ -1865,11 +1865,20 @@ impl LinearState {
                 holding.entry(m.as_str()).or_default().push(d);
             }
         }
+        // This release's cohorts, not recorded yet.
+        let fresh: BTreeMap<[u8; 32], &Vec<String>> = a
+            .member_ids
+            .iter()
+            .copied()
+            .zip(&a.private_members)
+            .collect();
         let mut new_records: Vec<NewRecord> = Vec::new();
         for (c, periods) in groups.iter().enumerate() {
             let id = a.member_ids[c];
             for (period, members) in periods {
-                let (set, count) = (billed_set(&self.billed_key, members), members.len() as u32);
+                let Some(&(set, count)) = keyed[c].get(period) else {
+                    continue;
+                };
                 let differs = |m: &str| {
                     refuse(
                         Rule::CohortBills,
@@ -1951,12 +1960,6 @@ impl LinearState {
                     })
                     .transpose()?
                     .unwrap_or_default();
-                let fresh: BTreeMap<[u8; 32], &Vec<String>> = a
-                    .member_ids
-                    .iter()
-                    .copied()
-                    .zip(&a.private_members)
-                    .collect();
                 let g = Group {
                     period: *period,
                     cohorts: &group,
@@ -2297,6 +2300,9 @@ impl LinearState {
             return Ok(());
         }
         let live = merge_spans(live);
+        let wide = |l: &Layout, part: &[(u64, u64)]| {
+            band_width(Rule::CohortBills, limits, l.end - l.start, l.tz, "", part).is_ok()
+        };
         let judge = |l: &Layout, who: &str, others: usize, part: &[(u64, u64)]| {
             band_width(
                 Rule::CohortBills,
@@ -2323,7 +2329,7 @@ impl LinearState {
                 covers(&live, cell)
                     && with_others.iter().any(|(_, spans)| {
                         let part = intersect(cell, spans);
-                        !part.is_empty() && judge(l, "", 0, &part).is_err()
+                        !part.is_empty() && !wide(l, &part)
                     })
             })
             .collect();
@@ -3586,6 +3592,16 @@ mod tests {
 
     /// An hourly aggregate over day `day` (days since JAN) of `cohorts`, outputs (hour, cohort).
     fn hourly(cohorts: &[&[String]], day: i64, outputs: &[(u32, u32)]) -> Release {
+        hourly_over(cohorts, day..day + 1, outputs)
+    }
+
+    /// An hourly aggregate over `days` (since JAN) of `cohorts`, outputs (hour of the range,
+    /// cohort).
+    fn hourly_over(
+        cohorts: &[&[String]],
+        days: std::ops::Range<i64>,
+        outputs: &[(u32, u32)],
+    ) -> Release {
         release_from_proto(&LinearRelease {
             kind: ComputationKind::Aggregate as i32,
             epoch: 1,
@@ -3595,8 +3611,8 @@ mod tests {
             }
             .encode_to_vec(),
             range: Some(TimeRange {
-                start_unix: JAN + day * 86_400,
-                end_unix: JAN + (day + 1) * 86_400,
+                start_unix: JAN + days.start * 86_400,
+                end_unix: JAN + days.end * 86_400,
             }),
             cohorts: cohorts
                 .iter()
@@ -3673,6 +3689,23 @@ mod tests {
         .unwrap()
     }
 
+    /// A January bill of `meter` under `t` checked, not recorded: refused by `cohort-bills`,
+    /// with this message.
+    async fn cohort_bills_refusal(
+        f: &Fixture,
+        meter: &str,
+        t: &psm_proto::v1::Tariff,
+        limits: Limits,
+    ) -> String {
+        let b = f
+            .state
+            .admit(january_bill(meter, t), limits, |_| true)
+            .unwrap();
+        let e = f.state.precheck(&b, limits).await.unwrap_err();
+        assert_eq!(e.rule, "cohort-bills", "{}", e.status.message());
+        e.status.message().to_owned()
+    }
+
     /// Admits and records; the refusing rule, or "allowed".
     async fn release(f: &Fixture, r: Release, limits: Limits) -> &'static str {
         match f.state.admit(r, limits, |_| true) {
@@ -3738,17 +3771,11 @@ mod tests {
         for m in &c[1..] {
             assert_eq!(release(&f, january_bill(m, &q), any).await, "allowed");
         }
-        let b = f
-            .state
-            .admit(january_bill("m0", &p), any, |_| true)
-            .unwrap();
-        let e = f.state.precheck(&b, any).await.unwrap_err();
-        assert_eq!(e.rule, "cohort-bills");
+        let e = cohort_bills_refusal(&f, "m0", &p, any).await;
         assert!(
-            e.status.message().contains("cross")
-                && e.status.message().contains("12 five-minute slots"),
+            e.contains("cross") && e.contains("12 five-minute slots"),
             "{}",
-            e.status.message()
+            e
         );
         // Under the others' layout m0 is billed: its bill is what the difference gives anyway.
         assert_eq!(release(&f, january_bill("m0", &q), any).await, "allowed");
@@ -3826,17 +3853,11 @@ mod tests {
             );
         }
         assert_eq!(release(&f, january_bill("m1", &flat), any).await, "allowed");
-        let last = f
-            .state
-            .admit(january_bill("m2", &flat), any, |_| true)
-            .unwrap();
-        let e = f.state.precheck(&last, any).await.unwrap_err();
-        assert_eq!(e.rule, "cohort-bills");
+        let e = cohort_bills_refusal(&f, "m2", &flat, any).await;
         assert!(
-            e.status.message().contains("meter m0")
-                && e.status.message().contains("12 five-minute slots"),
+            e.contains("meter m0") && e.contains("12 five-minute slots"),
             "{}",
-            e.status.message()
+            e
         );
 
         // Bills first: aggregates are released until they cover the bills' period whole.
@@ -3949,33 +3970,8 @@ mod tests {
                 "allowed"
             );
         }
-        let across = release_from_proto(&LinearRelease {
-            kind: ComputationKind::Aggregate as i32,
-            epoch: 1,
-            channel: psm_proto::v1::Channel::Import as i32,
-            program: AggregateProgram {
-                granularity_seconds: 3600,
-            }
-            .encode_to_vec(),
-            range: Some(TimeRange {
-                start_unix: JAN + 30 * 86_400,
-                end_unix: JAN + 32 * 86_400,
-            }),
-            cohorts: [&c, &a]
-                .iter()
-                .map(|m| Cohort {
-                    meter_ids: m.to_vec(),
-                })
-                .collect(),
-            outputs: (0..48)
-                .map(|index| ReleaseOutput {
-                    index,
-                    cohort: u32::from(index >= 24),
-                })
-                .collect(),
-            reissue_reason: String::new(),
-        })
-        .unwrap();
+        let outputs: Vec<(u32, u32)> = (0..48).map(|h| (h, u32::from(h >= 24))).collect();
+        let across = hourly_over(&[&c, &a], 30..32, &outputs);
         assert_eq!(release(&f, across, any).await, "allowed");
         // But within January, a billed member left out of an hour is refused.
         assert_eq!(
@@ -4004,39 +4000,9 @@ mod tests {
                 "allowed"
             );
         }
+        // Day 29 (January 30) hour 5 of the first cohort, February 1 hour 0 of the last.
         let across = |cohorts: &[&[String]]| {
-            release_from_proto(&LinearRelease {
-                kind: ComputationKind::Aggregate as i32,
-                epoch: 1,
-                channel: psm_proto::v1::Channel::Import as i32,
-                program: AggregateProgram {
-                    granularity_seconds: 3600,
-                }
-                .encode_to_vec(),
-                range: Some(TimeRange {
-                    start_unix: JAN + 29 * 86_400,
-                    end_unix: JAN + 32 * 86_400,
-                }),
-                cohorts: cohorts
-                    .iter()
-                    .map(|m| Cohort {
-                        meter_ids: m.to_vec(),
-                    })
-                    .collect(),
-                // Day 29 (January 30) hour 5 of the first cohort, February 1 hour 0 of the second.
-                outputs: vec![
-                    ReleaseOutput {
-                        index: 5,
-                        cohort: 0,
-                    },
-                    ReleaseOutput {
-                        index: 48,
-                        cohort: cohorts.len() as u32 - 1,
-                    },
-                ],
-                reissue_reason: String::new(),
-            })
-            .unwrap()
+            hourly_over(cohorts, 29..32, &[(5, 0), (48, cohorts.len() as u32 - 1)])
         };
         assert_eq!(release(&f, across(&[&a, &c]), any).await, "cohort-bills");
         // C itself at h and in February is what its record says: released.
@@ -4063,17 +4029,8 @@ mod tests {
                 panic!("{m}: {}", e.status.message());
             }
         }
-        let left_out = f
-            .state
-            .admit(january_bill("m0", &flat), any, |_| true)
-            .unwrap();
-        let e = f.state.precheck(&left_out, any).await.unwrap_err();
-        assert_eq!(e.rule, "cohort-bills");
-        assert!(
-            e.status.message().contains("without it"),
-            "{}",
-            e.status.message()
-        );
+        let e = cohort_bills_refusal(&f, "m0", &flat, any).await;
+        assert!(e.contains("without it"), "{}", e);
 
         // The member left out billed first: then the others are not.
         let f = fixture("development_allow_all = true\n");
@@ -4098,17 +4055,11 @@ mod tests {
         for m in &k[..2] {
             assert_eq!(release(&f, january_bill(m, &flat), any).await, "allowed");
         }
-        let last = f
-            .state
-            .admit(january_bill("m4", &flat), any, |_| true)
-            .unwrap();
-        let e = f.state.precheck(&last, any).await.unwrap_err();
-        assert_eq!(e.rule, "cohort-bills");
+        let e = cohort_bills_refusal(&f, "m4", &flat, any).await;
         assert!(
-            e.status.message().contains("meter m0 is not billed")
-                && e.status.message().contains("12 five-minute slots"),
+            e.contains("meter m0 is not billed") && e.contains("12 five-minute slots"),
             "{}",
-            e.status.message()
+            e
         );
 
         let f = fixture("development_allow_all = true\n");
@@ -4170,17 +4121,8 @@ mod tests {
         for m in &k[..2] {
             assert_eq!(release(&f, january_bill(m, &flat), any).await, "allowed");
         }
-        let last = f
-            .state
-            .admit(january_bill("m4", &flat), any, |_| true)
-            .unwrap();
-        let e = f.state.precheck(&last, any).await.unwrap_err();
-        assert_eq!(e.rule, "cohort-bills");
-        assert!(
-            e.status.message().contains("meter m0 is not billed"),
-            "{}",
-            e.status.message()
-        );
+        let e = cohort_bills_refusal(&f, "m4", &flat, any).await;
+        assert!(e.contains("meter m0 is not billed"), "{}", e);
         // With the left-out members over band-wide parts (a week each), they are billed.
         let f = fixture("development_allow_all = true\n");
         for day in 0..14 {
@@ -4436,16 +4378,8 @@ mod tests {
             let b = f.state.billed_record(&id, ch, january).unwrap().unwrap();
             assert_eq!((b.set, b.count), (billed_set(&f.state.billed_key, &a), 5));
         }
-        let left_out = f
-            .state
-            .admit(january_bill("m0", &flat), any, |_| true)
-            .unwrap();
-        let e = f.state.precheck(&left_out, any).await.unwrap_err();
-        assert!(
-            e.status.message().contains("without it"),
-            "{}",
-            e.status.message()
-        );
+        let e = cohort_bills_refusal(&f, "m0", &flat, any).await;
+        assert!(e.contains("without it"), "{}", e);
     }
 
     /// A cohort across billing cycles would leave each member's bill some days off another's;

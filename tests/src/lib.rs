@@ -47,6 +47,24 @@ where
     }
 }
 
+/// `psm audit SUB` against keyshare-1 on 127.0.0.1:`port` with the test PKI in `pki`.
+pub fn audit_args(sub: &str, port: u16, pki: &Path) -> Vec<std::ffi::OsString> {
+    let endpoint = format!("https://127.0.0.1:{port}");
+    [
+        "audit",
+        sub,
+        "--server-name",
+        "keyshare-1",
+        "--endpoint",
+        &endpoint,
+        "--pki",
+    ]
+    .iter()
+    .map(Into::into)
+    .chain([pki.as_os_str().to_owned()])
+    .collect()
+}
+
 /// [`psm_output`] for a command that must succeed: its standard output (the failure shows both
 /// streams).
 pub fn psm<I, S>(args: I) -> String

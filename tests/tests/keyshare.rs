@@ -193,17 +193,7 @@ async fn enrollment_records(pki: &TestPki, k: &Proc, n: usize) -> Vec<AuditRecor
 }
 
 fn psm_audit_verify(pki: &TestPki, port: u16) -> std::process::Output {
-    let endpoint = format!("https://127.0.0.1:{port}");
-    psm_e2e::psm_output([
-        "audit".as_ref(),
-        "verify".as_ref(),
-        "--server-name".as_ref(),
-        "keyshare-1".as_ref(),
-        "--endpoint".as_ref(),
-        endpoint.as_ref(),
-        "--pki".as_ref(),
-        pki.dir.path().as_os_str(),
-    ])
+    psm_e2e::psm_output(psm_e2e::audit_args("verify", port, pki.dir.path()))
 }
 
 /// A day of readings of the test meters: (meter, interval seconds, bodies, Wh per interval).

@@ -458,18 +458,8 @@ async fn every_rule_refuses_its_case_and_allows_its_neighbour() {
     assert!(e.message().starts_with("release: "), "{}", e.message());
 
     // The audit log names every rule that decided, and its chain verifies.
-    let port = sys.keyshares[0].port.to_string();
-    let endpoint = format!("https://127.0.0.1:{port}");
-    let text = psm_e2e::psm([
-        "audit".as_ref(),
-        "show".as_ref(),
-        "--server-name".as_ref(),
-        "keyshare-1".as_ref(),
-        "--endpoint".as_ref(),
-        endpoint.as_ref(),
-        "--pki".as_ref(),
-        pki.dir.path().as_os_str(),
-    ]);
+    let port = sys.keyshares[0].port;
+    let text = psm_e2e::psm(psm_e2e::audit_args("show", port, pki.dir.path()));
     for rule in [
         "k-anonymity",
         "differencing",
